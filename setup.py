@@ -35,5 +35,4 @@ setup(
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["dpldm=trainer.cli:main"]},
-    package_data={"trainer": ["configs/*.yaml"]},
 )

@@ -1,0 +1,300 @@
+"""Experiment configuration: one YAML file per experiment, validated once, into typed objects.
+
+Every section is a dataclass; the loader checks unknown keys, missing required keys and types,
+and raises :class:`ConfigError` naming the file and the dotted key. Model sections keep the
+CompVis latent-diffusion hyper-parameter names (``unet`` holds ``openaimodel.UNetModel``
+arguments, ``autoencoder.ddconfig`` the KL autoencoder's), so existing configs carry over.
+
+Overrides from the command line are ``dotted.key=value`` strings; values are parsed as YAML.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the file and the key."""
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+@dataclass
+class DataSource:
+    """Where images come from: an offline set (letters, mnist, fashion-mnist) or shards."""
+    source: str = "letters"           # letters | mnist | shards
+    split: str = "train"               # for mnist: train | val | test
+    num_examples: Optional[int] = None  # None = the whole split (letters: required)
+    resolution: int = 32
+    path: Optional[str] = None         # shard pattern for source=shards
+    seed: int = 0                      # for rendered letters
+
+
+@dataclass
+class DataConfig:
+    public: DataSource = field(default_factory=DataSource)
+    private: Optional[DataSource] = None
+    test: Optional[DataSource] = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: Optional[float] = None   # EMA of weights (pretraining); None = off
+    kl_weight: float = 1e-6             # autoencoder only
+    cond_drop_prob: float = 0.1         # LDM only: conditioning dropout for classifier-free guidance
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+
+@dataclass
+class AutoencoderConfig:
+    embed_dim: int = 4
+    ddconfig: dict = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class ConditionerConfig:
+    type: str = "class"                 # class | text | none
+    n_classes: Optional[int] = None     # class
+    embed_dim: Optional[int] = None     # class: context width (= unet.context_dim)
+    max_length: int = 77                # text
+    label_names: Optional[list] = None  # class: printable names, index = label
+
+
+@dataclass
+class ScheduleConfig:
+    timesteps: int = 1000
+    linear_start: float = 0.0015
+    linear_end: float = 0.0195
+
+
+@dataclass
+class LDMConfig:
+    unet: dict = field(default_factory=dict)
+    conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    scale_factor: Optional[float] = None  # latent scaling; None = 1/std of the public latents
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class FinetuneConfig:
+    """DP fine-tuning (the private stage). Exactly one of epsilon / noise_multiplier is set."""
+    policy: str = "attention"            # attention | attention_blocks | embedder_only | full
+    attention_from: int = 1              # attention policy: SpatialTransformers from index k on (1-based)
+    new_class_embedder: Optional[int] = None  # number of private classes; replaces the public embedder
+    epsilon: Optional[float] = 10.0
+    delta: float = 1e-5
+    noise_multiplier: Optional[float] = None
+    max_grad_norm: float = 1.0
+    expected_batch_size: int = 256       # q = expected_batch_size / N
+    steps: int = 100
+    physical_batch_size: int = 64
+    noise_multiplicity: int = 1          # K (timestep, noise) draws averaged per example before clipping
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    engine_mode: str = "auto"            # auto | fast | reference
+    log_every: int = 10
+    checkpoint_every: int = 50
+
+
+@dataclass
+class SampleConfig:
+    ddim_steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 2.0
+    num_per_class: int = 8
+
+
+@dataclass
+class Config:
+    experiment: str = "dpldm"
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    ldm: LDMConfig = field(default_factory=LDMConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    device: str = "cpu"
+    source_file: Optional[str] = None  # set by the loader
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- CompVis key names accepted in the free-form model sections -----------------------------
+
+DDCONFIG_KEYS = {"double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
+                 "num_res_blocks", "attn_resolutions", "dropout", "attn_type"}
+UNET_KEYS = {"image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks",
+             "attention_resolutions", "dropout", "channel_mult", "conv_resample", "dims", "num_classes",
+             "use_checkpoint", "use_fp16", "num_heads", "num_head_channels", "num_heads_upsample",
+             "use_scale_shift_norm", "resblock_updown", "use_new_attention_order",
+             "use_spatial_transformer", "transformer_depth", "context_dim", "n_embed", "legacy"}
+CHOICES = {
+    "data.public.source": {"letters", "mnist", "shards"},
+    "data.private.source": {"letters", "mnist", "shards"},
+    "data.test.source": {"letters", "mnist", "shards"},
+    "ldm.conditioner.type": {"class", "text", "none"},
+    "finetune.policy": {"attention", "attention_blocks", "embedder_only", "full"},
+    "finetune.engine_mode": {"auto", "fast", "reference"},
+}
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping (section), got {type(value).__name__}")
+        return _build(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML 1.1 reads "1e-5" as a string; accept numeric strings
+            try:
+                return float(value) if isinstance(value, str) else _fail(where, tp, value)
+            except ValueError:
+                _fail(where, tp, value)
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(where, tp, value)
+        return value
+    if tp in (str, bool, list, dict):
+        if not isinstance(value, tp):
+            _fail(where, tp, value)
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def _fail(where: str, tp: Any, value: Any):
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{key}: unknown key (allowed here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    def check(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: {msg}")
+
+    for key, allowed in CHOICES.items():
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part) if obj is not None else None
+        if obj is not None:
+            check(obj in allowed, key, f"must be one of {sorted(allowed)}, got {obj!r}")
+    for key, section, allowed in (("ldm.unet", cfg.ldm.unet, UNET_KEYS),
+                                  ("autoencoder.ddconfig", cfg.autoencoder.ddconfig, DDCONFIG_KEYS)):
+        for k in section:
+            check(k in allowed, f"{key}.{k}", "unknown key (CompVis hyper-parameter names are accepted)")
+    ft = cfg.finetune
+    check(ft.max_grad_norm > 0, "finetune.max_grad_norm", f"must be > 0, got {ft.max_grad_norm}")
+    check(0 < ft.delta < 1, "finetune.delta", f"must be in (0, 1), got {ft.delta}")
+    check(ft.physical_batch_size > 0, "finetune.physical_batch_size", f"must be > 0, got {ft.physical_batch_size}")
+    check(ft.expected_batch_size > 0, "finetune.expected_batch_size", f"must be > 0, got {ft.expected_batch_size}")
+    check(ft.steps > 0, "finetune.steps", f"must be > 0, got {ft.steps}")
+    check(ft.noise_multiplicity >= 1, "finetune.noise_multiplicity", f"must be >= 1, got {ft.noise_multiplicity}")
+    check(ft.attention_from >= 1, "finetune.attention_from", f"counts from 1, got {ft.attention_from}")
+    check((ft.epsilon is None) != (ft.noise_multiplier is None), "finetune.epsilon",
+          "set exactly one of finetune.epsilon (sigma is calibrated) and finetune.noise_multiplier")
+    if ft.epsilon is not None:
+        check(ft.epsilon > 0, "finetune.epsilon", f"must be > 0, got {ft.epsilon}")
+    if ft.noise_multiplier is not None:
+        check(ft.noise_multiplier > 0, "finetune.noise_multiplier", f"must be > 0, got {ft.noise_multiplier}")
+    cond = cfg.ldm.conditioner
+    if cond.type == "class":
+        check(cond.n_classes is not None and cond.n_classes > 0, "ldm.conditioner.n_classes",
+              "a class conditioner needs n_classes > 0")
+    for name in ("ddim_steps", "num_per_class"):
+        check(getattr(cfg.sample, name) > 0, f"sample.{name}", "must be > 0")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. finetune.epsilon=5)")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path, or the name of a config shipped in configs/ (``demo`` -> configs/demo.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = REPO_CONFIGS / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"{name_or_path}: config file not found (nor configs/{name_or_path}.yaml)")
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return config_from_dict(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
+    raw = dict(raw)
+    raw.pop("source_file", None)
+    try:
+        cfg = _build(Config, raw, "")
+        _validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    cfg.source_file = source
+    return cfg
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

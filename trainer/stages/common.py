@@ -1,0 +1,188 @@
+"""What the stages share: run folders, data sources, model building, checkpoints, grids."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from trainer.config import Config, DataSource, dump_config
+
+STAGE_DIRS = {"pretrain-ae": "ae", "pretrain-ldm": "ldm", "finetune": "finetune"}
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def stage_dir(cfg: Config, stage: str) -> Path:
+    """``<output_dir>/<experiment>/<ae|ldm|finetune>``: fixed, so an interrupted stage resumes."""
+    path = Path(cfg.output_dir) / cfg.experiment / STAGE_DIRS[stage]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- data --------------------------------------------------------------------------------------
+
+@dataclass
+class ImageSet:
+    """Images in [-1, 1], float32 [N, C, R, R]; labels int64 [N]; label names."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    names: list[str]
+
+
+def _to_resolution(x: np.ndarray, resolution: int) -> torch.Tensor:
+    """uint8 [N, H, W] -> float [-1, 1] [N, 1, R, R]: zero-pad when R exceeds H (MNIST 28 -> 32), else resize."""
+    t = torch.from_numpy(x).float().div(127.5).sub(1.0).unsqueeze(1)
+    h = t.shape[-1]
+    if resolution == h:
+        return t
+    if resolution > h and (resolution - h) % 2 == 0:
+        p = (resolution - h) // 2
+        return F.pad(t, (p, p, p, p), value=-1.0)
+    return F.interpolate(t, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+
+
+def load_image_source(src: DataSource, key: str = "data") -> ImageSet:
+    """Load an offline image source (rendered letters or MNIST) into memory."""
+    if src.source == "letters":
+        from trainer.data.letters import render_letters
+        if not src.num_examples:
+            raise ValueError(f"{key}.num_examples: rendered letters need a count")
+        x, y, names = render_letters(src.num_examples, size=28, seed=src.seed)
+    elif src.source == "mnist":
+        from trainer.data.mnist import DIGIT_NAMES, load_mnist
+        x, y = load_mnist(src.split)
+        names = DIGIT_NAMES
+        if src.num_examples:
+            x, y = x[: src.num_examples], y[: src.num_examples]
+    else:
+        raise ValueError(f"{key}.source: {src.source!r} is not an in-memory source; "
+                         "use `dpldm encode` for shard sets")
+    return ImageSet(_to_resolution(x, src.resolution), torch.from_numpy(y).long(), list(names))
+
+
+# --- models ------------------------------------------------------------------------------------
+
+def build_autoencoder(cfg: Config):
+    from trainer.models import AutoencoderKL
+    return AutoencoderKL(ddconfig=dict(cfg.autoencoder.ddconfig), embed_dim=cfg.autoencoder.embed_dim)
+
+
+def build_unet(cfg: Config):
+    from trainer.models import UNetModel
+    return UNetModel(**cfg.ldm.unet)
+
+
+def build_conditioner(cfg: Config, n_classes: Optional[int] = None):
+    """The conditioning embedder of ``ldm.conditioner`` (``n_classes`` overrides the class count)."""
+    from trainer.models import ClassEmbedder, TextEmbedder, Unconditional
+    c = cfg.ldm.conditioner
+    if c.type == "class":
+        dim = c.embed_dim or cfg.ldm.unet.get("context_dim")
+        if not dim:
+            raise ValueError("ldm.conditioner.embed_dim: set it (or ldm.unet.context_dim) for a class conditioner")
+        return ClassEmbedder(embed_dim=dim, n_classes=n_classes or c.n_classes)
+    if c.type == "text":
+        return TextEmbedder(max_length=c.max_length, context_dim=cfg.ldm.unet.get("context_dim"))
+    return Unconditional()
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+def _atomic_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict] = None) -> None:
+    """safetensors, written to a temporary file then renamed (never a half-written checkpoint)."""
+    from safetensors.torch import save_file
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata={k: str(v) for k, v in (metadata or {}).items()})
+    _atomic_replace(tmp, path)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    return load_file(str(path))
+
+
+def save_state(state: dict, path: Path) -> None:
+    """Training state (optimizer, step, RNG states): tensors and plain containers only."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    _atomic_replace(tmp, path)
+
+
+def load_state(path: Path) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_json(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
+    _atomic_replace(tmp, path)
+
+
+def save_run_config(cfg: Config, run_dir: Path) -> Path:
+    path = run_dir / "config.yaml"
+    dump_config(cfg, path)
+    return path
+
+
+def load_autoencoder(run_dir: str | Path):
+    """The frozen autoencoder of a ``pretrain-ae`` run folder -> (model in eval mode, sha256 of its weights)."""
+    from trainer.config import load_config
+    run_dir = Path(run_dir)
+    cfg = load_config(str(run_dir / "config.yaml"))
+    model = build_autoencoder(cfg)
+    weights = run_dir / "autoencoder.safetensors"
+    model.load_state_dict(load_weights(weights))
+    model.eval().requires_grad_(False)
+    return model, file_sha256(weights)
+
+
+# --- images ------------------------------------------------------------------------------------
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 2) -> Path:
+    """Images in [-1, 1] [N, C, H, W] -> a PNG grid with ``nrow`` images per row."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    n, c, h, w = x.shape
+    rows = (n + nrow - 1) // nrow
+    grid = torch.zeros(c, rows * (h + 2) + 2, nrow * (w + 2) + 2, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

@@ -1,0 +1,96 @@
+"""The resumable training loop shared by the public pretraining stages.
+
+A run folder holds ``<name>.safetensors`` for each trained module (EMA weights when EMA is on,
+the raw ones in ``<name>.raw.safetensors``) and ``train-state.pt`` (optimizer, step, RNG state,
+EMA, MLflow run id). An interrupted stage restarts from its last checkpoint.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from trainer.config import TrainConfig
+from trainer.diffusion import EMA
+from trainer.stages.common import load_state, load_weights, save_state, save_weights
+from trainer.tracking import Run
+
+STATE_FILE = "train-state.pt"
+
+
+class Trainer:
+    """Run ``step_fn(step) -> metrics`` for ``train.steps`` steps with checkpoints and logging."""
+
+    def __init__(self, run_dir: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+                 train: TrainConfig, generator: torch.Generator, desc: str):
+        self.run_dir, self.modules, self.optimizer = run_dir, modules, optimizer
+        self.train, self.generator, self.desc = train, generator, desc
+        params = nn.ModuleDict(modules)
+        self.ema = EMA(params, train.ema_decay) if train.ema_decay else None
+        self._params = params
+        self.step = 0
+        self.mlflow_run_id: Optional[str] = None
+        self._resume()
+
+    def _resume(self) -> None:
+        state = load_state(self.run_dir / STATE_FILE)
+        if state is None:
+            return
+        for name, module in self.modules.items():
+            raw = self.run_dir / f"{name}.raw.safetensors"
+            module.load_state_dict(load_weights(raw if raw.is_file() else self.run_dir / f"{name}.safetensors"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        self.step = int(state["step"])
+        self.mlflow_run_id = state.get("mlflow_run_id")
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.train.steps
+
+    def save(self, run: Run) -> None:
+        for name, module in self.modules.items():
+            raw = {k: v for k, v in module.state_dict().items()}
+            if self.ema is not None:
+                save_weights(raw, self.run_dir / f"{name}.raw.safetensors", {"step": self.step})
+                ema = {k[len(name) + 1:]: v for k, v in self.ema.state_dict().items() if k.startswith(name + ".")}
+                save_weights({**raw, **ema}, self.run_dir / f"{name}.safetensors", {"step": self.step, "ema": True})
+            else:
+                save_weights(raw, self.run_dir / f"{name}.safetensors", {"step": self.step})
+        state = {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                 "step": self.step, "mlflow_run_id": run.run_id or self.mlflow_run_id}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        save_state(state, self.run_dir / STATE_FILE)
+
+    def fit(self, step_fn: Callable[[int], dict[str, float]], run: Run) -> None:
+        t0 = time.time()
+        bar = tqdm(total=self.train.steps, initial=self.step, desc=self.desc, dynamic_ncols=True)
+        for module in self.modules.values():
+            module.train()
+        while self.step < self.train.steps:
+            metrics = step_fn(self.step)
+            self.step += 1
+            if self.ema is not None:
+                self.ema.update(self._params)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
+            if self.step % self.train.log_every == 0 or self.step == self.train.steps:
+                run.log_metrics(metrics, step=self.step)
+            if self.step % self.train.checkpoint_every == 0 or self.step == self.train.steps:
+                self.save(run)
+        bar.close()
+        run.log_metrics({"wall_time_s": time.time() - t0})
+        for module in self.modules.values():
+            module.eval()
+
+    def load_best(self) -> None:
+        """Load the weights that were saved as the stage's result (EMA ones when EMA is on)."""
+        for name, module in self.modules.items():
+            module.load_state_dict(load_weights(self.run_dir / f"{name}.safetensors"))

@@ -1,0 +1,66 @@
+"""Stage ``pretrain-ae``: train the KL autoencoder on public images (no private data)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from trainer.config import Config
+from trainer.stages.common import (build_autoencoder, load_image_source, save_grid, save_run_config,
+                                   seed_everything, stage_dir)
+from trainer.stages.loop import Trainer
+from trainer.tracking import start_run
+
+
+def reconstruction_loss(x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+    """Per example: L1 + L2 over pixels -> [B]."""
+    d = (rec - x).flatten(1)
+    return d.abs().mean(1) + d.pow(2).mean(1)
+
+
+def run(cfg: Config) -> Path:
+    """Train (or resume) the autoencoder; returns the run folder with ``autoencoder.safetensors``."""
+    from trainer.models.autoencoder import kl_divergence
+    run_dir = stage_dir(cfg, "pretrain-ae")
+    save_run_config(cfg, run_dir)
+    gen = seed_everything(cfg.seed)
+    data = load_image_source(cfg.data.public, "data.public")
+    model = build_autoencoder(cfg)
+    tc = cfg.autoencoder.train
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    trainer = Trainer(run_dir, {"autoencoder": model}, opt, tc, gen, desc="pretrain-ae")
+
+    def step(_: int) -> dict[str, float]:
+        idx = torch.randint(0, len(data.images), (tc.batch_size,), generator=gen)
+        x = data.images[idx]
+        rec, mean, std = model(x)
+        rec_loss = reconstruction_loss(x, rec).mean()
+        kl = kl_divergence(mean, std).mean()
+        loss = rec_loss + tc.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item(), "rec_loss": rec_loss.item(), "kl": kl.item()}
+
+    with start_run(cfg.experiment, "pretrain-ae", cfg.to_dict(), {"stage": "pretrain-ae"},
+                   run_id=trainer.mlflow_run_id) as mlrun:
+        trainer.fit(step, mlrun)
+        trainer.load_best()
+        with torch.no_grad():
+            x = data.images[:32]
+            rec, _, _ = model(x, sample=False)
+        grid = save_grid(torch.cat([x, rec]), run_dir / "reconstructions.png", nrow=16)
+        mlrun.log_artifact(grid)
+        mlrun.log_artifact(run_dir / "config.yaml")
+        mlrun.set_tags({"checkpoint": str(run_dir.resolve())})
+    print(f"autoencoder: {run_dir / 'autoencoder.safetensors'}")
+    return run_dir
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from trainer.cli import add_config_args
+    p = sub.add_parser("pretrain-ae", help="train the autoencoder on public images",
+                       description="Train the KL autoencoder of the config on its public data (resumes if interrupted).")
+    add_config_args(p)
+    p.set_defaults(func=lambda args: run(args.config_obj) and 0)

@@ -1,0 +1,84 @@
+"""Stage ``pretrain-ldm``: train the UNet and the conditioner on public latents (no private data)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from trainer.config import Config
+from trainer.diffusion import NoiseSchedule
+from trainer.pipeline import LatentDiffusion
+from trainer.stages.common import (build_conditioner, build_unet, load_autoencoder, load_image_source,
+                                   save_run_config, seed_everything, stage_dir, write_json)
+from trainer.stages.loop import Trainer
+from trainer.tracking import start_run
+
+
+@torch.no_grad()
+def encode_images(autoencoder, images: torch.Tensor, batch_size: int = 256, desc: str = "encode"):
+    """Posterior (mean, std) of every image, in batches -> two tensors [N, c, h, w]."""
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
+        m, s = autoencoder.encode(images[i:i + batch_size])
+        means.append(m)
+        stds.append(s)
+    return torch.cat(means), torch.cat(stds)
+
+
+def build_ldm(cfg: Config, scale_factor: float = 1.0, n_classes: int | None = None) -> LatentDiffusion:
+    s = cfg.ldm.schedule
+    return LatentDiffusion(build_unet(cfg), build_conditioner(cfg, n_classes),
+                           NoiseSchedule(s.timesteps, s.linear_start, s.linear_end), scale_factor)
+
+
+def run(cfg: Config) -> Path:
+    """Train (or resume) the LDM; returns the run folder (``unet``/``cond_stage_model`` weights, ``ldm.json``)."""
+    run_dir = stage_dir(cfg, "pretrain-ldm")
+    save_run_config(cfg, run_dir)
+    gen = seed_everything(cfg.seed)
+    ae_dir = stage_dir(cfg, "pretrain-ae")
+    autoencoder, ae_hash = load_autoencoder(ae_dir)
+    data = load_image_source(cfg.data.public, "data.public")
+    mean, std = encode_images(autoencoder, data.images, desc="encode public set")
+    scale = cfg.ldm.scale_factor or float(1.0 / (mean + std * torch.randn(mean.shape, generator=gen)).std())
+    ldm = build_ldm(cfg, scale)
+    write_json({"scale_factor": scale, "latent_shape": list(mean.shape[1:]), "label_names": data.names,
+                "autoencoder": str(ae_dir.resolve()), "autoencoder_sha256": ae_hash}, run_dir / "ldm.json")
+    tc = cfg.ldm.train
+    params = [p for p in ldm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    trainer = Trainer(run_dir, {"unet": ldm.unet, "cond_stage_model": ldm.cond_stage_model}, opt, tc, gen,
+                      desc="pretrain-ldm")
+
+    def step(_: int) -> dict[str, float]:
+        idx = torch.randint(0, len(mean), (tc.batch_size,), generator=gen)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        loss = ldm.loss(z0, data.labels[idx], gen, cond_drop_prob=tc.cond_drop_prob).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item()}
+
+    with start_run(cfg.experiment, "pretrain-ldm", cfg.to_dict(), {"stage": "pretrain-ldm"},
+                   run_id=trainer.mlflow_run_id) as mlrun:
+        trainer.fit(step, mlrun)
+        trainer.load_best()
+        from trainer.stages.sample import class_grid
+        grid = class_grid(ldm, autoencoder, tuple(mean.shape[1:]), cfg, data.names, run_dir / "samples.png", gen)
+        mlrun.log_artifact(grid)
+        mlrun.log_artifact(run_dir / "config.yaml")
+        mlrun.log_artifact(run_dir / "ldm.json")
+        mlrun.set_tags({"checkpoint": str(run_dir.resolve())})
+    print(f"LDM: {run_dir}  (sample grid: {run_dir / 'samples.png'})")
+    return run_dir
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from trainer.cli import add_config_args
+    p = sub.add_parser("pretrain-ldm", help="train the latent diffusion model on public images",
+                       description="Train the UNet + conditioner of the config on latents of its public data, "
+                                   "using the autoencoder from pretrain-ae (resumes if interrupted).")
+    add_config_args(p)
+    p.set_defaults(func=lambda args: run(args.config_obj) and 0)

@@ -1,0 +1,83 @@
+"""MLflow tracking: every stage is one run (params = the resolved config, metrics, artifacts).
+
+The store is MLflow's default (sqlite ``./mlflow.db``, artifacts in ``./mlruns``) unless
+``MLFLOW_TRACKING_URI`` is set. Only the process with ``RANK`` 0 (or no RANK) logs.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become their string form."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+class Run:
+    """A thin handle on the active MLflow run; a no-op on non-main ranks."""
+
+    def __init__(self, active: bool):
+        self.active = active
+        self.run_id: Optional[str] = None
+        if active:
+            import mlflow
+            self._mlflow = mlflow
+            self.run_id = mlflow.active_run().info.run_id
+
+    def log_params(self, params: dict) -> None:
+        if self.active:
+            flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+            items = list(flat.items())
+            for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+                self._mlflow.log_params(dict(items[i:i + 100]))
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        if self.active:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        if self.active:
+            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active:
+            self._mlflow.set_tags(tags)
+
+
+@contextlib.contextmanager
+def start_run(experiment: str, run_name: str, config: Optional[dict] = None,
+              tags: Optional[dict[str, str]] = None, run_id: Optional[str] = None) -> Iterator[Run]:
+    """Open (or resume, with ``run_id``) an MLflow run; log the config as params."""
+    if not is_main_process():
+        yield Run(active=False)
+        return
+    import mlflow
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=None if run_id else run_name, run_id=run_id):
+        run = Run(active=True)
+        if tags:
+            run.set_tags(tags)
+        if config is not None and run_id is None:
+            run.log_params(config)
+        yield run
+
+
+def tracking_hint() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return f"mlflow ui --backend-store-uri {uri}"
+    return f"mlflow ui --backend-store-uri sqlite:///{Path('mlflow.db').resolve()}"
