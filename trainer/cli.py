@@ -10,7 +10,9 @@ from trainer.config import ConfigError, load_config
 STAGE_MODULES = [
     "trainer.stages.pretrain_ae",
     "trainer.stages.pretrain_ldm",
+    "trainer.stages.finetune",
     "trainer.stages.sample",
+    "trainer.stages.demo",
 ]
 
 
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if hasattr(args, "overrides"):
+        if hasattr(args, "overrides") and args.command != "demo":
             overrides = list(args.overrides)
             if args.seed is not None:
                 overrides.append(f"seed={args.seed}")
