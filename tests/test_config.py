@@ -1,0 +1,52 @@
+"""Config loading: typed sections, errors that name the file and the key, overrides."""
+import pytest
+
+from trainer.config import ConfigError, config_from_dict, load_config
+
+
+def test_demo_config_loads_with_compvis_names():
+    cfg = load_config("demo")
+    assert cfg.ldm.unet["use_spatial_transformer"] is True
+    assert cfg.autoencoder.ddconfig["ch_mult"] == [1, 2, 2]
+    assert cfg.finetune.epsilon == 10.0 and cfg.finetune.delta == 1e-5
+
+
+@pytest.mark.parametrize("override, key", [
+    ("finetune.epsilonn=3", "finetune.epsilonn"),
+    ("finetune.delta=2", "finetune.delta"),
+    ("finetune.max_grad_norm=0", "finetune.max_grad_norm"),
+    ("finetune.physical_batch_size=0", "finetune.physical_batch_size"),
+    ("finetune.epsilon=-1", "finetune.epsilon"),
+    ("finetune.noise_multiplier=1.0", "finetune.epsilon"),  # both set
+    ("ldm.unet.model_chanels=32", "ldm.unet.model_chanels"),
+    ("autoencoder.ddconfig.zchannels=3", "autoencoder.ddconfig.zchannels"),
+    ("autoencoder.train.steps=abc", "autoencoder.train.steps"),
+    ("finetune.policy=everything", "finetune.policy"),
+    ("data.public=3", "data.public"),
+])
+def test_bad_values_name_file_and_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [override])
+    assert key in str(err.value) and "demo.yaml" in str(err.value)
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config("demo", ["finetune.epsilon=null", "finetune.noise_multiplier=1.5", "ldm.unet.channel_mult=[1,2,3]"])
+    assert cfg.finetune.epsilon is None and cfg.finetune.noise_multiplier == 1.5
+    assert cfg.ldm.unet["channel_mult"] == [1, 2, 3]
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_round_trip_through_dict():
+    cfg = load_config("demo")
+    again = config_from_dict(cfg.to_dict())
+    assert again.to_dict() | {"source_file": None} == cfg.to_dict() | {"source_file": None}
+
+
+def test_malformed_override_is_rejected():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("demo", ["finetune.epsilon"])
