@@ -8,6 +8,8 @@ import sys
 from trainer.config import ConfigError, load_config
 
 STAGE_MODULES = [
+    "trainer.stages.prepare",
+    "trainer.stages.encode",
     "trainer.stages.pretrain_ae",
     "trainer.stages.pretrain_ldm",
     "trainer.stages.finetune",

@@ -279,6 +279,8 @@ def torchvision_source(name: str, root: str | Path, split: str = "train", downlo
         raise SourceError(f"torchvision NAME must be one of {', '.join(TORCHVISION_NAMES)}, got {name!r}")
     if split not in ("train", "test", "valid"):
         raise SourceError(f"--split must be train, test (or valid for celeba), got {split!r}")
+    if name != "celeba" and attribute:
+        raise SourceError(f"--attribute applies to celeba only, not {name}")
     datasets = _import_optional("torchvision.datasets", "the torchvision source", "torchvision")
     train = split == "train"
     kwargs = dict(root=str(root), download=download)
@@ -307,8 +309,6 @@ def torchvision_source(name: str, root: str | Path, split: str = "train", downlo
                 raise SourceError(f"--attribute {attribute!r} is not a CelebA attribute")
             attr_index = attr_names.index(attribute)
             names = [f"not {attribute}", attribute]
-    if name != "celeba" and attribute:
-        raise SourceError(f"--attribute applies to celeba only, not {name}")
 
     def make_item(i: int) -> SourceItem:
         origin = f"torchvision {name} {split} #{i}"
@@ -380,10 +380,8 @@ def hf_source(name: str, split: str = "train", config: Optional[str] = None,
     image_col = _pick_column(columns, image_column, ("image", "img"), "image", True)
     label_col = _pick_column(columns, label_column, ("label", "labels"), "label", False)
     caption_col = _pick_column(columns, caption_column, ("text", "caption", "captions"), "caption", False)
-    label_names = None
-    if label_col is not None:
-        feature = getattr(ds, "features", {}).get(label_col) if hasattr(ds, "features") else None
-        label_names = list(feature.names) if getattr(feature, "names", None) else None
+    feature = (getattr(ds, "features", None) or {}).get(label_col) if label_col else None
+    label_names = list(feature.names) if getattr(feature, "names", None) else None  # a ClassLabel
 
     def make_item(i: int, row: dict) -> SourceItem:
         origin = f"hf {name} {split} #{i}"

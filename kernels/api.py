@@ -1,0 +1,95 @@
+"""The public functions: validate the inputs, then run the Triton kernel or the torch reference.
+
+``backend``: "triton" forces the kernels (CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1), "torch" the reference, "auto" Triton on CUDA and torch otherwise.
+Inputs may be float32, float16 or bfloat16; every result is float32.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from kernels import reference
+from kernels.backend import (
+    check_clip_factors,
+    check_float_tensor,
+    check_linear_inputs,
+    check_method,
+    check_noise_std,
+    resolve_backend,
+)
+from kernels.reference import as_sequence, ghost_is_cheaper
+from kernels.seeds import check_seed
+
+
+def per_sample_linear_sqnorms(
+    activations: Tensor, grad_outputs: Tensor, method: str = "auto", bias: bool = False, backend: str = "auto"
+) -> Tensor:
+    """Per-example squared gradient norms of a Linear layer -> [B] float32.
+
+    activations A [B, T, d_in] and grad_outputs G [B, T, d_out] (or [B, d], the T = 1 case):
+    ||G_i^T A_i||_F^2, plus ||sum_t G_it||^2 when ``bias``. ``method``: "ghost" (T x T Gram
+    tiles), "instantiate" (d_out x d_in tiles) or "auto" (ghost when 2 T^2 <= d_in d_out).
+    """
+    check_linear_inputs(activations, grad_outputs)
+    check_method(method)
+    if resolve_backend(backend, activations.device) == "torch":
+        return reference.per_sample_linear_sqnorms(activations, grad_outputs, method=method, bias=bias)
+    from kernels import triton_norms
+
+    a, g = as_sequence(activations), as_sequence(grad_outputs)
+    if method == "auto":
+        method = "ghost" if ghost_is_cheaper(a.shape[1], a.shape[2], g.shape[2]) else "instantiate"
+    if method == "ghost":
+        return triton_norms.ghost_sqnorms(a, g, bias)
+    return triton_norms.instantiate_sqnorms(a, g, bias)
+
+
+def clipped_linear_grad(
+    activations: Tensor,
+    grad_outputs: Tensor,
+    clip_factors: Tensor,
+    noise_std: float = 0.0,
+    seed: int | None = None,
+    bias: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """(sum_i c_i G_i^T A_i + noise [d_out, d_in], sum_i c_i sum_t G_it + noise [d_out] or None).
+
+    clip_factors c [B]. The noise, noise_std * N(0, 1) per coordinate in float32, is drawn
+    from ``seed`` (a fresh seed from OS entropy when None): the same seed gives the same
+    noise on one backend; the two backends draw from the same distribution.
+    """
+    check_linear_inputs(activations, grad_outputs)
+    check_clip_factors(clip_factors, activations.shape[0])
+    check_noise_std(noise_std)
+    if resolve_backend(backend, activations.device) == "torch":
+        return reference.clipped_linear_grad(activations, grad_outputs, clip_factors, noise_std, seed, bias)
+    from kernels import triton_clipped_grad
+
+    seed = check_seed(seed) if noise_std > 0 else 0
+    return triton_clipped_grad.clipped_grad(
+        as_sequence(activations), as_sequence(grad_outputs), clip_factors, noise_std, seed, bias
+    )
+
+
+def clip_sum_noise_flat(
+    per_example_grads: Tensor,
+    max_grad_norm: float,
+    noise_std: float = 0.0,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Flat per-example gradients [B, P] -> (sum_i c_i g_i + noise [P], norms n_i [B]), float32.
+
+    c_i = min(1, C / (n_i + 1e-6)) with C = max_grad_norm; noise as in clipped_linear_grad.
+    """
+    check_float_tensor("per_example_grads", per_example_grads, (2,))
+    if not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+    check_noise_std(noise_std)
+    if resolve_backend(backend, per_example_grads.device) == "torch":
+        return reference.clip_sum_noise_flat(per_example_grads, max_grad_norm, noise_std, seed)
+    from kernels import triton_flat
+
+    seed = check_seed(seed) if noise_std > 0 else 0
+    return triton_flat.clip_sum_noise(per_example_grads, max_grad_norm, noise_std, seed)

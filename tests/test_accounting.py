@@ -1,0 +1,95 @@
+"""Accounting against opacus' accountants; calibration and the ledger's refusals."""
+from __future__ import annotations
+
+import pytest
+from opacus.accountants import PRVAccountant as OpacusPRV
+from opacus.accountants import RDPAccountant as OpacusRDP
+
+from trainer.privacy import PrivacyBudgetExceeded, PrivacyLedger, calibrate_noise, epsilon, rdp_epsilon
+from trainer.privacy.accounting import EPS_ERROR
+
+DELTA = 1e-5
+
+
+def opacus_epsilon(accountant_cls, sigma: float, q: float, steps: int) -> float:
+    accountant = accountant_cls()
+    accountant.history = [(sigma, q, steps)]
+    return accountant.get_epsilon(DELTA)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("sigma,q,steps", [(1.0, 0.01, 500), (0.8, 0.05, 200), (2.0, 0.1, 50)])
+def test_epsilon_agrees_with_opacus_and_is_below_rdp(sigma, q, steps):
+    eps = epsilon(sigma, q, steps, DELTA)
+    assert abs(eps - opacus_epsilon(OpacusPRV, sigma, q, steps)) <= EPS_ERROR
+    rdp = rdp_epsilon(sigma, q, steps, DELTA)
+    assert rdp <= opacus_epsilon(OpacusRDP, sigma, q, steps) + 1e-9
+    assert eps < rdp
+
+
+def test_epsilon_grows_with_steps_and_shrinks_with_noise():
+    assert epsilon(1.0, 0.01, 0, DELTA) == 0.0
+    assert epsilon(1.0, 0.01, 100, DELTA) < epsilon(1.0, 0.01, 400, DELTA)
+    assert epsilon(2.0, 0.01, 400, DELTA) < epsilon(1.0, 0.01, 400, DELTA)
+
+
+def test_calibrate_noise_hits_target():
+    target, q, steps = 2.0, 0.01, 300
+    sigma = calibrate_noise(target, DELTA, q, steps)
+    assert epsilon(sigma, q, steps, DELTA) <= target
+    assert epsilon(0.99 * sigma, q, steps, DELTA) > target
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"noise_multiplier": 0.0}, "noise_multiplier"),
+        ({"sample_rate": 0.0}, "sample_rate"),
+        ({"sample_rate": 1.5}, "sample_rate"),
+        ({"delta": 1.0}, "delta"),
+        ({"steps": -1}, "steps"),
+    ],
+)
+def test_inputs_are_validated(kwargs, match):
+    args = {"noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 10, "delta": DELTA} | kwargs
+    with pytest.raises(ValueError, match=match):
+        epsilon(**args)
+    with pytest.raises(ValueError, match=match):
+        rdp_epsilon(**args)
+
+
+def test_ledger_refuses_a_plan_over_budget():
+    planned = epsilon(1.0, 0.01, 200, DELTA)
+    with pytest.raises(ValueError, match=r"epsilon=.*over the budget epsilon=0.5"):
+        PrivacyLedger(1.0, 0.01, DELTA, epsilon_budget=0.5, planned_steps=200)
+    assert planned > 0.5
+
+
+def test_ledger_counts_and_refuses_the_step_past_the_plan():
+    ledger = PrivacyLedger(1.0, 0.05, DELTA, epsilon_budget=5.0, planned_steps=3)
+    assert ledger.spent_epsilon() == 0.0
+    spent = []
+    for _ in range(3):
+        ledger.record_step()
+        spent.append(ledger.spent_epsilon())
+    assert spent[0] < spent[1] < spent[2] <= 5.0
+    assert spent[2] == pytest.approx(epsilon(1.0, 0.05, 3, DELTA), abs=EPS_ERROR)
+    with pytest.raises(PrivacyBudgetExceeded, match="step 4 refused"):
+        ledger.record_step()
+    assert ledger.steps_taken == 3
+    report = ledger.report()
+    assert report["steps"] == 3 and report["epsilon"] == spent[2] and report["delta"] == DELTA
+    assert report["noise_multiplier"] == 1.0 and report["sample_rate"] == 0.05
+    assert "prv" in report["accountant"]
+
+
+def test_ledger_state_round_trip():
+    ledger = PrivacyLedger(1.0, 0.05, DELTA, epsilon_budget=5.0, planned_steps=4)
+    ledger.record_step()
+    ledger.record_step()
+    resumed = PrivacyLedger(1.0, 0.05, DELTA, epsilon_budget=5.0, planned_steps=4)
+    resumed.load_state_dict(ledger.state_dict())
+    assert resumed.steps_taken == 2 and resumed.spent_epsilon() == ledger.spent_epsilon()
+    other_plan = PrivacyLedger(1.1, 0.05, DELTA, epsilon_budget=5.0, planned_steps=4)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        other_plan.load_state_dict(ledger.state_dict())

@@ -1,0 +1,190 @@
+"""Privacy accounting for DP-SGD with Poisson sampling: (epsilon, delta) for add/remove neighbours.
+
+``epsilon`` is the PRV accountant's upper bound (prv-accountant, numerical composition of
+privacy loss random variables); ``rdp_epsilon`` is the looser RDP bound, a cross-check.
+``calibrate_noise`` finds the smallest sigma meeting a target epsilon, and
+:class:`PrivacyLedger` holds a training run to its plan and budget.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from opacus.accountants.analysis import rdp as rdp_analysis
+from prv_accountant import PRVAccountant
+from prv_accountant.privacy_random_variables import PoissonSubsampledGaussianMechanism
+
+EPS_ERROR = 0.01  # absolute error of the PRV epsilon estimate; the upper bound accounts for it
+ACCOUNTANT_NAME = f"prv (prv-accountant 0.2.0 PRVAccountant, Poisson-subsampled Gaussian, upper bound, eps_error={EPS_ERROR})"
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 256))
+
+
+def _validate(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> None:
+    if not noise_multiplier > 0 or not math.isfinite(noise_multiplier):
+        raise ValueError(f"noise_multiplier must be a positive finite number, got {noise_multiplier}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+
+
+def _prv_accountant(noise_multiplier: float, sample_rate: float, max_steps: int, delta: float) -> PRVAccountant:
+    try:
+        return PRVAccountant(
+            prvs=[PoissonSubsampledGaussianMechanism(sampling_probability=sample_rate, noise_multiplier=noise_multiplier)],
+            eps_error=EPS_ERROR,
+            delta_error=delta / 1000,
+            max_self_compositions=[max_steps],
+        )
+    except (RuntimeError, OverflowError, FloatingPointError) as err:
+        raise ValueError(
+            f"the PRV accountant cannot evaluate sigma={noise_multiplier}, q={sample_rate}, steps={max_steps}, "
+            f"delta={delta} (noise too small for its discretisation; epsilon is very large): {err}"
+        ) from err
+
+
+def _prv_upper(accountant: PRVAccountant, steps: int, delta: float) -> float:
+    _, _, upper = accountant.compute_epsilon(delta=delta, num_self_compositions=[steps])
+    return max(0.0, float(upper))
+
+
+def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Upper bound on epsilon after ``steps`` DP-SGD steps (PRV accountant)."""
+    _validate(noise_multiplier, sample_rate, steps, delta)
+    if steps == 0:
+        return 0.0
+    return _prv_upper(_prv_accountant(noise_multiplier, sample_rate, steps, delta), steps, delta)
+
+
+def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Epsilon from the RDP analysis of the subsampled Gaussian (looser than PRV)."""
+    _validate(noise_multiplier, sample_rate, steps, delta)
+    if steps == 0:
+        return 0.0
+    rdp = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=RDP_ORDERS)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Smallest sigma (to 1%) with ``epsilon(sigma, q, steps, delta) <= target_epsilon``.
+
+    Bisection on sigma; the returned sigma meets the target, and 0.99 * sigma does not.
+    """
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+    _validate(1.0, sample_rate, steps, delta)
+    if steps == 0:
+        raise ValueError("steps must be >= 1 to calibrate noise (zero steps spend no privacy)")
+
+    def meets(sigma: float) -> bool:
+        try:
+            return epsilon(sigma, sample_rate, steps, delta) <= target_epsilon
+        except ValueError:  # the accountant cannot handle sigma this small: far above target
+            return False
+
+    hi = 1.0
+    while not meets(hi):
+        hi *= 2.0
+        if hi > 1e6:
+            raise ValueError(f"no sigma <= 1e6 reaches epsilon {target_epsilon} with q={sample_rate}, steps={steps}")
+    lo = hi / 2.0
+    while meets(lo):
+        hi, lo = lo, lo / 2.0
+        if lo < 1e-3:
+            return hi
+    # invariant: meets(hi), not meets(lo); stop with margin below the 1% requirement
+    while hi - lo > 0.005 * hi:
+        mid = 0.5 * (lo + hi)
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+class PrivacyBudgetExceeded(RuntimeError):
+    """A DP-SGD step was refused: it would go past the planned steps (and so the budget)."""
+
+
+class PrivacyLedger:
+    """Holds a run to its plan: refuses a plan over budget, and any step past the plan.
+
+    The plan (sigma, q, delta, planned_steps) is checked at construction:
+    ``epsilon(planned_steps) <= epsilon_budget``. Epsilon grows with steps, so refusing
+    every step past the plan keeps the spent epsilon within the budget.
+    """
+
+    def __init__(
+        self, noise_multiplier: float, sample_rate: float, delta: float, epsilon_budget: float, planned_steps: int
+    ):
+        _validate(noise_multiplier, sample_rate, planned_steps, delta)
+        if not epsilon_budget > 0:
+            raise ValueError(f"epsilon_budget must be > 0, got {epsilon_budget}")
+        self.noise_multiplier = float(noise_multiplier)
+        self.sample_rate = float(sample_rate)
+        self.delta = float(delta)
+        self.epsilon_budget = float(epsilon_budget)
+        self.planned_steps = int(planned_steps)
+        self.steps_taken = 0
+        self._accountant = None
+        if planned_steps > 0:
+            self._accountant = _prv_accountant(noise_multiplier, sample_rate, planned_steps, delta)
+        self.planned_epsilon = self._epsilon_at(planned_steps)
+        if self.planned_epsilon > self.epsilon_budget:
+            raise ValueError(
+                f"the plan spends epsilon={self.planned_epsilon:.4f} (sigma={noise_multiplier}, q={sample_rate}, "
+                f"steps={planned_steps}, delta={delta}), over the budget epsilon={epsilon_budget}"
+            )
+
+    def _epsilon_at(self, steps: int) -> float:
+        return 0.0 if steps == 0 else _prv_upper(self._accountant, steps, self.delta)
+
+    def record_step(self) -> None:
+        """Call before each optimizer step; raises (and records nothing) if the step is past the plan."""
+        if self.steps_taken + 1 > self.planned_steps:
+            raise PrivacyBudgetExceeded(
+                f"step {self.steps_taken + 1} refused: the plan has {self.planned_steps} steps "
+                f"(epsilon={self.planned_epsilon:.4f} of the budget {self.epsilon_budget})"
+            )
+        self.steps_taken += 1
+
+    def spent_epsilon(self) -> float:
+        return self._epsilon_at(self.steps_taken)
+
+    def report(self) -> dict:
+        return {
+            "epsilon": self.spent_epsilon(),
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps_taken,
+            "planned_steps": self.planned_steps,
+            "planned_epsilon": self.planned_epsilon,
+            "epsilon_budget": self.epsilon_budget,
+            "accountant": ACCOUNTANT_NAME,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "delta": self.delta,
+            "epsilon_budget": self.epsilon_budget,
+            "planned_steps": self.planned_steps,
+            "steps_taken": self.steps_taken,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the step count; the stored plan must be this ledger's plan."""
+        for key in ("noise_multiplier", "sample_rate", "delta", "epsilon_budget", "planned_steps", "steps_taken"):
+            if key not in state:
+                raise KeyError(f"ledger state lacks {key!r}")
+        for key in ("noise_multiplier", "sample_rate", "delta", "epsilon_budget", "planned_steps"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"ledger state has {key}={state[key]!r}, but this ledger's plan has {getattr(self, key)!r}")
+        if not 0 <= state["steps_taken"] <= self.planned_steps:
+            raise ValueError(f"ledger state has steps_taken={state['steps_taken']}, outside [0, {self.planned_steps}]")
+        self.steps_taken = int(state["steps_taken"])

