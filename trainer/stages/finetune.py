@@ -145,7 +145,7 @@ def run(cfg: Config) -> Path:
                 mlrun.log_metrics({"privacy.epsilon_spent": spent,
                                    "nonprivate/loss": loss_sum / max(1, count),
                                    "nonprivate/batch_size": count,
-                                   "nonprivate/clip_fraction": float(stats.get("clip_fraction", float("nan")))},
+                                   "nonprivate/clip_fraction": stats["nonprivate_clip_fraction"]},
                                   step=step)
             if step % ft.checkpoint_every == 0 or step == ft.steps:
                 checkpoint(mlrun.run_id)
