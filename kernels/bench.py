@@ -126,6 +126,14 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
 
 
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return ""
+    return f", triton {triton.__version__}"
+
+
 def linear_rows(shape, device, dtype, backends, reps) -> list[Row]:
     B, T, d_in, d_out = shape
     gen = torch.Generator(device=device).manual_seed(0)
@@ -180,7 +188,8 @@ def markdown(rows: list[Row], roof: Roofline, device: torch.device, dtype: torch
     lines = [
         f"# Kernel benchmark: {name}",
         "",
-        f"Device: {name}; inputs {str(dtype).replace('torch.', '')}; backends: {', '.join(backends)}"
+        f"torch {torch.__version__}{triton_version()}; inputs {str(dtype).replace('torch.', '')}; "
+        f"backends: {', '.join(backends)}"
         + ("" if "triton" in backends else " (CPU: torch reference path only; the Triton kernels need a GPU)"),
         f"Measured roofline: copy bandwidth {roof.bandwidth / 1e9:.1f} GB/s, "
         f"matmul {roof.flops / 1e12:.3f} TFLOP/s.",
