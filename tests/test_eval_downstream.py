@@ -16,9 +16,9 @@ def mnist():
 
 def test_real_mnist_as_synthetic_gives_high_accuracy(mnist):
     x, y, xt, yt = mnist
-    result = downstream_accuracy(x, y, xt, yt, classifier="mlp", epochs=4, seed=0)
-    assert result["accuracy"] > 0.8
-    assert result["num_train"] == 2700 and result["num_val"] == 300 and result["num_test"] == 1000
+    result = downstream_accuracy(x[:2000], y[:2000], xt, yt, classifier="mlp", epochs=3, seed=0)
+    assert result["accuracy"] > 0.75
+    assert result["num_train"] == 1800 and result["num_val"] == 200 and result["num_test"] == 1000
     # the selected epoch is the best on the held-out synthetic split
     assert result["val_history"][result["selected_epoch"] - 1] == result["val_accuracy"] == max(result["val_history"])
 
@@ -33,7 +33,7 @@ def test_cnn_learns_mnist(mnist):
 def test_shuffled_labels_give_chance_accuracy(mnist):
     x, y, xt, yt = mnist
     shuffled = np.random.default_rng(0).permutation(y)
-    result = downstream_accuracy(x, shuffled, xt, yt, classifier="logreg", epochs=3, seed=0)
+    result = downstream_accuracy(x[:2000], shuffled[:2000], xt, yt, classifier="logreg", epochs=2, seed=0)
     assert 0.02 < result["accuracy"] < 0.2
 
 

@@ -1,10 +1,11 @@
-"""Frechet distance, TF bilinear resizing, precision/recall: small numeric cases, no network."""
+"""Frechet distance, TF bilinear resizing, precision/recall, feature cache: small numeric cases, no network."""
 import numpy as np
 import pytest
 import torch
 
-from trainer.eval.fid import (feature_statistics, fid_from_features, frechet_distance, inception_input,
-                              resize_bilinear_tf)
+from trainer.eval.fid import (cached_features, feature_statistics, fid_from_features, frechet_distance,
+                              inception_input, resize_bilinear_tf)
+from trainer.eval.images import images_from_array
 from trainer.eval.precision_recall import knn_radii, precision_recall
 
 
@@ -110,3 +111,27 @@ def test_precision_recall_on_overlapping_and_disjoint_clouds():
     assert precision_recall(real, far) == {"precision": 0.0, "recall": 0.0}
     pr_collapsed = precision_recall(real, collapsed)
     assert pr_collapsed["precision"] == 1.0 and pr_collapsed["recall"] < 0.2
+
+
+class _CountingNetwork:
+    """Stands in for InceptionFeatures in cache tests: mean pixel as a 1-d feature, calls counted."""
+    digest = "counting-network"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images, batch_size=32, progress=True):
+        self.calls += 1
+        return np.array([[img.mean()] for img in images], dtype=np.float32)
+
+
+def test_reference_features_are_cached_by_content(tmp_path):
+    network = _CountingNetwork()
+    a = images_from_array(np.arange(4 * 3 * 3, dtype=np.uint8).reshape(4, 3, 3))
+    same_content = images_from_array(np.arange(4 * 3 * 3, dtype=np.uint8).reshape(4, 3, 3))
+    other = images_from_array(np.arange(4 * 3 * 3, dtype=np.uint8).reshape(4, 3, 3)[::-1])
+    first = cached_features(a, network, tmp_path)
+    np.testing.assert_array_equal(cached_features(same_content, network, tmp_path), first)
+    assert network.calls == 1 and len(list(tmp_path.glob("*.npy"))) == 1
+    cached_features(other, network, tmp_path)
+    assert network.calls == 2 and len(list(tmp_path.glob("*.npy"))) == 2

@@ -56,12 +56,13 @@ def test_named_class_folders_map_to_sorted_indices(tmp_path):
     assert coll[0].shape == (4, 4, 3)
 
 
-def test_mixed_loose_and_class_images_are_rejected(tmp_path):
+def test_root_images_beside_class_folders_are_not_samples(tmp_path):
+    # `dpldm sample` writes OUT/<class>/*.png and a preview OUT/grid.png
     (tmp_path / "0").mkdir()
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "0" / "a.png")
-    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "loose.png")
-    with pytest.raises(ValueError, match="loose.png"):
-        open_images(tmp_path)
+    Image.fromarray(np.zeros((9, 9), np.uint8)).save(tmp_path / "grid.png")
+    coll = open_images(tmp_path)
+    assert len(coll) == 1 and coll.labels.tolist() == [0] and coll.stack().shape == (1, 4, 4, 1)
 
 
 def test_shards_with_brace_pattern_read_images_and_cls(tmp_path, digits):

@@ -14,6 +14,7 @@ STAGE_MODULES = [
     "trainer.stages.pretrain_ldm",
     "trainer.stages.finetune",
     "trainer.stages.sample",
+    "trainer.stages.evaluate",
     "trainer.stages.demo",
 ]
 

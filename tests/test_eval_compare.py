@@ -1,0 +1,59 @@
+"""`dpldm compare` over tiny MLflow runs in a temporary sqlite store."""
+import argparse
+
+import mlflow
+import pytest
+
+from trainer.stages import evaluate
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # artifacts of the sqlite store land in ./mlruns
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(None)  # back to the environment's URI
+    experiment_id = mlflow.create_experiment("mnist-dp")  # not set_experiment: no global state leaks out
+    runs = [("attn-eps1", {"privacy.epsilon": 1.0, "privacy.delta": 1e-5, "privacy.steps": 200,
+                           "eval.fid": 40.5, "eval.accuracy": 0.81, "wall_time_s": 12.25}, "all"),
+            ("attn-eps10", {"privacy.epsilon": 10.0, "privacy.delta": 1e-5, "privacy.steps": 400,
+                            "eval.fid": 21.0, "wall_time_s": 30.0}, "all"),
+            ("late-eps5", {"privacy.epsilon": 5.0, "eval.fid": 33.0}, "from-block-2")]
+    for name, metrics, policy in runs:
+        with mlflow.start_run(run_name=name, experiment_id=experiment_id):
+            mlflow.log_params({"finetune.policy": policy, "params.trainable": 12345})
+            mlflow.log_metrics(metrics)
+    yield tmp_path
+    mlflow.set_tracking_uri(None)
+
+
+def _run(argv) -> int:
+    parser = argparse.ArgumentParser(prog="dpldm")
+    evaluate.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_compare_prints_every_run_and_writes_the_plot(store, capsys):
+    out = store / "report"
+    assert _run(["compare", "--experiment", "mnist-dp", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+    assert "attn-eps1" in lines and "attn-eps10" in lines and "late-eps5" in lines
+    assert "40.5" in lines["attn-eps1"] and "0.81" in lines["attn-eps1"] and "12345" in lines["attn-eps1"]
+    assert " - " in lines["attn-eps10"] + " "  # no accuracy logged for that run
+    assert lines["late-eps5"].split()[2:4] == ["-", "12345"]  # delta missing, trainable present
+    plot = out / "fid_vs_epsilon.png"
+    assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "runs.txt").read_text().count("\n") == 4  # header + 3 runs
+
+    # the comparison is logged as its own run, and later comparisons do not list it
+    compare_runs = mlflow.search_runs(experiment_names=["mnist-dp"], filter_string="tags.`dpldm.stage` = 'compare'",
+                                      output_format="list")
+    assert len(compare_runs) == 1
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(compare_runs[0].info.run_id, "compare")]
+    assert "compare/fid_vs_epsilon.png" in artifacts
+    table, _ = evaluate.compare_runs("mnist-dp", "accuracy", out, log=False)
+    assert "compare" not in [line.split()[0] for line in table.splitlines()]
+    assert (out / "accuracy_vs_epsilon.png").is_file()
+    with pytest.raises(ValueError, match="no-such-experiment"):
+        evaluate.compare_runs("no-such-experiment")

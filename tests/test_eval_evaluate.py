@@ -1,0 +1,69 @@
+"""`evaluate_samples` and `dpldm evaluate` with MNIST standing in for labelled samples."""
+import argparse
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer.data.mnist import load_mnist
+from trainer.eval.images import images_from_array, open_images
+from trainer.stages import evaluate
+
+
+def _run(argv) -> int:
+    parser = argparse.ArgumentParser(prog="dpldm")
+    evaluate.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_accuracy_only_from_arrays_uses_the_mnist_test_split():
+    x, y = load_mnist("train")
+    results = evaluate.evaluate_samples(x[:1000], y[:1000], real="mnist-test", metrics=["accuracy"], num=800,
+                                        num_real=500, classifier="mlp", epochs=2, progress=False)
+    assert results["eval.num_samples"] == 800 and results["eval.num_real"] == 500
+    assert results["eval.accuracy"] > 0.7
+    assert 1 <= results["eval.accuracy_epoch"] <= 2
+    assert "eval.fid" not in results
+
+
+def test_bad_metrics_and_missing_labels_are_reported():
+    x, _ = load_mnist("test")
+    with pytest.raises(ValueError, match="ssim"):
+        evaluate.evaluate_samples(x[:10], metrics=["ssim"])
+    with pytest.raises(ValueError, match="labelled samples"):
+        evaluate.evaluate_samples(images_from_array(x[:20]), metrics=["accuracy"], num_real=20)
+
+
+@pytest.mark.slow
+def test_evaluate_cli_logs_metrics_and_grid_to_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(None)
+    with mlflow.start_run(run_name="finetune") as run:
+        run_id = run.info.run_id
+    x, y = load_mnist("train")
+    samples = tmp_path / "samples"
+    for i in range(200):
+        (samples / str(y[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).save(samples / str(y[i]) / f"{i:05d}.png")
+
+    code = _run(["evaluate", "--samples", str(samples), "--real", "mnist-test", "--metrics", "fid,accuracy,pr",
+                 "--num", "16", "--num-real", "12", "--classifier", "logreg", "--epochs", "2",
+                 "--cache-dir", str(tmp_path / "cache"), "--batch-size", "12", "--run", run_id])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "FID: " in out and "accuracy: " in out and "precision: " in out
+
+    logged = mlflow.get_run(run_id).data.metrics
+    assert logged["eval.num_samples"] == 16 and logged["eval.num_real"] == 12
+    assert logged["eval.fid"] > 0 and 0 <= logged["eval.accuracy"] <= 1
+    assert 0 <= logged["eval.precision"] <= 1 and 0 <= logged["eval.recall"] <= 1
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "eval")]
+    assert "eval/samples_per_class.png" in artifacts
+    grid = np.asarray(Image.open(mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                                     artifact_path="eval/samples_per_class.png")))
+    classes_used = np.unique(open_images(samples, max_images=16).labels)  # the subset evaluated (seed 0)
+    assert grid.shape[:2] == (len(classes_used) * 30 + 2, 8 * 30 + 2)  # a row of up to 8 per class
+    mlflow.set_tracking_uri(None)

@@ -1,0 +1,123 @@
+"""End-to-end stages on tiny settings: demo --quick, resume, sampling, CLI errors, privacy plan checks."""
+import json
+import os
+
+import pytest
+import torch
+
+from trainer import cli
+from trainer.config import ConfigError, load_config
+from trainer.stages import finetune
+from trainer.stages.demo import QUICK
+
+TINY = QUICK + ["data.public.num_examples=520", "data.private.num_examples=1000",
+                "autoencoder.train.steps=20", "ldm.train.steps=20", "finetune.steps=3"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
+    yield root
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_the_whole_pipeline(workdir, capsys):
+    assert cli.main(["demo", "--quick", "--output-dir", str(workdir / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "privacy report" in out and "mlflow ui" in out
+    ft = workdir / "runs" / "demo-quick" / "finetune"
+    report = json.loads((ft / "privacy-report.json").read_text())
+    assert 0 < report["epsilon"] <= 10.0 and report["delta"] == 1e-5
+    assert report["steps"] == load_config("demo", QUICK).finetune.steps
+    assert (ft / "samples.png").is_file()
+    # only the fine-tuned parameters are saved, and they are exactly the selected ones
+    from safetensors.torch import load_file
+    saved = load_file(str(ft / "finetuned.safetensors"))
+    assert sorted(saved) == sorted(report["trainable_names"])
+    assert all(k.startswith("cond_stage_model.") or ".transformer_blocks." in k or ".proj_" in k or ".norm." in k
+               for k in saved)
+    import mlflow
+    runs = mlflow.search_runs(experiment_names=["demo-quick"])
+    assert {"pretrain-ae", "pretrain-ldm", "finetune"} <= set(runs["tags.mlflow.runName"])
+    ft_run = runs[runs["tags.mlflow.runName"] == "finetune"].iloc[0]
+    assert ft_run["metrics.privacy.epsilon"] == pytest.approx(report["epsilon"])
+
+
+@pytest.mark.slow
+def test_sample_command_writes_images_per_class(workdir):
+    ft = workdir / "runs" / "demo-quick" / "finetune"
+    if not ft.is_dir():  # keep the test independent of order
+        assert cli.main(["demo", "--quick", "--output-dir", str(workdir / "runs")]) == 0
+    out = workdir / "samples"
+    assert cli.main(["sample", "--checkpoint", str(ft), "--classes", "3,7", "--num", "2", "--out", str(out),
+                     "--ddim-steps", "3"]) == 0
+    assert len(list((out / "3").glob("*.png"))) == 2 and len(list((out / "7").glob("*.png"))) == 2
+    assert (out / "grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_interrupted_finetune_resumes_and_never_undercounts(workdir, monkeypatch):
+    overrides = TINY + ["experiment=resume", f"output_dir={workdir / 'runs'}", "finetune.checkpoint_every=1"]
+    cfg = load_config("demo", overrides)
+    from trainer.stages import pretrain_ae, pretrain_ldm
+    pretrain_ae.run(cfg)
+    pretrain_ldm.run(cfg)
+
+    from trainer.privacy import DPGradientEngine
+    real_finalize = DPGradientEngine.finalize
+    calls = {"n": 0}
+
+    def failing_finalize(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # dies inside step 2, after the ledger recorded it
+        return real_finalize(self, *a, **k)
+
+    monkeypatch.setattr(DPGradientEngine, "finalize", failing_finalize)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg)
+    run_dir = workdir / "runs" / "resume" / "finetune"
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["steps_taken"] == 2  # step 2 counts although it never finished
+    monkeypatch.setattr(DPGradientEngine, "finalize", real_finalize)
+    finetune.run(cfg)
+    report = json.loads((run_dir / "privacy-report.json").read_text())
+    # the plan has 3 steps; 2 were spent before the crash (one lost), so only 1 more is allowed
+    assert report["steps"] == 3 and report["planned_steps"] == 3
+    assert report["epsilon"] <= 10.0
+
+
+def test_bad_privacy_plans_fail_before_any_work(tmp_path):
+    cfg = load_config("demo", ["finetune.delta=0.01"])
+    with pytest.raises(ConfigError, match="finetune.delta"):
+        finetune.plan_privacy(cfg, num_private=1000)
+    cfg = load_config("demo", ["finetune.expected_batch_size=2000"])
+    with pytest.raises(ConfigError, match="finetune.expected_batch_size"):
+        finetune.plan_privacy(cfg, num_private=1000)
+
+
+def test_calibrated_plan_meets_the_target():
+    from trainer.privacy import epsilon
+    cfg = load_config("demo", ["finetune.steps=20", "finetune.expected_batch_size=100"])
+    q, sigma = finetune.plan_privacy(cfg, num_private=10000)
+    assert q == pytest.approx(0.01)
+    assert epsilon(sigma, q, 20, 1e-5) <= 10.0 < epsilon(0.98 * sigma, q, 20, 1e-5)
+
+
+def test_cli_reports_config_errors_with_the_key(capsys, tmp_path):
+    assert cli.main(["pretrain-ae", "--output-dir", str(tmp_path), "autoencoder.train.stepz=3"]) == 2
+    assert "autoencoder.train.stepz" in capsys.readouterr().err
+
+
+def test_help_lists_every_stage(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    for stage in ("prepare", "encode", "pretrain-ae", "pretrain-ldm", "finetune", "sample", "demo"):
+        assert stage in text
