@@ -10,8 +10,8 @@ from trainer.config import ConfigError, load_config
 from trainer.stages import finetune
 from trainer.stages.demo import QUICK
 
-TINY = QUICK + ["data.public.num_examples=520", "data.private.num_examples=1000",
-                "autoencoder.train.steps=20", "ldm.train.steps=20", "finetune.steps=3"]
+TINY = QUICK + ["data.public.num_examples=520", "data.private.num_examples=1000", "autoencoder.train.batch_size=8",
+                "autoencoder.train.steps=4", "ldm.train.steps=4", "finetune.steps=3"]
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,7 @@ class FinetuneConfig:
     engine_mode: str = "auto"            # auto | fast | reference
     log_every: int = 10
     checkpoint_every: int = 50
+    deepspeed_config: Optional[str] = None  # DeepSpeed JSON (a path, or a name in configs/deepspeed/): several processes
 
 
 @dataclass
@@ -117,6 +118,16 @@ class SampleConfig:
     eta: float = 0.0
     guidance_scale: float = 2.0
     num_per_class: int = 8
+
+
+@dataclass
+class EvalConfig:
+    """Scoring the released samples against the real test split (never the private train split)."""
+    num_per_class: int = 100           # labelled samples generated per class
+    metrics: list = field(default_factory=lambda: ["accuracy"])  # fid | accuracy | pr
+    num_real: Optional[int] = None     # real test images used (None = the whole split)
+    classifier: str = "cnn"            # cnn | mlp | logreg
+    epochs: int = 10
 
 
 @dataclass
@@ -129,6 +140,7 @@ class Config:
     ldm: LDMConfig = field(default_factory=LDMConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "cpu"
     source_file: Optional[str] = None  # set by the loader
 
@@ -152,6 +164,7 @@ CHOICES = {
     "ldm.conditioner.type": {"class", "text", "none"},
     "finetune.policy": {"attention", "attention_blocks", "embedder_only", "full"},
     "finetune.engine_mode": {"auto", "fast", "reference"},
+    "eval.classifier": {"cnn", "mlp", "logreg"},
 }
 
 
@@ -238,12 +251,17 @@ def _validate(cfg: Config) -> None:
         check(ft.epsilon > 0, "finetune.epsilon", f"must be > 0, got {ft.epsilon}")
     if ft.noise_multiplier is not None:
         check(ft.noise_multiplier > 0, "finetune.noise_multiplier", f"must be > 0, got {ft.noise_multiplier}")
+    if ft.deepspeed_config is not None:  # its contents are checked when fine-tuning starts (trainer.distributed)
+        check(ft.deepspeed_config.strip() != "", "finetune.deepspeed_config",
+              "must name a DeepSpeed JSON file (a path, or a name in configs/deepspeed/ such as zero3)")
     cond = cfg.ldm.conditioner
     if cond.type == "class":
         check(cond.n_classes is not None and cond.n_classes > 0, "ldm.conditioner.n_classes",
               "a class conditioner needs n_classes > 0")
     for name in ("ddim_steps", "num_per_class"):
         check(getattr(cfg.sample, name) > 0, f"sample.{name}", "must be > 0")
+    bad = sorted(set(cfg.eval.metrics) - {"fid", "accuracy", "pr"})
+    check(not bad, "eval.metrics", f"unknown metrics {bad}; choose from fid, accuracy, pr")
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -81,3 +81,17 @@ def tracking_hint() -> str:
     if uri:
         return f"mlflow ui --backend-store-uri {uri}"
     return f"mlflow ui --backend-store-uri sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def find_run_by_checkpoint(experiment: str, run_dir: Path) -> Optional[str]:
+    """The id of the newest MLflow run of ``experiment`` tagged with this checkpoint folder."""
+    if not is_main_process():
+        return None
+    import mlflow
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    path = str(Path(run_dir).resolve()).replace("'", "\\'")
+    runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string=f"tags.checkpoint = '{path}'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    return runs[0].info.run_id if runs else None

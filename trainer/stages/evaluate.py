@@ -111,8 +111,44 @@ def _format_metric(key: str, value: float) -> str:
     return f"{label}: {int(value)}" if integral else f"{label}: {value:.4f}"
 
 
+def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = None,
+                        num_per_class: Optional[int] = None, log: bool = True) -> dict[str, float]:
+    """Generate labelled samples from a ``finetune``/``pretrain-ldm`` run folder (one batch of
+    ``eval.num_per_class`` per class, public class labels as inputs), score them against the
+    config's ``data.test`` split and log the results to the MLflow run of that checkpoint."""
+    import torch
+
+    from trainer.stages.sample import generate, load_pipeline
+    from trainer.tracking import find_run_by_checkpoint
+
+    ldm, autoencoder, meta, cfg = load_pipeline(run_dir)
+    ev = cfg.eval
+    names = meta["label_names"]
+    test = cfg.data.test
+    if test is None or test.source != "mnist" or test.split != "test":
+        raise ValueError("data.test: checkpoint evaluation supports the MNIST test split; "
+                         "for other sets run `dpldm sample` then `dpldm evaluate --samples DIR --real PATH`")
+    labels = torch.arange(len(names)).repeat_interleave(num_per_class or ev.num_per_class)
+    images = generate(ldm, autoencoder, labels, tuple(meta["latent_shape"]), cfg,
+                      torch.Generator().manual_seed(cfg.seed))
+    uint8 = ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    samples = images_from_array(uint8, labels=labels.numpy(), class_names=names, description=f"samples of {run_dir}")
+    results = evaluate_samples(samples, real=MNIST_TEST, metrics=metrics or ev.metrics, num_real=ev.num_real,
+                               class_names=names, classifier=ev.classifier, epochs=ev.epochs, seed=cfg.seed)
+    run_id = find_run_by_checkpoint(cfg.experiment, Path(run_dir)) if log else None
+    if run_id:
+        log_evaluation(run_id, results, samples)
+    return results
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if args.checkpoint:
+        for key, value in evaluate_checkpoint(args.checkpoint, metrics, args.num).items():
+            print(_format_metric(key, value))
+        return 0
+    if not args.samples:
+        raise SystemExit("dpldm evaluate: give --samples DIR or --checkpoint RUN_DIR")
     samples = open_images(args.samples)
     results = evaluate_samples(samples, real=args.real, metrics=metrics, num=args.num, num_real=args.num_real,
                                classifier=args.classifier, epochs=args.epochs, seed=args.seed,
@@ -284,7 +320,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("evaluate", help="score labelled samples against a real test set",
                               description="FID, precision/recall and downstream accuracy (train on samples, test "
                                           "on real) of labelled synthetic images; optionally logged to an MLflow run.")
-    p.add_argument("--samples", required=True, help="samples: a folder per class or shards with .cls labels")
+    p.add_argument("--samples", help="samples: a folder per class or shards with .cls labels")
+    p.add_argument("--checkpoint", metavar="RUN_DIR",
+                   help="instead of --samples: generate labelled samples from this finetune/pretrain-ldm run folder "
+                        "(--num per class), score them on the config's test split, log to that checkpoint's MLflow run")
     p.add_argument("--real", default=MNIST_TEST, help=f"real test set: {MNIST_TEST} or a folder / shard set")
     p.add_argument("--metrics", default="fid,accuracy", help=f"comma-separated, from {','.join(METRICS)}")
     p.add_argument("--num", type=int, metavar="N", help="use a random subset of N samples (default: all)")
