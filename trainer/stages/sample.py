@@ -34,20 +34,20 @@ def load_pipeline(run_dir: str | Path) -> tuple[LatentDiffusion, torch.nn.Module
         raise FileNotFoundError(f"{run_dir}: not an LDM run folder (no ldm.json / finetune.json)")
     meta = json.loads(meta_path.read_text())
     cfg = load_config(str(run_dir / "config.yaml"))
-    n_classes = ft_meta.get("n_classes") if ft_meta else None
-    ldm = build_ldm(cfg, meta["scale_factor"], n_classes=None)
+    n_classes = ft_meta.get("n_classes") if ft_meta else None  # a fresh embedder replaced the public one
+    ldm = build_ldm(cfg, meta["scale_factor"], n_classes=n_classes)
     ldm.unet.load_state_dict(load_weights(base_dir / "unet.safetensors"))
-    ldm.cond_stage_model.load_state_dict(load_weights(base_dir / "cond_stage_model.safetensors"))
+    if not n_classes:
+        ldm.cond_stage_model.load_state_dict(load_weights(base_dir / "cond_stage_model.safetensors"))
     if ft_meta:
-        if n_classes:  # a fresh embedder of the private label set replaced the public one
-            ldm = build_ldm(cfg, meta["scale_factor"], n_classes=n_classes)
-            ldm.unet.load_state_dict(load_weights(base_dir / "unet.safetensors"))
-        missing = set(ft_meta["trainable"]) - set(dict(ldm.named_parameters()))
-        if missing:
-            raise ValueError(f"{run_dir}: fine-tuned parameters not in the model: {sorted(missing)[:5]}")
-        state = load_weights(run_dir / "finetuned.safetensors")
-        ldm.load_state_dict(state, strict=False)
-        meta = {**meta, "label_names": ft_meta.get("label_names", meta.get("label_names")), "finetune": ft_meta}
+        tuned = load_weights(run_dir / "finetuned.safetensors")
+        names = dict(ldm.named_parameters())
+        unknown = sorted(set(tuned) - set(names))
+        if unknown or set(tuned) != set(ft_meta["trainable"]):
+            raise ValueError(f"{run_dir}: finetuned.safetensors does not match finetune.json "
+                             f"(unknown parameters: {unknown[:5]})")
+        ldm.load_state_dict(tuned, strict=False)
+        meta = {**meta, "label_names": ft_meta.get("label_names") or meta.get("label_names"), "finetune": ft_meta}
     autoencoder, _ = load_autoencoder(meta["autoencoder"])
     ldm.eval().requires_grad_(False)
     return ldm, autoencoder, meta, cfg

@@ -1,0 +1,47 @@
+"""Offline sets: rendered letters (public) and MNIST from its package (restricted unpickler)."""
+import gzip
+import io
+import pickle
+
+import numpy as np
+import pytest
+
+from trainer.data import mnist
+from trainer.data.letters import render_letters
+
+
+def test_letters_are_deterministic_balanced_and_mnist_like():
+    x, y, names = render_letters(52, size=28, seed=3)
+    x2, y2, _ = render_letters(52, size=28, seed=3)
+    assert x.shape == (52, 28, 28) and x.dtype == np.uint8 and np.array_equal(x, x2) and np.array_equal(y, y2)
+    assert np.bincount(y, minlength=26).tolist() == [2] * 26 and names[0] == "a" and names[25] == "z"
+    assert not np.array_equal(x, render_letters(52, size=28, seed=4)[0])
+    # white strokes on black, inside the 20x20 box like MNIST, centred by mass
+    assert x[:, :2].max() == 0 and x[:, -2:].max() == 0 and x.max() == 255
+    ys, xs = np.indices((28, 28))
+    cy = (x * ys).sum((1, 2)) / x.sum((1, 2))
+    assert np.all(np.abs(cy - 14) < 2.5)
+
+
+def test_mnist_splits_and_values():
+    x, y = mnist.load_mnist("test")
+    assert x.shape == (10000, 28, 28) and x.dtype == np.uint8 and y.shape == (10000,)
+    assert y[:5].tolist() == [7, 2, 1, 0, 4] and set(np.unique(y)) == set(range(10))
+    assert len(mnist.load_mnist("train")[0]) == 50000
+    with pytest.raises(ValueError, match="split"):
+        mnist.load_mnist("dev")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_restricted_unpickler_refuses_code(capsys):
+    blob = io.BytesIO()
+    with gzip.open(blob, "wb") as fh:
+        pickle.dump(((Evil(), np.zeros(2)),), fh)
+    blob.seek(0)
+    with gzip.open(blob, "rb") as fh, pytest.raises(pickle.UnpicklingError, match="builtins.print"):
+        mnist._NumpyOnlyUnpickler(fh, encoding="latin1").load()
+    assert "pwned" not in capsys.readouterr().out
