@@ -121,3 +121,32 @@ def test_help_lists_every_stage(capsys):
     text = capsys.readouterr().out
     for stage in ("prepare", "encode", "pretrain-ae", "pretrain-ldm", "finetune", "sample", "demo"):
         assert stage in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cond", ["class", "text"])
+def test_pretraining_streams_shards_with_labels_or_captions(tmp_path, workdir, cond):
+    from trainer.data.shards import WriteOptions, write_shards
+    from trainer.data.sources import letters_source
+    from trainer.stages import pretrain_ae, pretrain_ldm
+    from trainer.stages.sample import load_pipeline
+    shards = tmp_path / "shards"
+    write_shards(letters_source(40, size=28, seed=1), shards,
+                 WriteOptions(samples_per_shard=16, caption_template="a handwritten letter {label}"),
+                 progress_bar=False)
+    overrides = [f"output_dir={tmp_path / 'runs'}", f"experiment=shards-{cond}", "data.public.source=shards",
+                 f"data.public.path={shards}/shard-{{000000..000002}}.tar", "data.public.num_workers=0",
+                 "autoencoder.train.steps=2", "autoencoder.train.batch_size=4",
+                 "ldm.train.steps=2", "ldm.train.batch_size=4", "sample.ddim_steps=2", "sample.num_per_class=1",
+                 f"ldm.conditioner.type={cond}", "ldm.conditioner.max_length=12",
+                 "sample.prompts=[\"a handwritten letter b\"]"]
+    cfg = load_config("demo", overrides)
+    pretrain_ae.run(cfg)
+    ldm_dir = pretrain_ldm.run(cfg)
+    meta = json.loads((ldm_dir / "ldm.json").read_text())
+    assert meta["latent_shape"] == [4, 8, 8]
+    if cond == "class":
+        assert meta["label_names"][:3] == ["a", "b", "c"]
+    ldm, _, _, _ = load_pipeline(ldm_dir)
+    context = ldm.context(["a handwritten letter q"] if cond == "text" else torch.tensor([16]))
+    assert context.shape[0] == 1 and context.shape[-1] == 64

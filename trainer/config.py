@@ -34,7 +34,8 @@ class DataSource:
     split: str = "train"               # for mnist: train | val | test
     num_examples: Optional[int] = None  # None = the whole split (letters: required)
     resolution: int = 32
-    path: Optional[str] = None         # shard pattern for source=shards
+    path: Optional[str] = None         # shard pattern for source=shards (local, {000..009}, pipe:)
+    num_workers: int = 2               # DataLoader workers streaming the shards
     seed: int = 0                      # for rendered letters
 
 
@@ -118,6 +119,7 @@ class SampleConfig:
     eta: float = 0.0
     guidance_scale: float = 2.0
     num_per_class: int = 8
+    prompts: Optional[list] = None       # text models: the (public) prompts of the grids
 
 
 @dataclass

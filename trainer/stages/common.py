@@ -82,6 +82,65 @@ def load_image_source(src: DataSource, key: str = "data") -> ImageSet:
     return ImageSet(_to_resolution(x, src.resolution), torch.from_numpy(y).long(), list(names))
 
 
+def _names_beside(pattern: str) -> list[str]:
+    """Label names from ``meta.json`` beside the shards (written by ``dpldm prepare``), if any."""
+    from trainer.data.reader import expand_urls
+    first = Path(expand_urls(pattern)[0])
+    meta = first.parent / "meta.json"
+    return list(json.loads(meta.read_text()).get("label_names") or []) if meta.is_file() else []
+
+
+def conditions(cond_type: str, labels: torch.Tensor, captions: Optional[list[str]]):
+    """The conditioner's input for a batch: class labels, captions, or None (unconditional)."""
+    if cond_type == "class":
+        return labels
+    if cond_type == "text":
+        if captions is None:
+            raise ValueError("ldm.conditioner.type=text needs captions: use shards with .txt captions")
+        return captions
+    return None
+
+
+def public_batches(cfg: Config, batch_size: int, generator: torch.Generator):
+    """Endless ``(images [B, C, R, R] in [-1, 1], conditions)`` batches of ``data.public``.
+
+    In-memory sources are sampled uniformly with ``generator``; shard sets are streamed with
+    a shuffle buffer, epoch after epoch (a resumed run starts a fresh pass over the shards).
+    """
+    src, cond_type = cfg.data.public, cfg.ldm.conditioner.type
+    if src.source != "shards":
+        data = load_image_source(src, "data.public")
+        while True:
+            idx = torch.randint(0, len(data.images), (batch_size,), generator=generator)
+            yield data.images[idx], conditions(cond_type, data.labels[idx], None)
+    if not src.path:
+        raise ValueError("data.public.path: a shard pattern is needed for source=shards")
+    from trainer.data.reader import make_loader
+    channels = int(cfg.autoencoder.ddconfig.get("in_channels", 3))
+    loader = make_loader(src.path, src.resolution, batch_size, num_workers=src.num_workers,
+                         seed=int(torch.randint(0, 2**31, (1,), generator=generator)), channels=channels,
+                         partial=False, pad_small=True)
+    epoch = 0
+    while True:
+        loader.dataset.set_epoch(epoch)
+        for batch in loader:
+            yield batch["image"], conditions(cond_type, batch["label"], batch["caption"])
+        epoch += 1
+
+
+def public_label_names(cfg: Config) -> list[str]:
+    """Printable class names of ``data.public`` (index = label)."""
+    src = cfg.data.public
+    if src.source == "letters":
+        from trainer.data.letters import LETTER_NAMES
+        return list(LETTER_NAMES)
+    if src.source == "mnist":
+        from trainer.data.mnist import DIGIT_NAMES
+        return list(DIGIT_NAMES)
+    names = _names_beside(src.path) if src.path else []
+    return names or [str(i) for i in range(cfg.ldm.conditioner.n_classes or 0)]
+
+
 # --- models ------------------------------------------------------------------------------------
 
 def build_autoencoder(cfg: Config):

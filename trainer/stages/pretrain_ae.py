@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from trainer.config import Config
-from trainer.stages.common import (build_autoencoder, load_image_source, save_grid, save_run_config,
-                                   seed_everything, stage_dir)
+from trainer.stages.common import (build_autoencoder, public_batches, save_grid, save_run_config, seed_everything,
+                                   stage_dir)
 from trainer.stages.loop import Trainer
 from trainer.tracking import start_run
 
@@ -25,15 +25,14 @@ def run(cfg: Config) -> Path:
     run_dir = stage_dir(cfg, "pretrain-ae")
     save_run_config(cfg, run_dir)
     gen = seed_everything(cfg.seed)
-    data = load_image_source(cfg.data.public, "data.public")
     model = build_autoencoder(cfg)
     tc = cfg.autoencoder.train
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     trainer = Trainer(run_dir, {"autoencoder": model}, opt, tc, gen, desc="pretrain-ae")
+    batches = public_batches(cfg, tc.batch_size, gen)
 
     def step(_: int) -> dict[str, float]:
-        idx = torch.randint(0, len(data.images), (tc.batch_size,), generator=gen)
-        x = data.images[idx]
+        x, _ = next(batches)
         rec, mean, std = model(x)
         rec_loss = reconstruction_loss(x, rec).mean()
         kl = kl_divergence(mean, std).mean()
@@ -47,8 +46,8 @@ def run(cfg: Config) -> Path:
                    run_id=trainer.mlflow_run_id) as mlrun:
         trainer.fit(step, mlrun)
         trainer.load_best()
+        x = next(batches)[0][:16]
         with torch.no_grad():
-            x = data.images[:32]
             rec, _, _ = model(x, sample=False)
         grid = save_grid(torch.cat([x, rec]), run_dir / "reconstructions.png", nrow=16)
         mlrun.log_artifact(grid)

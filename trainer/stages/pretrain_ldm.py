@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -10,8 +12,9 @@ from tqdm import tqdm
 from trainer.config import Config
 from trainer.diffusion import NoiseSchedule
 from trainer.pipeline import LatentDiffusion
-from trainer.stages.common import (build_conditioner, build_unet, load_autoencoder, load_image_source,
-                                   save_run_config, seed_everything, stage_dir, write_json)
+from trainer.stages.common import (build_conditioner, build_unet, conditions, load_autoencoder, load_image_source,
+                                   public_batches, public_label_names, save_run_config, seed_everything, stage_dir,
+                                   write_json)
 from trainer.stages.loop import Trainer
 from trainer.tracking import start_run
 
@@ -33,6 +36,25 @@ def build_ldm(cfg: Config, scale_factor: float = 1.0, n_classes: int | None = No
                            NoiseSchedule(s.timesteps, s.linear_start, s.linear_end), scale_factor)
 
 
+def latent_batches(cfg: Config, autoencoder, batch_size: int, gen: torch.Generator) -> Iterator[tuple]:
+    """Endless ``(z [B, c, h, w], conditions)``: fresh posterior samples of public images (unscaled).
+
+    An in-memory public set is encoded once (mean, std kept); a shard stream is encoded per batch.
+    """
+    if cfg.data.public.source != "shards":
+        data = load_image_source(cfg.data.public, "data.public")
+        mean, std = encode_images(autoencoder, data.images, desc="encode public set")
+        cond_type = cfg.ldm.conditioner.type
+        while True:
+            idx = torch.randint(0, len(mean), (batch_size,), generator=gen)
+            yield mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen), \
+                conditions(cond_type, data.labels[idx], None)
+    for images, conds in public_batches(cfg, batch_size, gen):
+        with torch.no_grad():
+            mean, std = autoencoder.encode(images)
+        yield mean + std * torch.randn(mean.shape, generator=gen), conds
+
+
 def run(cfg: Config) -> Path:
     """Train (or resume) the LDM; returns the run folder (``unet``/``cond_stage_model`` weights, ``ldm.json``)."""
     run_dir = stage_dir(cfg, "pretrain-ldm")
@@ -40,22 +62,24 @@ def run(cfg: Config) -> Path:
     gen = seed_everything(cfg.seed)
     ae_dir = stage_dir(cfg, "pretrain-ae")
     autoencoder, ae_hash = load_autoencoder(ae_dir)
-    data = load_image_source(cfg.data.public, "data.public")
-    mean, std = encode_images(autoencoder, data.images, desc="encode public set")
-    scale = cfg.ldm.scale_factor or float(1.0 / (mean + std * torch.randn(mean.shape, generator=gen)).std())
-    ldm = build_ldm(cfg, scale)
-    write_json({"scale_factor": scale, "latent_shape": list(mean.shape[1:]), "label_names": data.names,
-                "autoencoder": str(ae_dir.resolve()), "autoencoder_sha256": ae_hash}, run_dir / "ldm.json")
     tc = cfg.ldm.train
+    batches = latent_batches(cfg, autoencoder, tc.batch_size, gen)
+    # latent scale: 1 / std of the public latents (as LDM's scale_factor), from the first batches
+    first = list(itertools.islice(batches, 8))
+    scale = cfg.ldm.scale_factor or float(1.0 / torch.cat([z for z, _ in first]).std())
+    batches = itertools.chain(first, batches)
+    names = public_label_names(cfg)
+    ldm = build_ldm(cfg, scale)
+    write_json({"scale_factor": scale, "latent_shape": list(first[0][0].shape[1:]), "label_names": names,
+                "autoencoder": str(ae_dir.resolve()), "autoencoder_sha256": ae_hash}, run_dir / "ldm.json")
     params = [p for p in ldm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     trainer = Trainer(run_dir, {"unet": ldm.unet, "cond_stage_model": ldm.cond_stage_model}, opt, tc, gen,
                       desc="pretrain-ldm")
 
     def step(_: int) -> dict[str, float]:
-        idx = torch.randint(0, len(mean), (tc.batch_size,), generator=gen)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
-        loss = ldm.loss(z0, data.labels[idx], gen, cond_drop_prob=tc.cond_drop_prob).mean()
+        z, conds = next(batches)
+        loss = ldm.loss(z * scale, conds, gen, cond_drop_prob=tc.cond_drop_prob).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -66,7 +90,7 @@ def run(cfg: Config) -> Path:
         trainer.fit(step, mlrun)
         trainer.load_best()
         from trainer.stages.sample import class_grid
-        grid = class_grid(ldm, autoencoder, tuple(mean.shape[1:]), cfg, data.names, run_dir / "samples.png", gen)
+        grid = class_grid(ldm, autoencoder, tuple(first[0][0].shape[1:]), cfg, names, run_dir / "samples.png", gen)
         mlrun.log_artifact(grid)
         mlrun.log_artifact(run_dir / "config.yaml")
         mlrun.log_artifact(run_dir / "ldm.json")

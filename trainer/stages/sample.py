@@ -70,13 +70,16 @@ def generate(ldm: LatentDiffusion, autoencoder, conds: Sequence, latent_shape: t
 
 def class_grid(ldm: LatentDiffusion, autoencoder, latent_shape, cfg: Config, names: list[str], path: Path,
                generator: torch.Generator, per_class: Optional[int] = None) -> Path:
-    """One row per class, ``sample.num_per_class`` samples each -> PNG."""
+    """One row per class (or per ``sample.prompts`` entry for text models), ``sample.num_per_class`` each -> PNG."""
     k = per_class or cfg.sample.num_per_class
-    if cfg.ldm.conditioner.type != "class":
-        images = generate(ldm, autoencoder, [None] * (k * 4), latent_shape, cfg, generator)
-        return save_grid(images, path, nrow=k)
-    labels = torch.arange(len(names)).repeat_interleave(k)
-    return save_grid(generate(ldm, autoencoder, labels, latent_shape, cfg, generator), path, nrow=k)
+    kind = cfg.ldm.conditioner.type
+    if kind == "class":
+        conds: Sequence = torch.arange(len(names)).repeat_interleave(k)
+    elif kind == "text":
+        conds = [p for p in (cfg.sample.prompts or [""]) for _ in range(k)]
+    else:
+        conds = [None] * (k * 4)
+    return save_grid(generate(ldm, autoencoder, conds, latent_shape, cfg, generator), path, nrow=k)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,7 +90,12 @@ def run(args: argparse.Namespace) -> int:
         cfg.sample.guidance_scale = args.guidance_scale
     gen = seed_everything(args.seed)
     names = meta.get("label_names") or []
+    if cfg.ldm.conditioner.type == "text" and not args.prompts:
+        raise SystemExit("dpldm sample: this model is text-conditioned: give --prompts")
     if args.prompts:
+        if cfg.ldm.conditioner.type != "text":
+            raise SystemExit(f"dpldm sample: --prompts needs a text-conditioned model (this one is "
+                             f"{cfg.ldm.conditioner.type}); use --classes")
         conds: Sequence = [p for p in args.prompts for _ in range(args.num)]
     elif cfg.ldm.conditioner.type == "class":
         classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(len(names)))
