@@ -245,3 +245,57 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 2) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+# --- private latents ---------------------------------------------------------------------------
+
+class PrivateLatents:
+    """The private set as the DP stage sees it: posterior (mean, std) per example, indexable.
+
+    ``batch(idx, generator)`` -> (fresh posterior samples z [b, c, h, w] (unscaled), conditions).
+    Private data: nothing derived from it leaves the process except through the DP engine.
+    """
+
+    def __init__(self, mean, std, labels: torch.Tensor, names: list[str], cond_type: str, cache=None):
+        self.mean, self.std, self.labels, self.names = mean, std, labels, names
+        self.cond_type, self.cache = cond_type, cache
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.cache.latent_shape) if self.cache is not None else tuple(self.mean.shape[1:])
+
+    def batch(self, idx: torch.Tensor, generator: torch.Generator):
+        if self.cache is not None:
+            rows = self.cache[idx]
+            mean, std, labels, captions = rows["mean"], rows["std"], rows["label"], rows["caption"]
+        else:
+            mean, std, labels, captions = self.mean[idx], self.std[idx], self.labels[idx], None
+        z = mean + std * torch.randn(mean.shape, generator=generator)
+        return z, conditions(self.cond_type, labels, captions)
+
+
+def private_latents(cfg: Config, autoencoder, encoder_hash: str, run_dir: Path) -> PrivateLatents:
+    """Encode ``data.private`` once with the frozen encoder.
+
+    In-memory sources are encoded into memory; shard sets into a latent cache in
+    ``run_dir/latents`` (resumable, refused if made by another encoder or from other shards).
+    """
+    from trainer.stages.pretrain_ldm import encode_images
+    src, cond_type = cfg.data.private, cfg.ldm.conditioner.type
+    if src.source != "shards":
+        data = load_image_source(src, "data.private")
+        mean, std = encode_images(autoencoder, data.images, desc="encode private set")
+        return PrivateLatents(mean, std, data.labels, data.names, cond_type)
+    if not src.path:
+        raise ValueError("data.private.path: a shard pattern is needed for source=shards")
+    from trainer.data.latent_cache import LatentCache, build_latent_cache
+    from trainer.stages.encode import autoencoder_encode_fn
+    out = run_dir / "latents"
+    build_latent_cache(autoencoder_encode_fn(autoencoder, "cpu"), src.path, out, encoder_hash, src.resolution,
+                       batch_size=64, channels=int(cfg.autoencoder.ddconfig.get("in_channels", 3)), pad_small=True)
+    cache = LatentCache(out, expected_encoder_hash=encoder_hash, in_memory=True, seed=cfg.seed)
+    names = cache.label_names or [str(i) for i in range(int(cache.labels.max()) + 1)]
+    return PrivateLatents(None, None, cache.labels, names, cond_type, cache=cache)
