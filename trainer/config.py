@@ -94,6 +94,7 @@ class LDMConfig:
 @dataclass
 class FinetuneConfig:
     """DP fine-tuning (the private stage). Exactly one of epsilon / noise_multiplier is set."""
+    name: Optional[str] = None           # runs of one base side by side: folder finetune-<name>
     policy: str = "attention"            # attention | attention_blocks | embedder_only | full
     attention_from: int = 1              # attention policy: SpatialTransformers from index k on (1-based)
     new_class_embedder: Optional[int] = None  # number of private classes; replaces the public embedder

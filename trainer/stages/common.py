@@ -27,8 +27,11 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def stage_dir(cfg: Config, stage: str) -> Path:
-    """``<output_dir>/<experiment>/<ae|ldm|finetune>``: fixed, so an interrupted stage resumes."""
-    path = Path(cfg.output_dir) / cfg.experiment / STAGE_DIRS[stage]
+    """``<output_dir>/<experiment>/<ae|ldm|finetune[-<finetune.name>]>``: fixed, so an interrupted stage resumes."""
+    name = STAGE_DIRS[stage]
+    if stage == "finetune" and cfg.finetune.name:
+        name = f"{name}-{cfg.finetune.name}"
+    path = Path(cfg.output_dir) / cfg.experiment / name
     path.mkdir(parents=True, exist_ok=True)
     return path
 
