@@ -16,17 +16,23 @@ import json
 import secrets
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Union
 
 import torch
 from tqdm import tqdm
 
 from trainer.config import Config, ConfigError
+from trainer.distributed import TrainState, load_trainable
 from trainer.selection import select_trainable
-from trainer.stages.common import (load_image_source, load_state, load_weights, save_grid, save_run_config,
+from trainer.stages.common import (load_image_source, load_state, save_run_config,
                                    save_state, save_weights, stage_dir, write_json)
 from trainer.tracking import start_run
 
+if TYPE_CHECKING:
+    from trainer.distributed import DistributedRun
+
 STATE_FILE = "finetune-state.pt"
+WEIGHTS_FILE = "finetuned.safetensors"
 LEDGER_FILE = "ledger.json"
 
 
@@ -48,18 +54,99 @@ def _entropy_generator() -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63))
 
 
+class SingleProcess:
+    """The stage's runtime in one process: the whole private set, plain AdamW, noise in ``finalize``.
+
+    :class:`trainer.distributed.DistributedRun` has the same methods for several processes.
+    """
+
+    rank, world_size, is_main = 0, 1, True
+
+    def place(self, ldm, autoencoder) -> None:
+        """Models stay where ``load_pipeline`` put them."""
+
+    def layout(self) -> None:
+        """No partitioning to describe."""
+
+    def encode(self, autoencoder, images: torch.Tensor, labels: torch.Tensor):
+        """Posterior (mean, std) and labels of every private example; row i is example i."""
+        from trainer.stages.pretrain_ldm import encode_images
+        mean, std = encode_images(autoencoder, images, desc="encode private set")
+        return mean, std, labels
+
+    def make_optimizer(self, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def train_step(self, engine, optimizer, micro_batches: list[torch.Tensor],
+                   example_losses: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """One logical DP-SGD step: clip every example, noise once, step; non-private metrics."""
+        loss_sum, count = 0.0, 0
+        for idx in micro_batches:
+            losses = example_losses(idx)
+            engine.accumulate(losses)
+            loss_sum += float(losses.detach().sum())
+            count += len(idx)
+        stats = engine.finalize()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_sum / max(1, count), "batch_size": count,
+                "clip_fraction": stats["nonprivate_clip_fraction"]}
+
+    def sample_grid(self, make_grid: Callable[[Path], Path], path: Path) -> Path:
+        return make_grid(path)
+
+    def save_checkpoint(self, run_dir: Path, step: int, mlflow_run_id: str | None, state: TrainState) -> None:
+        save_weights({k: p.detach() for k, p in state.trainable.items()}, run_dir / WEIGHTS_FILE,
+                     {"step": step, **state.metadata})
+        save_state({"optimizer": state.optimizer.state_dict(), "sampler": state.sampler.state_dict(), "step": step,
+                    "mlflow_run_id": mlflow_run_id}, run_dir / STATE_FILE)
+
+    def resume(self, run_dir: Path, state: TrainState) -> tuple[int, str | None]:
+        """Weights, optimizer and sampler from the last checkpoint -> (step, MLflow run id)."""
+        from trainer.distributed import CHECKPOINTS
+        if (run_dir / CHECKPOINTS).is_dir():
+            raise ConfigError(f"{run_dir}: this run was checkpointed by a distributed run ({CHECKPOINTS}/); "
+                              "resume it the same way (e.g. torchrun --nproc_per_node 1 ...)")
+        saved = load_state(run_dir / STATE_FILE)
+        if saved is None:
+            return 0, None
+        load_trainable(run_dir / WEIGHTS_FILE, state.trainable)
+        state.optimizer.load_state_dict(saved["optimizer"])
+        state.sampler.load_state_dict(saved["sampler"])
+        return int(saved["step"]), saved.get("mlflow_run_id")
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def run(cfg: Config) -> Path:
-    """DP fine-tune the pretrained LDM of ``cfg`` on ``data.private``; returns the run folder."""
+    """DP fine-tune the pretrained LDM of ``cfg`` on ``data.private``; returns the run folder.
+
+    Launched on several processes (``torchrun``, ``deepspeed``) or with ``finetune.deepspeed_config``
+    set, every rank runs this same function through :mod:`trainer.distributed`.
+    """
+    from trainer.distributed import launch
+    runtime = launch(cfg) or SingleProcess()
+    try:
+        return _finetune(cfg, runtime)
+    finally:
+        runtime.close()
+
+
+def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path:
     from trainer.models import ClassEmbedder
     from trainer.privacy import DPGradientEngine, PoissonBatchSampler, PrivacyLedger, epsilon
-    from trainer.stages.pretrain_ldm import encode_images
     from trainer.stages.sample import class_grid, load_pipeline
 
     ft = cfg.finetune
     if cfg.data.private is None:
         raise ConfigError("data.private: the fine-tuning stage needs a private data source")
     run_dir = stage_dir(cfg, "finetune")
-    save_run_config(cfg, run_dir)
+    if rt.is_main:
+        save_run_config(cfg, run_dir)
     base_dir = stage_dir(cfg, "pretrain-ldm")
     ldm, autoencoder, meta, _ = load_pipeline(base_dir)
     private = load_image_source(cfg.data.private, "data.private")
@@ -71,81 +158,82 @@ def run(cfg: Config) -> Path:
             raise ConfigError(f"finetune.new_class_embedder: {ft.new_class_embedder} classes, "
                               f"but the private set has {len(names)}")
         dim = ldm.cond_stage_model.embedding.embedding_dim
-        torch.manual_seed(cfg.seed)  # public initialisation of the fresh embedder
+        torch.manual_seed(cfg.seed)  # public initialisation of the fresh embedder (the same on every rank)
         ldm.cond_stage_model = ClassEmbedder(embed_dim=dim, n_classes=ft.new_class_embedder)
     selection = select_trainable(ldm, ft.policy, ft.attention_from)
-    print(selection.summary())
+    if rt.is_main:
+        print(selection.summary())
     trainable = {name: p for name, p in ldm.named_parameters() if p.requires_grad}
+    rt.place(ldm, autoencoder)
 
-    mean, std = encode_images(autoencoder, private.images, desc="encode private set")
-    labels = private.labels
+    mean, std, labels = rt.encode(autoencoder, private.images, private.labels)  # rows held by this process
     scale = ldm.scale_factor
 
     planned_eps = epsilon(sigma, q, ft.steps, ft.delta)
     ledger = PrivacyLedger(sigma, q, ft.delta, epsilon_budget=ft.epsilon or planned_eps, planned_steps=ft.steps)
-    sampler = PoissonBatchSampler(n, q, ft.steps, ft.physical_batch_size, generator=_entropy_generator())
+    sampler = PoissonBatchSampler(n, q, ft.steps, ft.physical_batch_size, generator=_entropy_generator(),
+                                  rank=rt.rank, world_size=rt.world_size)
     loss_gen = _entropy_generator()  # timesteps, diffusion noise, posterior samples
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=ft.lr, weight_decay=ft.weight_decay)
-    step, mlflow_run_id = 0, None
+    optimizer = rt.make_optimizer(list(trainable.values()), ft.lr, ft.weight_decay)
+    # q * N is the global expected batch size, whatever the number of ranks
+    engine = DPGradientEngine(ldm, max_grad_norm=ft.max_grad_norm, noise_multiplier=sigma,
+                              expected_batch_size=q * n, mode=ft.engine_mode)
+    state = TrainState(trainable, optimizer, sampler, {"loss": loss_gen, "noise": engine.generator},
+                       {"base": str(base_dir.resolve())})
 
-    state = load_state(run_dir / STATE_FILE)
-    if state is not None:  # resume: weights, optimizer and sampler from the checkpoint ...
-        ldm.load_state_dict(load_weights(run_dir / "finetuned.safetensors"), strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        step, mlflow_run_id = int(state["step"]), state.get("mlflow_run_id")
+    step, mlflow_run_id = rt.resume(run_dir, state)  # weights, optimizer, sampler ...
     ledger_path = run_dir / LEDGER_FILE
     if ledger_path.is_file():  # ... the ledger from its journal, which counts every step ever started
         ledger.load_state_dict(json.loads(ledger_path.read_text()))
+    rt.barrier()  # every rank has read the ledger before rank 0 journals the next step
 
-    engine = DPGradientEngine(ldm, max_grad_norm=ft.max_grad_norm, noise_multiplier=sigma,
-                              expected_batch_size=q * n, mode=ft.engine_mode)
     ft_meta = {"base": str(base_dir.resolve()), "n_classes": ft.new_class_embedder, "label_names": names,
                "trainable": selection.trainable, "policy": ft.policy}
-    write_json(ft_meta, run_dir / "finetune.json")
+    if rt.is_main:
+        write_json(ft_meta, run_dir / "finetune.json")
 
-    def checkpoint(mlrun_id: str | None) -> None:
-        save_weights({k: p.detach() for k, p in trainable.items()}, run_dir / "finetuned.safetensors",
-                     {"step": step, "base": ft_meta["base"]})
-        save_state({"optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "step": step,
-                    "mlflow_run_id": mlrun_id}, run_dir / STATE_FILE)
+    def example_losses(rows: torch.Tensor) -> torch.Tensor:
+        """Per-example diffusion losses [b] of the latent rows ``rows`` (private data)."""
+        z0 = (mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=loss_gen).to(mean.device)) * scale
+        conds = ldm.drop_conditions(labels[rows], cfg.ldm.train.cond_drop_prob, loss_gen)
+        return ldm.loss(z0, conds, loss_gen, multiplicity=ft.noise_multiplicity)
 
     t0 = time.time()
     tags = {"stage": "finetune", "privacy": "dp-sgd"}
     with start_run(cfg.experiment, "finetune", cfg.to_dict(), tags, run_id=mlflow_run_id) as mlrun:
         mlrun.log_params({"privacy": {"sigma": sigma, "q": q, "N": n, "planned_epsilon": planned_eps},
                           "params": {"trainable": selection.trainable_count, "total": selection.total_count}})
+        layout = rt.layout()  # None in one process
+        if layout is not None:  # tags, not params: a resumed run may have another world size
+            mlrun.set_tags({f"distributed.{k}": str(layout[k]) for k in ("world_size", "zero_stage")})
+            if rt.is_main:
+                write_json(layout, run_dir / "distributed.json")
+
+        def checkpoint(mlrun_id: str | None) -> None:
+            rt.save_checkpoint(run_dir, step, mlrun_id, state)
+
         ldm.train()
-        bar = tqdm(total=ft.steps, initial=step, desc="finetune (DP)", dynamic_ncols=True)
+        bar = tqdm(total=ft.steps, initial=step, desc="finetune (DP)", dynamic_ncols=True, disable=not rt.is_main)
         batches = iter(sampler)
         while step < ft.steps:
             try:
                 ledger.record_step()  # raises before a step past the plan or the budget
             except Exception as err:  # noqa: BLE001 - the ledger says why
-                print(f"stopping at step {step}: {err}")
+                if rt.is_main:
+                    print(f"stopping at step {step}: {err}")
                 break
-            write_json(ledger.state_dict(), ledger_path)
-            micro_batches = next(batches)
-            loss_sum, count = 0.0, 0
-            for idx in micro_batches:
-                z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=loss_gen)) * scale
-                conds = ldm.drop_conditions(labels[idx], cfg.ldm.train.cond_drop_prob, loss_gen)
-                losses = ldm.loss(z0, conds, loss_gen, multiplicity=ft.noise_multiplicity)
-                engine.accumulate(losses)
-                loss_sum += float(losses.detach().sum())
-                count += len(idx)
-            stats = engine.finalize()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if rt.is_main:
+                write_json(ledger.state_dict(), ledger_path)
+            metrics = rt.train_step(engine, optimizer, next(batches), example_losses)
             step += 1
             bar.update(1)
             spent = ledger.spent_epsilon()
-            bar.set_postfix(eps=f"{spent:.2f}", batch=count)
+            bar.set_postfix(eps=f"{spent:.2f}", batch=int(metrics["batch_size"]))
             if step % ft.log_every == 0 or step == ft.steps:
                 mlrun.log_metrics({"privacy.epsilon_spent": spent,
-                                   "nonprivate/loss": loss_sum / max(1, count),
-                                   "nonprivate/batch_size": count,
-                                   "nonprivate/clip_fraction": stats["nonprivate_clip_fraction"]},
+                                   "nonprivate/loss": metrics["loss"],
+                                   "nonprivate/batch_size": metrics["batch_size"],
+                                   "nonprivate/clip_fraction": metrics["clip_fraction"]},
                                   step=step)
             if step % ft.checkpoint_every == 0 or step == ft.steps:
                 checkpoint(mlrun.run_id)
@@ -159,17 +247,21 @@ def run(cfg: Config) -> Path:
                   "policy": ft.policy, "trainable_parameters": selection.trainable_count,
                   "total_parameters": selection.total_count, "trainable_names": selection.trainable,
                   "neighbouring": "add/remove one example", "data": f"{cfg.data.private.source}:{cfg.data.private.split}"}
-        write_json(report, run_dir / "privacy-report.json")
-        grid = class_grid(ldm, autoencoder, tuple(mean.shape[1:]), cfg, names, run_dir / "samples.png",
-                          torch.Generator().manual_seed(cfg.seed))
+        if rt.is_main:
+            write_json(report, run_dir / "privacy-report.json")
+        latent_shape = tuple(mean.shape[1:])
+        grid = rt.sample_grid(lambda path: class_grid(ldm, autoencoder, latent_shape, cfg, names, path,
+                                                      torch.Generator().manual_seed(cfg.seed)),
+                              run_dir / "samples.png")
         mlrun.log_metrics({"privacy.epsilon": report["epsilon"], "privacy.delta": ft.delta,
                            "privacy.steps": ledger.steps_taken, "params.trainable": selection.trainable_count,
                            "wall_time_s": time.time() - t0})
         for path in (grid, run_dir / "privacy-report.json", run_dir / "config.yaml"):
             mlrun.log_artifact(path)
         mlrun.set_tags({"checkpoint": str(run_dir.resolve())})
-    print(f"DP fine-tuning: epsilon = {report['epsilon']:.3f}, delta = {ft.delta:g} after {ledger.steps_taken} steps "
-          f"(sigma = {sigma:.4f}, q = {q:.5f}); samples: {grid}; report: {run_dir / 'privacy-report.json'}")
+    if rt.is_main:
+        print(f"DP fine-tuning: epsilon = {report['epsilon']:.3f}, delta = {ft.delta:g} after {ledger.steps_taken} "
+              f"steps (sigma = {sigma:.4f}, q = {q:.5f}); samples: {grid}; report: {run_dir / 'privacy-report.json'}")
     return run_dir
 
 
@@ -178,6 +270,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="DP-SGD fine-tuning on the private data",
                        description="Fine-tune the selected parameters (finetune.policy) of the pretrained LDM on "
                                    "data.private with DP-SGD. Sigma is calibrated to finetune.epsilon (or set "
-                                   "finetune.noise_multiplier to get the epsilon reported). Resumes if interrupted.")
+                                   "finetune.noise_multiplier to get the epsilon reported). Resumes if interrupted. "
+                                   "Runs on several processes under torchrun or the deepspeed launcher (ZeRO stage "
+                                   "from finetune.deepspeed_config).")
     add_config_args(p)
     p.set_defaults(func=lambda args: run(args.config_obj) and 0)
