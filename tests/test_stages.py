@@ -150,3 +150,24 @@ def test_pretraining_streams_shards_with_labels_or_captions(tmp_path, workdir, c
     ldm, _, _, _ = load_pipeline(ldm_dir)
     context = ldm.context(["a handwritten letter q"] if cond == "text" else torch.tensor([16]))
     assert context.shape[0] == 1 and context.shape[-1] == 64
+
+
+@pytest.mark.slow
+def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir):
+    from trainer.data.shards import WriteOptions, write_shards
+    from trainer.data.sources import mnist_source
+    from trainer.stages import pretrain_ae, pretrain_ldm
+    shards = tmp_path / "private"
+    write_shards(mnist_source("train"), shards, WriteOptions(samples_per_shard=100, limit=300), progress_bar=False)
+    overrides = TINY + [f"output_dir={tmp_path / 'runs'}", "experiment=private-shards", "finetune.steps=2",
+                        "data.private.source=shards", f"data.private.path={shards}/shard-{{000000..000002}}.tar",
+                        "finetune.expected_batch_size=16", "finetune.physical_batch_size=8"]
+    cfg = load_config("demo", overrides)
+    pretrain_ae.run(cfg)
+    pretrain_ldm.run(cfg)
+    run_dir = finetune.run(cfg)
+    report = json.loads((run_dir / "privacy-report.json").read_text())
+    manifest = json.loads((run_dir / "latents" / "manifest.json").read_text())
+    assert report["N"] == 300 == manifest["count"] and report["steps"] == 2
+    assert report["data"].startswith("shards:")
+    assert manifest["complete"] and manifest["latent_shape"] == [4, 8, 8]

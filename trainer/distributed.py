@@ -459,10 +459,9 @@ class DistributedRun:
     @torch.no_grad()
     def encode(self, autoencoder: nn.Module, images: Tensor, labels: Tensor,
                batch_size: int = 256) -> tuple[Tensor, Tensor, Tensor]:
-        """Posterior (mean, std) and labels of this rank's slice, on its device.
+        """Posterior (mean, std) and labels of this rank's slice, on its device (rows as in :meth:`hold`).
 
-        Row k holds private example ``rank + k * world_size``; one more row, a zero latent with
-        label 0, is the public padding example. Every rank encodes the same number of batches.
+        Every rank encodes the same number of batches (the partitioned encoder's gathers are collective).
         """
         local = images[self.rank::self.world_size]
         if len(local) == 0:
@@ -478,9 +477,23 @@ class DistributedRun:
             if real:
                 means.append(m)
                 stds.append(s)
-        mean = torch.cat(means + [torch.zeros_like(means[0][:1])])
-        std = torch.cat(stds + [torch.zeros_like(stds[0][:1])])
-        local_labels = torch.cat([labels[self.rank::self.world_size], labels[:1] * 0]).to(self.device)
+        return self._with_padding(torch.cat(means), torch.cat(stds), labels[self.rank::self.world_size])
+
+    def hold(self, mean: Tensor, std: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Keep this rank's rows of an already encoded private set (a latent cache).
+
+        Row k holds private example ``rank + k * world_size``; one more row, a zero latent with
+        label 0, is the public padding example.
+        """
+        if len(mean) < self.world_size:
+            raise ValueError(f"data.private: {len(mean)} examples cannot be split over {self.world_size} ranks")
+        sl = slice(self.rank, None, self.world_size)
+        return self._with_padding(mean[sl].to(self.device), std[sl].to(self.device), labels[sl])
+
+    def _with_padding(self, mean: Tensor, std: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mean = torch.cat([mean, torch.zeros_like(mean[:1])])
+        std = torch.cat([std, torch.zeros_like(std[:1])])
+        local_labels = torch.cat([labels, labels[:1] * 0]).to(self.device)
         self._padding_rows = torch.tensor([len(mean) - 1], device=self.device)
         return mean, std, local_labels
 

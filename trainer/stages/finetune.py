@@ -15,6 +15,7 @@ import argparse
 import json
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Union
 
@@ -24,8 +25,8 @@ from tqdm import tqdm
 from trainer.config import Config, ConfigError
 from trainer.distributed import TrainState, load_trainable
 from trainer.selection import select_trainable
-from trainer.stages.common import (load_image_source, load_state, save_run_config,
-                                   save_state, save_weights, stage_dir, write_json)
+from trainer.stages.common import (conditions, load_image_source, load_state, save_run_config, save_state,
+                                   save_weights, stage_dir, write_json)
 from trainer.tracking import start_run
 
 if TYPE_CHECKING:
@@ -54,6 +55,49 @@ def _entropy_generator() -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63))
 
 
+def _describe(src) -> str:
+    return f"shards:{src.path}" if src.source == "shards" else f"{src.source}:{src.split}"
+
+
+def _pick(options: list[str], generator: torch.Generator) -> str:
+    """One of an example's captions at random ("" if it has none)."""
+    return options[int(torch.randint(len(options), (1,), generator=generator))] if options else ""
+
+
+@dataclass
+class EncodedPrivateSet:
+    """A private set already encoded: posterior mean/std [N, c, h, w], labels [N], captions, class names."""
+    mean: torch.Tensor
+    std: torch.Tensor
+    labels: torch.Tensor
+    captions: list[list[str]]
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def private_latent_cache(cfg: Config, autoencoder, encoder_hash: str, run_dir: Path, rt) -> EncodedPrivateSet:
+    """Encode the private shards once into ``run_dir/latents`` (rank 0; the others wait) and load it.
+
+    Resumable, and refused if it was made by another encoder or from other shards.
+    """
+    from trainer.data.latent_cache import LatentCache, build_latent_cache
+    from trainer.stages.encode import autoencoder_encode_fn
+    src, out = cfg.data.private, run_dir / "latents"
+    if not src.path:
+        raise ConfigError("data.private.path: a shard pattern is needed for source=shards")
+    if rt.is_main:
+        build_latent_cache(autoencoder_encode_fn(autoencoder, "cpu"), src.path, out, encoder_hash, src.resolution,
+                           batch_size=64, channels=int(cfg.autoencoder.ddconfig.get("in_channels", 3)),
+                           pad_small=True)
+    rt.barrier()
+    cache = LatentCache(out, expected_encoder_hash=encoder_hash, in_memory=True)
+    names = cache.label_names or [str(i) for i in range(int(cache.labels.max()) + 1)]
+    return EncodedPrivateSet(torch.from_numpy(cache.mean).float(), torch.from_numpy(cache.std).float(),
+                             cache.labels, cache.captions, names)
+
+
 class SingleProcess:
     """The stage's runtime in one process: the whole private set, plain AdamW, noise in ``finalize``.
 
@@ -72,6 +116,10 @@ class SingleProcess:
         """Posterior (mean, std) and labels of every private example; row i is example i."""
         from trainer.stages.pretrain_ldm import encode_images
         mean, std = encode_images(autoencoder, images, desc="encode private set")
+        return mean, std, labels
+
+    def hold(self, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor):
+        """An already encoded private set (a latent cache): every row, row i is example i."""
         return mean, std, labels
 
     def make_optimizer(self, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -149,10 +197,13 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
         save_run_config(cfg, run_dir)
     base_dir = stage_dir(cfg, "pretrain-ldm")
     ldm, autoencoder, meta, _ = load_pipeline(base_dir)
-    private = load_image_source(cfg.data.private, "data.private")
-    n = len(private.images)
+    if cfg.data.private.source == "shards":  # encoded once into a latent cache, before any partitioning
+        cache = private_latent_cache(cfg, autoencoder, meta["autoencoder_sha256"], run_dir, rt)
+        n, names, private = len(cache), cache.names, None
+    else:
+        private = load_image_source(cfg.data.private, "data.private")
+        n, names, cache = len(private.images), private.names, None
     q, sigma = plan_privacy(cfg, n)
-    names = private.names
     if ft.new_class_embedder:
         if ft.new_class_embedder != len(names):
             raise ConfigError(f"finetune.new_class_embedder: {ft.new_class_embedder} classes, "
@@ -166,7 +217,12 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
     trainable = {name: p for name, p in ldm.named_parameters() if p.requires_grad}
     rt.place(ldm, autoencoder)
 
-    mean, std, labels = rt.encode(autoencoder, private.images, private.labels)  # rows held by this process
+    if cache is not None:  # rows held by this process
+        mean, std, labels = rt.hold(cache.mean, cache.std, cache.labels)
+        captions = cache.captions[rt.rank::rt.world_size] + [[""]]  # + the padding row of DistributedRun
+    else:
+        mean, std, labels = rt.encode(autoencoder, private.images, private.labels)
+        captions = None
     scale = ldm.scale_factor
 
     planned_eps = epsilon(sigma, q, ft.steps, ft.delta)
@@ -195,7 +251,9 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
     def example_losses(rows: torch.Tensor) -> torch.Tensor:
         """Per-example diffusion losses [b] of the latent rows ``rows`` (private data)."""
         z0 = (mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=loss_gen).to(mean.device)) * scale
-        conds = ldm.drop_conditions(labels[rows], cfg.ldm.train.cond_drop_prob, loss_gen)
+        conds = conditions(cfg.ldm.conditioner.type, labels[rows],
+                           None if captions is None else [_pick(captions[int(r)], loss_gen) for r in rows])
+        conds = ldm.drop_conditions(conds, cfg.ldm.train.cond_drop_prob, loss_gen)
         return ldm.loss(z0, conds, loss_gen, multiplicity=ft.noise_multiplicity)
 
     t0 = time.time()
@@ -246,7 +304,7 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
                   "expected_batch_size": ft.expected_batch_size, "noise_multiplicity": ft.noise_multiplicity,
                   "policy": ft.policy, "trainable_parameters": selection.trainable_count,
                   "total_parameters": selection.total_count, "trainable_names": selection.trainable,
-                  "neighbouring": "add/remove one example", "data": f"{cfg.data.private.source}:{cfg.data.private.split}"}
+                  "neighbouring": "add/remove one example", "data": _describe(cfg.data.private)}
         if rt.is_main:
             write_json(report, run_dir / "privacy-report.json")
         latent_shape = tuple(mean.shape[1:])
