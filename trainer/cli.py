@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dpldm",
         description="Differentially private latent diffusion models: public pretraining, DP-SGD fine-tuning "
                     "of the attention modules, sampling and evaluation. Every stage is logged to MLflow.")
+    # the deepspeed launcher passes --local_rank=N before the sub-command; the rank comes from the environment
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in STAGE_MODULES:
         importlib.import_module(name).register(sub)
