@@ -144,7 +144,7 @@ def test_pretraining_streams_shards_with_labels_or_captions(tmp_path, workdir, c
     pretrain_ae.run(cfg)
     ldm_dir = pretrain_ldm.run(cfg)
     meta = json.loads((ldm_dir / "ldm.json").read_text())
-    assert meta["latent_shape"] == [4, 8, 8]
+    assert meta["latent_shape"] == [4, 4, 4]
     if cond == "class":
         assert meta["label_names"][:3] == ["a", "b", "c"]
     ldm, _, _, _ = load_pipeline(ldm_dir)
@@ -170,4 +170,4 @@ def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir):
     manifest = json.loads((run_dir / "latents" / "manifest.json").read_text())
     assert report["N"] == 300 == manifest["count"] and report["steps"] == 2
     assert report["data"].startswith("shards:")
-    assert manifest["complete"] and manifest["latent_shape"] == [4, 8, 8]
+    assert manifest["complete"] and manifest["latent_shape"] == [4, 4, 4]

@@ -142,7 +142,7 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     if args.checkpoint:
         for key, value in evaluate_checkpoint(args.checkpoint, metrics, args.num).items():
             print(_format_metric(key, value))
@@ -150,7 +150,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if not args.samples:
         raise SystemExit("dpldm evaluate: give --samples DIR or --checkpoint RUN_DIR")
     samples = open_images(args.samples)
-    results = evaluate_samples(samples, real=args.real, metrics=metrics, num=args.num, num_real=args.num_real,
+    results = evaluate_samples(samples, real=args.real, metrics=metrics or ["fid", "accuracy"], num=args.num, num_real=args.num_real,
                                classifier=args.classifier, epochs=args.epochs, seed=args.seed,
                                inception=args.inception, cache_dir=args.cache_dir, batch_size=args.batch_size)
     for key, value in results.items():
@@ -325,7 +325,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="instead of --samples: generate labelled samples from this finetune/pretrain-ldm run folder "
                         "(--num per class), score them on the config's test split, log to that checkpoint's MLflow run")
     p.add_argument("--real", default=MNIST_TEST, help=f"real test set: {MNIST_TEST} or a folder / shard set")
-    p.add_argument("--metrics", default="fid,accuracy", help=f"comma-separated, from {','.join(METRICS)}")
+    p.add_argument("--metrics", help=f"comma-separated, from {','.join(METRICS)} (default: fid,accuracy; "
+                                     "with --checkpoint: the config's eval.metrics)")
     p.add_argument("--num", type=int, metavar="N", help="use a random subset of N samples (default: all)")
     p.add_argument("--num-real", type=int, metavar="N", help="use a random subset of N real images (default: all; their "
                    "Inception features are cached, so only the first evaluation pays for them)")
