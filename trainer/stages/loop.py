@@ -50,13 +50,9 @@ class Trainer:
         self.step = int(state["step"])
         self.mlflow_run_id = state.get("mlflow_run_id")
 
-    @property
-    def done(self) -> bool:
-        return self.step >= self.train.steps
-
     def save(self, run: Run) -> None:
         for name, module in self.modules.items():
-            raw = {k: v for k, v in module.state_dict().items()}
+            raw = dict(module.state_dict())
             if self.ema is not None:
                 save_weights(raw, self.run_dir / f"{name}.raw.safetensors", {"step": self.step})
                 ema = {k[len(name) + 1:]: v for k, v in self.ema.state_dict().items() if k.startswith(name + ".")}
