@@ -7,7 +7,7 @@ from trainer.config import ConfigError, config_from_dict, load_config
 def test_demo_config_loads_with_compvis_names():
     cfg = load_config("demo")
     assert cfg.ldm.unet["use_spatial_transformer"] is True
-    assert cfg.autoencoder.ddconfig["ch_mult"] == [1, 2, 2]
+    assert cfg.autoencoder.ddconfig["ch_mult"] == [1, 2, 2, 2]
     assert cfg.finetune.epsilon == 10.0 and cfg.finetune.delta == 1e-5
 
 

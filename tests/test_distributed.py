@@ -54,7 +54,9 @@ def tiny_problem():
     images = torch.rand(N_EXAMPLES, 1, 32, 32, generator=g) * 2 - 1
     labels = torch.randint(0, 26, (N_EXAMPLES,), generator=g)
     t = torch.randint(0, 1000, (N_EXAMPLES,), generator=g)
-    noise = torch.randn(N_EXAMPLES, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        latent_shape = autoencoder.encode(images[:1])[0].shape[1:]
+    noise = torch.randn(N_EXAMPLES, *latent_shape, generator=g)
     return cfg, ldm, autoencoder, images, labels, t, noise
 
 
