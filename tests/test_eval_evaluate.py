@@ -41,7 +41,8 @@ def test_evaluate_cli_logs_metrics_and_grid_to_the_run(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_tracking_uri(None)
-    with mlflow.start_run(run_name="finetune") as run:
+    experiment_id = mlflow.create_experiment("evaluate")  # explicit: another test's active experiment may linger
+    with mlflow.start_run(run_name="finetune", experiment_id=experiment_id) as run:
         run_id = run.info.run_id
     x, y = load_mnist("train")
     samples = tmp_path / "samples"
