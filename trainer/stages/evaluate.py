@@ -200,7 +200,8 @@ def _lookup(run, name: str) -> object:
 
 
 def collect_runs(experiment: Optional[str] = None) -> list[RunRow]:
-    """Runs of ``experiment`` (all experiments when None), except earlier ``compare`` runs."""
+    """Runs of ``experiment`` (all experiments when None), except earlier ``compare`` runs and the
+    public pretraining stages (they have no privacy figures to compare)."""
     import mlflow
 
     if experiment is not None:
@@ -210,7 +211,8 @@ def collect_runs(experiment: Optional[str] = None) -> list[RunRow]:
     else:
         runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     rows = [RunRow(r.info.run_name or r.info.run_id[:8], {name: _lookup(r, name) for _, name in COLUMNS})
-            for r in runs if r.data.tags.get(COMPARE_TAG) != "compare"]
+            for r in runs if r.data.tags.get(COMPARE_TAG) != "compare"
+            and r.data.tags.get("stage") not in ("pretrain-ae", "pretrain-ldm")]
     return sorted(rows, key=lambda r: (str(r.values["finetune.policy"]), _as_float(r.values["privacy.epsilon"]), r.name))
 
 
