@@ -57,6 +57,12 @@ class Run:
         if self.active:
             self._mlflow.set_tags(tags)
 
+    def log_result(self, run_dir: Path, *artifacts: Path) -> None:
+        """A stage's end: its artifacts (grids, reports, ``config.yaml``) and the checkpoint folder as a tag."""
+        for path in (*artifacts, run_dir / "config.yaml"):
+            self.log_artifact(path)
+        self.set_tags({"checkpoint": str(Path(run_dir).resolve())})
+
 
 @contextlib.contextmanager
 def start_run(experiment: str, run_name: str, config: Optional[dict] = None,

@@ -314,9 +314,7 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
         mlrun.log_metrics({"privacy.epsilon": report["epsilon"], "privacy.delta": ft.delta,
                            "privacy.steps": ledger.steps_taken, "params.trainable": selection.trainable_count,
                            "wall_time_s": time.time() - t0})
-        for path in (grid, run_dir / "privacy-report.json", run_dir / "config.yaml"):
-            mlrun.log_artifact(path)
-        mlrun.set_tags({"checkpoint": str(run_dir.resolve())})
+        mlrun.log_result(run_dir, grid, run_dir / "privacy-report.json")
     if rt.is_main:
         print(f"DP fine-tuning: epsilon = {report['epsilon']:.3f}, delta = {ft.delta:g} after {ledger.steps_taken} "
               f"steps (sigma = {sigma:.4f}, q = {q:.5f}); samples: {grid}; report: {run_dir / 'privacy-report.json'}")

@@ -50,9 +50,7 @@ def run(cfg: Config) -> Path:
         with torch.no_grad():
             rec, _, _ = model(x, sample=False)
         grid = save_grid(torch.cat([x, rec]), run_dir / "reconstructions.png", nrow=16)
-        mlrun.log_artifact(grid)
-        mlrun.log_artifact(run_dir / "config.yaml")
-        mlrun.set_tags({"checkpoint": str(run_dir.resolve())})
+        mlrun.log_result(run_dir, grid)
     print(f"autoencoder: {run_dir / 'autoencoder.safetensors'}")
     return run_dir
 

@@ -91,10 +91,7 @@ def run(cfg: Config) -> Path:
         trainer.load_best()
         from trainer.stages.sample import class_grid
         grid = class_grid(ldm, autoencoder, tuple(first[0][0].shape[1:]), cfg, names, run_dir / "samples.png", gen)
-        mlrun.log_artifact(grid)
-        mlrun.log_artifact(run_dir / "config.yaml")
-        mlrun.log_artifact(run_dir / "ldm.json")
-        mlrun.set_tags({"checkpoint": str(run_dir.resolve())})
+        mlrun.log_result(run_dir, grid, run_dir / "ldm.json")
     print(f"LDM: {run_dir}  (sample grid: {run_dir / 'samples.png'})")
     return run_dir
 
