@@ -232,7 +232,8 @@ def updates(tmp_path_factory):
             p.grad = g
         optimizer.step()
     reference["adamw"] = flat_trainable(ldm)
-    return {1: torch.load(tmp / "world1.pt"), 2: torch.load(tmp / "world2.pt"), "reference": reference}
+    return {1: torch.load(tmp / "world1.pt", weights_only=True), 2: torch.load(tmp / "world2.pt", weights_only=True),
+            "reference": reference}
 
 
 @pytest.mark.multiprocess
