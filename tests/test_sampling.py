@@ -66,21 +66,32 @@ def test_rank_slices_are_disjoint_and_cover_all_indices():
     assert set().union(*seen) == set(range(N))
 
 
-def test_resume_continues_the_same_sequence():
-    def make():
-        return PoissonBatchSampler(50, 0.2, 10, 4, generator=torch.Generator().manual_seed(7))
+def test_resume_continues_at_the_step_with_fresh_randomness_and_no_secret_state():
+    def make(seed):
+        return PoissonBatchSampler(50, 0.2, 10, 4, generator=torch.Generator().manual_seed(seed))
 
-    full = logical_batches(make())
-    first = make()
+    full = logical_batches(make(7))
+    first = make(7)
     it = iter(first)
     for _ in range(4):
         next(it)
     state = first.state_dict()
-    resumed = PoissonBatchSampler(50, 0.2, 10, 4, generator=torch.Generator().manual_seed(999))
+    flat = [v for v in state.values() if isinstance(v, torch.Tensor)]
+    assert not flat and "generator_state" not in state, "the generator state would let a reader replay batches"
+    resumed = make(999)
     resumed.load_state_dict(state)
     assert len(resumed) == 6
     rest = logical_batches(resumed)
-    assert len(rest) == 6 and all(torch.equal(a, b) for a, b in zip(rest, full[4:]))
+    assert len(rest) == 6 and not all(torch.equal(a, b) for a, b in zip(rest, full[4:]))
+
+
+def test_inclusion_draws_are_float64():
+    """The mask is exactly ``U < q`` for float64 uniforms of the sampler's generator (float32 would round q)."""
+    N, q = 100_000, 1.5 * 2.0**-24 * 1000  # not a multiple of 2^-24
+    sampler = PoissonBatchSampler(N, q, 1, N, generator=torch.Generator().manual_seed(3))
+    batch = torch.cat(next(iter(sampler)))
+    u = torch.rand(N, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.equal(batch, torch.nonzero(u < q).flatten())
 
 
 @pytest.mark.parametrize(

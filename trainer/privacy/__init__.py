@@ -3,12 +3,18 @@
 Knows nothing about diffusion: the engine works for any ``nn.Module`` whose loss is
 given per example.
 """
-from trainer.privacy.accounting import PrivacyBudgetExceeded, PrivacyLedger, calibrate_noise, epsilon, rdp_epsilon
-from trainer.privacy.engine import DPGradientEngine
+from trainer.privacy.accounting import (PrivacyBudgetExceeded, PrivacyLedger, calibrate_noise, epsilon, rdp_epsilon,
+                                        signal_to_noise_bound)
+from trainer.privacy.engine import DPGradientEngine, EngineSelfCheckError
+from trainer.privacy.noise import entropy_generator, secure_standard_normal
 from trainer.privacy.sampling import PoissonBatchSampler
 
 __all__ = [
     "DPGradientEngine",
+    "EngineSelfCheckError",
+    "entropy_generator",
+    "secure_standard_normal",
+    "signal_to_noise_bound",
     "PoissonBatchSampler",
     "epsilon",
     "rdp_epsilon",

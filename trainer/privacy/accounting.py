@@ -73,8 +73,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
 
     Bisection on sigma; the returned sigma meets the target, and 0.99 * sigma does not.
     """
-    if not target_epsilon > 0:
-        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+    if not target_epsilon > 0 or not math.isfinite(target_epsilon):
+        raise ValueError(f"target_epsilon must be a positive finite number, got {target_epsilon}")
     _validate(1.0, sample_rate, steps, delta)
     if steps == 0:
         raise ValueError("steps must be >= 1 to calibrate noise (zero steps spend no privacy)")
@@ -105,6 +105,16 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     return hi
 
 
+def signal_to_noise_bound(noise_multiplier: float, expected_batch_size: float, steps: int, dim: int) -> float:
+    """Largest possible ratio of signal norm to noise norm summed over a whole run.
+
+    Even if every clipped example gradient (norm <= C) pointed the same way in every step, the
+    summed signal would have norm ``steps * B * C`` against noise of norm about
+    ``sqrt(steps) * sigma * C * sqrt(dim)``. Below 1 the noise drowns any signal the data could give.
+    """
+    return math.sqrt(steps) * expected_batch_size / (noise_multiplier * math.sqrt(dim))
+
+
 class PrivacyBudgetExceeded(RuntimeError):
     """A DP-SGD step was refused: it would go past the planned steps (and so the budget)."""
 
@@ -121,8 +131,8 @@ class PrivacyLedger:
         self, noise_multiplier: float, sample_rate: float, delta: float, epsilon_budget: float, planned_steps: int
     ):
         _validate(noise_multiplier, sample_rate, planned_steps, delta)
-        if not epsilon_budget > 0:
-            raise ValueError(f"epsilon_budget must be > 0, got {epsilon_budget}")
+        if not epsilon_budget > 0 or not math.isfinite(epsilon_budget):
+            raise ValueError(f"epsilon_budget must be a positive finite number, got {epsilon_budget}")
         self.noise_multiplier = float(noise_multiplier)
         self.sample_rate = float(sample_rate)
         self.delta = float(delta)

@@ -16,20 +16,25 @@ else ever writes ``.grad``.
 """
 from __future__ import annotations
 
-import secrets
+import math
+import weakref
 
 import torch
 from torch import Tensor, nn
 
 from trainer.privacy.layer_rules import LayerRule, build_rules
+from trainer.privacy.noise import entropy_generator, secure_standard_normal
 
 MODES = ("auto", "fast", "reference")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
+SELF_CHECK_RTOL = 1e-3  # float32 sums in another order differ by ~1e-6; the holes it guards against by >1e-2
+
+# every module under an engine -> that engine: a second engine on the same modules is refused
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, DPGradientEngine]" = weakref.WeakKeyDictionary()
 
 
-def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch generator on ``device`` seeded from the OS entropy pool."""
-    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+class EngineSelfCheckError(ValueError):
+    """The fast engine's per-example gradients disagree with autograd: the model breaks its contract."""
 
 
 class DPGradientEngine:
@@ -46,12 +51,18 @@ class DPGradientEngine:
             "reference" (per-example gradients by batched autograd: the oracle), "auto" = fast.
         generator: the noise generator; by default a fresh one seeded from OS entropy.
         kernel_backend: "auto" | "torch" | "triton", passed to the ``kernels`` functions.
+        secure_noise: draw the noise from the OS CSPRNG with the floating-point-attack-resistant
+            Gaussian of :mod:`trainer.privacy.noise` (``generator`` is then unused).
+        self_check: "fast" mode verifies its per-example gradients against autograd on the
+            micro-batches it sees until one with >= 2 examples has passed (see :meth:`check`).
 
     Contract for "fast": trainable modules are called on batch-first inputs, examples do
     not interact (no BatchNorm), and a parameter affects the loss only through the output
     of the module that registers it. Modules called several times and parameters shared
     by several modules are handled exactly. Each forward with grad enabled must be
-    followed by ``accumulate`` (the hooks record until then).
+    followed by ``accumulate`` (the hooks record until then). A model that breaks the
+    contract is refused by the self-check (:class:`EngineSelfCheckError` naming the module)
+    before its first micro-batch adds anything; a module can carry one engine at a time.
     """
 
     def __init__(
@@ -63,12 +74,14 @@ class DPGradientEngine:
         mode: str = "auto",
         generator: torch.Generator | None = None,
         kernel_backend: str = "auto",
+        secure_noise: bool = False,
+        self_check: bool = True,
     ):
         if not max_grad_norm > 0 or max_grad_norm == float("inf"):
             raise ValueError(f"max_grad_norm must be a positive finite number, got {max_grad_norm}")
-        if not noise_multiplier >= 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-        if not expected_batch_size > 0:
+        if not noise_multiplier >= 0 or not math.isfinite(noise_multiplier):
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+        if not expected_batch_size > 0 or not math.isfinite(expected_batch_size):
             raise ValueError(f"expected_batch_size must be > 0 (it is q * N), got {expected_batch_size}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -83,7 +96,13 @@ class DPGradientEngine:
         self.params: list[tuple[str, nn.Parameter]] = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("module has no parameter with requires_grad=True: nothing to train under DP")
+        for name, sub in module.named_modules():
+            if sub in _ATTACHED:
+                raise ValueError(f"module {name or '<root>'!r} ({type(sub).__name__}) already has a DPGradientEngine "
+                                 "attached: call detach() on that engine first (one engine per module)")
         self.generator = generator if generator is not None else entropy_generator(self.params[0][1].device)
+        self.secure_noise = bool(secure_noise)
+        self._check_pending = self_check and self.mode == "fast"
         self.last_per_sample_norms: Tensor = torch.empty(0)
         self._sums: dict[int, Tensor] = {}
         self._reset_stats()
@@ -102,6 +121,8 @@ class DPGradientEngine:
                     owners.setdefault(id(p), []).append((rule, local))
             self._shared = {pid: uses for pid, uses in owners.items() if len(uses) > 1}
             self._skip = {id(rule): {n for n, p in rule.params.items() if id(p) in self._shared} for rule in self._rules}
+        for sub in module.modules():
+            _ATTACHED[sub] = self
 
     # ------------------------------------------------------------------ setup
     def _check_coverage(self) -> None:
@@ -130,6 +151,9 @@ class DPGradientEngine:
         self._hooks = []
         for rule in self._rules:
             rule.clear()
+        for sub in self.module.modules():
+            if _ATTACHED.get(sub) is self:
+                del _ATTACHED[sub]
 
     # ------------------------------------------------------------------ per micro-batch
     def accumulate(self, per_example_losses: Tensor) -> None:
@@ -151,18 +175,129 @@ class DPGradientEngine:
                 raise ValueError("per_example_losses does not require grad: run the forward with grad enabled")
             if self.mode == "reference":
                 norms, clipped = self._reference(losses)
+            elif self._check_pending:
+                exact = self._autograd_gradients(losses)
+                norms, clipped, unclipped = self._book_keeping(losses, unclipped=True)
+                self._verify(exact, norms, unclipped, b)
+                self._check_pending = b < 2  # mixing across examples shows only with two of them
             else:
-                norms, clipped = self._book_keeping(losses)
-            for pid, g in clipped.items():
-                self._sums[pid] = self._sums[pid] + g if pid in self._sums else g
-            self.last_per_sample_norms = norms.detach()
-            # kept as tensors: no device sync per micro-batch
-            self._count += b
-            self._clipped = self._clipped + (self._clip_factors(norms) < 1).sum()
-            self._norm_sum = self._norm_sum + norms.detach().sum()
+                norms, clipped, _ = self._book_keeping(losses)
+            self._add(norms, clipped)
         finally:
             for rule in self._rules:
                 rule.clear()
+
+    def accumulate_per_example_gradients(self, flat_grads: Tensor) -> None:
+        """Clip and add examples whose gradients the caller computed: ``flat_grads`` [k, D].
+
+        D is the number of trainable elements, in the order of ``self.params`` (flattened and
+        concatenated). Each row is one example, clipped to ``max_grad_norm`` like any other.
+        Used by the privacy audit for gradient-space canaries.
+        """
+        numel = sum(p.numel() for _, p in self.params)
+        if flat_grads.dim() != 2 or flat_grads.shape[1] != numel:
+            raise ValueError(f"flat_grads must be [k, {numel}], got {tuple(flat_grads.shape)}")
+        flat = flat_grads.float()
+        norms = flat.norm(dim=1)
+        summed = torch.mv(flat.t(), self._clip_factors(norms)) if len(flat) else torch.zeros(numel)
+        clipped, offset = {}, 0
+        for _, p in self.params:
+            clipped[id(p)] = summed[offset: offset + p.numel()].view(p.shape).to(p.device)
+            offset += p.numel()
+        self._add(norms, clipped)
+
+    def _add(self, norms: Tensor, clipped: dict[int, Tensor]) -> None:
+        for pid, g in clipped.items():
+            self._sums[pid] = self._sums[pid] + g if pid in self._sums else g
+        self.last_per_sample_norms = norms.detach()
+        # kept as tensors: no device sync per micro-batch
+        self._count += norms.shape[0]
+        self._clipped = self._clipped + (self._clip_factors(norms) < 1).sum()
+        self._norm_sum = self._norm_sum + norms.detach().sum()
+
+    # ------------------------------------------------------------------ self-check
+    def check(self, per_example_losses: Tensor) -> None:
+        """Verify the fast path on one micro-batch and add nothing: raises :class:`EngineSelfCheckError`.
+
+        The losses must come from a forward of ``module`` with grad enabled (use >= 2 examples:
+        mixing across examples shows only then). Run it on public stand-in data before
+        training, so that a model the engine cannot handle is refused before any step is charged.
+        """
+        losses = per_example_losses
+        try:
+            if self.mode != "fast" or losses.shape[0] == 0:
+                return
+            exact = self._autograd_gradients(losses)
+            norms, _, unclipped = self._book_keeping(losses, unclipped=True)
+            self._verify(exact, norms, unclipped, losses.shape[0])
+        finally:
+            for rule in self._rules:
+                rule.clear()
+
+    def _autograd_gradients(self, losses: Tensor) -> tuple[list[Tensor], dict[int, list[Tensor]]]:
+        """Plain autograd: the batch gradient of ``sum(losses)`` and the gradients of the first and last example."""
+        params = [p for _, p in self.params]
+
+        def grads(out: Tensor) -> list[Tensor]:
+            gs = torch.autograd.grad(out, params, retain_graph=True, allow_unused=True)
+            return [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for g, p in zip(gs, params)]
+
+        b = losses.shape[0]
+        return grads(losses.sum()), {i: grads(losses[i]) for i in sorted({0, b - 1})}
+
+    def _owners(self, pid: int) -> list[str]:
+        return [rule.name for rule in self._rules if any(id(p) == pid for p in rule.params.values())]
+
+    def _verify(self, exact: tuple[list[Tensor], dict[int, list[Tensor]]], norms: Tensor,
+                unclipped: dict[int, Tensor], b: int) -> None:
+        """Refuse unless the per-example gradients sum to the batch gradient and the probed norms match."""
+        try:
+            self._compare(exact, norms, unclipped, b)
+        except EngineSelfCheckError:
+            self.detach()  # unusable on this model; frees the module for another engine (e.g. reference mode)
+            raise
+
+    def _compare(self, exact: tuple[list[Tensor], dict[int, list[Tensor]]], norms: Tensor,
+                 unclipped: dict[int, Tensor], b: int) -> None:
+        batch, probes = exact
+        atol = 1e-6 * float(torch.sqrt(sum(g.double().pow(2).sum() for g in batch)))
+
+        def differs(a: Tensor, ref: Tensor) -> bool:
+            err = float((a.double() - ref.double().to(a.device)).norm())
+            return err > SELF_CHECK_RTOL * max(float(a.double().norm()), float(ref.double().norm())) + atol
+
+        wrong = []
+        for (name, p), g in zip(self.params, batch):
+            fast = unclipped.get(id(p), torch.zeros_like(g))
+            if differs(fast, g):
+                rel = float((fast.double() - g.double().to(fast.device)).norm() / g.double().norm().clamp_min(1e-30))
+                wrong.append(f"{name} (module {', '.join(map(repr, self._owners(id(p))))}: off by {rel:.1%})")
+        if wrong:
+            raise EngineSelfCheckError(
+                "DP engine self-check failed: the per-example gradients of the fast path do not sum to the batch "
+                f"gradient for {'; '.join(wrong)}. The parameter is probably used outside the module that registers "
+                "it (e.g. a tied weight passed to F.linear), or the module mixes examples. Call the module itself, "
+                "or use finetune.engine_mode=reference")
+        for i, grads in probes.items():
+            exact_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
+            if differs(norms[i:i + 1], exact_norm.reshape(1)):
+                raise EngineSelfCheckError(
+                    f"DP engine self-check failed: example {i} of {b} has gradient norm {float(exact_norm):.6g} but "
+                    f"the fast path computed {float(norms[i]):.6g}; modules {self._mismatched_rules(grads, i, b)} "
+                    "mix examples (e.g. a sequence-first [T, B, D] input, or an input broadcast over the batch "
+                    "whose output is per-example). Make their inputs batch-first, or use finetune.engine_mode=reference")
+
+    def _mismatched_rules(self, grads: list[Tensor], i: int, b: int) -> list[str]:
+        """The modules whose share of example ``i``'s squared norm disagrees with autograd's."""
+        by_param = {id(p): g for (_, p), g in zip(self.params, grads)}
+        names = []
+        for rule in self._rules:
+            skip = self._skip[id(rule)]
+            exact = sum(float(by_param[id(p)].double().pow(2).sum()) for n, p in rule.params.items() if n not in skip)
+            fast = float(rule.sqnorms(b, skip)[i]) if rule.num_calls > 0 else 0.0
+            if abs(fast - exact) > SELF_CHECK_RTOL * max(fast, exact) + 1e-12:
+                names.append(rule.name)
+        return names or ["(none singled out: parameters shared between modules)"]
 
     def _clip_factors(self, norms: Tensor) -> Tensor:
         return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
@@ -181,8 +316,12 @@ class DPGradientEngine:
         c = self._clip_factors(norms)
         return norms, {id(p): torch.tensordot(c, g, dims=1) for g, p in zip(grads, params)}
 
-    def _book_keeping(self, losses: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
-        """One backward to the layer outputs, per-layer norms, then one clipped GEMM per layer."""
+    def _book_keeping(self, losses: Tensor,
+                      unclipped: bool = False) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor] | None]:
+        """One backward to the layer outputs, per-layer norms, then one clipped GEMM per layer.
+
+        Returns (norms [b], clipped sums, and with ``unclipped`` the plain sums for the self-check).
+        """
         b = losses.shape[0]
         edges = [e for rule in self._rules for e in rule.edges()]
         self._recording = False  # recomputations below (fallback rule) must not be recorded
@@ -206,13 +345,17 @@ class DPGradientEngine:
                 if total is not None:
                     sq = sq + total.reshape(b, -1).pow(2).sum(dim=1).to(sq.device)
             norms = sq.sqrt()
-            c = self._clip_factors(norms)
-            clipped: dict[int, Tensor] = {}
-            for rule in active:
-                for local, g in rule.clipped_sums(c).items():
-                    pid = id(rule.params[local])
-                    clipped[pid] = clipped[pid] + g if pid in clipped else g
-            return norms, clipped
+
+            def summed(factors: Tensor) -> dict[int, Tensor]:
+                out: dict[int, Tensor] = {}
+                for rule in active:
+                    for local, g in rule.clipped_sums(factors).items():
+                        pid = id(rule.params[local])
+                        out[pid] = out[pid] + g if pid in out else g
+                return out
+
+            plain = summed(torch.ones_like(norms)) if unclipped else None
+            return norms, summed(self._clip_factors(norms)), plain
         finally:
             self._recording = True
 
@@ -233,8 +376,7 @@ class DPGradientEngine:
             if total is None:
                 total = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             if std > 0:
-                noise = torch.randn(p.shape, generator=self.generator, device=self.generator.device, dtype=torch.float32)
-                total = total + std * noise.to(p.device)
+                total = total + std * self._standard_normal(p.shape).to(p.device)
             p.grad = (total / self.expected_batch_size).to(p.dtype)
         stats = {
             "noise_std": std / self.expected_batch_size,
@@ -245,6 +387,11 @@ class DPGradientEngine:
         self._sums = {}
         self._reset_stats()
         return stats
+
+    def _standard_normal(self, shape: torch.Size) -> Tensor:
+        if self.secure_noise:
+            return secure_standard_normal(shape)
+        return torch.randn(shape, generator=self.generator, device=self.generator.device, dtype=torch.float32)
 
     def _reset_stats(self) -> None:
         self._count = 0

@@ -1,0 +1,196 @@
+"""The fast engine is exact or refuses: the self-check, one engine per module, shared inputs, secure noise."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.privacy import DPGradientEngine, EngineSelfCheckError, secure_standard_normal
+
+B, T, D, V = 5, 3, 4, 9
+
+
+class SequenceFirstScale(nn.Module):
+    """A user's module that takes a sequence-first [T, B, D] input and returns batch-first [B, T, D]."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D))
+
+    def forward(self, x_tbd: torch.Tensor) -> torch.Tensor:
+        return (x_tbd * self.w).tanh().transpose(0, 1)
+
+
+class SequenceFirstNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.mix = SequenceFirstScale()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, D]
+        return self.mix(self.inp(x).transpose(0, 1))
+
+
+class TiedHead(nn.Module):
+    """Output head tied to the embedding through F.linear: the weight is used outside its module."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.proj(self.embed(tokens).mean(dim=1))
+        return F.linear(h, self.embed.weight)
+
+
+class SharedInput(nn.Module):
+    """A per-example input and one broadcast over the batch (leading dimension 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D))
+        self.v = nn.Parameter(torch.randn(D))
+
+    def forward(self, x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x * self.w + shared * self.v)
+
+
+def brute_force_clipped_sum(model: nn.Module, losses_of, n: int, C: float) -> list[torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for i in range(n):
+        grads = torch.autograd.grad(losses_of(slice(i, i + 1)).sum(), params)
+        norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
+        c = min(1.0, C / (float(norm) + 1e-6))
+        total = [t + c * g.double() for t, g in zip(total, grads)]
+    return total
+
+
+@pytest.mark.parametrize("seq_len", [T, B])  # T != B (input taken as shared) and T == B (taken as per-example)
+def test_sequence_first_input_is_refused_with_the_module_name(seq_len):
+    torch.manual_seed(0)
+    model = SequenceFirstNet()
+    x = torch.randn(B, seq_len, D)
+    engine = DPGradientEngine(model, 1.0, 0.0, float(B))
+    with pytest.raises(EngineSelfCheckError, match="'mix'"):
+        engine.accumulate(model(x).pow(2).sum(dim=(1, 2)))
+    engine.finalize()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters()), "nothing was added before refusing"
+    engine.detach()
+
+
+def test_removing_one_example_moves_the_clipped_sum_by_at_most_C_once_checked():
+    """Why the check matters: without it the mixed 'per-example' gradients break the sensitivity bound."""
+    torch.manual_seed(0)
+    model = SequenceFirstNet()
+    x = torch.randn(B, T, D) * 3
+
+    def clipped_sum(rows: torch.Tensor, **kwargs) -> torch.Tensor:
+        engine = DPGradientEngine(model, 1.0, 0.0, 1.0, **kwargs)
+        engine.accumulate(model(x[rows]).pow(2).sum(dim=(1, 2)))
+        engine.finalize()
+        engine.detach()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    everyone, without_first = torch.arange(B), torch.arange(1, B)
+    moved = float((clipped_sum(everyone, self_check=False) - clipped_sum(without_first, self_check=False)).norm())
+    assert moved > 1.0 + 1e-3, "the unchecked fast path mixes examples (sensitivity above C)"
+    with pytest.raises(EngineSelfCheckError):
+        clipped_sum(everyone)
+    exact = float((clipped_sum(everyone, mode="reference") - clipped_sum(without_first, mode="reference")).norm())
+    assert exact <= 1.0 + 1e-5
+
+
+def test_weight_used_outside_its_module_is_refused():
+    torch.manual_seed(0)
+    model = TiedHead()
+    tokens = torch.randint(0, V, (B, T))
+    target = torch.randint(0, V, (B,))
+    engine = DPGradientEngine(model, 1.0, 0.0, float(B))
+    with pytest.raises(EngineSelfCheckError, match=r"embed\.weight \(module 'embed'"):
+        engine.check(F.cross_entropy(model(tokens), target, reduction="none"))
+    engine.detach()
+    # the same model is exact in reference mode (batched autograd over every use of the weight)
+    C = 0.5
+    want = brute_force_clipped_sum(model, lambda s: F.cross_entropy(model(tokens[s]), target[s], reduction="none"),
+                                   B, C)
+    ref = DPGradientEngine(model, C, 0.0, 1.0, mode="reference")
+    ref.accumulate(F.cross_entropy(model(tokens), target, reduction="none"))
+    ref.finalize()
+    ref.detach()
+    for p, w in zip(model.parameters(), want):
+        assert torch.allclose(p.grad.double(), w, rtol=1e-5, atol=1e-7)
+
+
+def test_a_second_engine_on_the_same_module_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    first = DPGradientEngine(model, 1.0, 1.0, 2.0)
+    with pytest.raises(ValueError, match="already has a DPGradientEngine"):
+        DPGradientEngine(model, 1.0, 1.0, 2.0)
+    with pytest.raises(ValueError, match=r"\(Linear\) already has a DPGradientEngine"):
+        DPGradientEngine(model[0], 1.0, 1.0, 2.0, mode="reference")
+    first.detach()
+    second = DPGradientEngine(model, 1.0, 0.0, 2.0)
+    second.accumulate(model(torch.randn(3, 3)).sum(1))
+    second.finalize()
+    second.detach()
+
+
+def test_input_broadcast_over_the_batch_is_shared_and_exact():
+    torch.manual_seed(0)
+    model = SharedInput()
+    x, shared = torch.randn(B, T, D), torch.randn(1, T, D)
+
+    def losses_of(s):
+        return model(x[s], shared).pow(2).sum(dim=(1, 2))
+
+    C = 0.7
+    want = brute_force_clipped_sum(model, losses_of, B, C)
+    engine = DPGradientEngine(model, C, 0.0, 1.0)
+    engine.accumulate(losses_of(slice(0, B)))  # the self-check runs on this micro-batch and passes
+    engine.finalize()
+    engine.detach()
+    for p, w in zip(model.parameters(), want):
+        assert torch.allclose(p.grad.double(), w, rtol=1e-5, atol=1e-7)
+
+
+def test_an_embedding_on_broadcast_ids_is_refused_before_anything_is_added():
+    """BERT-style position ids [1, L] give an output gradient summed over the batch: not attributable."""
+    emb, proj = nn.Embedding(V, D), nn.Linear(D, 1)
+    model = nn.ModuleDict({"pos": emb, "proj": proj})
+    x = torch.randn(B, T, D)
+    engine = DPGradientEngine(model, 1.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="'pos'"):
+        engine.check(proj(x + emb(torch.arange(T)[None])).sum(dim=(1, 2)))
+    engine.finalize()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    engine.detach()
+
+
+def test_secure_gaussian_is_standard_normal_and_never_repeats():
+    z = secure_standard_normal((400_000,)).double()
+    assert z.dtype == torch.float64 and z.shape == (400_000,)
+    n = z.numel()
+    assert abs(float(z.mean())) < 5 / n**0.5
+    assert abs(float(z.var()) - 1) < 5 * (2 / n) ** 0.5
+    assert abs(float(z.pow(4).mean()) - 3) < 5 * (96 / n) ** 0.5  # Var(z^4) = 105 - 9
+    assert not torch.equal(secure_standard_normal((8,)), secure_standard_normal((8,)))
+
+
+def test_secure_noise_in_the_engine_has_the_calibrated_std():
+    torch.manual_seed(0)
+    model = nn.Linear(60, 50)
+    x = torch.randn(4, 60)
+    sigma, C, expected = 1.3, 0.4, 3.0
+    grads = []
+    for noise in (sigma, 0.0):
+        engine = DPGradientEngine(model, C, noise, expected, secure_noise=True)
+        engine.accumulate(model(x).pow(2).sum(1))
+        engine.finalize()
+        engine.detach()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).double())
+    noise = (grads[0] - grads[1]) / (sigma * C / expected)
+    n = noise.numel()
+    assert abs(float(noise.pow(2).sum()) - n) < 5 * (2 * n) ** 0.5
