@@ -69,16 +69,24 @@ def brute_force_clipped_sum(model: nn.Module, losses_of, n: int, C: float) -> li
 
 
 @pytest.mark.parametrize("seq_len", [T, B])  # T != B (input taken as shared) and T == B (taken as per-example)
-def test_sequence_first_input_is_refused_with_the_module_name(seq_len):
+def test_sequence_first_input_is_refused_by_the_check_before_training(seq_len):
     torch.manual_seed(0)
     model = SequenceFirstNet()
     x = torch.randn(B, seq_len, D)
     engine = DPGradientEngine(model, 1.0, 0.0, float(B))
-    with pytest.raises(EngineSelfCheckError, match="'mix'"):
-        engine.accumulate(model(x).pow(2).sum(dim=(1, 2)))
+    with pytest.raises(EngineSelfCheckError, match="mixes examples"):
+        engine.check(lambda rows: model(x[rows]).pow(2).sum(dim=(1, 2)), B)
     engine.finalize()
     assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters()), "nothing was added before refusing"
-    engine.detach()
+    DPGradientEngine(model, 1.0, 0.0, float(B)).detach()  # the refused engine detached itself
+
+
+def test_the_first_micro_batch_is_checked_too():
+    torch.manual_seed(0)
+    model = SequenceFirstNet()
+    engine = DPGradientEngine(model, 1.0, 0.0, float(B))
+    with pytest.raises(EngineSelfCheckError, match="'mix'"):
+        engine.accumulate(model(torch.randn(B, T, D)).pow(2).sum(dim=(1, 2)))
 
 
 def test_removing_one_example_moves_the_clipped_sum_by_at_most_C_once_checked():
@@ -110,8 +118,7 @@ def test_weight_used_outside_its_module_is_refused():
     target = torch.randint(0, V, (B,))
     engine = DPGradientEngine(model, 1.0, 0.0, float(B))
     with pytest.raises(EngineSelfCheckError, match=r"embed\.weight \(module 'embed'"):
-        engine.check(F.cross_entropy(model(tokens), target, reduction="none"))
-    engine.detach()
+        engine.check(lambda rows: F.cross_entropy(model(tokens[rows]), target[rows], reduction="none"), B)
     # the same model is exact in reference mode (batched autograd over every use of the weight)
     C = 0.5
     want = brute_force_clipped_sum(model, lambda s: F.cross_entropy(model(tokens[s]), target[s], reduction="none"),
@@ -149,7 +156,8 @@ def test_input_broadcast_over_the_batch_is_shared_and_exact():
     C = 0.7
     want = brute_force_clipped_sum(model, losses_of, B, C)
     engine = DPGradientEngine(model, C, 0.0, 1.0)
-    engine.accumulate(losses_of(slice(0, B)))  # the self-check runs on this micro-batch and passes
+    engine.check(losses_of, B)  # passes: the broadcast input is shared, not per-example
+    engine.accumulate(losses_of(slice(0, B)))
     engine.finalize()
     engine.detach()
     for p, w in zip(model.parameters(), want):
@@ -163,7 +171,7 @@ def test_an_embedding_on_broadcast_ids_is_refused_before_anything_is_added():
     x = torch.randn(B, T, D)
     engine = DPGradientEngine(model, 1.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="'pos'"):
-        engine.check(proj(x + emb(torch.arange(T)[None])).sum(dim=(1, 2)))
+        engine.check(lambda rows: proj(x[rows] + emb(torch.arange(T)[None])).sum(dim=(1, 2)), B)
     engine.finalize()
     assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
     engine.detach()

@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from trainer.config import ConfigError, load_config
+from trainer.errors import RunError
 
 STAGE_MODULES = [
     "trainer.stages.prepare",
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"dpldm {args.command}: config error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:
+        print(f"dpldm {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"dpldm {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -19,6 +19,8 @@ from typing import Any, Optional
 import yaml
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# Above this, (epsilon, delta)-DP bounds the odds of any inference by e^100: no guarantee worth stating.
+MAX_EPSILON = 100.0
 
 
 class ConfigError(ValueError):
@@ -109,6 +111,7 @@ class FinetuneConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     engine_mode: str = "auto"            # auto | fast | reference
+    secure_noise: bool = False           # CSPRNG, floating-point-attack-resistant Gaussian (slower)
     log_every: int = 10
     checkpoint_every: int = 50
     deepspeed_config: Optional[str] = None  # DeepSpeed JSON (a path, or a name in configs/deepspeed/): several processes
@@ -251,9 +254,11 @@ def _validate(cfg: Config) -> None:
     check((ft.epsilon is None) != (ft.noise_multiplier is None), "finetune.epsilon",
           "set exactly one of finetune.epsilon (sigma is calibrated) and finetune.noise_multiplier")
     if ft.epsilon is not None:
-        check(ft.epsilon > 0, "finetune.epsilon", f"must be > 0, got {ft.epsilon}")
+        check(0 < ft.epsilon <= MAX_EPSILON, "finetune.epsilon",
+              f"must be in (0, {MAX_EPSILON:g}] (a finite budget that means something), got {ft.epsilon}")
     if ft.noise_multiplier is not None:
-        check(ft.noise_multiplier > 0, "finetune.noise_multiplier", f"must be > 0, got {ft.noise_multiplier}")
+        check(0 < ft.noise_multiplier < float("inf"), "finetune.noise_multiplier",
+              f"must be a finite number > 0, got {ft.noise_multiplier}")
     if ft.deepspeed_config is not None:  # its contents are checked when fine-tuning starts (trainer.distributed)
         check(ft.deepspeed_config.strip() != "", "finetune.deepspeed_config",
               "must name a DeepSpeed JSON file (a path, or a name in configs/deepspeed/ such as zero3)")

@@ -25,11 +25,12 @@ engine sees ordinary parameters. DeepSpeed never reduces, clips, scales or steps
 here: a config asking it to (gradient clipping, fp16 loss scaling, its own optimizer,
 gradient accumulation) is refused by :func:`check_deepspeed_config`.
 
-Checkpoints (``<run>/checkpoints/step-NNNNNN/``): the trained weights (rank 0), and one file per
-rank with its optimizer shard, sampler and generator states. ``latest.json`` is written last.
-A resume on another world size re-shards the optimizer state exactly and starts fresh
-samplers and generators (OS entropy) at the saved step; the privacy ledger is the run's
-``ledger.json`` journal either way, so its count is exact. (DeepSpeed's own ZeRO checkpoints
+Checkpoints (``<run>/checkpoints/step-NNNNNN/``): the trained weights (rank 0, with the ledger in
+their metadata), and one file per rank with its optimizer shard and the step count; no sampler
+or generator state is ever written (it would let a reader replay batch membership and noise).
+``latest.json`` (with the ledger) is written last. A resume, on any world size, re-shards the
+optimizer state exactly and starts fresh OS-entropy samplers and generators at the saved step;
+the privacy ledger is the run's ``ledger.json`` journal, checked against the checkpoint's copy. (DeepSpeed's own ZeRO checkpoints
 would store the frozen weights, which never change, and reload only on the same world size.)
 """
 from __future__ import annotations
@@ -53,7 +54,7 @@ from trainer.config import REPO_CONFIGS, Config, ConfigError, FinetuneConfig
 from trainer.stages.common import load_state, load_weights, save_state, save_weights, write_json
 
 if TYPE_CHECKING:
-    from trainer.privacy import DPGradientEngine, PoissonBatchSampler
+    from trainer.privacy import DPGradientEngine, PoissonBatchSampler, PrivacyLedger
 
 DEEPSPEED_CONFIGS = REPO_CONFIGS / "deepspeed"
 DEFAULT_DEEPSPEED_CONFIG: dict = {"zero_optimization": {"stage": 0}}
@@ -344,12 +345,28 @@ class ShardedAdamW:
 
 @dataclass
 class TrainState:
-    """What a fine-tuning checkpoint holds besides the ledger."""
+    """What a fine-tuning checkpoint holds: weights, optimizer moments, the step and the ledger.
+
+    Optimizer moments are computed from the noisy gradients only (post-processing of DP
+    outputs). Generator and sampler states are never saved: a resume reseeds from OS entropy.
+    """
     trainable: dict[str, nn.Parameter]   # the DP-trained parameters, by model name
     optimizer: Any                       # torch AdamW (one process) or ShardedAdamW
     sampler: "PoissonBatchSampler"
-    generators: dict[str, torch.Generator]  # "loss" (timesteps, noise, posterior draws), "noise" (DP noise)
+    ledger: "PrivacyLedger"
     metadata: dict[str, Any]             # stored with the weights (e.g. the base LDM run)
+
+    def weights_metadata(self, step: int) -> dict[str, Any]:
+        """Metadata of a weights file: the step and the ledger that accounts for it."""
+        return {"step": step, "ledger": json.dumps(self.ledger.state_dict()), **self.metadata}
+
+
+@dataclass
+class Checkpoint:
+    """Where :meth:`resume` left the run: the step, the MLflow run and the ledger count saved with it."""
+    step: int = 0
+    mlflow_run_id: Optional[str] = None
+    steps_charged: int = 0               # the ledger's count when the checkpoint was written
 
 
 def load_trainable(path: Path, trainable: dict[str, nn.Parameter]) -> None:
@@ -531,6 +548,10 @@ class DistributedRun:
         return {"loss": loss_sum / max(1.0, count), "batch_size": count,
                 "clip_fraction": clipped / count if count else 0.0}
 
+    def check_engine(self, engine: "DPGradientEngine", probe_losses: Callable[[Tensor], Tensor], size: int) -> None:
+        """The engine's self-check on ``size`` public stand-in examples, on every rank (raises EngineSelfCheckError)."""
+        engine.check(lambda rows: self._model(probe_losses, rows), size)
+
     def sample_grid(self, make_grid: Callable[[Path], Path], path: Path) -> Path:
         """Run ``make_grid(path)`` on every rank (ZeRO-3 gathers collectively); rank 0 keeps the image."""
         if self.is_main:
@@ -550,31 +571,30 @@ class DistributedRun:
         folder = root / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         save_state({"step": step, "rank": self.rank, "world_size": self.world_size,
-                    "optimizer": state.optimizer.state_dict(), "sampler": state.sampler.state_dict(),
-                    "generators": {k: g.get_state() for k, g in state.generators.items()}},
+                    "optimizer": state.optimizer.state_dict()},
                    self._rank_file(folder, self.rank, self.world_size))
         self.barrier()
         if self.is_main:
-            metadata = {"step": step, **state.metadata}
+            metadata = state.weights_metadata(step)
             weights = {k: p.detach() for k, p in state.trainable.items()}
             save_weights(weights, folder / "trainable.safetensors", metadata)
             write_json({"step": step, "world_size": self.world_size, "folder": folder.name,
-                        "mlflow_run_id": mlflow_run_id}, root / LATEST)
+                        "mlflow_run_id": mlflow_run_id, "ledger": state.ledger.state_dict()}, root / LATEST)
             for old in root.glob("step-*"):
                 if old != folder:
                     shutil.rmtree(old, ignore_errors=True)
             save_weights(weights, run_dir / WEIGHTS_FILE, metadata)  # the stage's output, read by `dpldm sample`
         self.barrier()
 
-    def resume(self, run_dir: Path, state: TrainState) -> tuple[int, Optional[str]]:
-        """Restore the last checkpoint (any world size) -> (step, MLflow run id); (0, None) if none."""
+    def resume(self, run_dir: Path, state: TrainState) -> Checkpoint:
+        """Restore the last checkpoint (any world size); an empty :class:`Checkpoint` if there is none."""
         from trainer.stages.finetune import STATE_FILE
         if (run_dir / STATE_FILE).is_file():
             raise ConfigError(f"{run_dir}: this run was checkpointed by a single process ({STATE_FILE}); "
                               "resume it as a single process")
         latest = run_dir / CHECKPOINTS / LATEST
         if not latest.is_file():
-            return 0, None
+            return Checkpoint()
         info = json.loads(latest.read_text())
         folder, saved_world = run_dir / CHECKPOINTS / info["folder"], int(info["world_size"])
         step = int(info["step"])
@@ -586,11 +606,5 @@ class DistributedRun:
                 raise FileNotFoundError(f"{folder}: the checkpoint lacks the file of rank {r} of {saved_world}")
             shards.append(shard)
         state.optimizer.load_shards([s["optimizer"] for s in shards])
-        if saved_world == self.world_size:  # same slices: continue this rank's sampler and generators
-            own = shards[self.rank]
-            state.sampler.load_state_dict(own["sampler"])
-            for name, gen in state.generators.items():
-                gen.set_state(own["generators"][name])
-        else:  # other slices: fresh OS-entropy samplers and generators from the saved step
-            state.sampler.steps_done = step
-        return step, info.get("mlflow_run_id")
+        state.sampler.steps_done = step  # fresh OS-entropy samplers and generators from the saved step
+        return Checkpoint(step, info.get("mlflow_run_id"), int(info.get("ledger", {}).get("steps_taken", step)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +38,12 @@ class EngineSelfCheckError(ValueError):
     """The fast engine's per-example gradients disagree with autograd: the model breaks its contract."""
 
 
+def _differs(a: Tensor, ref: Tensor, atol: float) -> bool:
+    """``||a - ref|| > SELF_CHECK_RTOL * max(||a||, ||ref||) + atol`` (in float64)."""
+    a, ref = a.double(), ref.double().to(a.device)
+    return float((a - ref).norm()) > SELF_CHECK_RTOL * max(float(a.norm()), float(ref.norm())) + atol
+
+
 class DPGradientEngine:
     """Per-example clipping, summation and Gaussian noise for the trainable params of ``module``.
 
@@ -53,8 +60,8 @@ class DPGradientEngine:
         kernel_backend: "auto" | "torch" | "triton", passed to the ``kernels`` functions.
         secure_noise: draw the noise from the OS CSPRNG with the floating-point-attack-resistant
             Gaussian of :mod:`trainer.privacy.noise` (``generator`` is then unused).
-        self_check: "fast" mode verifies its per-example gradients against autograd on the
-            micro-batches it sees until one with >= 2 examples has passed (see :meth:`check`).
+        self_check: "fast" mode verifies on its first micro-batch that the per-example gradients
+            sum to the batch gradient (same backward); :meth:`check` adds the per-example test.
 
     Contract for "fast": trainable modules are called on batch-first inputs, examples do
     not interact (no BatchNorm), and a parameter affects the loss only through the output
@@ -175,13 +182,12 @@ class DPGradientEngine:
                 raise ValueError("per_example_losses does not require grad: run the forward with grad enabled")
             if self.mode == "reference":
                 norms, clipped = self._reference(losses)
-            elif self._check_pending:
-                exact = self._autograd_gradients(losses)
-                norms, clipped, unclipped = self._book_keeping(losses, unclipped=True)
-                self._verify(exact, norms, unclipped, b)
-                self._check_pending = b < 2  # mixing across examples shows only with two of them
+            elif self._check_pending:  # the same single backward also gives the batch gradient
+                norms, clipped, plain, batch = self._book_keeping(losses, check=True)
+                self._verify_sums(plain, batch)
+                self._check_pending = False
             else:
-                norms, clipped, _ = self._book_keeping(losses)
+                norms, clipped, _, _ = self._book_keeping(losses)
             self._add(norms, clipped)
         finally:
             for rule in self._rules:
@@ -216,88 +222,60 @@ class DPGradientEngine:
         self._norm_sum = self._norm_sum + norms.detach().sum()
 
     # ------------------------------------------------------------------ self-check
-    def check(self, per_example_losses: Tensor) -> None:
-        """Verify the fast path on one micro-batch and add nothing: raises :class:`EngineSelfCheckError`.
+    def check(self, loss_fn: Callable[[Tensor], Tensor], batch_size: int) -> None:
+        """Verify the fast path on one batch and add nothing; raises :class:`EngineSelfCheckError`.
 
-        The losses must come from a forward of ``module`` with grad enabled (use >= 2 examples:
-        mixing across examples shows only then). Run it on public stand-in data before
-        training, so that a model the engine cannot handle is refused before any step is charged.
+        ``loss_fn(rows)`` runs a forward of ``module`` with grad enabled on the examples ``rows``
+        (int64 indices into one fixed batch of ``batch_size`` >= 2 examples) and returns their
+        losses; it must be deterministic (the same example gives the same loss in any batch).
+        Checks (1) that the per-example gradients sum to the batch gradient of every trainable
+        parameter and (2) that the first and last example's gradient norm in the batch equals
+        the norm of its gradient computed alone (examples mixed by a sequence-first input or an
+        input broadcast over the batch fail this). Each pass is one forward and one backward.
+        Run it on public stand-in data before training, so that a model the engine cannot
+        handle is refused before any step is charged.
         """
-        losses = per_example_losses
+        if self.mode != "fast":
+            return
         try:
-            if self.mode != "fast" or losses.shape[0] == 0:
-                return
-            exact = self._autograd_gradients(losses)
-            norms, _, unclipped = self._book_keeping(losses, unclipped=True)
-            self._verify(exact, norms, unclipped, losses.shape[0])
+            norms, _, plain, batch = self._book_keeping(loss_fn(torch.arange(batch_size)), check=True)
+            self._verify_sums(plain, batch)
         finally:
             for rule in self._rules:
                 rule.clear()
-
-    def _autograd_gradients(self, losses: Tensor) -> tuple[list[Tensor], dict[int, list[Tensor]]]:
-        """Plain autograd: the batch gradient of ``sum(losses)`` and the gradients of the first and last example."""
         params = [p for _, p in self.params]
+        for i in sorted({0, batch_size - 1}):
+            self._recording = False
+            try:
+                alone = torch.autograd.grad(loss_fn(torch.tensor([i])).sum(), params, allow_unused=True)
+            finally:
+                self._recording = True
+            exact = torch.sqrt(sum(g.double().pow(2).sum() for g in alone if g is not None))
+            if _differs(norms[i:i + 1], exact.reshape(1), atol=1e-6 * float(exact)):
+                self._refuse(f"example {i} of {batch_size} has gradient norm {float(exact):.6g} alone but "
+                             f"{float(norms[i]):.6g} in the batch: a trainable module mixes examples (e.g. a "
+                             "sequence-first [T, B, D] input, or an input broadcast over the batch whose output "
+                             "is per-example). Make its inputs batch-first, or use finetune.engine_mode=reference")
 
-        def grads(out: Tensor) -> list[Tensor]:
-            gs = torch.autograd.grad(out, params, retain_graph=True, allow_unused=True)
-            return [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for g, p in zip(gs, params)]
-
-        b = losses.shape[0]
-        return grads(losses.sum()), {i: grads(losses[i]) for i in sorted({0, b - 1})}
-
-    def _owners(self, pid: int) -> list[str]:
-        return [rule.name for rule in self._rules if any(id(p) == pid for p in rule.params.values())]
-
-    def _verify(self, exact: tuple[list[Tensor], dict[int, list[Tensor]]], norms: Tensor,
-                unclipped: dict[int, Tensor], b: int) -> None:
-        """Refuse unless the per-example gradients sum to the batch gradient and the probed norms match."""
-        try:
-            self._compare(exact, norms, unclipped, b)
-        except EngineSelfCheckError:
-            self.detach()  # unusable on this model; frees the module for another engine (e.g. reference mode)
-            raise
-
-    def _compare(self, exact: tuple[list[Tensor], dict[int, list[Tensor]]], norms: Tensor,
-                 unclipped: dict[int, Tensor], b: int) -> None:
-        batch, probes = exact
+    def _verify_sums(self, plain: dict[int, Tensor], batch: list[Tensor]) -> None:
+        """Refuse unless the unclipped per-example gradients sum to the batch gradient, parameter by parameter."""
         atol = 1e-6 * float(torch.sqrt(sum(g.double().pow(2).sum() for g in batch)))
-
-        def differs(a: Tensor, ref: Tensor) -> bool:
-            err = float((a.double() - ref.double().to(a.device)).norm())
-            return err > SELF_CHECK_RTOL * max(float(a.double().norm()), float(ref.double().norm())) + atol
-
         wrong = []
         for (name, p), g in zip(self.params, batch):
-            fast = unclipped.get(id(p), torch.zeros_like(g))
-            if differs(fast, g):
+            fast = plain.get(id(p), torch.zeros_like(g))
+            if _differs(fast, g, atol):
                 rel = float((fast.double() - g.double().to(fast.device)).norm() / g.double().norm().clamp_min(1e-30))
-                wrong.append(f"{name} (module {', '.join(map(repr, self._owners(id(p))))}: off by {rel:.1%})")
+                owners = [rule.name for rule in self._rules if any(q is p for q in rule.params.values())]
+                wrong.append(f"{name} (module {', '.join(map(repr, owners))}: off by {rel:.1%})")
         if wrong:
-            raise EngineSelfCheckError(
-                "DP engine self-check failed: the per-example gradients of the fast path do not sum to the batch "
-                f"gradient for {'; '.join(wrong)}. The parameter is probably used outside the module that registers "
-                "it (e.g. a tied weight passed to F.linear), or the module mixes examples. Call the module itself, "
-                "or use finetune.engine_mode=reference")
-        for i, grads in probes.items():
-            exact_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
-            if differs(norms[i:i + 1], exact_norm.reshape(1)):
-                raise EngineSelfCheckError(
-                    f"DP engine self-check failed: example {i} of {b} has gradient norm {float(exact_norm):.6g} but "
-                    f"the fast path computed {float(norms[i]):.6g}; modules {self._mismatched_rules(grads, i, b)} "
-                    "mix examples (e.g. a sequence-first [T, B, D] input, or an input broadcast over the batch "
-                    "whose output is per-example). Make their inputs batch-first, or use finetune.engine_mode=reference")
+            self._refuse(f"the per-example gradients do not sum to the batch gradient for {'; '.join(wrong)}. The "
+                         "parameter is probably used outside the module that registers it (e.g. a tied weight "
+                         "passed to F.linear), or its module mixes examples. Call the module itself, or use "
+                         "finetune.engine_mode=reference")
 
-    def _mismatched_rules(self, grads: list[Tensor], i: int, b: int) -> list[str]:
-        """The modules whose share of example ``i``'s squared norm disagrees with autograd's."""
-        by_param = {id(p): g for (_, p), g in zip(self.params, grads)}
-        names = []
-        for rule in self._rules:
-            skip = self._skip[id(rule)]
-            exact = sum(float(by_param[id(p)].double().pow(2).sum()) for n, p in rule.params.items() if n not in skip)
-            fast = float(rule.sqnorms(b, skip)[i]) if rule.num_calls > 0 else 0.0
-            if abs(fast - exact) > SELF_CHECK_RTOL * max(fast, exact) + 1e-12:
-                names.append(rule.name)
-        return names or ["(none singled out: parameters shared between modules)"]
+    def _refuse(self, why: str) -> None:
+        self.detach()  # unusable on this model; frees the module for another engine (e.g. reference mode)
+        raise EngineSelfCheckError(f"DP engine self-check failed: {why}")
 
     def _clip_factors(self, norms: Tensor) -> Tensor:
         return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
@@ -316,18 +294,25 @@ class DPGradientEngine:
         c = self._clip_factors(norms)
         return norms, {id(p): torch.tensordot(c, g, dims=1) for g, p in zip(grads, params)}
 
-    def _book_keeping(self, losses: Tensor,
-                      unclipped: bool = False) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor] | None]:
+    def _book_keeping(self, losses: Tensor, check: bool = False) -> tuple[Tensor, dict[int, Tensor], dict | None,
+                                                                            list[Tensor] | None]:
         """One backward to the layer outputs, per-layer norms, then one clipped GEMM per layer.
 
-        Returns (norms [b], clipped sums, and with ``unclipped`` the plain sums for the self-check).
+        Returns (norms [b], clipped sums, and with ``check`` the unclipped sums and the batch
+        gradient of every trainable parameter, taken in the same backward, for the self-check).
         """
         b = losses.shape[0]
         edges = [e for rule in self._rules for e in rule.edges()]
+        params = [p for _, p in self.params] if check else []
+        batch = None
         self._recording = False  # recomputations below (fallback rule) must not be recorded
         try:
-            if edges:
-                grads = list(torch.autograd.grad(losses.sum(), edges, allow_unused=True))
+            if edges or params:
+                grads = list(torch.autograd.grad(losses.sum(), edges + params, allow_unused=True))
+                if check:
+                    batch = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
+                             for g, p in zip(grads[len(edges):], params)]
+                    del grads[len(edges):]
                 for rule in self._rules:
                     n = len(rule.edges())
                     rule.take_grads(grads[:n])
@@ -354,8 +339,8 @@ class DPGradientEngine:
                         out[pid] = out[pid] + g if pid in out else g
                 return out
 
-            plain = summed(torch.ones_like(norms)) if unclipped else None
-            return norms, summed(self._clip_factors(norms)), plain
+            plain = summed(torch.ones_like(norms)) if check else None
+            return norms, summed(self._clip_factors(norms)), plain, batch
         finally:
             self._recording = True
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from trainer.config import Config, DataSource, dump_config
 
-STAGE_DIRS = {"pretrain-ae": "ae", "pretrain-ldm": "ldm", "finetune": "finetune"}
+STAGE_DIRS = {"pretrain-ae": "ae", "pretrain-ldm": "ldm", "finetune": "finetune", "audit": "audit"}
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -29,7 +29,7 @@ def seed_everything(seed: int) -> torch.Generator:
 def stage_dir(cfg: Config, stage: str) -> Path:
     """``<output_dir>/<experiment>/<ae|ldm|finetune[-<finetune.name>]>``: fixed, so an interrupted stage resumes."""
     name = STAGE_DIRS[stage]
-    if stage == "finetune" and cfg.finetune.name:
+    if stage in ("finetune", "audit") and cfg.finetune.name:
         name = f"{name}-{cfg.finetune.name}"
     path = Path(cfg.output_dir) / cfg.experiment / name
     path.mkdir(parents=True, exist_ok=True)

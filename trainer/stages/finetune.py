@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Callable, Union
 import torch
 from tqdm import tqdm
 
-from trainer.config import Config, ConfigError
-from trainer.distributed import TrainState, load_trainable
+from trainer.config import MAX_EPSILON, Config, ConfigError
+from trainer.distributed import CHECKPOINTS, Checkpoint, TrainState, load_trainable
+from trainer.errors import RunError
 from trainer.selection import select_trainable
 from trainer.stages.common import (conditions, load_image_source, load_state, save_run_config, save_state,
                                    save_weights, stage_dir, write_json)
@@ -35,11 +36,20 @@ if TYPE_CHECKING:
 STATE_FILE = "finetune-state.pt"
 WEIGHTS_FILE = "finetuned.safetensors"
 LEDGER_FILE = "ledger.json"
+REPORT_FILE = "privacy-report.json"
+PROBE_SIZE = 4  # public stand-in examples of the engine's self-check
+
+
+N_IS_PUBLIC = ("the private-set size N is treated as public: it sets q = expected_batch_size / N, and the "
+               "guarantee is for adding or removing one example from a set of that size")
 
 
 def plan_privacy(cfg: Config, num_private: int) -> tuple[float, float]:
-    """Validate the plan against the data size -> (sample rate q, noise multiplier sigma)."""
-    from trainer.privacy import calibrate_noise
+    """Validate the plan against the data size -> (sample rate q, noise multiplier sigma).
+
+    Refuses a plan whose epsilon is not finite or above ``MAX_EPSILON``, or that cannot be calibrated.
+    """
+    from trainer.privacy import calibrate_noise, epsilon
     ft = cfg.finetune
     if ft.delta >= 1.0 / num_private:
         raise ConfigError(f"finetune.delta: {ft.delta} must be < 1/N = {1.0 / num_private:.3g} "
@@ -47,12 +57,32 @@ def plan_privacy(cfg: Config, num_private: int) -> tuple[float, float]:
     q = ft.expected_batch_size / num_private
     if q > 1:
         raise ConfigError(f"finetune.expected_batch_size: {ft.expected_batch_size} exceeds N = {num_private} (q > 1)")
-    sigma = ft.noise_multiplier or calibrate_noise(ft.epsilon, ft.delta, q, ft.steps)
-    return q, sigma
+    if ft.noise_multiplier is None:
+        try:
+            return q, calibrate_noise(ft.epsilon, ft.delta, q, ft.steps)
+        except ValueError as err:
+            raise ConfigError(f"finetune.epsilon: {err}") from None
+    try:
+        eps = epsilon(ft.noise_multiplier, q, ft.steps, ft.delta)
+    except ValueError as err:
+        raise ConfigError(f"finetune.noise_multiplier: {err}") from None
+    if eps > MAX_EPSILON:
+        raise ConfigError(f"finetune.noise_multiplier: {ft.noise_multiplier} spends epsilon = {eps:.4g} over "
+                          f"{ft.steps} steps (q = {q:.4g}), above {MAX_EPSILON:g}: no meaningful guarantee; "
+                          "raise it or set finetune.epsilon")
+    return q, ft.noise_multiplier
 
 
-def _entropy_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(secrets.randbits(63))
+def warn_if_noise_drowns_signal(sigma: float, expected_batch_size: float, steps: int, dim: int) -> float:
+    """Print a warning when the noise outweighs any possible signal (see ``signal_to_noise_bound``)."""
+    from trainer.privacy import signal_to_noise_bound
+    ratio = signal_to_noise_bound(sigma, expected_batch_size, steps, dim)
+    if ratio < 1:
+        print(f"dpldm finetune: warning: sigma = {sigma:.4g} is so large that the noise drowns the signal: "
+              f"even perfectly aligned gradients would sum to {ratio:.3f} of the noise norm over {steps} steps "
+              f"of {dim} parameters (raise finetune.expected_batch_size or steps, train fewer parameters, "
+              "or accept a larger epsilon)", file=sys.stderr)
+    return ratio
 
 
 def _describe(src) -> str:
@@ -77,6 +107,23 @@ class EncodedPrivateSet:
         return len(self.labels)
 
 
+def label_names(cfg: Config, declared: list[str]) -> tuple[list[str], str]:
+    """The private label names and where they come from, never from the private labels themselves.
+
+    ``declared`` are the names the data source declares (its schema: MNIST's digits, the class
+    folders ``dpldm prepare`` recorded); else ``finetune.new_class_embedder`` (a count), else the
+    public conditioner's ``label_names`` or ``n_classes``.
+    """
+    if declared:
+        return list(declared), "the data source's declared classes"
+    ft, cond = cfg.finetune, cfg.ldm.conditioner
+    if ft.new_class_embedder:
+        return [str(i) for i in range(ft.new_class_embedder)], "finetune.new_class_embedder (a count)"
+    if cond.label_names:
+        return [str(x) for x in cond.label_names], "ldm.conditioner.label_names"
+    return [str(i) for i in range(cond.n_classes or 0)], "ldm.conditioner.n_classes (a count)"
+
+
 def private_latent_cache(cfg: Config, autoencoder, encoder_hash: str, run_dir: Path, rt) -> EncodedPrivateSet:
     """Encode the private shards once into ``run_dir/latents`` (rank 0; the others wait) and load it.
 
@@ -93,9 +140,8 @@ def private_latent_cache(cfg: Config, autoencoder, encoder_hash: str, run_dir: P
                            pad_small=True)
     rt.barrier()
     cache = LatentCache(out, expected_encoder_hash=encoder_hash, in_memory=True)
-    names = cache.label_names or [str(i) for i in range(int(cache.labels.max()) + 1)]
     return EncodedPrivateSet(torch.from_numpy(cache.mean).float(), torch.from_numpy(cache.std).float(),
-                             cache.labels, cache.captions, names)
+                             cache.labels, cache.captions, list(cache.label_names or []))
 
 
 class SingleProcess:
@@ -140,28 +186,35 @@ class SingleProcess:
         return {"loss": loss_sum / max(1, count), "batch_size": count,
                 "clip_fraction": stats["nonprivate_clip_fraction"]}
 
+    def check_engine(self, engine, probe_losses: Callable[[torch.Tensor], torch.Tensor], size: int) -> None:
+        """The engine's self-check on ``size`` public stand-in examples (raises EngineSelfCheckError)."""
+        engine.check(probe_losses, size)
+
     def sample_grid(self, make_grid: Callable[[Path], Path], path: Path) -> Path:
         return make_grid(path)
 
     def save_checkpoint(self, run_dir: Path, step: int, mlflow_run_id: str | None, state: TrainState) -> None:
         save_weights({k: p.detach() for k, p in state.trainable.items()}, run_dir / WEIGHTS_FILE,
-                     {"step": step, **state.metadata})
-        save_state({"optimizer": state.optimizer.state_dict(), "sampler": state.sampler.state_dict(), "step": step,
-                    "mlflow_run_id": mlflow_run_id}, run_dir / STATE_FILE)
+                     state.weights_metadata(step))
+        save_state({"optimizer": state.optimizer.state_dict(), "step": step, "mlflow_run_id": mlflow_run_id,
+                    "ledger": state.ledger.state_dict()}, run_dir / STATE_FILE)
 
-    def resume(self, run_dir: Path, state: TrainState) -> tuple[int, str | None]:
-        """Weights, optimizer and sampler from the last checkpoint -> (step, MLflow run id)."""
-        from trainer.distributed import CHECKPOINTS
+    def resume(self, run_dir: Path, state: TrainState) -> Checkpoint:
+        """Weights and optimizer from the last checkpoint; the sampler continues at its step."""
         if (run_dir / CHECKPOINTS).is_dir():
             raise ConfigError(f"{run_dir}: this run was checkpointed by a distributed run ({CHECKPOINTS}/); "
                               "resume it the same way (e.g. torchrun --nproc_per_node 1 ...)")
         saved = load_state(run_dir / STATE_FILE)
         if saved is None:
-            return 0, None
+            if (run_dir / WEIGHTS_FILE).is_file():
+                raise RunError(f"{run_dir / STATE_FILE}: missing, but {WEIGHTS_FILE} holds trained weights: the run "
+                               "cannot resume; restore the file, or start another run (finetune.name=...)")
+            return Checkpoint()
         load_trainable(run_dir / WEIGHTS_FILE, state.trainable)
         state.optimizer.load_state_dict(saved["optimizer"])
-        state.sampler.load_state_dict(saved["sampler"])
-        return int(saved["step"]), saved.get("mlflow_run_id")
+        step = int(saved["step"])
+        state.sampler.steps_done = step
+        return Checkpoint(step, saved.get("mlflow_run_id"), int(saved.get("ledger", {}).get("steps_taken", step)))
 
     def barrier(self) -> None:
         pass
@@ -184,37 +237,67 @@ def run(cfg: Config) -> Path:
         runtime.close()
 
 
-def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path:
+@dataclass
+class DPSession:
+    """One DP fine-tuning run, built from the config with nothing written yet (see :func:`_prepare`)."""
+    cfg: Config
+    rt: Union["SingleProcess", "DistributedRun"]
+    run_dir: Path
+    base_dir: Path
+    ldm: torch.nn.Module
+    autoencoder: torch.nn.Module
+    selection: object                    # trainer.selection.Selection
+    n: int                               # private examples (treated as public, see N_IS_PUBLIC)
+    names: list[str]
+    names_source: str
+    q: float
+    sigma: float
+    signal_to_noise: float
+    ledger: object                       # PrivacyLedger
+    engine: object                       # DPGradientEngine
+    sampler: object                      # PoissonBatchSampler
+    state: TrainState
+    latent_shape: tuple[int, ...]
+    example_losses: Callable[[torch.Tensor], torch.Tensor]
+    probe_losses: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: Path,
+             seed: int | None = None) -> DPSession:
+    """Load the base, the private latents and the plan; build engine, sampler, ledger and optimizer.
+
+    Refuses (ConfigError) a bad plan before anything is charged. The only thing written is the
+    latent cache of a private shard set (``run_dir/latents``). The sampler, the DP noise and the
+    loss draws use generators seeded from OS entropy, or from ``seed`` when a test asks for it.
+    """
     from trainer.models import ClassEmbedder
-    from trainer.privacy import DPGradientEngine, PoissonBatchSampler, PrivacyLedger, epsilon
-    from trainer.stages.sample import class_grid, load_pipeline
+    from trainer.privacy import DPGradientEngine, PoissonBatchSampler, PrivacyLedger, entropy_generator, epsilon
+    from trainer.stages.sample import load_pipeline
 
     ft = cfg.finetune
     if cfg.data.private is None:
         raise ConfigError("data.private: the fine-tuning stage needs a private data source")
-    run_dir = stage_dir(cfg, "finetune")
-    if rt.is_main:
-        save_run_config(cfg, run_dir)
     base_dir = stage_dir(cfg, "pretrain-ldm")
     ldm, autoencoder, meta, _ = load_pipeline(base_dir)
     if cfg.data.private.source == "shards":  # encoded once into a latent cache, before any partitioning
         cache = private_latent_cache(cfg, autoencoder, meta["autoencoder_sha256"], run_dir, rt)
-        n, names, private = len(cache), cache.names, None
+        n, declared, private = len(cache), cache.names, None
     else:
         private = load_image_source(cfg.data.private, "data.private")
-        n, names, cache = len(private.images), private.names, None
+        n, declared, cache = len(private.images), private.names, None
+    names, names_source = label_names(cfg, declared)
     q, sigma = plan_privacy(cfg, n)
     if ft.new_class_embedder:
         if ft.new_class_embedder != len(names):
             raise ConfigError(f"finetune.new_class_embedder: {ft.new_class_embedder} classes, "
-                              f"but the private set has {len(names)}")
+                              f"but the private set declares {len(names)} ({names_source})")
         dim = ldm.cond_stage_model.embedding.embedding_dim
         torch.manual_seed(cfg.seed)  # public initialisation of the fresh embedder (the same on every rank)
         ldm.cond_stage_model = ClassEmbedder(embed_dim=dim, n_classes=ft.new_class_embedder)
     selection = select_trainable(ldm, ft.policy, ft.attention_from)
-    if rt.is_main:
-        print(selection.summary())
     trainable = {name: p for name, p in ldm.named_parameters() if p.requires_grad}
+    snr = warn_if_noise_drowns_signal(sigma, ft.expected_batch_size, ft.steps, selection.trainable_count) \
+        if rt.is_main else float("nan")
     rt.place(ldm, autoencoder)
 
     if cache is not None:  # rows held by this process
@@ -223,56 +306,113 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
     else:
         mean, std, labels = rt.encode(autoencoder, private.images, private.labels)
         captions = None
+    cond_type = cfg.ldm.conditioner.type
+    if cond_type == "class" and len(labels) and int(labels.max()) >= len(names):
+        raise RunError(f"data.private: a label is >= {len(names)}, the number of classes from {names_source}")
     scale = ldm.scale_factor
 
-    planned_eps = epsilon(sigma, q, ft.steps, ft.delta)
-    ledger = PrivacyLedger(sigma, q, ft.delta, epsilon_budget=ft.epsilon or planned_eps, planned_steps=ft.steps)
-    sampler = PoissonBatchSampler(n, q, ft.steps, ft.physical_batch_size, generator=_entropy_generator(),
+    ledger = PrivacyLedger(sigma, q, ft.delta, planned_steps=ft.steps,
+                           epsilon_budget=ft.epsilon or epsilon(sigma, q, ft.steps, ft.delta))
+    def generator(k: int) -> torch.Generator:
+        return entropy_generator() if seed is None else torch.Generator().manual_seed(seed + k)
+
+    sampler = PoissonBatchSampler(n, q, ft.steps, ft.physical_batch_size, generator=generator(1),
                                   rank=rt.rank, world_size=rt.world_size)
-    loss_gen = _entropy_generator()  # timesteps, diffusion noise, posterior samples
+    loss_gen = generator(2)  # timesteps, diffusion noise, posterior samples: never saved
     optimizer = rt.make_optimizer(list(trainable.values()), ft.lr, ft.weight_decay)
     # q * N is the global expected batch size, whatever the number of ranks
     engine = DPGradientEngine(ldm, max_grad_norm=ft.max_grad_norm, noise_multiplier=sigma,
-                              expected_batch_size=q * n, mode=ft.engine_mode)
-    state = TrainState(trainable, optimizer, sampler, {"loss": loss_gen, "noise": engine.generator},
-                       {"base": str(base_dir.resolve())})
-
-    step, mlflow_run_id = rt.resume(run_dir, state)  # weights, optimizer, sampler ...
-    ledger_path = run_dir / LEDGER_FILE
-    if ledger_path.is_file():  # ... the ledger from its journal, which counts every step ever started
-        ledger.load_state_dict(json.loads(ledger_path.read_text()))
-    rt.barrier()  # every rank has read the ledger before rank 0 journals the next step
-
-    ft_meta = {"base": str(base_dir.resolve()), "n_classes": ft.new_class_embedder, "label_names": names,
-               "trainable": selection.trainable, "policy": ft.policy}
-    if rt.is_main:
-        write_json(ft_meta, run_dir / "finetune.json")
+                              expected_batch_size=q * n, mode=ft.engine_mode, secure_noise=ft.secure_noise,
+                              generator=None if seed is None else generator(3))
+    state = TrainState(trainable, optimizer, sampler, ledger, {"base": str(base_dir.resolve())})
 
     def example_losses(rows: torch.Tensor) -> torch.Tensor:
         """Per-example diffusion losses [b] of the latent rows ``rows`` (private data)."""
         z0 = (mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=loss_gen).to(mean.device)) * scale
-        conds = conditions(cfg.ldm.conditioner.type, labels[rows],
+        conds = conditions(cond_type, labels[rows],
                            None if captions is None else [_pick(captions[int(r)], loss_gen) for r in rows])
         conds = ldm.drop_conditions(conds, cfg.ldm.train.cond_drop_prob, loss_gen)
         return ldm.loss(z0, conds, loss_gen, multiplicity=ft.noise_multiplicity)
 
+    def probe_losses(rows: torch.Tensor) -> torch.Tensor:
+        """Deterministic losses of rows of 4 public stand-in examples (random latents, timesteps and
+        targets from the public seed; public labels or prompts): the engine's self-check runs on them."""
+        g = torch.Generator().manual_seed(cfg.seed)
+        x = torch.randn((PROBE_SIZE, *mean.shape[1:]), generator=g)
+        target = torch.randn(x.shape, generator=g)
+        t = torch.randint(0, ldm.schedule.timesteps, (PROBE_SIZE,), generator=g)
+        public = (torch.arange(PROBE_SIZE) % max(1, len(names)))[rows]
+        conds = conditions(cond_type, public.to(labels.device),
+                           None if captions is None else [f"a picture of {int(k)}" for k in public])
+        context = ldm.context(conds) if conds is not None else None
+        out = ldm.eps(x[rows].to(mean.device), t[rows].to(mean.device), context)
+        return (out - target[rows].to(out.device)).pow(2).flatten(1).mean(dim=1)
+
+    return DPSession(cfg, rt, run_dir, base_dir, ldm, autoencoder, selection, n, names, names_source, q, sigma, snr,
+                     ledger, engine, sampler, state, tuple(mean.shape[1:]), example_losses, probe_losses)
+
+
+def _restore_ledger(run_dir: Path, ledger, checkpoint: Checkpoint) -> None:
+    """Load the run's ledger journal; refuse when it is missing or behind what the folder holds."""
+    path = run_dir / LEDGER_FILE
+    traces = [name for name in (WEIGHTS_FILE, STATE_FILE, CHECKPOINTS, REPORT_FILE) if (run_dir / name).exists()]
+    if not path.is_file():
+        if traces:
+            raise RunError(f"{path}: missing, but the run folder holds {', '.join(traces)}: the steps already "
+                           "charged cannot be recovered and the run is never re-accounted from zero; restore "
+                           "ledger.json, or start another run (finetune.name=...)")
+        return
+    try:
+        ledger.load_state_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError) as err:
+        raise ConfigError(f"{path}: {err}: the privacy plan of a run cannot change once it has started "
+                          "(start another run with finetune.name=..., or restore the run's settings)") from None
+    charged = max(checkpoint.step, checkpoint.steps_charged)
+    if ledger.steps_taken < charged:
+        raise RunError(f"{path}: counts {ledger.steps_taken} steps, but the checkpoint is at step {checkpoint.step} "
+                       f"with {checkpoint.steps_charged} charged: the journal is behind (an older copy?); restore it")
+
+
+def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path:
+    from trainer.stages.sample import class_grid
+
+    ft = cfg.finetune
+    run_dir = stage_dir(cfg, "finetune")
+    session = _prepare(cfg, rt, run_dir)
+    ldm, ledger, engine, state = session.ldm, session.ledger, session.engine, session.state
+    checkpoint = rt.resume(run_dir, state)  # weights and optimizer; the sampler continues at the step
+    _restore_ledger(run_dir, ledger, checkpoint)  # ... and the ledger from its journal, which counts every step
+    step = checkpoint.step
+    rt.check_engine(engine, session.probe_losses, PROBE_SIZE)  # a model the engine cannot handle is refused here, uncharged
+    rt.barrier()  # every rank has read the ledger before rank 0 journals the next step
+    if rt.is_main:
+        print(session.selection.summary())
+        if step:
+            print(f"resuming at step {step}: {ledger.steps_taken} steps already charged")
+        save_run_config(cfg, run_dir)
+        write_json({"base": str(session.base_dir.resolve()), "n_classes": ft.new_class_embedder,
+                    "label_names": session.names, "trainable": session.selection.trainable, "policy": ft.policy},
+                   run_dir / "finetune.json")
+    n, q, sigma = session.n, session.q, session.sigma
+
     t0 = time.time()
     tags = {"stage": "finetune", "privacy": "dp-sgd"}
-    with start_run(cfg.experiment, "finetune", cfg.to_dict(), tags, run_id=mlflow_run_id) as mlrun:
-        mlrun.log_params({"privacy": {"sigma": sigma, "q": q, "N": n, "planned_epsilon": planned_eps},
-                          "params": {"trainable": selection.trainable_count, "total": selection.total_count}})
+    with start_run(cfg.experiment, "finetune", cfg.to_dict(), tags, run_id=checkpoint.mlflow_run_id) as mlrun:
+        mlrun.log_params({"privacy": {"sigma": sigma, "q": q, "N": n, "planned_epsilon": ledger.planned_epsilon},
+                          "params": {"trainable": session.selection.trainable_count,
+                                     "total": session.selection.total_count}})
         layout = rt.layout()  # None in one process
         if layout is not None:  # tags, not params: a resumed run may have another world size
             mlrun.set_tags({f"distributed.{k}": str(layout[k]) for k in ("world_size", "zero_stage")})
             if rt.is_main:
                 write_json(layout, run_dir / "distributed.json")
 
-        def checkpoint(mlrun_id: str | None) -> None:
+        def checkpoint_now(mlrun_id: str | None) -> None:
             rt.save_checkpoint(run_dir, step, mlrun_id, state)
 
         ldm.train()
         bar = tqdm(total=ft.steps, initial=step, desc="finetune (DP)", dynamic_ncols=True, disable=not rt.is_main)
-        batches = iter(sampler)
+        batches = iter(session.sampler)
         while step < ft.steps:
             try:
                 ledger.record_step()  # raises before a step past the plan or the budget
@@ -281,8 +421,8 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
                     print(f"stopping at step {step}: {err}")
                 break
             if rt.is_main:
-                write_json(ledger.state_dict(), ledger_path)
-            metrics = rt.train_step(engine, optimizer, next(batches), example_losses)
+                write_json(ledger.state_dict(), run_dir / LEDGER_FILE)
+            metrics = rt.train_step(engine, state.optimizer, next(batches), session.example_losses)
             step += 1
             bar.update(1)
             spent = ledger.spent_epsilon()
@@ -294,31 +434,90 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
                                    "nonprivate/clip_fraction": metrics["clip_fraction"]},
                                   step=step)
             if step % ft.checkpoint_every == 0 or step == ft.steps:
-                checkpoint(mlrun.run_id)
+                checkpoint_now(mlrun.run_id)
         bar.close()
-        checkpoint(mlrun.run_id)
+        checkpoint_now(mlrun.run_id)
         engine.detach()
         ldm.eval()
 
-        report = {**ledger.report(), "max_grad_norm": ft.max_grad_norm, "N": n,
+        report = {**ledger.report(), "max_grad_norm": ft.max_grad_norm, "N": n, "N_is_public": N_IS_PUBLIC,
                   "expected_batch_size": ft.expected_batch_size, "noise_multiplicity": ft.noise_multiplicity,
-                  "policy": ft.policy, "trainable_parameters": selection.trainable_count,
-                  "total_parameters": selection.total_count, "trainable_names": selection.trainable,
+                  "secure_noise": ft.secure_noise, "signal_to_noise_bound": session.signal_to_noise,
+                  "policy": ft.policy, "trainable_parameters": session.selection.trainable_count,
+                  "total_parameters": session.selection.total_count, "trainable_names": session.selection.trainable,
+                  "label_names": session.names, "label_names_from": session.names_source,
                   "neighbouring": "add/remove one example", "data": _describe(cfg.data.private)}
         if rt.is_main:
-            write_json(report, run_dir / "privacy-report.json")
-        latent_shape = tuple(mean.shape[1:])
-        grid = rt.sample_grid(lambda path: class_grid(ldm, autoencoder, latent_shape, cfg, names, path,
-                                                      torch.Generator().manual_seed(cfg.seed)),
+            write_json(report, run_dir / REPORT_FILE)
+        grid = rt.sample_grid(lambda path: class_grid(ldm, session.autoencoder, session.latent_shape, cfg,
+                                                      session.names, path, torch.Generator().manual_seed(cfg.seed)),
                               run_dir / "samples.png")
         mlrun.log_metrics({"privacy.epsilon": report["epsilon"], "privacy.delta": ft.delta,
-                           "privacy.steps": ledger.steps_taken, "params.trainable": selection.trainable_count,
+                           "privacy.steps": ledger.steps_taken, "params.trainable": session.selection.trainable_count,
                            "wall_time_s": time.time() - t0})
-        mlrun.log_result(run_dir, grid, run_dir / "privacy-report.json")
+        mlrun.log_result(run_dir, grid, run_dir / REPORT_FILE)
     if rt.is_main:
         print(f"DP fine-tuning: epsilon = {report['epsilon']:.3f}, delta = {ft.delta:g} after {ledger.steps_taken} "
-              f"steps (sigma = {sigma:.4f}, q = {q:.5f}); samples: {grid}; report: {run_dir / 'privacy-report.json'}")
+              f"steps (sigma = {sigma:.4f}, q = {q:.5f}); samples: {grid}; report: {run_dir / REPORT_FILE}")
     return run_dir
+
+
+def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed: int | None = None):
+    """Train the fine-tuning plan of ``cfg`` with gradient-space canaries and bound epsilon from below.
+
+    One process. Nothing of the model is kept: the run folder ``<experiment>/audit`` gets the
+    resolved config and ``audit-report.json``. The audit is itself a DP computation on
+    ``data.private`` with the plan's (epsilon, delta). Returns a ``trainer.privacy.audit.AuditResult``.
+    """
+    import os
+
+    from trainer.privacy import entropy_generator
+    from trainer.privacy.audit import CANARY_NORM, GradientCanaries, audit, scores
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.finetune.deepspeed_config:
+        raise ConfigError("finetune.deepspeed_config: dpldm audit runs in one process; unset it and run it "
+                          "without a launcher")
+    if not 0.5 <= confidence < 1:
+        raise ConfigError(f"--confidence: must be in [0.5, 1), got {confidence}")
+    ft, rt = cfg.finetune, SingleProcess()
+    run_dir = stage_dir(cfg, "audit")
+    session = _prepare(cfg, rt, run_dir, seed)
+    engine, ledger, optimizer = session.engine, session.ledger, session.state.optimizer
+    params = [p for _, p in engine.params]
+    dim = sum(p.numel() for p in params)
+    if not 1 <= canaries <= dim:
+        raise ConfigError(f"--canaries: must be in [1, {dim}] (one trainable coordinate each), got {canaries}")
+    rt.check_engine(engine, session.probe_losses, PROBE_SIZE)
+    save_run_config(cfg, run_dir)
+    marks = GradientCanaries(canaries, dim, CANARY_NORM * ft.max_grad_norm,
+                             entropy_generator() if seed is None else torch.Generator().manual_seed(seed))
+    session.ldm.train()
+    batches = iter(session.sampler)
+    for _ in tqdm(range(ft.steps), desc="audit (DP + canaries)", dynamic_ncols=True):
+        ledger.record_step()
+        for idx in next(batches):
+            engine.accumulate(session.example_losses(idx))
+        for rows in marks.sample(session.q).split(8):  # chunks: each canary gradient is dense [dim]
+            engine.accumulate_per_example_gradients(marks.gradients(rows))
+        engine.finalize()
+        marks.observe(torch.cat([p.grad.detach().flatten() for p in params]))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    engine.detach()
+    result = audit(scores(torch.stack(marks.observed), session.sigma, session.q, ft.max_grad_norm,
+                          session.q * session.n), marks.included, ft.delta, ledger.spent_epsilon(), confidence)
+    write_json({"epsilon_lower_bound": result.lower_bound, "claimed_epsilon": result.claimed, "delta": ft.delta,
+                "confidence": result.confidence, "canaries": result.canaries, "included": result.included,
+                "guesses": result.guesses, "correct": result.correct, "ceiling": result.ceiling,
+                "plans": [dict(zip(("in", "out", "correct", "bound"), row)) for row in result.plans],
+                "steps": ledger.steps_taken, "noise_multiplier": session.sigma, "sample_rate": session.q,
+                "canary_norm": CANARY_NORM * ft.max_grad_norm,
+                "method": "one-run audit (Steinke, Nasr, Jagielski 2023), Dirac gradient canaries, white-box "
+                          "scores of the released noisy gradients"}, run_dir / "audit-report.json")
+    print(f"canaries: {result.canaries} ({result.included} included); best plan: {result.correct} of "
+          f"{result.guesses} guesses right; ceiling with {result.canaries} canaries: {result.ceiling:.2f}; "
+          f"report: {run_dir / 'audit-report.json'}")
+    print(result.line())
+    return result
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -331,3 +530,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "from finetune.deepspeed_config).")
     add_config_args(p)
     p.set_defaults(func=lambda args: run(args.config_obj) and 0)
+
+    p = sub.add_parser("audit", help="empirical privacy audit of the fine-tuning plan (canaries, one run)",
+                       description="Train the fine-tuning plan of the config once with gradient-space canaries, "
+                                   "each included with probability 1/2, and guess from the released noisy "
+                                   "gradients which were included (Steinke, Nasr and Jagielski 2023). The last line "
+                                   "is 'epsilon lower bound: X at 95% confidence; claimed epsilon: Y'. A bound "
+                                   "above the claim means the DP-SGD step is broken. The bound cannot exceed a "
+                                   "ceiling set by the number of canaries (4.6 for 1000). The audit is itself a DP "
+                                   "computation on data.private; no model is kept.")
+    add_config_args(p)
+    p.add_argument("--canaries", type=int, default=1000, help="number of canaries m (default: 1000)")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound (default: 0.95)")
+    p.set_defaults(func=lambda args: run_audit(args.config_obj, args.canaries, args.confidence) and 0)

@@ -1,0 +1,218 @@
+"""The fine-tuning stage fails closed: exact ledger on every path, sane budgets, no secret state on disk."""
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+
+from trainer import cli
+from trainer.config import ConfigError, load_config
+from trainer.errors import RunError
+from trainer.stages import finetune
+from trainer.stages.demo import QUICK
+
+TINY = QUICK + ["data.public.num_examples=520", "data.private.num_examples=1000", "autoencoder.train.batch_size=8",
+                "autoencoder.train.steps=4", "ldm.train.steps=4", "finetune.steps=3", "finetune.checkpoint_every=1",
+                "experiment=ledger"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny pretrained base (autoencoder + LDM) shared by the runs below."""
+    root = tmp_path_factory.mktemp("ledger")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
+    from trainer.stages import pretrain_ae, pretrain_ldm
+    cfg = load_config("demo", TINY + [f"output_dir={root / 'runs'}"])
+    pretrain_ae.run(cfg)
+    pretrain_ldm.run(cfg)
+    yield root
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def tiny(base, name, *extra):
+    return load_config("demo", TINY + [f"output_dir={base / 'runs'}", f"finetune.name={name}", *extra])
+
+
+def run_dir(base, name):
+    return base / "runs" / "ledger" / f"finetune-{name}"
+
+
+def crash_in_step(monkeypatch, k):
+    """Make the engine die inside step ``k`` (after the ledger charged it)."""
+    from trainer.privacy import DPGradientEngine
+    real = DPGradientEngine.finalize
+    calls = {"n": 0}
+
+    def finalize(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == k:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(DPGradientEngine, "finalize", finalize)
+    return lambda: monkeypatch.setattr(DPGradientEngine, "finalize", real)
+
+
+def has_byte_tensor(obj) -> bool:
+    """Torch generator states are uint8 tensors; nothing of the kind may be in a checkpoint."""
+    if isinstance(obj, torch.Tensor):
+        return obj.dtype == torch.uint8
+    if isinstance(obj, dict):
+        return any(has_byte_tensor(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(has_byte_tensor(v) for v in obj)
+    return False
+
+
+@pytest.mark.slow
+def test_lost_ledger_after_a_crash_is_refused_and_nothing_is_recounted(base, monkeypatch, capsys):
+    cfg = tiny(base, "lost")
+    restore = crash_in_step(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg)
+    restore()
+    folder = run_dir(base, "lost")
+    assert json.loads((folder / "ledger.json").read_text())["steps_taken"] == 2
+    state = torch.load(folder / "finetune-state.pt", weights_only=True)
+    assert state["ledger"]["steps_taken"] == 1 and state["step"] == 1  # checkpointed after step 1
+    assert not has_byte_tensor(state) and set(state) == {"optimizer", "step", "mlflow_run_id", "ledger"}
+    (folder / "ledger.json").unlink()
+    with pytest.raises(RunError, match="ledger.json: missing"):
+        finetune.run(cfg)
+    argv = ["finetune", "--output-dir", str(base / "runs"), *TINY, "finetune.name=lost"]
+    assert cli.main(argv) == 1
+    assert "error: " in capsys.readouterr().err
+    assert not (folder / "ledger.json").exists(), "a refused run writes nothing"
+
+
+@pytest.mark.slow
+def test_finished_run_keeps_its_ledger_and_refuses_a_bigger_plan_or_an_older_journal(base):
+    cfg = tiny(base, "done")
+    folder = finetune.run(cfg)
+    report = json.loads((folder / "privacy-report.json").read_text())
+    assert report["steps"] == 3
+    assert "treated as public" in report["N_is_public"] and report["label_names_from"]
+    from safetensors import safe_open
+    with safe_open(str(folder / "finetuned.safetensors"), "pt") as fh:
+        assert json.loads(fh.metadata()["ledger"])["steps_taken"] == 3  # the ledger travels with the weights
+    finetune.run(cfg)  # a rerun of a finished run takes no step and re-accounts nothing
+    assert json.loads((folder / "privacy-report.json").read_text())["steps"] == 3
+
+    config_before = (folder / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="plan of a run cannot change"):
+        finetune.run(tiny(base, "done", "finetune.steps=6"))
+    assert (folder / "config.yaml").read_text() == config_before, "a refused run leaves the config as it was"
+
+    journal = json.loads((folder / "ledger.json").read_text())
+    (folder / "ledger.json").write_text(json.dumps({**journal, "steps_taken": 1}))  # an older copy
+    with pytest.raises(RunError, match="behind"):
+        finetune.run(cfg)
+
+
+@pytest.mark.slow
+def test_a_model_refused_by_the_self_check_is_never_charged(base, monkeypatch):
+    from trainer.privacy import DPGradientEngine, EngineSelfCheckError
+
+    def refuse(self, *a, **kw):
+        self._refuse("module 'x' mixes examples")
+
+    monkeypatch.setattr(DPGradientEngine, "_verify_sums", refuse)
+    with pytest.raises(EngineSelfCheckError):
+        finetune.run(tiny(base, "refused"))
+    folder = run_dir(base, "refused")
+    assert not (folder / "ledger.json").exists() and not (folder / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_secure_noise_and_a_drowning_plan_warns(base, capsys):
+    folder = finetune.run(tiny(base, "secure", "finetune.secure_noise=true", "finetune.epsilon=0.05"))
+    report = json.loads((folder / "privacy-report.json").read_text())
+    assert report["secure_noise"] is True and report["epsilon"] <= 0.05
+    assert report["signal_to_noise_bound"] < 1
+    assert "noise drowns the signal" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,key", [("finetune.epsilon=.inf", "finetune.epsilon"),
+                                          ("finetune.epsilon=1000", "finetune.epsilon"),
+                                          ("finetune.epsilon=.nan", "finetune.epsilon")])
+def test_non_finite_or_absurd_budgets_are_refused(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config("demo", [override])
+
+
+def test_a_noise_multiplier_that_spends_an_absurd_epsilon_is_refused():
+    cfg = load_config("demo", ["finetune.epsilon=null", "finetune.noise_multiplier=0.3", "finetune.steps=2000"])
+    with pytest.raises(ConfigError, match="finetune.noise_multiplier"):
+        finetune.plan_privacy(cfg, num_private=1000)
+
+
+def test_signal_to_noise_bound():
+    from trainer.privacy import signal_to_noise_bound
+    assert signal_to_noise_bound(2.0, 100, 400, 10_000) == pytest.approx(20 * 100 / (2.0 * 100))
+    assert finetune.warn_if_noise_drowns_signal(123.0, 500, 200, 1_662_080) < 1
+
+
+def test_label_names_never_come_from_private_labels():
+    cfg = load_config("demo")
+    assert finetune.label_names(cfg, ["zero", "one"]) == (["zero", "one"], "the data source's declared classes")
+    names, source = finetune.label_names(cfg, [])
+    assert names == [str(i) for i in range(10)] and "new_class_embedder" in source
+    names, source = finetune.label_names(load_config("demo", ["finetune.new_class_embedder=null"]), [])
+    assert len(names) == 26 and "n_classes" in source
+
+
+# --- dpldm audit -----------------------------------------------------------------------------------
+
+AUDIT = ["finetune.epsilon=1", "finetune.expected_batch_size=250", "finetune.physical_batch_size=250",
+         "finetune.steps=12"]
+
+
+def no_clipping(monkeypatch):
+    from trainer.privacy import DPGradientEngine
+    monkeypatch.setattr(DPGradientEngine, "_clip_factors", lambda self, norms: torch.ones_like(norms))
+
+
+def no_noise(monkeypatch):
+    from trainer.privacy import DPGradientEngine
+    monkeypatch.setattr(DPGradientEngine, "_standard_normal", lambda self, shape: torch.zeros(shape))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bug", [None, no_noise, no_clipping])
+def test_audit_catches_a_run_without_noise_or_clipping_and_passes_a_correct_one(base, monkeypatch, bug):
+    if bug is not None:
+        bug(monkeypatch)
+    result = finetune.run_audit(tiny(base, "audit", *AUDIT), canaries=500, seed=11)
+    assert result.claimed <= 1.0
+    if bug is None:
+        assert result.lower_bound <= result.claimed
+    else:
+        assert result.lower_bound > 2.5 * result.claimed, result
+    assert result.lower_bound <= result.ceiling
+
+
+def test_audit_bound_against_direct_binomial_tails():
+    """With delta = 0 the bound is the eps where P[Binomial(r, e^eps / (1 + e^eps)) >= v] = alpha."""
+    from scipy import stats
+
+    from trainer.privacy.audit import epsilon_lower_bound, p_value
+    m, r, v, alpha = 1000, 200, 170, 0.01
+    eps = epsilon_lower_bound(m, r, v, 0.0, alpha)
+    tail = lambda e: stats.binom.sf(v - 1, r, 1 / (1 + math.exp(-e)))  # noqa: E731
+    assert tail(eps) == pytest.approx(alpha, rel=1e-3)
+    assert p_value(m, r, v, eps, 1e-5) > p_value(m, r, v, eps, 0.0), "delta only weakens the bound"
+    assert epsilon_lower_bound(m, r, v, 1e-5, alpha) < eps
+    assert epsilon_lower_bound(m, r, r // 2, 0.0, alpha) == 0.0  # guessing at chance certifies nothing
+
+
+def test_audit_last_line_on_the_cli(base, capsys):
+    argv = ["audit", "--output-dir", str(base / "runs"), "--canaries", "50", *TINY, "finetune.name=cli"]
+    assert cli.main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"epsilon lower bound: \d+\.\d{3} at 95% confidence; claimed epsilon: \d+\.\d{3}", last)

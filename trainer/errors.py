@@ -1,0 +1,9 @@
+"""Errors a user can act on; the CLI prints them as one line (``dpldm <cmd>: error: ...``)."""
+from __future__ import annotations
+
+
+class RunError(RuntimeError):
+    """A stage refuses at run time because of what is on disk or in the data (exit status 1).
+
+    Raised before the stage changes anything, with the file or key to look at.
+    """
