@@ -93,3 +93,12 @@ def test_ledger_state_round_trip():
     other_plan = PrivacyLedger(1.1, 0.05, DELTA, epsilon_budget=5.0, planned_steps=4)
     with pytest.raises(ValueError, match="noise_multiplier"):
         other_plan.load_state_dict(ledger.state_dict())
+
+
+def test_huge_epsilon_falls_back_to_rdp_instead_of_exhausting_memory():
+    """sigma 0.3, q 0.5, 2000 steps: the PRV discretisation would need > 24 GB; RDP is a valid upper bound."""
+    from trainer.privacy.accounting import PRV_RDP_LIMIT
+    eps = epsilon(0.3, 0.5, 2000, 1e-5)
+    assert eps == rdp_epsilon(0.3, 0.5, 2000, 1e-5) > PRV_RDP_LIMIT
+    with pytest.raises(ValueError, match="target_epsilon"):
+        calibrate_noise(float("inf"), 1e-5, 0.01, 10)

@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from trainer.config import ConfigError, load_config
+from trainer.config import QUICK_DEMO, ConfigError, load_config
 from trainer.errors import RunError
 
 STAGE_MODULES = [
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if hasattr(args, "overrides") and args.command != "demo":
-            overrides = list(args.overrides)
+            overrides = (QUICK_DEMO if getattr(args, "quick", False) else []) + list(args.overrides)
             if args.seed is not None:
                 overrides.append(f"seed={args.seed}")
             if args.output_dir:

@@ -19,6 +19,18 @@ from typing import Any, Optional
 import yaml
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# `--quick` (demo, audit): the embedded default on tiny data and few steps; its numbers mean nothing
+QUICK_DEMO = [
+    "experiment=demo-quick",
+    "data.public.num_examples=1040",
+    "data.private.num_examples=2000",
+    "autoencoder.train.steps=20", "autoencoder.train.batch_size=16", "autoencoder.train.checkpoint_every=10",
+    "ldm.train.steps=30", "ldm.train.batch_size=32", "ldm.train.checkpoint_every=10",
+    "finetune.steps=4", "finetune.expected_batch_size=64", "finetune.physical_batch_size=32",
+    "finetune.log_every=1", "finetune.checkpoint_every=2",
+    "sample.ddim_steps=10", "sample.num_per_class=2",
+    "eval.num_per_class=10", "eval.num_real=200", "eval.epochs=2", "eval.metrics=[accuracy]",
+]
 # Above this, (epsilon, delta)-DP bounds the odds of any inference by e^100: no guarantee worth stating.
 MAX_EPSILON = 100.0
 
@@ -74,6 +86,7 @@ class ConditionerConfig:
     n_classes: Optional[int] = None     # class
     embed_dim: Optional[int] = None     # class: context width (= unet.context_dim)
     max_length: int = 77                # text
+    freeze_encoder: bool = False        # text: keep the pretrained encoder frozen in public pretraining too
     label_names: Optional[list] = None  # class: printable names, index = label
 
 
@@ -99,6 +112,7 @@ class FinetuneConfig:
     name: Optional[str] = None           # runs of one base side by side: folder finetune-<name>
     policy: str = "attention"            # attention | attention_blocks | embedder_only | full
     attention_from: int = 1              # attention policy: SpatialTransformers from index k on (1-based)
+    text_encoder_layers: int = 0         # text conditioner: also train its top k layers (0 = encoder frozen)
     new_class_embedder: Optional[int] = None  # number of private classes; replaces the public embedder
     epsilon: Optional[float] = 10.0
     delta: float = 1e-5
@@ -251,6 +265,7 @@ def _validate(cfg: Config) -> None:
     check(ft.steps > 0, "finetune.steps", f"must be > 0, got {ft.steps}")
     check(ft.noise_multiplicity >= 1, "finetune.noise_multiplicity", f"must be >= 1, got {ft.noise_multiplicity}")
     check(ft.attention_from >= 1, "finetune.attention_from", f"counts from 1, got {ft.attention_from}")
+    check(ft.text_encoder_layers >= 0, "finetune.text_encoder_layers", f"must be >= 0, got {ft.text_encoder_layers}")
     check((ft.epsilon is None) != (ft.noise_multiplier is None), "finetune.epsilon",
           "set exactly one of finetune.epsilon (sigma is calibrated) and finetune.noise_multiplier")
     if ft.epsilon is not None:

@@ -5,6 +5,10 @@
 - ``attention_blocks``: the AttentionBlock modules (unconditional models have no SpatialTransformer).
 - ``embedder_only``: the conditioning embedder alone.
 - ``full``: the whole UNet and the embedder (the baseline DP-LDM improves on).
+
+"The embedder" is a class embedder whole; for a pretrained text encoder it is only its
+projection into ``context_dim`` (none when the widths match), plus its top ``text_encoder_layers``
+transformer layers on request: the encoder itself stays frozen (and in eval mode) by default.
 """
 from __future__ import annotations
 
@@ -32,13 +36,30 @@ def _blocks_of(unet: nn.Module, cls: type) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in unet.named_modules() if isinstance(m, cls)]
 
 
-def select_trainable(ldm: nn.Module, policy: str, attention_from: int = 1) -> Selection:
+def embedder_parts(embedder: nn.Module, text_encoder_layers: int = 0) -> list[nn.Module]:
+    """The modules of the conditioning embedder that DP fine-tuning trains (see the module docstring)."""
+    from trainer.models import TextEmbedder
+    if not isinstance(embedder, TextEmbedder):
+        if text_encoder_layers:
+            raise ValueError("finetune.text_encoder_layers: only a text conditioner has encoder layers")
+        return [embedder]
+    layers = embedder.backbone.encoder.layer
+    if not 0 <= text_encoder_layers <= len(layers):
+        raise ValueError(f"finetune.text_encoder_layers must be in 0..{len(layers)}, got {text_encoder_layers}")
+    embedder.freeze_backbone = text_encoder_layers == 0  # a frozen encoder runs in eval mode (no dropout)
+    parts = [embedder.proj] if embedder.proj is not None else []
+    return parts + list(layers[len(layers) - text_encoder_layers:])
+
+
+def select_trainable(ldm: nn.Module, policy: str, attention_from: int = 1, text_encoder_layers: int = 0) -> Selection:
     """Set ``requires_grad`` on ``ldm`` (with ``.unet`` and ``.cond_stage_model``) per ``policy``."""
     from trainer.models import AttentionBlock, SpatialTransformer
     if policy not in POLICIES:
         raise ValueError(f"finetune.policy must be one of {POLICIES}, got {policy!r}")
     ldm.requires_grad_(False)
-    unet, embedder = ldm.unet, ldm.cond_stage_model
+    unet = ldm.unet
+    embedder = embedder_parts(ldm.cond_stage_model, text_encoder_layers)
+    ldm.train(ldm.training)  # applies the embedder's frozen-encoder mode
     chosen: list[nn.Module] = []
     if policy == "attention":
         blocks = _blocks_of(unet, SpatialTransformer)
@@ -48,20 +69,21 @@ def select_trainable(ldm: nn.Module, policy: str, attention_from: int = 1) -> Se
         if not 1 <= attention_from <= len(blocks):
             raise ValueError(f"finetune.attention_from must be in 1..{len(blocks)} (the UNet has "
                              f"{len(blocks)} SpatialTransformers), got {attention_from}")
-        chosen = [m for _, m in blocks[attention_from - 1:]] + [embedder]
+        chosen = [m for _, m in blocks[attention_from - 1:]] + embedder
     elif policy == "attention_blocks":
         blocks = _blocks_of(unet, AttentionBlock)
         if not blocks:
             raise ValueError("finetune.policy=attention_blocks: the UNet has no AttentionBlock")
         chosen = [m for _, m in blocks]
     elif policy == "embedder_only":
-        chosen = [embedder]
+        chosen = embedder
     else:
-        chosen = [unet, embedder]
+        chosen = [unet, *embedder]
     for m in chosen:
         m.requires_grad_(True)
     names = [n for n, p in ldm.named_parameters() if p.requires_grad]
     if not names:
-        raise ValueError(f"finetune.policy={policy}: nothing to train (is the conditioner parameter-free?)")
+        raise ValueError(f"finetune.policy={policy}: nothing to train (the conditioner has no trainable part: "
+                         "a text encoder without projection trains only with finetune.text_encoder_layers > 0)")
     return Selection(policy, names, sum(p.numel() for p in ldm.parameters() if p.requires_grad),
                      sum(p.numel() for p in ldm.parameters()))

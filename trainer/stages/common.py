@@ -166,7 +166,8 @@ def build_conditioner(cfg: Config, n_classes: Optional[int] = None):
             raise ValueError("ldm.conditioner.embed_dim: set it (or ldm.unet.context_dim) for a class conditioner")
         return ClassEmbedder(embed_dim=dim, n_classes=n_classes or c.n_classes)
     if c.type == "text":
-        return TextEmbedder(max_length=c.max_length, context_dim=cfg.ldm.unet.get("context_dim"))
+        return TextEmbedder(max_length=c.max_length, context_dim=cfg.ldm.unet.get("context_dim"),
+                            freeze_backbone=c.freeze_encoder)
     return Unconditional()
 
 

@@ -3,33 +3,52 @@
 Rendered letters (public) -> autoencoder and LDM pretraining -> DP fine-tuning on MNIST at
 epsilon = 10, delta = 1e-5 (SpatialTransformers + a fresh class embedder) -> DDIM samples of
 each digit -> downstream accuracy on the MNIST test split -> MLflow runs with grids, metrics
-and the privacy report. ``--quick`` is a smoke run of a
-few minutes with the same stages on less data and fewer steps (its numbers mean nothing).
+and the privacy report. ``--quick`` is a one-minute smoke run of the same stages on less data
+and fewer steps (its numbers mean nothing).
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
+from trainer.config import QUICK_DEMO as QUICK
 from trainer.config import Config, load_config
 from trainer.tracking import tracking_hint
 
-QUICK = [
-    "experiment=demo-quick",
-    "data.public.num_examples=1040",
-    "data.private.num_examples=2000",
-    "autoencoder.train.steps=20", "autoencoder.train.batch_size=16", "autoencoder.train.checkpoint_every=10",
-    "ldm.train.steps=30", "ldm.train.batch_size=32", "ldm.train.checkpoint_every=10",
-    "finetune.steps=4", "finetune.expected_batch_size=64", "finetune.physical_batch_size=32",
-    "finetune.log_every=1", "finetune.checkpoint_every=2",
-    "sample.ddim_steps=10", "sample.num_per_class=2",
-    "eval.num_per_class=10", "eval.num_real=200", "eval.epochs=2",
-]
+
+TEXT_CAPTIONS = {"public": "the letter {label}", "private": "a handwritten digit {label}"}
+
+
+def prepare_captioned_shards(cfg: Config) -> None:
+    """Write the text demo's shards (idempotent) and point ``data.{public,private}.path`` at them.
+
+    Public: ``data.public.num_examples`` rendered letters; private: the first
+    ``data.private.num_examples`` MNIST training digits; each captioned from its label with
+    ``dpldm prepare``'s ``--caption-template`` (:data:`TEXT_CAPTIONS`). The digits' captions are
+    private data like the digits.
+    """
+    from trainer.data.shards import WriteOptions, write_shards
+    from trainer.data.sources import letters_source, mnist_source
+    root = Path(cfg.output_dir) / cfg.experiment / "data"
+    public, private = cfg.data.public, cfg.data.private
+    jobs = {"public": ("letters", lambda: letters_source(public.num_examples, 28, public.seed), None),
+            "private": ("mnist", lambda: mnist_source("train"), private.num_examples)}
+    for key, (name, source, limit) in jobs.items():
+        if getattr(cfg.data, key).path:  # the user's own shards
+            continue
+        out = root / name
+        options = WriteOptions(caption_template=TEXT_CAPTIONS[key], limit=limit)
+        command = f"dpldm prepare {name} --caption-template '{TEXT_CAPTIONS[key]}'" + (f" --limit {limit}" if limit else "")
+        write_shards(source(), out, options, resume=(out / "progress.json").is_file(), command=f"{command} {out}")
+        getattr(cfg.data, key).path = str(out)
 
 
 def run_demo(cfg: Config) -> dict:
     from trainer.stages import finetune, pretrain_ae, pretrain_ldm
     t0 = time.time()
+    if cfg.ldm.conditioner.type == "text":
+        prepare_captioned_shards(cfg)
     ae_dir = pretrain_ae.run(cfg)
     ldm_dir = pretrain_ldm.run(cfg)
     ft_dir = finetune.run(cfg)
@@ -40,14 +59,16 @@ def run_demo(cfg: Config) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    overrides = (QUICK if args.quick else []) + list(args.overrides)
+    quick = QUICK if not args.text else [o.replace("=demo-quick", "=demo-text-quick") for o in QUICK]
+    overrides = (quick if args.quick else []) + list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config or ("demo-text" if args.text else "demo"), overrides)
     out = run_demo(cfg)
+    what = "prompted digits" if args.text else "digits"
     print("\n== DP-LDM demo finished in {:.1f} min ==".format(out["minutes"]))
     print(f"public letters, pretrained LDM samples: {out['ldm'] / 'samples.png'}")
-    print(f"DP fine-tuned digits:                   {out['finetune'] / 'samples.png'}")
+    print(f"DP fine-tuned {what}:{' ' * (24 - len(what))}{out['finetune'] / 'samples.png'}")
     print(f"privacy report:                         {out['finetune'] / 'privacy-report.json'}")
     for key, value in out["metrics"].items():
         print(f"{key}: {value:.4f}")
@@ -58,8 +79,11 @@ def main(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded default",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a few-minute smoke run (tiny data and steps)")
-    p.add_argument("--config", default="demo", help="experiment YAML (default: the embedded demo)")
+    p.add_argument("--quick", action="store_true", help="a one-minute smoke run (tiny data and steps)")
+    p.add_argument("--text", action="store_true",
+                   help="the text-conditioned demo (configs/demo-text.yaml): captioned letters and digits as "
+                        "webdataset shards, the MiniLM text encoder, sampling from public prompts")
+    p.add_argument("--config", help="experiment YAML (default: the embedded demo, or demo-text with --text)")
     p.add_argument("--output-dir", help="override output_dir")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(func=main)

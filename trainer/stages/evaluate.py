@@ -114,8 +114,9 @@ def _format_metric(key: str, value: float) -> str:
 def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = None,
                         num_per_class: Optional[int] = None, log: bool = True) -> dict[str, float]:
     """Generate labelled samples from a ``finetune``/``pretrain-ldm`` run folder (one batch of
-    ``eval.num_per_class`` per class, public class labels as inputs), score them against the
-    config's ``data.test`` split and log the results to the MLflow run of that checkpoint."""
+    ``eval.num_per_class`` per class, public class labels as inputs, or for a text model the
+    public ``sample.prompts``, one per class), score them against the config's ``data.test``
+    split and log the results to the MLflow run of that checkpoint."""
     import torch
 
     from trainer.stages.sample import generate, load_pipeline
@@ -129,7 +130,14 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
         raise ValueError("data.test: checkpoint evaluation supports the MNIST test split; "
                          "for other sets run `dpldm sample` then `dpldm evaluate --samples DIR --real PATH`")
     labels = torch.arange(len(names)).repeat_interleave(num_per_class or ev.num_per_class)
-    images = generate(ldm, autoencoder, labels, tuple(meta["latent_shape"]), cfg,
+    conds = labels
+    if cfg.ldm.conditioner.type == "text":  # public prompts, one per class in label order, label the samples
+        prompts = cfg.sample.prompts or []
+        if len(prompts) != len(names):
+            raise ValueError(f"sample.prompts: a text model is evaluated with one public prompt per class "
+                             f"({len(names)}: {', '.join(names)}), in label order; got {len(prompts)}")
+        conds = [prompts[int(k)] for k in labels]
+    images = generate(ldm, autoencoder, conds, tuple(meta["latent_shape"]), cfg,
                       torch.Generator().manual_seed(cfg.seed))
     uint8 = ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     samples = images_from_array(uint8, labels=labels.numpy(), class_names=names, description=f"samples of {run_dir}")

@@ -32,6 +32,8 @@ from trainer.tracking import start_run
 
 if TYPE_CHECKING:
     from trainer.distributed import DistributedRun
+    from trainer.privacy import DPGradientEngine
+    from trainer.selection import Selection
 
 STATE_FILE = "finetune-state.pt"
 WEIGHTS_FILE = "finetuned.safetensors"
@@ -240,23 +242,18 @@ def run(cfg: Config) -> Path:
 @dataclass
 class DPSession:
     """One DP fine-tuning run, built from the config with nothing written yet (see :func:`_prepare`)."""
-    cfg: Config
-    rt: Union["SingleProcess", "DistributedRun"]
-    run_dir: Path
     base_dir: Path
     ldm: torch.nn.Module
     autoencoder: torch.nn.Module
-    selection: object                    # trainer.selection.Selection
+    selection: "Selection"
     n: int                               # private examples (treated as public, see N_IS_PUBLIC)
     names: list[str]
     names_source: str
     q: float
     sigma: float
     signal_to_noise: float
-    ledger: object                       # PrivacyLedger
-    engine: object                       # DPGradientEngine
-    sampler: object                      # PoissonBatchSampler
-    state: TrainState
+    engine: "DPGradientEngine"
+    state: TrainState                    # trainable params, optimizer, sampler, ledger
     latent_shape: tuple[int, ...]
     example_losses: Callable[[torch.Tensor], torch.Tensor]
     probe_losses: Callable[[torch.Tensor], torch.Tensor]
@@ -294,7 +291,10 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         dim = ldm.cond_stage_model.embedding.embedding_dim
         torch.manual_seed(cfg.seed)  # public initialisation of the fresh embedder (the same on every rank)
         ldm.cond_stage_model = ClassEmbedder(embed_dim=dim, n_classes=ft.new_class_embedder)
-    selection = select_trainable(ldm, ft.policy, ft.attention_from)
+    try:
+        selection = select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers)
+    except ValueError as err:  # the messages name the finetune.* key
+        raise ConfigError(str(err)) from None
     trainable = {name: p for name, p in ldm.named_parameters() if p.requires_grad}
     snr = warn_if_noise_drowns_signal(sigma, ft.expected_batch_size, ft.steps, selection.trainable_count) \
         if rt.is_main else float("nan")
@@ -348,8 +348,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         out = ldm.eps(x[rows].to(mean.device), t[rows].to(mean.device), context)
         return (out - target[rows].to(out.device)).pow(2).flatten(1).mean(dim=1)
 
-    return DPSession(cfg, rt, run_dir, base_dir, ldm, autoencoder, selection, n, names, names_source, q, sigma, snr,
-                     ledger, engine, sampler, state, tuple(mean.shape[1:]), example_losses, probe_losses)
+    return DPSession(base_dir, ldm, autoencoder, selection, n, names, names_source, q, sigma, snr, engine, state,
+                     tuple(mean.shape[1:]), example_losses, probe_losses)
 
 
 def _restore_ledger(run_dir: Path, ledger, checkpoint: Checkpoint) -> None:
@@ -379,7 +379,8 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
     ft = cfg.finetune
     run_dir = stage_dir(cfg, "finetune")
     session = _prepare(cfg, rt, run_dir)
-    ldm, ledger, engine, state = session.ldm, session.ledger, session.engine, session.state
+    ldm, engine, state = session.ldm, session.engine, session.state
+    ledger = state.ledger
     checkpoint = rt.resume(run_dir, state)  # weights and optimizer; the sampler continues at the step
     _restore_ledger(run_dir, ledger, checkpoint)  # ... and the ledger from its journal, which counts every step
     step = checkpoint.step
@@ -412,7 +413,7 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
 
         ldm.train()
         bar = tqdm(total=ft.steps, initial=step, desc="finetune (DP)", dynamic_ncols=True, disable=not rt.is_main)
-        batches = iter(session.sampler)
+        batches = iter(state.sampler)
         while step < ft.steps:
             try:
                 ledger.record_step()  # raises before a step past the plan or the budget
@@ -481,7 +482,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
     ft, rt = cfg.finetune, SingleProcess()
     run_dir = stage_dir(cfg, "audit")
     session = _prepare(cfg, rt, run_dir, seed)
-    engine, ledger, optimizer = session.engine, session.ledger, session.state.optimizer
+    engine, ledger, optimizer = session.engine, session.state.ledger, session.state.optimizer
     params = [p for _, p in engine.params]
     dim = sum(p.numel() for p in params)
     if not 1 <= canaries <= dim:
@@ -491,7 +492,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
     marks = GradientCanaries(canaries, dim, CANARY_NORM * ft.max_grad_norm,
                              entropy_generator() if seed is None else torch.Generator().manual_seed(seed))
     session.ldm.train()
-    batches = iter(session.sampler)
+    batches = iter(session.state.sampler)
     for _ in tqdm(range(ft.steps), desc="audit (DP + canaries)", dynamic_ncols=True):
         ledger.record_step()
         for idx in next(batches):
@@ -540,6 +541,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "ceiling set by the number of canaries (4.6 for 1000). The audit is itself a DP "
                                    "computation on data.private; no model is kept.")
     add_config_args(p)
+    p.add_argument("--quick", action="store_true", help="on the quick demo settings (as `dpldm demo --quick`)")
     p.add_argument("--canaries", type=int, default=1000, help="number of canaries m (default: 1000)")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound (default: 0.95)")
     p.set_defaults(func=lambda args: run_audit(args.config_obj, args.canaries, args.confidence) and 0)
