@@ -1,11 +1,11 @@
 """The fine-tuning stage fails closed: exact ledger on every path, sane budgets, no secret state on disk."""
 import json
 import math
-import os
 import re
 
 import pytest
 import torch
+from conftest import mlflow_store
 
 from trainer import cli
 from trainer.config import ConfigError, load_config
@@ -21,18 +21,12 @@ TINY = QUICK + ["data.public.num_examples=520", "data.private.num_examples=1000"
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny pretrained base (autoencoder + LDM) shared by the runs below."""
-    root = tmp_path_factory.mktemp("ledger")
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
     from trainer.stages import pretrain_ae, pretrain_ldm
-    cfg = load_config("demo", TINY + [f"output_dir={root / 'runs'}"])
-    pretrain_ae.run(cfg)
-    pretrain_ldm.run(cfg)
-    yield root
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+    with mlflow_store(tmp_path_factory.mktemp("ledger")) as root:
+        cfg = load_config("demo", TINY + [f"output_dir={root / 'runs'}"])
+        pretrain_ae.run(cfg)
+        pretrain_ldm.run(cfg)
+        yield root
 
 
 def tiny(base, name, *extra):

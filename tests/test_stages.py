@@ -1,9 +1,9 @@
 """End-to-end stages on tiny settings: demo --quick, resume, sampling, CLI errors, privacy plan checks."""
 import json
-import os
 
 import pytest
 import torch
+from conftest import mlflow_store
 
 from trainer import cli
 from trainer.config import ConfigError, load_config
@@ -16,14 +16,8 @@ TINY = QUICK + ["data.public.num_examples=520", "data.private.num_examples=1000"
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stages")
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
-    yield root
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+    with mlflow_store(tmp_path_factory.mktemp("stages")) as root:
+        yield root
 
 
 @pytest.mark.slow

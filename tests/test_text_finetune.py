@@ -1,6 +1,7 @@
 """Text-conditioned DP fine-tuning: what trains (the encoder stays frozen), and exact clipping on it."""
 import pytest
 import torch
+from conftest import mlflow_store
 
 from trainer.config import load_config
 from trainer.models import SpatialTransformer, TextEmbedder
@@ -97,26 +98,19 @@ def test_text_fine_tuning_is_exact_against_the_reference_and_a_brute_force_loop(
 # --- the whole text path -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory):
-    import os
-    root = tmp_path_factory.mktemp("text")
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
-    yield root
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+def store(tmp_path_factory):
+    with mlflow_store(tmp_path_factory.mktemp("text")) as root:
+        yield root
 
 
 @pytest.mark.slow
-def test_demo_text_quick_then_sampling_from_public_prompts(mlflow_store, capsys):
+def test_demo_text_quick_then_sampling_from_public_prompts(store, capsys):
     import json
 
     import mlflow
 
     from trainer import cli
-    runs = mlflow_store / "runs"
+    runs = store / "runs"
     assert cli.main(["demo", "--text", "--quick", "--output-dir", str(runs)]) == 0
     out = capsys.readouterr().out
     assert "eval.accuracy" in out and "prompted digits" in out
@@ -125,6 +119,12 @@ def test_demo_text_quick_then_sampling_from_public_prompts(mlflow_store, capsys)
     digits = json.loads((data / "mnist" / "meta.json").read_text())
     assert letters["captions"]["template"] == "the letter {label}" and letters["count"] == 1040
     assert digits["captions"]["with_captions"] == digits["count"] == 2000
+    from trainer.config import QUICK_DEMO, load_config
+    from trainer.stages.demo import prepare_captioned_shards
+    cfg = load_config("demo-text", QUICK_DEMO + ["experiment=demo-text-quick", f"output_dir={runs}"])
+    prepare_captioned_shards(cfg)  # a second demo run keeps the finished shards
+    assert cfg.data.private.path == str(data / "mnist")
+    assert json.loads((data / "mnist" / "meta.json").read_text())["created"] == digits["created"]
     ft = runs / "demo-text-quick" / "finetune"
     report = json.loads((ft / "privacy-report.json").read_text())
     assert 0 < report["epsilon"] <= 10 and report["data"].startswith("shards:")
@@ -134,14 +134,14 @@ def test_demo_text_quick_then_sampling_from_public_prompts(mlflow_store, capsys)
     finetune_runs = mlflow.search_runs(experiment_names=["demo-text-quick"])
     ft_run = finetune_runs[finetune_runs["tags.mlflow.runName"] == "finetune"].iloc[0]
     assert ft_run["metrics.eval.accuracy"] >= 0
-    samples = mlflow_store / "samples"
+    samples = store / "samples"
     assert cli.main(["sample", "--checkpoint", str(ft), "--prompts", "a handwritten digit 4", "--num", "2",
                      "--out", str(samples), "--ddim-steps", "3"]) == 0
     assert len(list((samples / "all").glob("*.png"))) == 2
 
 
 @pytest.mark.slow
-def test_the_shipped_celebahq_text_config_fine_tunes_at_tiny_size(mlflow_store, tmp_path):
+def test_the_shipped_celebahq_text_config_fine_tunes_at_tiny_size(store, tmp_path):
     """configs/celebahq256-text.yaml through the full code path: captioned folder -> shards -> AE, LDM, DP."""
     import json
 
@@ -161,7 +161,7 @@ def test_the_shipped_celebahq_text_config_fine_tunes_at_tiny_size(mlflow_store, 
         write_shards(imagefolder_source(folder), tmp_path / split, WriteOptions(samples_per_shard=16),
                      progress_bar=False)
     cfg = load_config("celebahq256-text", [
-        f"output_dir={mlflow_store / 'runs'}", f"data.public.path={tmp_path / 'public'}",
+        f"output_dir={store / 'runs'}", f"data.public.path={tmp_path / 'public'}",
         f"data.private.path={tmp_path / 'private'}", "data.public.resolution=16", "data.private.resolution=16",
         "data.public.num_workers=0", "autoencoder.ddconfig.resolution=16", "autoencoder.ddconfig.ch=16",
         "autoencoder.ddconfig.ch_mult=[1,2]", "autoencoder.ddconfig.num_res_blocks=1",

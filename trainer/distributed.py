@@ -30,7 +30,8 @@ their metadata), and one file per rank with its optimizer shard and the step cou
 or generator state is ever written (it would let a reader replay batch membership and noise).
 ``latest.json`` (with the ledger) is written last. A resume, on any world size, re-shards the
 optimizer state exactly and starts fresh OS-entropy samplers and generators at the saved step;
-the privacy ledger is the run's ``ledger.json`` journal, checked against the checkpoint's copy. (DeepSpeed's own ZeRO checkpoints
+the privacy ledger is the run's ``ledger.json`` journal, checked against the checkpoint's copy.
+(DeepSpeed's own ZeRO checkpoints
 would store the frozen weights, which never change, and reload only on the same world size.)
 """
 from __future__ import annotations

@@ -15,8 +15,9 @@ without clipping gives a bound far above a small claim.
 
 The bound cannot exceed a ceiling set by the number of canaries: with ``r`` guesses, all correct,
 it is ``log(p / (1 - p))`` with ``p = alpha ** (1 / r)`` (see :func:`ceiling`): at 95% confidence,
-2.2 for m = 100, 3.9 for m = 500, 4.6 for m = 1000, 6.2 for m = 5000. One-run audits are loose for a correct run (the bound is typically well below
-the claim even for a tight implementation); they are a test for bugs, not a measurement of epsilon.
+2.2 for m = 100, 3.9 for m = 500, 4.6 for m = 1000, 6.2 for m = 5000. One-run audits are loose
+for a correct run (the bound is typically well below the claim even for a tight implementation);
+they are a test for bugs, not a measurement of epsilon.
 
 What the canaries audit is the DP-SGD step itself: clipping, noise once per coordinate, the
 division, Poisson sampling and the accounting of epsilon. The per-example gradients of real

@@ -39,8 +39,9 @@ def prepare_captioned_shards(cfg: Config) -> None:
             continue
         out = root / name
         options = WriteOptions(caption_template=TEXT_CAPTIONS[key], limit=limit)
-        command = f"dpldm prepare {name} --caption-template '{TEXT_CAPTIONS[key]}'" + (f" --limit {limit}" if limit else "")
-        write_shards(source(), out, options, resume=(out / "progress.json").is_file(), command=f"{command} {out}")
+        command = f"dpldm prepare {name} --caption-template '{TEXT_CAPTIONS[key]}'"
+        command += f" --limit {limit} {out}" if limit else f" {out}"
+        write_shards(source(), out, options, resume=True, command=command)  # finished: kept; interrupted: resumed
         getattr(cfg.data, key).path = str(out)
 
 

@@ -313,6 +313,7 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
 
     ledger = PrivacyLedger(sigma, q, ft.delta, planned_steps=ft.steps,
                            epsilon_budget=ft.epsilon or epsilon(sigma, q, ft.steps, ft.delta))
+
     def generator(k: int) -> torch.Generator:
         return entropy_generator() if seed is None else torch.Generator().manual_seed(seed + k)
 
@@ -384,7 +385,7 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
     checkpoint = rt.resume(run_dir, state)  # weights and optimizer; the sampler continues at the step
     _restore_ledger(run_dir, ledger, checkpoint)  # ... and the ledger from its journal, which counts every step
     step = checkpoint.step
-    rt.check_engine(engine, session.probe_losses, PROBE_SIZE)  # a model the engine cannot handle is refused here, uncharged
+    rt.check_engine(engine, session.probe_losses, PROBE_SIZE)  # refuses a model it cannot handle, uncharged
     rt.barrier()  # every rank has read the ledger before rank 0 journals the next step
     if rt.is_main:
         print(session.selection.summary())
