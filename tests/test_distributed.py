@@ -337,6 +337,10 @@ def test_zero3_finetune_interrupted_and_resumed_on_another_world_size(pretrained
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"] == 2
     assert sorted(p.name for p in (run_dir / "checkpoints" / "step-000002").iterdir()) == [
         "rank-00000-of-00002.pt", "rank-00001-of-00002.pt", "trainable.safetensors"]
+    assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["ledger"]["steps_taken"] == 2
+    for rank in (0, 1):  # optimizer shard and step only: no sampler or generator state to replay batches or noise
+        shard = torch.load(run_dir / "checkpoints" / "step-000002" / f"rank-{rank:05d}-of-00002.pt", weights_only=True)
+        assert set(shard) == {"step", "rank", "world_size", "optimizer"}
 
     # resumed as one plain process (a world of one) with the same DeepSpeed config: it finishes the plan
     _run([sys.executable, "-m", "trainer.cli", "finetune", *overrides], tmp)
