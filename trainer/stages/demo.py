@@ -4,7 +4,9 @@ Rendered letters (public) -> autoencoder and LDM pretraining -> DP fine-tuning o
 epsilon = 10, delta = 1e-5 (SpatialTransformers + a fresh class embedder) -> DDIM samples of
 each digit -> downstream accuracy on the MNIST test split -> MLflow runs with grids, metrics
 and the privacy report. ``--quick`` is a one-minute smoke run of the same stages on less data
-and fewer steps (its numbers mean nothing).
+and fewer steps (its numbers mean nothing). ``--text`` runs the same pipeline text-conditioned
+(configs/demo-text.yaml): captioned letters and digits written as webdataset shards, the frozen
+MiniLM encoder, samples and evaluation from public prompts.
 """
 from __future__ import annotations
 
@@ -32,15 +34,16 @@ def prepare_captioned_shards(cfg: Config) -> None:
     from trainer.data.sources import letters_source, mnist_source
     root = Path(cfg.output_dir) / cfg.experiment / "data"
     public, private = cfg.data.public, cfg.data.private
-    jobs = {"public": ("letters", lambda: letters_source(public.num_examples, 28, public.seed), None),
-            "private": ("mnist", lambda: mnist_source("train"), private.num_examples)}
-    for key, (name, source, limit) in jobs.items():
+    jobs = {"public": ("letters", lambda: letters_source(public.num_examples, 28, public.seed), None,
+                       f"--count {public.num_examples} --size 28 --seed {public.seed}"),
+            "private": ("mnist", lambda: mnist_source("train"), private.num_examples,
+                        f"--split train --limit {private.num_examples}")}
+    for key, (name, source, limit, args) in jobs.items():
         if getattr(cfg.data, key).path:  # the user's own shards
             continue
         out = root / name
         options = WriteOptions(caption_template=TEXT_CAPTIONS[key], limit=limit)
-        command = f"dpldm prepare {name} --caption-template '{TEXT_CAPTIONS[key]}'"
-        command += f" --limit {limit} {out}" if limit else f" {out}"
+        command = f"dpldm prepare {name} {args} --caption-template '{TEXT_CAPTIONS[key]}' {out}"
         write_shards(source(), out, options, resume=True, command=command)  # finished: kept; interrupted: resumed
         getattr(cfg.data, key).path = str(out)
 
