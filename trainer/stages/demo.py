@@ -37,7 +37,7 @@ def prepare_captioned_shards(cfg: Config) -> None:
     jobs = {"public": ("letters", lambda: letters_source(public.num_examples, 28, public.seed), None,
                        f"--count {public.num_examples} --size 28 --seed {public.seed}"),
             "private": ("mnist", lambda: mnist_source("train"), private.num_examples,
-                        f"--split train --limit {private.num_examples}")}
+                        "--split train" + (f" --limit {private.num_examples}" if private.num_examples else ""))}
     for key, (name, source, limit, args) in jobs.items():
         if getattr(cfg.data, key).path:  # the user's own shards
             continue
