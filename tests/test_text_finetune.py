@@ -163,7 +163,7 @@ def test_the_shipped_celebahq_text_config_fine_tunes_at_tiny_size(store, tmp_pat
     cfg = load_config("celebahq256-text", [
         f"output_dir={store / 'runs'}", f"data.public.path={tmp_path / 'public'}",
         f"data.private.path={tmp_path / 'private'}", "data.public.resolution=16", "data.private.resolution=16",
-        "data.public.num_workers=0", "autoencoder.ddconfig.resolution=16", "autoencoder.ddconfig.ch=16",
+        "data.public.num_workers=0", "autoencoder.ddconfig.resolution=16", "autoencoder.ddconfig.ch=32",
         "autoencoder.ddconfig.ch_mult=[1,2]", "autoencoder.ddconfig.num_res_blocks=1",
         "autoencoder.train={steps: 2, batch_size: 4, checkpoint_every: 2}",
         "ldm.unet.image_size=8", "ldm.unet.model_channels=32", "ldm.unet.channel_mult=[1,2]",
