@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -471,8 +472,6 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
     resolved config and ``audit-report.json``. The audit is itself a DP computation on
     ``data.private`` with the plan's (epsilon, delta). Returns a ``trainer.privacy.audit.AuditResult``.
     """
-    import os
-
     from trainer.privacy import entropy_generator
     from trainer.privacy.audit import CANARY_NORM, GradientCanaries, audit, scores
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.finetune.deepspeed_config:
