@@ -48,7 +48,7 @@ from trainer.config import Config, load_config  # noqa: E402
 from trainer.pipeline import LatentDiffusion  # noqa: E402
 from trainer.privacy import DPGradientEngine  # noqa: E402
 from trainer.selection import select_trainable  # noqa: E402
-from trainer.stages.pretrain_ldm import build_ldm  # noqa: E402
+from trainer.stages.common import build_ldm  # noqa: E402
 
 # Reference mode's cost grows with the square of the batch: at 32 the default CPU run stays
 # within ~3 minutes on a busy 2-core machine.

@@ -41,7 +41,7 @@ def tiny_problem():
     and a fixed (timestep, noise) draw per example: the same on every process."""
     from trainer.selection import select_trainable
     from trainer.stages.common import build_autoencoder
-    from trainer.stages.pretrain_ldm import build_ldm
+    from trainer.stages.common import build_ldm
     cfg = load_config("demo", TINY)
     torch.manual_seed(0)
     ldm, autoencoder = build_ldm(cfg, 0.5), build_autoencoder(cfg)

@@ -5,7 +5,7 @@ import torch
 from trainer.config import load_config
 from trainer.models import AttentionBlock, SpatialTransformer
 from trainer.selection import select_trainable
-from trainer.stages.pretrain_ldm import build_ldm
+from trainer.stages.common import build_ldm
 
 
 def tiny_ldm(attention_blocks: bool = False):

@@ -7,7 +7,7 @@ from trainer.config import load_config
 from trainer.models import SpatialTransformer, TextEmbedder
 from trainer.privacy import DPGradientEngine
 from trainer.selection import select_trainable
-from trainer.stages.pretrain_ldm import build_ldm
+from trainer.stages.common import build_ldm
 
 PROMPTS = ["a handwritten digit seven", "the digit 3, bold", "zero", "a thin one written quickly", ""]
 

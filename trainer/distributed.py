@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 DEEPSPEED_CONFIGS = REPO_CONFIGS / "deepspeed"
 DEFAULT_DEEPSPEED_CONFIG: dict = {"zero_optimization": {"stage": 0}}
 CHECKPOINTS = "checkpoints"
+WEIGHTS_FILE = "finetuned.safetensors"   # the fine-tuned parameters, read by `dpldm sample`
+STATE_FILE = "finetune-state.pt"         # resume state of a one-process run
 LATEST = "latest.json"
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "torch.bfloat16": torch.bfloat16}
 
@@ -567,7 +569,6 @@ class DistributedRun:
 
     def save_checkpoint(self, run_dir: Path, step: int, mlflow_run_id: Optional[str], state: TrainState) -> None:
         """Every rank writes its shard; rank 0 the weights, then ``latest.json``; older steps are removed."""
-        from trainer.stages.finetune import WEIGHTS_FILE
         root = run_dir / CHECKPOINTS
         folder = root / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -589,7 +590,6 @@ class DistributedRun:
 
     def resume(self, run_dir: Path, state: TrainState) -> Checkpoint:
         """Restore the last checkpoint (any world size); an empty :class:`Checkpoint` if there is none."""
-        from trainer.stages.finetune import STATE_FILE
         if (run_dir / STATE_FILE).is_file():
             raise ConfigError(f"{run_dir}: this run was checkpointed by a single process ({STATE_FILE}); "
                               "resume it as a single process")

@@ -156,6 +156,15 @@ def build_unet(cfg: Config):
     return UNetModel(**cfg.ldm.unet)
 
 
+def build_ldm(cfg: Config, scale_factor: float = 1.0, n_classes: Optional[int] = None):
+    """The LatentDiffusion of ``cfg.ldm`` (UNet, conditioner, schedule); ``n_classes`` overrides the class count."""
+    from trainer.diffusion import NoiseSchedule
+    from trainer.pipeline import LatentDiffusion
+    s = cfg.ldm.schedule
+    return LatentDiffusion(build_unet(cfg), build_conditioner(cfg, n_classes),
+                           NoiseSchedule(s.timesteps, s.linear_start, s.linear_end), scale_factor)
+
+
 def build_conditioner(cfg: Config, n_classes: Optional[int] = None):
     """The conditioning embedder of ``ldm.conditioner`` (``n_classes`` overrides the class count)."""
     from trainer.models import ClassEmbedder, TextEmbedder, Unconditional

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.config import MAX_EPSILON, Config, ConfigError
-from trainer.distributed import CHECKPOINTS, Checkpoint, TrainState, load_trainable
+from trainer.distributed import CHECKPOINTS, STATE_FILE, WEIGHTS_FILE, Checkpoint, TrainState, load_trainable
 from trainer.errors import RunError
 from trainer.selection import select_trainable
 from trainer.stages.common import (conditions, load_image_source, load_state, save_run_config, save_state,
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
     from trainer.privacy import DPGradientEngine
     from trainer.selection import Selection
 
-STATE_FILE = "finetune-state.pt"
-WEIGHTS_FILE = "finetuned.safetensors"
 LEDGER_FILE = "ledger.json"
 REPORT_FILE = "privacy-report.json"
 PROBE_SIZE = 4  # public stand-in examples of the engine's self-check

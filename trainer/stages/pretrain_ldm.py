@@ -10,9 +10,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.config import Config
-from trainer.diffusion import NoiseSchedule
-from trainer.pipeline import LatentDiffusion
-from trainer.stages.common import (build_conditioner, build_unet, conditions, load_autoencoder, load_image_source,
+from trainer.stages.common import (build_ldm, conditions, load_autoencoder, load_image_source,
                                    public_batches, public_label_names, save_run_config, seed_everything, stage_dir,
                                    write_json)
 from trainer.stages.loop import Trainer
@@ -28,12 +26,6 @@ def encode_images(autoencoder, images: torch.Tensor, batch_size: int = 256, desc
         means.append(m)
         stds.append(s)
     return torch.cat(means), torch.cat(stds)
-
-
-def build_ldm(cfg: Config, scale_factor: float = 1.0, n_classes: int | None = None) -> LatentDiffusion:
-    s = cfg.ldm.schedule
-    return LatentDiffusion(build_unet(cfg), build_conditioner(cfg, n_classes),
-                           NoiseSchedule(s.timesteps, s.linear_start, s.linear_end), scale_factor)
 
 
 def latent_batches(cfg: Config, autoencoder, batch_size: int, gen: torch.Generator) -> Iterator[tuple]:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from trainer.config import Config, load_config
 from trainer.pipeline import LatentDiffusion
-from trainer.stages.common import load_autoencoder, load_weights, save_grid, seed_everything
+from trainer.stages.common import build_ldm, load_autoencoder, load_weights, save_grid, seed_everything
 
 
 def load_pipeline(run_dir: str | Path) -> tuple[LatentDiffusion, torch.nn.Module, dict, Config]:
@@ -24,7 +24,6 @@ def load_pipeline(run_dir: str | Path) -> tuple[LatentDiffusion, torch.nn.Module
     A fine-tuned folder holds only the trained parameters (``finetuned.safetensors``) and
     ``finetune.json`` naming its frozen base; they are laid over the base weights.
     """
-    from trainer.stages.pretrain_ldm import build_ldm
     run_dir = Path(run_dir)
     ft_meta_path = run_dir / "finetune.json"
     ft_meta = json.loads(ft_meta_path.read_text()) if ft_meta_path.is_file() else None
