@@ -43,6 +43,9 @@ def test_multiplicity_averages_draws():
 def test_ddim_grid_matches_ldm():
     assert ddim_timesteps(50, 1000)[:3].tolist() == [1, 21, 41]
     assert len(ddim_timesteps(50, 1000)) == 50
+    from ldm.modules.diffusionmodules.util import make_ddim_timesteps  # the CompVis grid, step counts that
+    for steps in (1, 7, 30, 50, 200, 999):                             # do not divide 1000 included
+        assert ddim_timesteps(steps, 1000).tolist() == make_ddim_timesteps("uniform", steps, 1000, False).tolist()
 
 
 def test_ddim_shape_determinism_and_guidance():

@@ -22,6 +22,10 @@ def store(tmp_path, monkeypatch):
         with mlflow.start_run(run_name=name, experiment_id=experiment_id):
             mlflow.log_params({"finetune.policy": policy, "params.trainable": 12345})
             mlflow.log_metrics(metrics)
+    # a fine-tuning run of an older version: run name "finetune", its folder name in finetune.name
+    with mlflow.start_run(run_name="finetune", experiment_id=experiment_id, tags={"stage": "finetune"}):
+        mlflow.log_params({"finetune.policy": "all", "finetune.name": "eps3"})
+        mlflow.log_metrics({"privacy.epsilon": 3.0, "eval.accuracy": 0.7})
     yield tmp_path
     mlflow.set_tracking_uri(None)
 
@@ -36,15 +40,20 @@ def _run(argv) -> int:
 def test_compare_prints_every_run_and_writes_the_plot(store, capsys):
     out = store / "report"
     assert _run(["compare", "--experiment", "mnist-dp", "--out", str(out)]) == 0
+    assert not mlflow.search_runs(experiment_names=["mnist-dp"], filter_string="tags.`dpldm.stage` = 'compare'",
+                                  output_format="list")  # reading runs adds none
+    assert (out / "accuracy_vs_epsilon.png").is_file()  # the default metric: the one every evaluation has
+    capsys.readouterr()
+    assert _run(["compare", "--experiment", "mnist-dp", "--out", str(out), "--metric", "fid", "--log"]) == 0
     text = capsys.readouterr().out
     lines = {line.split()[0]: line for line in text.splitlines() if line.strip()}
-    assert "attn-eps1" in lines and "attn-eps10" in lines and "late-eps5" in lines
+    assert "attn-eps1" in lines and "attn-eps10" in lines and "late-eps5" in lines and "finetune-eps3" in lines
     assert "40.5" in lines["attn-eps1"] and "0.81" in lines["attn-eps1"] and "12345" in lines["attn-eps1"]
     assert " - " in lines["attn-eps10"] + " "  # no accuracy logged for that run
     assert lines["late-eps5"].split()[2:4] == ["-", "12345"]  # delta missing, trainable present
     plot = out / "fid_vs_epsilon.png"
     assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "runs.txt").read_text().count("\n") == 4  # header + 3 runs
+    assert (out / "runs.txt").read_text().count("\n") == 5  # header + 4 runs
 
     # the comparison is logged as its own run, and later comparisons do not list it
     compare_runs = mlflow.search_runs(experiment_names=["mnist-dp"], filter_string="tags.`dpldm.stage` = 'compare'",
@@ -54,6 +63,5 @@ def test_compare_prints_every_run_and_writes_the_plot(store, capsys):
     assert "compare/fid_vs_epsilon.png" in artifacts
     table, _ = evaluate.compare_runs("mnist-dp", "accuracy", out, log=False)
     assert "compare" not in [line.split()[0] for line in table.splitlines()]
-    assert (out / "accuracy_vs_epsilon.png").is_file()
     with pytest.raises(ValueError, match="no-such-experiment"):
         evaluate.compare_runs("no-such-experiment")

@@ -53,6 +53,13 @@ def crash_in_step(monkeypatch, k):
     return lambda: monkeypatch.setattr(DPGradientEngine, "finalize", real)
 
 
+def never_encode(monkeypatch):
+    """Make encoding the private set an error (a run that refuses or has nothing to do must not)."""
+    def encode(*a, **kw):
+        raise AssertionError("the private set was encoded")
+    monkeypatch.setattr(finetune.SingleProcess, "encode", encode)
+
+
 def has_byte_tensor(obj) -> bool:
     """Torch generator states are uint8 tensors; nothing of the kind may be in a checkpoint."""
     if isinstance(obj, torch.Tensor):
@@ -86,7 +93,7 @@ def test_lost_ledger_after_a_crash_is_refused_and_nothing_is_recounted(base, mon
 
 
 @pytest.mark.slow
-def test_finished_run_keeps_its_ledger_and_refuses_a_bigger_plan_or_an_older_journal(base):
+def test_finished_run_keeps_its_ledger_and_refuses_a_bigger_plan_or_an_older_journal(base, monkeypatch, capsys):
     cfg = tiny(base, "done")
     folder = finetune.run(cfg)
     report = json.loads((folder / "privacy-report.json").read_text())
@@ -95,18 +102,63 @@ def test_finished_run_keeps_its_ledger_and_refuses_a_bigger_plan_or_an_older_jou
     from safetensors import safe_open
     with safe_open(str(folder / "finetuned.safetensors"), "pt") as fh:
         assert json.loads(fh.metadata()["ledger"])["steps_taken"] == 3  # the ledger travels with the weights
-    finetune.run(cfg)  # a rerun of a finished run takes no step and re-accounts nothing
+    never_encode(monkeypatch)  # below: nothing to do, or a refusal; neither touches the private images
+    finetune.run(cfg)  # a rerun of a finished run takes no step, re-accounts and re-logs nothing
     assert json.loads((folder / "privacy-report.json").read_text())["steps"] == 3
+    assert "already finished" in capsys.readouterr().out
+    import mlflow
+    [run] = [r for r in mlflow.search_runs(experiment_names=["ledger"], output_format="list")
+             if r.info.run_name == "finetune-done"]
+    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "wall_time_s")) == 1
 
     config_before = (folder / "config.yaml").read_text()
     with pytest.raises(ConfigError, match="plan of a run cannot change"):
         finetune.run(tiny(base, "done", "finetune.steps=6"))
     assert (folder / "config.yaml").read_text() == config_before, "a refused run leaves the config as it was"
+    argv = ["finetune", "--output-dir", str(base / "runs"), *TINY, "finetune.name=done", "finetune.steps=6"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("dpldm finetune: config error: ") and "Traceback" not in err
 
     journal = json.loads((folder / "ledger.json").read_text())
     (folder / "ledger.json").write_text(json.dumps({**journal, "steps_taken": 1}))  # an older copy
     with pytest.raises(RunError, match="behind"):
         finetune.run(cfg)
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(base, monkeypatch, capsys):
+    import os
+    import signal
+
+    import mlflow
+
+    from trainer.privacy import DPGradientEngine
+    real = DPGradientEngine.finalize
+    calls = {"n": 0}
+
+    def finalize(self, *a, **kw):  # Ctrl-C arrives during step 2
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(DPGradientEngine, "finalize", finalize)
+    cfg = tiny(base, "ctrlc")
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg)
+    folder = run_dir(base, "ctrlc")
+    state = torch.load(folder / "finetune-state.pt", weights_only=True)
+    assert state["step"] == 2 and state["ledger"]["steps_taken"] == 2, "step 2 finished and was checkpointed"
+    assert json.loads((folder / "ledger.json").read_text())["steps_taken"] == 2
+    [run] = [r for r in mlflow.search_runs(experiment_names=["ledger"], output_format="list")
+             if r.info.run_name == "finetune-ctrlc"]
+    assert run.info.status == "KILLED"
+    monkeypatch.setattr(DPGradientEngine, "finalize", real)
+    finetune.run(cfg)
+    assert "resuming at step 2: 2 steps already charged" in capsys.readouterr().out
+    assert json.loads((folder / "privacy-report.json").read_text())["steps"] == 3
+    assert mlflow.get_run(run.info.run_id).info.status == "FINISHED"
 
 
 @pytest.mark.slow

@@ -123,7 +123,7 @@ def test_pretraining_streams_shards_with_labels_or_captions(tmp_path, workdir, c
     from trainer.data.shards import WriteOptions, write_shards
     from trainer.data.sources import letters_source
     from trainer.stages import pretrain_ae, pretrain_ldm
-    from trainer.stages.sample import load_pipeline
+    from trainer.runs import load_pipeline
     shards = tmp_path / "shards"
     write_shards(letters_source(40, size=28, seed=1), shards,
                  WriteOptions(samples_per_shard=16, caption_template="a handwritten letter {label}"),

@@ -1,12 +1,19 @@
-"""``dpldm``: the command line. Each stage module registers its own sub-command."""
+"""``dpldm``: the command line. Each stage module registers its own sub-command.
+
+Errors a user can act on (a bad key, a missing file, a refused plan) are printed as one line
+``dpldm <cmd>: error: ...`` (exit 2 for usage and config, 1 at run time); ``DPLDM_DEBUG=1``
+shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
 
-from trainer.config import QUICK_DEMO, ConfigError, load_config
-from trainer.errors import RunError
+from trainer.config import QUICK_DEMO, ConfigError, dump_config, load_config
+from trainer.errors import RunError, UsageError
 
 STAGE_MODULES = [
     "trainer.stages.prepare",
@@ -16,8 +23,35 @@ STAGE_MODULES = [
     "trainer.stages.finetune",
     "trainer.stages.sample",
     "trainer.stages.evaluate",
+    "trainer.stages.import_compvis",
     "trainer.stages.demo",
 ]
+
+
+def plain(doc: str | None) -> str:
+    """A docstring as plain help text: reStructuredText roles and literals unwrapped."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc or "")
+    return re.sub(r"``([^`]+)``", r"\1", text).strip()
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+    try:
+        return installed("dpldm")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +60,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="experiment YAML: a path, or a name from configs/ (default: demo)")
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--output-dir", help="override output_dir (runs are written to OUTPUT_DIR/EXPERIMENT/STAGE)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (after overrides) as YAML and exit without running")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, dotted keys, values in YAML (e.g. finetune.steps=50 ldm.train.lr=2e-4)")
 
@@ -35,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dpldm",
         description="Differentially private latent diffusion models: public pretraining, DP-SGD fine-tuning "
                     "of the attention modules, sampling and evaluation. Every stage is logged to MLflow.")
+    parser.add_argument("--version", action="version", version=f"dpldm {version()}")
     # the deepspeed launcher passes --local_rank=N before the sub-command; the rank comes from the environment
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -43,26 +80,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_of(args: argparse.Namespace):
+    overrides = (QUICK_DEMO if getattr(args, "quick", False) else []) + list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    return load_config(args.config, overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from trainer.eval.images import ImageSetError
+    from trainer.models.checkpoint import CheckpointError
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    prefix = f"dpldm {args.command}"
     try:
         if hasattr(args, "overrides") and args.command != "demo":
-            overrides = (QUICK_DEMO if getattr(args, "quick", False) else []) + list(args.overrides)
-            if args.seed is not None:
-                overrides.append(f"seed={args.seed}")
-            if args.output_dir:
-                overrides.append(f"output_dir={args.output_dir}")
-            args.config_obj = load_config(args.config, overrides)
+            args.config_obj = _config_of(args)
+            if args.print_config:
+                dump_config(args.config_obj, sys.stdout)
+                return 0
         return int(args.func(args) or 0)
-    except ConfigError as err:
-        print(f"dpldm {args.command}: config error: {err}", file=sys.stderr)
+    except (ConfigError, UsageError) as err:
+        if os.environ.get("DPLDM_DEBUG"):
+            raise
+        kind = "config error" if isinstance(err, ConfigError) else "error"
+        print(f"{prefix}: {kind}: {err}", file=sys.stderr)
         return 2
-    except RunError as err:
-        print(f"dpldm {args.command}: error: {err}", file=sys.stderr)
+    except (RunError, FileNotFoundError, CheckpointError, ImageSetError) as err:
+        if os.environ.get("DPLDM_DEBUG"):
+            raise
+        print(f"{prefix}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"dpldm {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        print(f"{prefix}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
 
 

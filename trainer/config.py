@@ -110,6 +110,7 @@ class LDMConfig:
 class FinetuneConfig:
     """DP fine-tuning (the private stage). Exactly one of epsilon / noise_multiplier is set."""
     name: Optional[str] = None           # runs of one base side by side: folder finetune-<name>
+    base: Optional[str] = None           # the pretrained LDM folder (pretrain-ldm, import-compvis); default: ldm/
     policy: str = "attention"            # attention | attention_blocks | embedder_only | full
     attention_from: int = 1              # attention policy: SpatialTransformers from index k on (1-based)
     text_encoder_layers: int = 0         # text conditioner: also train its top k layers (0 = encoder frozen)
@@ -337,5 +338,10 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
     return cfg
 
 
-def dump_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def dump_config(cfg: Config, out: Path | typing.TextIO) -> None:
+    """The resolved config as YAML, to a file path or an open text stream."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if isinstance(out, Path):
+        out.write_text(text)
+    else:
+        out.write(text)

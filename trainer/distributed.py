@@ -436,6 +436,10 @@ class DistributedRun:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
+    def any_rank(self, flag: bool) -> bool:
+        """True when ``flag`` is set on some rank (e.g. a stop request: every rank stops at the same step)."""
+        return bool(self.max_over_ranks(int(flag)))
+
     def max_over_ranks(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -7,3 +7,7 @@ class RunError(RuntimeError):
 
     Raised before the stage changes anything, with the file or key to look at.
     """
+
+
+class UsageError(ValueError):
+    """A bad command-line argument (exit status 2); the message names the flag."""

@@ -63,23 +63,45 @@ class Run:
             self.log_artifact(path)
         self.set_tags({"checkpoint": str(Path(run_dir).resolve())})
 
+    def log_pipeline(self, run_dir: Path, weights: list[str]) -> None:
+        """The run's own files (``weights``: trained parameters, their description, the privacy report)
+        as artifacts under ``weights/``, and the whole pipeline (with its base and autoencoder) as the
+        run's logged model ``model``: ``mlflow.pyfunc.load_model("runs:/<run id>/model")`` samples from it."""
+        if not self.active:
+            return
+        for name in weights:
+            self.log_artifact(Path(run_dir) / name, "weights")
+        from trainer.mlflow_model import log_pipeline_model
+        log_pipeline_model(run_dir)
+
 
 @contextlib.contextmanager
 def start_run(experiment: str, run_name: str, config: Optional[dict] = None,
               tags: Optional[dict[str, str]] = None, run_id: Optional[str] = None) -> Iterator[Run]:
-    """Open (or resume, with ``run_id``) an MLflow run; log the config as params."""
+    """Open (or resume, with ``run_id``) an MLflow run; log the config as params.
+
+    The run ends FINISHED, KILLED when interrupted (Ctrl-C: the stage resumes), or FAILED.
+    """
     if not is_main_process():
         yield Run(active=False)
         return
     import mlflow
     mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=None if run_id else run_name, run_id=run_id):
+    mlflow.start_run(run_name=None if run_id else run_name, run_id=run_id)
+    status = "FAILED"
+    try:
         run = Run(active=True)
         if tags:
             run.set_tags(tags)
         if config is not None and run_id is None:
             run.log_params(config)
         yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
 
 
 def tracking_hint() -> str:

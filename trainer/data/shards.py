@@ -374,6 +374,14 @@ def write_shards(source: Source, out_dir: str | Path, options: Optional[WriteOpt
     finally:
         bar.close()
 
+    if progress.count == 0:  # nothing to keep: leave no trace of this run
+        (out / PROGRESS_FILE).unlink(missing_ok=True)
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        reasons = "; ".join(f"{s['source']}: {s['reason']}" for s in progress.skipped[:3])
+        raise PrepareError(f"no sample written to {out}: " + (
+            f"all {len(progress.skipped)} items were skipped ({reasons}{'; ...' if len(progress.skipped) > 3 else ''})"
+            if progress.skipped else "the source holds no items"))
     n_shards = len(progress.shards)
     meta = {
         "format": "dpldm-shards",

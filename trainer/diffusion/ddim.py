@@ -12,11 +12,15 @@ from trainer.diffusion.schedule import EpsModel, NoiseSchedule
 
 
 def ddim_timesteps(num_steps: int, total: int) -> np.ndarray:
-    """LDM's "uniform" grid: 1, 1 + c, 1 + 2c, ... with c = total // num_steps."""
+    """LDM's "uniform" grid: 1, 1 + c, 1 + 2c, ... < total + 1 with c = total // num_steps.
+
+    Exactly CompVis' ``make_ddim_timesteps``: when ``num_steps`` does not divide ``total`` the grid
+    has a few more points than asked (30 of 1000: 31), so samples match the original code.
+    """
     if not 1 <= num_steps <= total:
         raise ValueError(f"ddim steps must be in [1, {total}], got {num_steps}")
     c = total // num_steps
-    return np.asarray(list(range(0, total, c)))[:num_steps] + 1
+    return np.asarray(list(range(0, total, c))) + 1
 
 
 @torch.no_grad()

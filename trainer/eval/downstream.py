@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.eval.images import to_uint8_images
+from trainer.eval.images import ImageSetError, to_uint8_images
 
 CLASSIFIERS = ("cnn", "mlp", "logreg")
 
@@ -100,18 +100,18 @@ def downstream_accuracy(synthetic_images, synthetic_labels, real_test_images, re
     syn_y = np.asarray(synthetic_labels, dtype=np.int64).reshape(-1)
     real_y = np.asarray(real_test_labels, dtype=np.int64).reshape(-1)
     if len(syn) != len(syn_y) or len(real) != len(real_y):
-        raise ValueError(f"labels: {len(syn)} synthetic images with {len(syn_y)} labels, "
+        raise ImageSetError(f"labels: {len(syn)} synthetic images with {len(syn_y)} labels, "
                          f"{len(real)} real test images with {len(real_y)} labels")
     num_val = int(round(len(syn) * val_fraction))
     if num_val < 1 or len(syn) - num_val < 1:
-        raise ValueError(f"synthetic_images: {len(syn)} images are too few to hold out {val_fraction:.0%}")
+        raise ImageSetError(f"synthetic_images: {len(syn)} images are too few to hold out {val_fraction:.0%}")
     if len(real) == 0:
-        raise ValueError("real_test_images: empty")
+        raise ImageSetError("real_test_images: empty")
     _, height, width, channels = syn.shape
     real = match_format(real, channels, height, width)
     k = num_classes or int(max(syn_y.max(), real_y.max())) + 1
     if syn_y.min() < 0 or real_y.min() < 0 or max(syn_y.max(), real_y.max()) >= k:
-        raise ValueError(f"labels must lie in [0, {k}); got synthetic {syn_y.min()}..{syn_y.max()}, "
+        raise ImageSetError(f"labels must lie in [0, {k}); got synthetic {syn_y.min()}..{syn_y.max()}, "
                          f"real {real_y.min()}..{real_y.max()}")
 
     gen = torch.Generator().manual_seed(seed)

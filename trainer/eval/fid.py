@@ -29,7 +29,7 @@ import scipy.linalg
 import torch
 from tqdm import tqdm
 
-from trainer.eval.images import ImageCollection
+from trainer.eval.images import ImageCollection, ImageSetError
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -219,7 +219,7 @@ def fid(reference: ImageCollection, candidate: ImageCollection, inception: Optio
     """FID between a reference set (features cached) and a candidate set (e.g. samples)."""
     for name, images in (("reference", reference), ("candidate", candidate)):
         if len(images) < 2:
-            raise ValueError(f"{name} set {images.description}: FID needs at least 2 images, got {len(images)}")
+            raise ImageSetError(f"{name} set {images.description}: FID needs at least 2 images, got {len(images)}")
     network = InceptionFeatures(inception)
     if use_cache:
         ref = cached_features(reference, network, cache_dir, batch_size, progress)

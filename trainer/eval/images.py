@@ -32,6 +32,10 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff")
 _KEY_AND_SUFFIX = re.compile(r"^((?:.*/)?[^./]+)\.([^/]*)$")
 
 
+
+class ImageSetError(ValueError):
+    """An image set that cannot be used as asked (no images, unreadable, unlabelled, ...)."""
+
 class ImageCollection:
     """A fixed-length sequence of images (uint8 [H, W, C]) with optional int64 labels.
 
@@ -42,7 +46,7 @@ class ImageCollection:
     def __init__(self, count: int, read: Callable[[int], np.ndarray], labels: Optional[np.ndarray] = None,
                  class_names: Optional[list[str]] = None, description: str = "images"):
         if labels is not None and len(labels) != count:
-            raise ValueError(f"{description}: {len(labels)} labels for {count} images")
+            raise ImageSetError(f"{description}: {len(labels)} labels for {count} images")
         self._count = count
         self._read = read
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
@@ -79,21 +83,21 @@ class ImageCollection:
         if num is None or num >= self._count:
             return self
         if num <= 0:
-            raise ValueError(f"number of images must be positive, got {num}")
+            raise ImageSetError(f"number of images must be positive, got {num}")
         idx = np.sort(np.random.default_rng(seed).choice(self._count, size=num, replace=False))
         return self.subset(idx)
 
     def stack(self) -> np.ndarray:
         """All images as one uint8 array [n, H, W, C]; they must share height, width and channels."""
         if self._count == 0:
-            raise ValueError(f"{self.description}: no images")
+            raise ImageSetError(f"{self.description}: no images")
         first = self._read(0)
         out = np.empty((self._count, *first.shape), dtype=np.uint8)
         out[0] = first
         for i in range(1, self._count):
             img = self._read(i)
             if img.shape != first.shape:
-                raise ValueError(f"{self.description}: image {i} has shape {img.shape}, image 0 has "
+                raise ImageSetError(f"{self.description}: image {i} has shape {img.shape}, image 0 has "
                                  f"{first.shape}; stacking needs one size")
             out[i] = img
         return out
@@ -118,15 +122,15 @@ def to_uint8_images(images: np.ndarray | torch.Tensor,
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise ValueError(f"images: expected [n, H, W], [n, H, W, C] (numpy) or [n, C, H, W] (torch) with "
+        raise ImageSetError(f"images: expected [n, H, W], [n, H, W, C] (numpy) or [n, C, H, W] (torch) with "
                          f"C in (1, 3), got shape {tuple(np.shape(images))}")
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x)
     if value_range is None:
-        raise ValueError(f"images: dtype {x.dtype} is not uint8, so value_range=(low, high) is required")
+        raise ImageSetError(f"images: dtype {x.dtype} is not uint8, so value_range=(low, high) is required")
     low, high = value_range
     if not high > low:
-        raise ValueError(f"value_range: need low < high, got {value_range}")
+        raise ImageSetError(f"value_range: need low < high, got {value_range}")
     scaled = (x.astype(np.float32) - low) * (255.0 / (high - low))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
@@ -150,7 +154,7 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as err:  # PIL raises several types; name the file either way
-        raise ValueError(f"{name}: cannot decode image ({err})") from err
+        raise ImageSetError(f"{name}: cannot decode image ({err})") from err
     if img.mode == "P":
         img = img.convert("RGBA")
     bands = img.getbands()
@@ -236,12 +240,12 @@ def _open_shards(pattern: str) -> ImageCollection:
                     try:
                         labels.append(int(text))
                     except ValueError:
-                        raise ValueError(f"{shard}: {key}.cls holds {text!r}, not an integer label") from None
+                        raise ImageSetError(f"{shard}: {key}.cls holds {text!r}, not an integer label") from None
     if not entries:
         raise FileNotFoundError(f"shard set {pattern!r} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
     has_label = [y is not None for y in labels]
     if any(has_label) and not all(has_label):
-        raise ValueError(f"shard set {pattern!r}: some samples have a .cls label and some do not "
+        raise ImageSetError(f"shard set {pattern!r}: some samples have a .cls label and some do not "
                          f"(e.g. {entries[has_label.index(False)][3]!r})")
 
     def read(i: int) -> np.ndarray:
@@ -268,7 +272,7 @@ def class_grid(images: ImageCollection, per_class: int = 8) -> np.ndarray:
     """A uint8 grid [rows*(H+2)+2, per_class*(W+2)+2, C]: one row per label present, its first
     ``per_class`` images left to right (black 2-pixel gutters). Needs labels and one image size."""
     if images.labels is None:
-        raise ValueError(f"{images.description}: a per-class grid needs labels")
+        raise ImageSetError(f"{images.description}: a per-class grid needs labels")
     classes = np.unique(images.labels)
     first = images[0]
     h, w, c = first.shape
@@ -277,7 +281,7 @@ def class_grid(images: ImageCollection, per_class: int = 8) -> np.ndarray:
         for col, i in enumerate(np.flatnonzero(images.labels == cls)[:per_class]):
             img = images[int(i)]
             if img.shape != first.shape:
-                raise ValueError(f"{images.description}: image {i} has shape {img.shape}, not {first.shape}")
+                raise ImageSetError(f"{images.description}: image {i} has shape {img.shape}, not {first.shape}")
             top, left = 2 + row * (h + 2), 2 + col * (w + 2)
             grid[top:top + h, left:left + w] = img
     return grid

@@ -152,6 +152,7 @@ def load_ldm_checkpoint(
     cond_stage: nn.Module | None = None,
     strict: bool = True,
     use_ema: bool = False,
+    state: Mapping[str, Tensor] | None = None,
 ) -> LoadReport:
     """Load a CompVis-layout checkpoint (`.ckpt`, `.pt` or `.safetensors`) into the given modules.
 
@@ -161,8 +162,9 @@ def load_ldm_checkpoint(
     EMA keys (unless used) and the schedule buffers are ignored and counted in the report.
     strict: raise CheckpointError when a given module has missing, unexpected or mis-shaped keys
     (nothing is copied into any module then); otherwise load what matches and report the rest.
+    state: the checkpoint's tensors when already read (``path`` then only names it in reports).
     """
-    state = read_state_dict(path)
+    state = read_state_dict(path) if state is None else dict(state)
     report = LoadReport(str(path))
     bare_autoencoder = not any(k.startswith(AUTOENCODER_PREFIX) for k in state) and any(
         k.startswith(_AUTOENCODER_BARE_PREFIXES) for k in state)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer.config import Config, DataSource, dump_config
+from trainer.config import Config, ConfigError, DataSource, dump_config
+from trainer.errors import RunError
 
 STAGE_DIRS = {"pretrain-ae": "ae", "pretrain-ldm": "ldm", "finetune": "finetune", "audit": "audit"}
 
@@ -27,13 +28,42 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def stage_dir(cfg: Config, stage: str) -> Path:
-    """``<output_dir>/<experiment>/<ae|ldm|finetune[-<finetune.name>]>``: fixed, so an interrupted stage resumes."""
+    """``<output_dir>/<experiment>/<ae|ldm|finetune[-<finetune.name>]>``: fixed, so an interrupted stage resumes.
+
+    Not created here: a stage creates its folder once its checks have passed.
+    """
     name = STAGE_DIRS[stage]
     if stage in ("finetune", "audit") and cfg.finetune.name:
         name = f"{name}-{cfg.finetune.name}"
-    path = Path(cfg.output_dir) / cfg.experiment / name
-    path.mkdir(parents=True, exist_ok=True)
+    return Path(cfg.output_dir) / cfg.experiment / name
+
+
+STAGE_RESULTS = {"pretrain-ae": "autoencoder.safetensors", "pretrain-ldm": "ldm.json"}
+
+
+def earlier_stage(cfg: Config, stage: str) -> Path:
+    """The run folder of an earlier stage (``pretrain-ae``, ``pretrain-ldm``) this one builds on.
+
+    Raises RunError naming the command to run first when that stage has not produced its result.
+    """
+    path = stage_dir(cfg, stage)
+    if not (path / STAGE_RESULTS[stage]).is_file():
+        config = cfg.source_file or "CONFIG"
+        raise RunError(f"{path}: no {stage} result ({STAGE_RESULTS[stage]}): run `dpldm {stage} --config "
+                       f"{config}` first (with the same overrides)")
     return path
+
+
+def recorded_path(target: Path, run_dir: Path) -> str:
+    """How a run folder records another folder it depends on: relative to itself, so that an
+    experiment folder can be copied or moved as a whole."""
+    return os.path.relpath(Path(target).resolve(), Path(run_dir).resolve())
+
+
+def resolve_recorded(recorded: str, run_dir: Path) -> Path:
+    """The folder a run recorded with :func:`recorded_path` (absolute paths of older runs work too)."""
+    path = Path(recorded)
+    return path if path.is_absolute() else (Path(run_dir) / path).resolve()
 
 
 def file_sha256(path: str | Path) -> str:
@@ -71,7 +101,7 @@ def load_image_source(src: DataSource, key: str = "data") -> ImageSet:
     if src.source == "letters":
         from trainer.data.letters import render_letters
         if not src.num_examples:
-            raise ValueError(f"{key}.num_examples: rendered letters need a count")
+            raise ConfigError(f"{key}.num_examples: rendered letters need a count")
         x, y, names = render_letters(src.num_examples, size=28, seed=src.seed)
     elif src.source == "mnist":
         from trainer.data.mnist import DIGIT_NAMES, load_mnist
@@ -80,7 +110,7 @@ def load_image_source(src: DataSource, key: str = "data") -> ImageSet:
         if src.num_examples:
             x, y = x[: src.num_examples], y[: src.num_examples]
     else:
-        raise ValueError(f"{key}.source: {src.source!r} is not an in-memory source; "
+        raise ConfigError(f"{key}.source: {src.source!r} is not an in-memory source; "
                          "use `dpldm encode` for shard sets")
     return ImageSet(_to_resolution(x, src.resolution), torch.from_numpy(y).long(), list(names))
 
@@ -99,7 +129,7 @@ def conditions(cond_type: str, labels: torch.Tensor, captions: Optional[list[str
         return labels
     if cond_type == "text":
         if captions is None:
-            raise ValueError("ldm.conditioner.type=text needs captions: use shards with .txt captions")
+            raise ConfigError("ldm.conditioner.type=text needs captions: use shards with .txt captions")
         return captions
     return None
 
@@ -117,7 +147,7 @@ def public_batches(cfg: Config, batch_size: int, generator: torch.Generator):
             idx = torch.randint(0, len(data.images), (batch_size,), generator=generator)
             yield data.images[idx], conditions(cond_type, data.labels[idx], None)
     if not src.path:
-        raise ValueError("data.public.path: a shard pattern is needed for source=shards")
+        raise ConfigError("data.public.path: a shard pattern is needed for source=shards")
     from trainer.data.reader import make_loader
     channels = int(cfg.autoencoder.ddconfig.get("in_channels", 3))
     loader = make_loader(src.path, src.resolution, batch_size, num_workers=src.num_workers,
@@ -172,7 +202,7 @@ def build_conditioner(cfg: Config, n_classes: Optional[int] = None):
     if c.type == "class":
         dim = c.embed_dim or cfg.ldm.unet.get("context_dim")
         if not dim:
-            raise ValueError("ldm.conditioner.embed_dim: set it (or ldm.unet.context_dim) for a class conditioner")
+            raise ConfigError("ldm.conditioner.embed_dim: set it (or ldm.unet.context_dim) for a class conditioner")
         return ClassEmbedder(embed_dim=dim, n_classes=n_classes or c.n_classes)
     if c.type == "text":
         return TextEmbedder(max_length=c.max_length, context_dim=cfg.ldm.unet.get("context_dim"),
@@ -200,7 +230,7 @@ def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: Optiona
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise RunError(f"{path}: checkpoint not found")
     return load_file(str(path))
 
 
@@ -224,6 +254,8 @@ def write_json(obj: dict, path: Path) -> None:
 
 
 def save_run_config(cfg: Config, run_dir: Path) -> Path:
+    """Write the resolved config to ``run_dir/config.yaml`` (creating the folder)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
     dump_config(cfg, path)
     return path
@@ -243,9 +275,14 @@ def load_autoencoder(run_dir: str | Path):
 
 # --- images ------------------------------------------------------------------------------------
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1] [N, C, H, W] -> uint8 [N, H, W, C] (what PNG files and the evaluators take)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: int, scale: int = 2) -> Path:
     """Images in [-1, 1] [N, C, H, W] -> a PNG grid with ``nrow`` images per row."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    x = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)
     n, c, h, w = x.shape
     rows = (n + nrow - 1) // nrow
     grid = torch.zeros(c, rows * (h + 2) + 2, nrow * (w + 2) + 2, dtype=torch.uint8)

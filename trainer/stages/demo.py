@@ -81,8 +81,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from trainer.cli import plain
     p = sub.add_parser("demo", help="run the whole pipeline on the embedded default",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run (tiny data and steps)")
     p.add_argument("--text", action="store_true",
                    help="the text-conditioned demo (configs/demo-text.yaml): captioned letters and digits as "

@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``encode`` to the ``dpldm`` parser."""
+    from trainer.cli import plain
     p = subparsers.add_parser("encode", help="encode private shards into a latent cache (frozen encoder)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--autoencoder", required=True, metavar="RUN_DIR",
                    help="a pretrain-ae run folder (config.yaml + autoencoder.safetensors)")
     p.add_argument("shards", metavar="SHARDS", help="shard folder, brace pattern (shard-{000000..000009}.tar) or a::b list")

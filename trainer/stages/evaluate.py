@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from trainer.errors import UsageError
 from trainer.eval.downstream import CLASSIFIERS, downstream_accuracy
 from trainer.eval.fid import InceptionFeatures, cached_features, fid, fid_from_features
 from trainer.eval.images import ImageCollection, class_grid, images_from_array, open_images
@@ -119,7 +120,8 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
     split and log the results to the MLflow run of that checkpoint."""
     import torch
 
-    from trainer.stages.sample import generate, load_pipeline
+    from trainer.runs import generate, load_pipeline
+    from trainer.stages.common import to_uint8
     from trainer.tracking import find_run_by_checkpoint
 
     ldm, autoencoder, meta, cfg = load_pipeline(run_dir)
@@ -139,7 +141,7 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
         conds = [prompts[int(k)] for k in labels]
     images = generate(ldm, autoencoder, conds, tuple(meta["latent_shape"]), cfg,
                       torch.Generator().manual_seed(cfg.seed))
-    uint8 = ((images + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    uint8 = to_uint8(images)
     samples = images_from_array(uint8, labels=labels.numpy(), class_names=names, description=f"samples of {run_dir}")
     results = evaluate_samples(samples, real=MNIST_TEST, metrics=metrics or ev.metrics, num_real=ev.num_real,
                                class_names=names, classifier=ev.classifier, epochs=ev.epochs, seed=cfg.seed)
@@ -156,7 +158,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             print(_format_metric(key, value))
         return 0
     if not args.samples:
-        raise SystemExit("dpldm evaluate: give --samples DIR or --checkpoint RUN_DIR")
+        raise UsageError("give --samples DIR or --checkpoint RUN_DIR")
     samples = open_images(args.samples)
     results = evaluate_samples(samples, real=args.real, metrics=metrics or ["fid", "accuracy"], num=args.num, num_real=args.num_real,
                                classifier=args.classifier, epochs=args.epochs, seed=args.seed,
@@ -218,10 +220,18 @@ def collect_runs(experiment: Optional[str] = None) -> list[RunRow]:
         runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
     else:
         runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    rows = [RunRow(r.info.run_name or r.info.run_id[:8], {name: _lookup(r, name) for _, name in COLUMNS})
+    rows = [RunRow(_run_label(r), {name: _lookup(r, name) for _, name in COLUMNS})
             for r in runs if r.data.tags.get(COMPARE_TAG) != "compare"
             and r.data.tags.get("stage") not in ("pretrain-ae", "pretrain-ldm")]
     return sorted(rows, key=lambda r: (str(r.values["finetune.policy"]), _as_float(r.values["privacy.epsilon"]), r.name))
+
+
+def _run_label(run) -> str:
+    """A fine-tuning run is named after its folder (``finetune-<finetune.name>``); others by their run name."""
+    name = run.data.params.get("finetune.name")
+    if run.data.tags.get("stage") == "finetune" and name not in (None, "", "None"):
+        return f"finetune-{name}"
+    return run.info.run_name or run.info.run_id[:8]
 
 
 def _as_float(value: object) -> float:
@@ -275,10 +285,10 @@ def plot_quality_vs_epsilon(rows: list[RunRow], metric: str, path: Path) -> Path
     return path
 
 
-def compare_runs(experiment: Optional[str] = None, metric: str = "fid", out_dir: str | Path = ".",
-                 log: bool = True) -> tuple[str, Path]:
-    """Table of runs and a quality-vs-epsilon plot in ``out_dir``; both logged to a new MLflow run
-    named "compare" (in ``experiment``, else the active/default one) when ``log``. Returns (table, plot path)."""
+def compare_runs(experiment: Optional[str] = None, metric: str = "accuracy", out_dir: str | Path = ".",
+                 log: bool = False) -> tuple[str, Path]:
+    """Table of runs and a quality-vs-epsilon plot in ``out_dir``; with ``log``, both are logged to a
+    new MLflow run named "compare" (in ``experiment``, else the active/default one). Returns (table, plot path)."""
     import mlflow
 
     if metric not in METRIC_NAMES:
@@ -299,9 +309,9 @@ def compare_runs(experiment: Optional[str] = None, metric: str = "fid", out_dir:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    table, plot = compare_runs(args.experiment, args.metric, args.out)
+    table, plot = compare_runs(args.experiment, args.metric, args.out, log=args.log)
     print(table)
-    print(f"plot: {plot}")
+    print(f"plot: {plot}" + (" (logged to a new MLflow run 'compare')" if args.log else ""))
     return 0
 
 
@@ -348,8 +358,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("compare", help="table and plot of quality vs epsilon across MLflow runs",
                               description="Reads MLflow runs (MLFLOW_TRACKING_URI, default sqlite ./mlflow.db), prints "
-                                          "a table, plots quality vs epsilon per selection policy, logs a 'compare' run.")
+                                          "a table, plots quality vs epsilon per selection policy into --out "
+                                          "(--log: also as a new MLflow run 'compare').")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment name (default: all experiments)")
     p.add_argument("--out", default=".", metavar="DIR", help="folder for the plot and runs.txt (default: .)")
-    p.add_argument("--metric", choices=sorted(METRIC_NAMES), default="fid")
+    p.add_argument("--metric", choices=sorted(METRIC_NAMES), default="accuracy",
+                   help="quality axis of the plot (default: accuracy, which every evaluation computes)")
+    p.add_argument("--log", action="store_true", help="log the table and plot to a new MLflow run 'compare'")
     p.set_defaults(func=_run_compare)

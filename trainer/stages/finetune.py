@@ -27,11 +27,12 @@ from trainer.config import MAX_EPSILON, Config, ConfigError
 from trainer.distributed import CHECKPOINTS, STATE_FILE, WEIGHTS_FILE, Checkpoint, TrainState, load_trainable
 from trainer.errors import RunError
 from trainer.selection import select_trainable
-from trainer.stages.common import (conditions, load_image_source, load_state, save_run_config, save_state,
-                                   save_weights, stage_dir, write_json)
+from trainer.stages.common import (conditions, earlier_stage, load_image_source, load_state, recorded_path,
+                                   save_run_config, save_state, save_weights, stage_dir, write_json)
 from trainer.tracking import start_run
 
 if TYPE_CHECKING:
+    from trainer.stages.common import ImageSet
     from trainer.distributed import DistributedRun
     from trainer.privacy import DPGradientEngine
     from trainer.selection import Selection
@@ -220,6 +221,10 @@ class SingleProcess:
     def barrier(self) -> None:
         pass
 
+    def any_rank(self, flag: bool) -> bool:
+        """True when ``flag`` is set on some rank (a collective on several processes)."""
+        return flag
+
     def close(self) -> None:
         pass
 
@@ -239,8 +244,22 @@ def run(cfg: Config) -> Path:
 
 
 @dataclass
+class PrivateRows:
+    """The private rows this process holds (row i of a rank: see the runtime's ``hold``/``encode``)."""
+    mean: torch.Tensor                   # posterior mean [n, c, h, w]
+    std: torch.Tensor                    # posterior std [n, c, h, w]
+    labels: torch.Tensor                 # [n]
+    captions: list[list[str]] | None     # per row, for text models
+
+
+@dataclass
 class DPSession:
-    """One DP fine-tuning run, built from the config with nothing written yet (see :func:`_prepare`)."""
+    """One DP fine-tuning run, built from the config with nothing written yet (see :func:`_prepare`).
+
+    The private rows are loaded by :meth:`load_private`, after the run's ledger and checkpoint
+    have been checked, so a refused or finished run never encodes the private set.
+    """
+    cfg: Config
     base_dir: Path
     ldm: torch.nn.Module
     autoencoder: torch.nn.Module
@@ -254,33 +273,76 @@ class DPSession:
     engine: "DPGradientEngine"
     state: TrainState                    # trainable params, optimizer, sampler, ledger
     latent_shape: tuple[int, ...]
-    example_losses: Callable[[torch.Tensor], torch.Tensor]
-    probe_losses: Callable[[torch.Tensor], torch.Tensor]
+    loss_gen: torch.Generator            # timesteps, diffusion noise, posterior samples: never saved
+    source: object                       # an EncodedPrivateSet (shards) or an ImageSet (in memory)
+    private: PrivateRows | None = None
+
+    def load_private(self, rt: Union["SingleProcess", "DistributedRun"]) -> None:
+        """Hold (latent cache) or encode (in-memory images) this process's private rows."""
+        src = self.source
+        if isinstance(src, EncodedPrivateSet):
+            mean, std, labels = rt.hold(src.mean, src.std, src.labels)
+            captions = src.captions[rt.rank::rt.world_size] + [[""]]  # + the padding row of DistributedRun
+        else:
+            mean, std, labels = rt.encode(self.autoencoder, src.images, src.labels)
+            captions = None
+        if self.cfg.ldm.conditioner.type == "class" and len(labels) and int(labels.max()) >= len(self.names):
+            raise RunError(f"data.private: a label is >= {len(self.names)}, the number of classes from "
+                           f"{self.names_source}")
+        self.private = PrivateRows(mean, std, labels, captions)
+
+    def example_losses(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-example diffusion losses [b] of the private rows ``rows``."""
+        p, g, cfg = self.private, self.loss_gen, self.cfg
+        z0 = (p.mean[rows] + p.std[rows] * torch.randn(p.mean[rows].shape, generator=g).to(p.mean.device))
+        conds = conditions(cfg.ldm.conditioner.type, p.labels[rows],
+                           None if p.captions is None else [_pick(p.captions[int(r)], g) for r in rows])
+        conds = self.ldm.drop_conditions(conds, cfg.ldm.train.cond_drop_prob, g)
+        return self.ldm.loss(z0 * self.ldm.scale_factor, conds, g, multiplicity=cfg.finetune.noise_multiplicity)
+
+    def probe_losses(self, rows: torch.Tensor) -> torch.Tensor:
+        """Deterministic losses of rows of 4 public stand-in examples (random latents, timesteps and
+        targets from the public seed; public labels or prompts): the engine's self-check runs on them."""
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        device = next(self.ldm.parameters()).device
+        x = torch.randn((PROBE_SIZE, *self.latent_shape), generator=g)
+        target = torch.randn(x.shape, generator=g)
+        t = torch.randint(0, self.ldm.schedule.timesteps, (PROBE_SIZE,), generator=g)
+        public = (torch.arange(PROBE_SIZE) % max(1, len(self.names)))[rows]
+        cond_type = self.cfg.ldm.conditioner.type
+        conds = conditions(cond_type, public.to(device),
+                           [f"a picture of {int(k)}" for k in public] if cond_type == "text" else None)
+        context = self.ldm.context(conds) if conds is not None else None
+        out = self.ldm.eps(x[rows].to(device), t[rows].to(device), context)
+        return (out - target[rows].to(out.device)).pow(2).flatten(1).mean(dim=1)
 
 
 def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: Path,
              seed: int | None = None) -> DPSession:
-    """Load the base, the private latents and the plan; build engine, sampler, ledger and optimizer.
+    """Load the base and the plan; build engine, sampler, ledger and optimizer.
 
-    Refuses (ConfigError) a bad plan before anything is charged. The only thing written is the
-    latent cache of a private shard set (``run_dir/latents``). The sampler, the DP noise and the
-    loss draws use generators seeded from OS entropy, or from ``seed`` when a test asks for it.
+    Refuses (ConfigError, RunError) a bad plan or a missing base before anything is charged. The
+    only thing written is the latent cache of a private shard set (``run_dir/latents``). The
+    private rows are loaded later (:meth:`DPSession.load_private`). The sampler, the DP noise and
+    the loss draws use generators seeded from OS entropy, or from ``seed`` when a test asks for it.
     """
     from trainer.models import ClassEmbedder
     from trainer.privacy import DPGradientEngine, PoissonBatchSampler, PrivacyLedger, entropy_generator, epsilon
-    from trainer.stages.sample import load_pipeline
+    from trainer.runs import load_pipeline
 
     ft = cfg.finetune
     if cfg.data.private is None:
         raise ConfigError("data.private: the fine-tuning stage needs a private data source")
-    base_dir = stage_dir(cfg, "pretrain-ldm")
-    ldm, autoencoder, meta, _ = load_pipeline(base_dir)
+    base_dir = _base_dir(cfg)
+    ldm, autoencoder, meta, base_cfg = load_pipeline(base_dir)
+    cfg.ldm, cfg.autoencoder = base_cfg.ldm, base_cfg.autoencoder  # the architecture is the base's
+    source: Union[EncodedPrivateSet, "ImageSet"]
     if cfg.data.private.source == "shards":  # encoded once into a latent cache, before any partitioning
-        cache = private_latent_cache(cfg, autoencoder, meta["autoencoder_sha256"], run_dir, rt)
-        n, declared, private = len(cache), cache.names, None
+        source = private_latent_cache(cfg, autoencoder, meta["autoencoder_sha256"], run_dir, rt)
+        n, declared = len(source), source.names
     else:
-        private = load_image_source(cfg.data.private, "data.private")
-        n, declared, cache = len(private.images), private.names, None
+        source = load_image_source(cfg.data.private, "data.private")
+        n, declared = len(source.images), source.names
     names, names_source = label_names(cfg, declared)
     q, sigma = plan_privacy(cfg, n)
     if ft.new_class_embedder:
@@ -299,17 +361,6 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         if rt.is_main else float("nan")
     rt.place(ldm, autoencoder)
 
-    if cache is not None:  # rows held by this process
-        mean, std, labels = rt.hold(cache.mean, cache.std, cache.labels)
-        captions = cache.captions[rt.rank::rt.world_size] + [[""]]  # + the padding row of DistributedRun
-    else:
-        mean, std, labels = rt.encode(autoencoder, private.images, private.labels)
-        captions = None
-    cond_type = cfg.ldm.conditioner.type
-    if cond_type == "class" and len(labels) and int(labels.max()) >= len(names):
-        raise RunError(f"data.private: a label is >= {len(names)}, the number of classes from {names_source}")
-    scale = ldm.scale_factor
-
     ledger = PrivacyLedger(sigma, q, ft.delta, planned_steps=ft.steps,
                            epsilon_budget=ft.epsilon or epsilon(sigma, q, ft.steps, ft.delta))
 
@@ -318,38 +369,25 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
 
     sampler = PoissonBatchSampler(n, q, ft.steps, ft.physical_batch_size, generator=generator(1),
                                   rank=rt.rank, world_size=rt.world_size)
-    loss_gen = generator(2)  # timesteps, diffusion noise, posterior samples: never saved
     optimizer = rt.make_optimizer(list(trainable.values()), ft.lr, ft.weight_decay)
     # q * N is the global expected batch size, whatever the number of ranks
     engine = DPGradientEngine(ldm, max_grad_norm=ft.max_grad_norm, noise_multiplier=sigma,
                               expected_batch_size=q * n, mode=ft.engine_mode, secure_noise=ft.secure_noise,
                               generator=None if seed is None else generator(3))
     state = TrainState(trainable, optimizer, sampler, ledger, {"base": str(base_dir.resolve())})
+    return DPSession(cfg, base_dir, ldm, autoencoder, selection, n, names, names_source, q, sigma, snr, engine,
+                     state, tuple(meta["latent_shape"]), generator(2), source)
 
-    def example_losses(rows: torch.Tensor) -> torch.Tensor:
-        """Per-example diffusion losses [b] of the latent rows ``rows`` (private data)."""
-        z0 = (mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=loss_gen).to(mean.device)) * scale
-        conds = conditions(cond_type, labels[rows],
-                           None if captions is None else [_pick(captions[int(r)], loss_gen) for r in rows])
-        conds = ldm.drop_conditions(conds, cfg.ldm.train.cond_drop_prob, loss_gen)
-        return ldm.loss(z0, conds, loss_gen, multiplicity=ft.noise_multiplicity)
 
-    def probe_losses(rows: torch.Tensor) -> torch.Tensor:
-        """Deterministic losses of rows of 4 public stand-in examples (random latents, timesteps and
-        targets from the public seed; public labels or prompts): the engine's self-check runs on them."""
-        g = torch.Generator().manual_seed(cfg.seed)
-        x = torch.randn((PROBE_SIZE, *mean.shape[1:]), generator=g)
-        target = torch.randn(x.shape, generator=g)
-        t = torch.randint(0, ldm.schedule.timesteps, (PROBE_SIZE,), generator=g)
-        public = (torch.arange(PROBE_SIZE) % max(1, len(names)))[rows]
-        conds = conditions(cond_type, public.to(labels.device),
-                           None if captions is None else [f"a picture of {int(k)}" for k in public])
-        context = ldm.context(conds) if conds is not None else None
-        out = ldm.eps(x[rows].to(mean.device), t[rows].to(mean.device), context)
-        return (out - target[rows].to(out.device)).pow(2).flatten(1).mean(dim=1)
-
-    return DPSession(base_dir, ldm, autoencoder, selection, n, names, names_source, q, sigma, snr, engine, state,
-                     tuple(mean.shape[1:]), example_losses, probe_losses)
+def _base_dir(cfg: Config) -> Path:
+    """The pretrained LDM to fine-tune: ``finetune.base``, else this experiment's ``pretrain-ldm`` folder."""
+    if cfg.finetune.base:
+        base = Path(cfg.finetune.base)
+        if not (base / "ldm.json").is_file():
+            raise ConfigError(f"finetune.base: {base} is not an LDM run folder (no ldm.json): give a folder "
+                              "written by `dpldm pretrain-ldm` or `dpldm import-compvis`")
+        return base
+    return earlier_stage(cfg, "pretrain-ldm")
 
 
 def _restore_ledger(run_dir: Path, ledger, checkpoint: Checkpoint) -> None:
@@ -374,7 +412,8 @@ def _restore_ledger(run_dir: Path, ledger, checkpoint: Checkpoint) -> None:
 
 
 def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path:
-    from trainer.stages.sample import class_grid
+    from trainer.interrupt import StopRequest
+    from trainer.runs import class_grid
 
     ft = cfg.finetune
     run_dir = stage_dir(cfg, "finetune")
@@ -384,6 +423,13 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
     checkpoint = rt.resume(run_dir, state)  # weights and optimizer; the sampler continues at the step
     _restore_ledger(run_dir, ledger, checkpoint)  # ... and the ledger from its journal, which counts every step
     step = checkpoint.step
+    if step >= ft.steps and (run_dir / REPORT_FILE).is_file():
+        if rt.is_main:
+            report = json.loads((run_dir / REPORT_FILE).read_text())
+            print(f"{run_dir}: already finished ({step} of {ft.steps} steps, epsilon = {report['epsilon']:.3f}); "
+                  f"nothing to do. Report: {run_dir / REPORT_FILE}")
+        return run_dir
+    session.load_private(rt)  # private data from here on
     rt.check_engine(engine, session.probe_losses, PROBE_SIZE)  # refuses a model it cannot handle, uncharged
     rt.barrier()  # every rank has read the ledger before rank 0 journals the next step
     if rt.is_main:
@@ -391,14 +437,15 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
         if step:
             print(f"resuming at step {step}: {ledger.steps_taken} steps already charged")
         save_run_config(cfg, run_dir)
-        write_json({"base": str(session.base_dir.resolve()), "n_classes": ft.new_class_embedder,
+        write_json({"base": recorded_path(session.base_dir, run_dir), "n_classes": ft.new_class_embedder,
                     "label_names": session.names, "trainable": session.selection.trainable, "policy": ft.policy},
                    run_dir / "finetune.json")
     n, q, sigma = session.n, session.q, session.sigma
 
     t0 = time.time()
     tags = {"stage": "finetune", "privacy": "dp-sgd"}
-    with start_run(cfg.experiment, "finetune", cfg.to_dict(), tags, run_id=checkpoint.mlflow_run_id) as mlrun:
+    with start_run(cfg.experiment, run_dir.name, cfg.to_dict(), tags, run_id=checkpoint.mlflow_run_id) as mlrun, \
+            StopRequest() as stop:
         mlrun.log_params({"privacy": {"sigma": sigma, "q": q, "N": n, "planned_epsilon": ledger.planned_epsilon},
                           "params": {"trainable": session.selection.trainable_count,
                                      "total": session.selection.total_count}})
@@ -434,8 +481,12 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
                                    "nonprivate/batch_size": metrics["batch_size"],
                                    "nonprivate/clip_fraction": metrics["clip_fraction"]},
                                   step=step)
-            if step % ft.checkpoint_every == 0 or step == ft.steps:
+            stopping = rt.any_rank(stop.requested)
+            if stopping or step % ft.checkpoint_every == 0 or step == ft.steps:
                 checkpoint_now(mlrun.run_id)
+            if stopping:
+                bar.close()
+                raise KeyboardInterrupt
         bar.close()
         checkpoint_now(mlrun.run_id)
         engine.detach()
@@ -457,6 +508,7 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
                            "privacy.steps": ledger.steps_taken, "params.trainable": session.selection.trainable_count,
                            "wall_time_s": time.time() - t0})
         mlrun.log_result(run_dir, grid, run_dir / REPORT_FILE)
+        mlrun.log_pipeline(run_dir, [WEIGHTS_FILE, "finetune.json", REPORT_FILE])
     if rt.is_main:
         print(f"DP fine-tuning: epsilon = {report['epsilon']:.3f}, delta = {ft.delta:g} after {ledger.steps_taken} "
               f"steps (sigma = {sigma:.4f}, q = {q:.5f}); samples: {grid}; report: {run_dir / REPORT_FILE}")
@@ -480,6 +532,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
     ft, rt = cfg.finetune, SingleProcess()
     run_dir = stage_dir(cfg, "audit")
     session = _prepare(cfg, rt, run_dir, seed)
+    session.load_private(rt)
     engine, ledger, optimizer = session.engine, session.state.ledger, session.state.optimizer
     params = [p for _, p in engine.params]
     dim = sum(p.numel() for p in params)
@@ -522,11 +575,21 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
 def register(sub: argparse._SubParsersAction) -> None:
     from trainer.cli import add_config_args
     p = sub.add_parser("finetune", help="DP-SGD fine-tuning on the private data",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Fine-tune the selected parameters (finetune.policy) of the pretrained LDM on "
                                    "data.private with DP-SGD. Sigma is calibrated to finetune.epsilon (or set "
-                                   "finetune.noise_multiplier to get the epsilon reported). Resumes if interrupted. "
-                                   "Runs on several processes under torchrun or the deepspeed launcher (ZeRO stage "
-                                   "from finetune.deepspeed_config).")
+                                   "finetune.noise_multiplier to get the epsilon reported). Resumes if interrupted "
+                                   "(Ctrl-C saves a checkpoint after the current step). Runs on several processes "
+                                   "under torchrun or the deepspeed launcher (ZeRO stage from "
+                                   "finetune.deepspeed_config).",
+                       epilog="frequent keys (KEY=VALUE after the options; every key: --print-config):\n"
+                              "  finetune.name=NAME        a run beside the others of the same base, in "
+                              "OUTPUT_DIR/EXPERIMENT/finetune-NAME\n"
+                              "  finetune.base=DIR         the pretrained LDM (a pretrain-ldm or import-compvis "
+                              "folder; default: EXPERIMENT/ldm)\n"
+                              "  finetune.epsilon=10       the budget, with finetune.delta=1e-5 (< 1/N)\n"
+                              "  finetune.policy=attention attention | attention_blocks | embedder_only | full\n"
+                              "  finetune.steps=200 finetune.expected_batch_size=500 finetune.max_grad_norm=1")
     add_config_args(p)
     p.set_defaults(func=lambda args: run(args.config_obj) and 0)
 

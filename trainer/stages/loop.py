@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from trainer.config import TrainConfig
 from trainer.diffusion import EMA
+from trainer.interrupt import StopRequest
 from trainer.stages.common import load_state, load_weights, save_state, save_weights
 from trainer.tracking import Run
 
@@ -66,23 +67,29 @@ class Trainer:
         save_state(state, self.run_dir / STATE_FILE)
 
     def fit(self, step_fn: Callable[[int], dict[str, float]], run: Run) -> None:
-        t0 = time.time()
+        """Train to ``train.steps``; on Ctrl-C / SIGTERM finish the step, checkpoint, raise KeyboardInterrupt."""
+        t0, first = time.time(), self.step
         bar = tqdm(total=self.train.steps, initial=self.step, desc=self.desc, dynamic_ncols=True)
         for module in self.modules.values():
             module.train()
-        while self.step < self.train.steps:
-            metrics = step_fn(self.step)
-            self.step += 1
-            if self.ema is not None:
-                self.ema.update(self._params)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
-            if self.step % self.train.log_every == 0 or self.step == self.train.steps:
-                run.log_metrics(metrics, step=self.step)
-            if self.step % self.train.checkpoint_every == 0 or self.step == self.train.steps:
-                self.save(run)
+        with StopRequest() as stop:
+            while self.step < self.train.steps:
+                metrics = step_fn(self.step)
+                self.step += 1
+                if self.ema is not None:
+                    self.ema.update(self._params)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
+                if self.step % self.train.log_every == 0 or self.step == self.train.steps:
+                    run.log_metrics(metrics, step=self.step)
+                if stop.requested or self.step % self.train.checkpoint_every == 0 or self.step == self.train.steps:
+                    self.save(run)
+                if stop.requested:
+                    bar.close()
+                    raise KeyboardInterrupt
         bar.close()
-        run.log_metrics({"wall_time_s": time.time() - t0})
+        if self.step > first:  # a rerun of a finished stage keeps the wall time of the run that trained
+            run.log_metrics({"wall_time_s": time.time() - t0})
         for module in self.modules.values():
             module.eval()
 

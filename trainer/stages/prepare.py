@@ -61,16 +61,24 @@ def _build_source(args: argparse.Namespace) -> Source:
 
 
 def command_line(args: argparse.Namespace) -> str:
-    """The effective command, rebuilt from the parsed arguments (recorded in meta.json)."""
-    skip = {"func", "command", "source", "no_progress"}
-    positional = [getattr(args, k) for k in ("dir", "name") if getattr(args, k, None)] + [args.out]
-    words = ["dpldm", "prepare", args.source, *map(str, positional)]
-    for key, value in sorted(vars(args).items()):
-        if key in skip or key in ("dir", "name", "out") or value is None or value is False:
+    """The effective command, rebuilt from the parsed arguments with the parser's own flags (it
+    re-runs as recorded in meta.json; options left at their defaults and --no-progress are omitted)."""
+    parser: argparse.ArgumentParser = args.source_parser
+    words, positional = ["dpldm", "prepare", args.source], []
+    for action in parser._actions:
+        if action.dest in ("help", "no_progress") or not hasattr(args, action.dest):
             continue
-        flag = "--" + key.replace("_", "-")
-        words += [flag] if value is True else [flag, str(value)]
-    return shlex.join(words)
+        value = getattr(args, action.dest)
+        if not action.option_strings:  # positional: DIR / NAME, OUT
+            positional.append(str(value))
+        elif value != action.default:
+            if isinstance(action, argparse.BooleanOptionalAction):
+                words.append(action.option_strings[0 if value else 1])
+            elif action.nargs == 0:  # store_true
+                words.append(action.option_strings[0])
+            else:
+                words += [action.option_strings[0], str(value)]
+    return shlex.join(words + positional)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,8 +103,9 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``prepare`` and its sources to the ``dpldm`` parser."""
+    from trainer.cli import plain
     parser = subparsers.add_parser("prepare", help="write image sources to webdataset shards",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     sources = parser.add_subparsers(dest="source", metavar="SOURCE", required=True)
     common = [_shard_options()]
 
@@ -138,4 +147,4 @@ def register(subparsers) -> None:
 
     for p in sources.choices.values():
         p.add_argument("out", metavar="OUT", help="output folder for shard-NNNNNN.tar and meta.json")
-        p.set_defaults(func=run)
+        p.set_defaults(func=run, source_parser=p)

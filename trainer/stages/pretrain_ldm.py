@@ -10,9 +10,10 @@ import torch
 from tqdm import tqdm
 
 from trainer.config import Config
-from trainer.stages.common import (build_ldm, conditions, load_autoencoder, load_image_source,
-                                   public_batches, public_label_names, save_run_config, seed_everything, stage_dir,
-                                   write_json)
+from trainer.stages.common import (build_ldm, conditions, earlier_stage, load_autoencoder, load_image_source,
+                                   public_batches, public_label_names, recorded_path, save_run_config,
+                                   seed_everything, stage_dir, write_json)
+from trainer.runs import class_grid
 from trainer.stages.loop import Trainer
 from trainer.tracking import start_run
 
@@ -50,9 +51,9 @@ def latent_batches(cfg: Config, autoencoder, batch_size: int, gen: torch.Generat
 def run(cfg: Config) -> Path:
     """Train (or resume) the LDM; returns the run folder (``unet``/``cond_stage_model`` weights, ``ldm.json``)."""
     run_dir = stage_dir(cfg, "pretrain-ldm")
+    ae_dir = earlier_stage(cfg, "pretrain-ae")
     save_run_config(cfg, run_dir)
     gen = seed_everything(cfg.seed)
-    ae_dir = stage_dir(cfg, "pretrain-ae")
     autoencoder, ae_hash = load_autoencoder(ae_dir)
     tc = cfg.ldm.train
     batches = latent_batches(cfg, autoencoder, tc.batch_size, gen)
@@ -63,7 +64,7 @@ def run(cfg: Config) -> Path:
     names = public_label_names(cfg)
     ldm = build_ldm(cfg, scale)
     write_json({"scale_factor": scale, "latent_shape": list(first[0][0].shape[1:]), "label_names": names,
-                "autoencoder": str(ae_dir.resolve()), "autoencoder_sha256": ae_hash}, run_dir / "ldm.json")
+                "autoencoder": recorded_path(ae_dir, run_dir), "autoencoder_sha256": ae_hash}, run_dir / "ldm.json")
     params = [p for p in ldm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     trainer = Trainer(run_dir, {"unet": ldm.unet, "cond_stage_model": ldm.cond_stage_model}, opt, tc, gen,
@@ -81,7 +82,6 @@ def run(cfg: Config) -> Path:
                    run_id=trainer.mlflow_run_id) as mlrun:
         trainer.fit(step, mlrun)
         trainer.load_best()
-        from trainer.stages.sample import class_grid
         grid = class_grid(ldm, autoencoder, tuple(first[0][0].shape[1:]), cfg, names, run_dir / "samples.png", gen)
         mlrun.log_result(run_dir, grid, run_dir / "ldm.json")
     print(f"LDM: {run_dir}  (sample grid: {run_dir / 'samples.png'})")

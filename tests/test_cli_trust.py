@@ -1,0 +1,140 @@
+"""The command line's edges: one-line errors with the right exit code, nothing written by a command
+that refuses, plain help, recorded commands that re-run, and clean stops on Ctrl-C."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+
+import pytest
+import torch
+import yaml
+
+from trainer import cli
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    """Exit code and stderr of ``dpldm argv`` (argparse's own refusals included)."""
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(err: str, command: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("usage:")
+             and not line.startswith(" ")]
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith(f"dpldm {command}: "), err
+
+
+def test_user_mistakes_are_one_line_errors_with_exit_codes(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    cases = [  # (argv, exit code, words of the message)
+        (["fid", "empty", "empty"], 1, "no image files"),
+        (["sample", "--checkpoint", "nowhere", "--out", "s"], 1, "no such run folder"),
+        (["sample", "--checkpoint", "empty", "--out", "s"], 1, "not an LDM run folder"),
+        (["sample", "--checkpoint", "empty", "--num", "0", "--out", "s"], 2, "--num: must be at least 1"),
+        (["sample", "--checkpoint", "empty", "--classes", "a,b", "--out", "s"], 2, "--classes"),
+        (["evaluate"], 2, "--samples DIR or --checkpoint"),
+        (["finetune", "--output-dir", "runs"], 1, "run `dpldm pretrain-ldm"),
+        (["pretrain-ldm", "--output-dir", "runs"], 1, "run `dpldm pretrain-ae"),
+        (["finetune", "finetune.nope=1"], 2, "finetune.nope"),
+        (["import-compvis", "missing.yaml", "missing.ckpt", "out"], 1, "missing.yaml"),
+    ]
+    for argv, code, words in cases:
+        got, err = run_cli(argv, capsys)
+        assert got == code, (argv, err)
+        assert words in err, (argv, err)
+        assert_one_line(err, argv[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"], "refusing commands wrote nothing"
+    assert not (tmp_path / "s").exists()
+
+
+def test_help_is_plain_text_and_version_and_print_config(capsys, tmp_path, monkeypatch):
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"import-compvis", "audit", "compare"} <= set(commands)
+    for name, sub in commands.items():
+        parsers = [sub] + (list(sub._subparsers._group_actions[0].choices.values()) if sub._subparsers else [])
+        for p in parsers:
+            text = p.format_help()
+            for markup in ("``", ":mod:", ":func:", ":class:", ":data:", ":meth:"):
+                assert markup not in text, f"dpldm {name} --help shows {markup}"
+    assert "finetune.name" in commands["finetune"].format_help()
+    assert "finetune.base" in commands["finetune"].format_help()
+
+    code, _ = run_cli(["--version"], capsys)
+    assert code == 0
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["finetune", "--print-config", "finetune.epsilon=3", "--output-dir", "out"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["finetune"]["epsilon"] == 3 and printed["output_dir"] == "out"
+    assert list(tmp_path.iterdir()) == [], "--print-config runs nothing"
+
+
+def test_prepare_records_a_command_that_reruns_and_refuses_an_empty_result(tmp_path, capsys):
+    out = tmp_path / "letters"
+    argv = ["prepare", "letters", "--count", "12", "--samples-per-shard", "5", "--format", "jpg", "--quality", "90",
+            "--caption-template", "the letter {label}", "--no-require-captions", str(out)]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    recorded = json.loads((out / "meta.json").read_text())["command"]
+    words = shlex.split(recorded)
+    assert words[0] == "dpldm"
+    parser = cli.build_parser()
+    skip = {"func", "source_parser", "no_progress"}
+    original = {k: v for k, v in vars(parser.parse_args(argv)).items() if k not in skip}
+    again = {k: v for k, v in vars(parser.parse_args(words[1:])).items() if k not in skip}
+    assert again == original, recorded
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"not a png")
+    code, err = run_cli(["prepare", "imagefolder", folder, tmp_path / "shards", "--on-error", "skip",
+                         "--no-progress"], capsys)
+    assert code == 1 and "no sample written" in err and "broken.png" in err
+    assert_one_line(err, "prepare")
+    assert not (tmp_path / "shards").exists()
+
+
+def test_pretraining_loop_checkpoints_and_stops_on_ctrl_c(tmp_path):
+    from trainer.config import TrainConfig
+    from trainer.stages.loop import STATE_FILE, Trainer
+    from trainer.tracking import Run
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train = TrainConfig(steps=10, checkpoint_every=100, log_every=100)
+    trainer = Trainer(tmp_path, {"model": model}, opt, train, torch.Generator().manual_seed(0), desc="test")
+
+    def step(k: int) -> dict[str, float]:
+        if k == 2:  # Ctrl-C arrives during the third step
+            os.kill(os.getpid(), signal.SIGINT)
+        loss = model(torch.ones(1, 2)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return {"loss": float(loss)}
+
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(step, Run(active=False))
+    assert signal.getsignal(signal.SIGINT) is previous, "the handler is restored"
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    assert state["step"] == 3, "the step under way finished and was checkpointed"
+    resumed = Trainer(tmp_path, {"model": torch.nn.Linear(2, 1)}, torch.optim.SGD(model.parameters(), lr=0.1),
+                      train, torch.Generator().manual_seed(0), desc="test")
+    assert resumed.step == 3
+    assert torch.equal(resumed.modules["model"].weight, model.weight)
+
+
+def test_positive_int_flag_type():
+    assert cli.positive_int("3") == 3
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.positive_int(bad)

@@ -1,0 +1,67 @@
+"""A trained pipeline as an MLflow logged model (pyfunc), so runs can be pulled by id and sampled.
+
+The model's artifacts are the run folder with its base LDM and autoencoder (see
+:func:`trainer.runs.export_bundle`). ``predict`` takes a table with a ``class`` column (class
+models), a ``prompt`` column (text models) or a ``count`` (unconditional), and an optional
+``seed`` parameter; it returns the images as uint8 arrays [n, H, W, C].
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import mlflow.models
+import mlflow.pyfunc
+import numpy as np
+import torch
+
+BUNDLE = "pipeline"
+
+
+class PipelineModel(mlflow.pyfunc.PythonModel):
+    """DDIM sampling from a run folder logged with :func:`log_pipeline_model`."""
+
+    def load_context(self, context) -> None:
+        from trainer.runs import load_pipeline
+        self.ldm, self.autoencoder, self.meta, self.cfg = load_pipeline(Path(context.artifacts[BUNDLE]) / "run")
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        from trainer.runs import generate
+        from trainer.stages.common import to_uint8
+        columns = model_input if isinstance(model_input, dict) else {c: list(model_input[c]) for c in model_input}
+        if "class" in columns:
+            conds = torch.tensor([int(c) for c in columns["class"]])
+        elif "prompt" in columns:
+            conds = [str(p) for p in columns["prompt"]]
+        else:
+            conds = [None] * int(columns.get("count", [1])[0])
+        seed = int((params or {}).get("seed", 0))
+        images = generate(self.ldm, self.autoencoder, conds, tuple(self.meta["latent_shape"]), self.cfg,
+                          torch.Generator().manual_seed(seed), progress=False)
+        return to_uint8(images)
+
+
+def log_pipeline_model(run_dir: str | Path, name: str = "model") -> str:
+    """Log the pipeline of ``run_dir`` to the active MLflow run as a logged model; returns its URI."""
+    from trainer.runs import export_bundle
+    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+            export_bundle(run_dir, Path(tmp) / BUNDLE)
+            # "models from code": this file defines the model, so nothing is pickled
+            info = mlflow.pyfunc.log_model(name=name, python_model=__file__,
+                                           artifacts={BUNDLE: str(Path(tmp) / BUNDLE)},
+                                           pip_requirements=["dpldm"])
+    finally:
+        if quiet is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
+    return info.model_uri
+
+
+mlflow.models.set_model(PipelineModel())

@@ -1,0 +1,118 @@
+"""Run folders of a trained pipeline: loading one, sampling from it, exporting it whole.
+
+A ``pretrain-ldm`` or ``import-compvis`` folder holds ``ldm.json``, ``unet.safetensors``,
+``cond_stage_model.safetensors`` and ``config.yaml``, and names its autoencoder folder; a
+``finetune`` folder holds only the trained parameters and ``finetune.json`` naming its base.
+Folders record the folders they depend on relative to themselves (absolute paths of older runs
+are read too), so an experiment folder can be copied or moved as a whole.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from trainer.config import Config, load_config
+from trainer.errors import RunError
+from trainer.pipeline import LatentDiffusion
+from trainer.stages.common import (build_ldm, load_autoencoder, load_weights, recorded_path, resolve_recorded,
+                                   save_grid, write_json)
+
+
+def load_pipeline(run_dir: str | Path) -> tuple[LatentDiffusion, torch.nn.Module, dict, Config]:
+    """A ``pretrain-ldm``, ``import-compvis`` or ``finetune`` run folder -> (ldm, autoencoder, meta, config), in eval mode.
+
+    A fine-tuned folder holds only the trained parameters (``finetuned.safetensors``) and
+    ``finetune.json`` naming its frozen base; they are laid over the base weights. Folders record
+    the folders they depend on relative to themselves, so an experiment can be copied or moved.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run folder")
+    ft_meta_path = run_dir / "finetune.json"
+    ft_meta = json.loads(ft_meta_path.read_text()) if ft_meta_path.is_file() else None
+    base_dir = resolve_recorded(ft_meta["base"], run_dir) if ft_meta else run_dir
+    meta_path = base_dir / "ldm.json"
+    if ft_meta and not meta_path.is_file():
+        raise RunError(f"{ft_meta_path}: its base LDM {base_dir} (recorded as {ft_meta['base']!r}) has no ldm.json; "
+                       "copy the base folder along with the fine-tuned one")
+    if not meta_path.is_file():
+        raise RunError(f"{run_dir}: not an LDM run folder (no ldm.json or finetune.json): give the folder of "
+                       "pretrain-ldm, import-compvis or finetune")
+    meta = json.loads(meta_path.read_text())
+    cfg = load_config(str(run_dir / "config.yaml"))
+    n_classes = ft_meta.get("n_classes") if ft_meta else None  # a fresh embedder replaced the public one
+    ldm = build_ldm(cfg, meta["scale_factor"], n_classes=n_classes)
+    ldm.unet.load_state_dict(load_weights(base_dir / "unet.safetensors"))
+    if not n_classes:
+        ldm.cond_stage_model.load_state_dict(load_weights(base_dir / "cond_stage_model.safetensors"))
+    if ft_meta:
+        tuned = load_weights(run_dir / "finetuned.safetensors")
+        names = dict(ldm.named_parameters())
+        unknown = sorted(set(tuned) - set(names))
+        if unknown or set(tuned) != set(ft_meta["trainable"]):
+            raise RunError(f"{run_dir}: finetuned.safetensors does not match finetune.json "
+                           f"(unknown parameters: {unknown[:5]})")
+        ldm.load_state_dict(tuned, strict=False)
+        meta = {**meta, "label_names": ft_meta.get("label_names") or meta.get("label_names"), "finetune": ft_meta}
+    autoencoder, _ = load_autoencoder(resolve_recorded(meta["autoencoder"], base_dir))
+    ldm.eval().requires_grad_(False)
+    return ldm, autoencoder, meta, cfg
+
+
+@torch.no_grad()
+def generate(ldm: LatentDiffusion, autoencoder, conds: Sequence, latent_shape: tuple[int, ...], cfg: Config,
+             generator: torch.Generator, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+    """Images in [-1, 1] for each condition (class label or prompt), in batches."""
+    out = []
+    for i in tqdm(range(0, len(conds), batch_size), desc="sample", disable=not progress, leave=False):
+        c = conds[i:i + batch_size]
+        if isinstance(conds, torch.Tensor):
+            c = c.clone()
+        z = ldm.sample_latents(c, latent_shape, steps=cfg.sample.ddim_steps, eta=cfg.sample.eta,
+                               guidance_scale=cfg.sample.guidance_scale, generator=generator)
+        out.append(autoencoder.decode(z).clamp(-1, 1))
+    return torch.cat(out)
+
+
+def class_grid(ldm: LatentDiffusion, autoencoder, latent_shape, cfg: Config, names: list[str], path: Path,
+               generator: torch.Generator, per_class: Optional[int] = None) -> Path:
+    """One row per class (or per ``sample.prompts`` entry for text models), ``sample.num_per_class`` each -> PNG."""
+    k = per_class or cfg.sample.num_per_class
+    kind = cfg.ldm.conditioner.type
+    if kind == "class":
+        conds: Sequence = torch.arange(len(names)).repeat_interleave(k)
+    elif kind == "text":
+        conds = [p for p in (cfg.sample.prompts or [""]) for _ in range(k)]
+    else:
+        conds = [None] * (k * 4)
+    return save_grid(generate(ldm, autoencoder, conds, latent_shape, cfg, generator), path, nrow=k)
+
+
+def export_bundle(run_dir: str | Path, out: str | Path) -> Path:
+    """Copy a run folder with everything it depends on into ``out``: ``out/run``, ``out/base``
+    (for a fine-tuned run) and ``out/autoencoder``, with the links rewritten. Returns ``out/run``."""
+    run_dir, out = Path(run_dir), Path(out)
+    ft_path = run_dir / "finetune.json"
+    ft_meta = json.loads(ft_path.read_text()) if ft_path.is_file() else None
+    base_dir = resolve_recorded(ft_meta["base"], run_dir) if ft_meta else run_dir
+    meta = json.loads((base_dir / "ldm.json").read_text())
+    ae_dir = resolve_recorded(meta["autoencoder"], base_dir)
+    kept = ("config.yaml", "ldm.json", "unet.safetensors", "cond_stage_model.safetensors",
+            "autoencoder.safetensors", "finetuned.safetensors", "finetune.json", "privacy-report.json")
+    targets = {"autoencoder": ae_dir, "base": base_dir, "run": run_dir} if ft_meta else \
+        {"autoencoder": ae_dir, "run": run_dir}
+    for name, src in targets.items():
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for file in kept:
+            if (src / file).is_file():
+                shutil.copy2(src / file, out / name / file)
+    ldm_home = out / ("base" if ft_meta else "run")
+    write_json({**meta, "autoencoder": recorded_path(out / "autoencoder", ldm_home)}, ldm_home / "ldm.json")
+    if ft_meta:
+        write_json({**ft_meta, "base": recorded_path(out / "base", out / "run")}, out / "run" / "finetune.json")
+    return out / "run"
