@@ -45,6 +45,10 @@ def test_user_mistakes_are_one_line_errors_with_exit_codes(tmp_path, capsys, mon
         (["pretrain-ldm", "--output-dir", "runs"], 1, "run `dpldm pretrain-ae"),
         (["finetune", "finetune.nope=1"], 2, "finetune.nope"),
         (["import-compvis", "missing.yaml", "missing.ckpt", "out"], 1, "missing.yaml"),
+        (["pretrain-ae", "--output-dir", "runs", "device=cuda:99"], 2, "device: 'cuda:99'"),
+        (["pretrain-ae", "--output-dir", "runs", "device=tpu"], 2, "device: must be auto, cpu, cuda or cuda:N"),
+        (["pretrain-ae", "--output-dir", "runs", "precision=fp16"], 2, "precision"),
+        (["sample", "--checkpoint", "empty", "--device", "cuda:99", "--out", "s"], 2, "cuda:99"),
     ]
     for argv, code, words in cases:
         got, err = run_cli(argv, capsys)

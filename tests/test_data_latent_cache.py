@@ -151,7 +151,8 @@ def test_ranks_encode_disjoint_shards_and_the_last_one_completes_the_cache(tmp_p
 
 def test_encode_command_with_a_small_autoencoder(tmp_path: Path):
     from trainer.config import dump_config, load_config
-    from trainer.stages.common import build_autoencoder, file_sha256, save_weights
+    from trainer.io import save_safetensors
+    from trainer.stages.common import build_autoencoder, file_sha256
     cfg = load_config("demo")
     cfg.autoencoder.embed_dim = 2
     cfg.autoencoder.ddconfig = dict(double_z=True, z_channels=2, resolution=16, in_channels=3, out_ch=3, ch=32,
@@ -161,7 +162,7 @@ def test_encode_command_with_a_small_autoencoder(tmp_path: Path):
     dump_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(0)
     model = build_autoencoder(cfg).eval()
-    save_weights(model.state_dict(), run_dir / "autoencoder.safetensors")
+    save_safetensors(model.state_dict(), run_dir / "autoencoder.safetensors")
     shards = write_private_set(tmp_path / "shards", 2, 3)
 
     parser = argparse.ArgumentParser()

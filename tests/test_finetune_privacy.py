@@ -162,6 +162,27 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(base, monkeypatch, cap
 
 
 @pytest.mark.slow
+def test_bf16_fine_tuning_keeps_the_dp_step_in_float32(base, monkeypatch):
+    """precision=bf16: the forward runs under autocast, the engine's self-check passes with its bf16
+    tolerance, every released example contribution is clipped in float32 and the run reports as usual."""
+    from trainer.privacy import DPGradientEngine
+    seen = {}
+    real = DPGradientEngine.accumulate
+
+    def accumulate(self, losses):
+        seen["rtol"], seen["autocast"] = self.self_check_rtol, torch.is_autocast_enabled("cpu")
+        return real(self, losses)
+
+    monkeypatch.setattr(DPGradientEngine, "accumulate", accumulate)
+    folder = finetune.run(tiny(base, "bf16", "precision=bf16"))
+    report = json.loads((folder / "privacy-report.json").read_text())
+    assert report["steps"] == 3 and report["epsilon"] <= 10
+    from trainer.privacy.engine import SELF_CHECK_RTOL_BF16
+    assert seen["rtol"] == SELF_CHECK_RTOL_BF16
+    assert seen["autocast"] is False, "the DP step itself runs outside autocast"
+
+
+@pytest.mark.slow
 def test_a_model_refused_by_the_self_check_is_never_charged(base, monkeypatch):
     from trainer.privacy import DPGradientEngine, EngineSelfCheckError
 

@@ -162,7 +162,8 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    device: str = "cpu"
+    device: str = "auto"                # auto (CUDA when visible, else CPU) | cpu | cuda | cuda:N
+    precision: str = "fp32"             # fp32 | bf16 (autocast; DP norms, clipping and noise stay float32)
     source_file: Optional[str] = None  # set by the loader
 
     def to_dict(self) -> dict:
@@ -186,6 +187,7 @@ CHOICES = {
     "finetune.policy": {"attention", "attention_blocks", "embedder_only", "full"},
     "finetune.engine_mode": {"auto", "fast", "reference"},
     "eval.classifier": {"cnn", "mlp", "logreg"},
+    "precision": {"fp32", "bf16"},
 }
 
 
@@ -258,6 +260,8 @@ def _validate(cfg: Config) -> None:
                                   ("autoencoder.ddconfig", cfg.autoencoder.ddconfig, DDCONFIG_KEYS)):
         for k in section:
             check(k in allowed, f"{key}.{k}", "unknown key (CompVis hyper-parameter names are accepted)")
+    check(cfg.device in ("auto", "cpu", "cuda") or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
+          "device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     ft = cfg.finetune
     check(ft.max_grad_norm > 0, "finetune.max_grad_norm", f"must be > 0, got {ft.max_grad_norm}")
     check(0 < ft.delta < 1, "finetune.delta", f"must be in (0, 1), got {ft.delta}")

@@ -52,7 +52,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from trainer.config import REPO_CONFIGS, Config, ConfigError, FinetuneConfig
-from trainer.stages.common import load_state, load_weights, save_state, save_weights, write_json
+from trainer.io import load_safetensors, load_state, save_safetensors, save_state, write_json
+from trainer.runtime import Placement
 
 if TYPE_CHECKING:
     from trainer.privacy import DPGradientEngine, PoissonBatchSampler, PrivacyLedger
@@ -374,7 +375,7 @@ class Checkpoint:
 
 def load_trainable(path: Path, trainable: dict[str, nn.Parameter]) -> None:
     """Copy the weights saved in ``path`` into the trained parameters (same names, all of them)."""
-    weights = load_weights(path)
+    weights = load_safetensors(path).state_dict
     if set(weights) != set(trainable):
         raise ValueError(f"{path}: the saved parameters differ from this run's trained ones "
                          "(did finetune.policy or finetune.attention_from change?)")
@@ -389,9 +390,12 @@ def launch(cfg: Config) -> Optional["DistributedRun"]:
     name = cfg.finetune.deepspeed_config
     if world_size == 1 and name is None:
         return None
+    placement = Placement.from_config(cfg)  # device "auto"/"cuda": this rank's GPU (LOCAL_RANK)
     if name is None:
-        return DistributedRun(check_deepspeed_config(DEFAULT_DEEPSPEED_CONFIG, cfg.finetune, "default: ZeRO stage 0"))
-    return DistributedRun(load_deepspeed_config(name, cfg.finetune))
+        settings = check_deepspeed_config(DEFAULT_DEEPSPEED_CONFIG, cfg.finetune, "default: ZeRO stage 0")
+    else:
+        settings = load_deepspeed_config(name, cfg.finetune)
+    return DistributedRun(settings, placement)
 
 
 def _free_port() -> int:
@@ -407,25 +411,31 @@ class DistributedRun:
     calls them in the same order on every rank.
     """
 
-    def __init__(self, settings: DeepSpeedSettings):
+    def __init__(self, settings: DeepSpeedSettings, placement: Optional[Placement] = None):
         import deepspeed
-        from deepspeed.accelerator import get_accelerator
 
         launched = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
         if not launched:  # a plain process with a DeepSpeed config: a world of one
             os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.placement = placement or Placement(torch.device("cpu"))
+        self.device = self.placement.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.local_rank)
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device(get_accelerator().device_name(self.local_rank))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.settings = settings
         self.ldm_partition: Optional[FrozenPartition] = None  # set by place()
         self.ae_partition: Optional[FrozenPartition] = None
         self._padding_rows: Optional[Tensor] = None  # set by encode()
+
+    def autocast(self):
+        """The forward's precision context (``precision: bf16``: autocast)."""
+        return self.placement.autocast()
 
     # ------------------------------------------------------------------ collectives
     def barrier(self) -> None:
@@ -583,13 +593,13 @@ class DistributedRun:
         if self.is_main:
             metadata = state.weights_metadata(step)
             weights = {k: p.detach() for k, p in state.trainable.items()}
-            save_weights(weights, folder / "trainable.safetensors", metadata)
+            save_safetensors(weights, folder / "trainable.safetensors", metadata)
             write_json({"step": step, "world_size": self.world_size, "folder": folder.name,
                         "mlflow_run_id": mlflow_run_id, "ledger": state.ledger.state_dict()}, root / LATEST)
             for old in root.glob("step-*"):
                 if old != folder:
                     shutil.rmtree(old, ignore_errors=True)
-            save_weights(weights, run_dir / WEIGHTS_FILE, metadata)  # the stage's output, read by `dpldm sample`
+            save_safetensors(weights, run_dir / WEIGHTS_FILE, metadata)  # the stage's output, read by `dpldm sample`
         self.barrier()
 
     def resume(self, run_dir: Path, state: TrainState) -> Checkpoint:

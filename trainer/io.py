@@ -23,7 +23,8 @@ def replace_atomically(tmp: Path, final: Path) -> None:
 
 
 def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
+    """A temporary name beside ``path``, per process (ranks may write the same file at once)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
 def write_text(text: str, path: str | Path) -> Path:

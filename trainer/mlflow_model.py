@@ -25,7 +25,9 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from trainer.runs import load_pipeline
-        self.ldm, self.autoencoder, self.meta, self.cfg = load_pipeline(Path(context.artifacts[BUNDLE]) / "run")
+        from trainer.runtime import resolve_device
+        self.ldm, self.autoencoder, self.meta, self.cfg = load_pipeline(Path(context.artifacts[BUNDLE]) / "run",
+                                                                        resolve_device("auto"))
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
         from trainer.runs import generate

@@ -19,12 +19,14 @@ from tqdm import tqdm
 from trainer.config import Config, load_config
 from trainer.errors import RunError
 from trainer.pipeline import LatentDiffusion
-from trainer.stages.common import (build_ldm, load_autoencoder, load_weights, recorded_path, resolve_recorded,
-                                   save_grid, write_json)
+from trainer.io import load_safetensors, write_json
+from trainer.stages.common import build_ldm, load_autoencoder, recorded_path, resolve_recorded, save_grid
 
 
-def load_pipeline(run_dir: str | Path) -> tuple[LatentDiffusion, torch.nn.Module, dict, Config]:
-    """A ``pretrain-ldm``, ``import-compvis`` or ``finetune`` run folder -> (ldm, autoencoder, meta, config), in eval mode.
+def load_pipeline(run_dir: str | Path, device: torch.device | str = "cpu"
+                  ) -> tuple[LatentDiffusion, torch.nn.Module, dict, Config]:
+    """A ``pretrain-ldm``, ``import-compvis`` or ``finetune`` run folder -> (ldm, autoencoder, meta, config),
+    in eval mode on ``device``.
 
     A fine-tuned folder holds only the trained parameters (``finetuned.safetensors``) and
     ``finetune.json`` naming its frozen base; they are laid over the base weights. Folders record
@@ -47,11 +49,11 @@ def load_pipeline(run_dir: str | Path) -> tuple[LatentDiffusion, torch.nn.Module
     cfg = load_config(str(run_dir / "config.yaml"))
     n_classes = ft_meta.get("n_classes") if ft_meta else None  # a fresh embedder replaced the public one
     ldm = build_ldm(cfg, meta["scale_factor"], n_classes=n_classes)
-    ldm.unet.load_state_dict(load_weights(base_dir / "unet.safetensors"))
+    ldm.unet.load_state_dict(load_safetensors(base_dir / "unet.safetensors").state_dict)
     if not n_classes:
-        ldm.cond_stage_model.load_state_dict(load_weights(base_dir / "cond_stage_model.safetensors"))
+        ldm.cond_stage_model.load_state_dict(load_safetensors(base_dir / "cond_stage_model.safetensors").state_dict)
     if ft_meta:
-        tuned = load_weights(run_dir / "finetuned.safetensors")
+        tuned = load_safetensors(run_dir / "finetuned.safetensors").state_dict
         names = dict(ldm.named_parameters())
         unknown = sorted(set(tuned) - set(names))
         if unknown or set(tuned) != set(ft_meta["trainable"]):
@@ -60,7 +62,8 @@ def load_pipeline(run_dir: str | Path) -> tuple[LatentDiffusion, torch.nn.Module
         ldm.load_state_dict(tuned, strict=False)
         meta = {**meta, "label_names": ft_meta.get("label_names") or meta.get("label_names"), "finetune": ft_meta}
     autoencoder, _ = load_autoencoder(resolve_recorded(meta["autoencoder"], base_dir))
-    ldm.eval().requires_grad_(False)
+    ldm.eval().requires_grad_(False).to(device)
+    autoencoder.to(device)
     return ldm, autoencoder, meta, cfg
 
 
@@ -72,10 +75,10 @@ def generate(ldm: LatentDiffusion, autoencoder, conds: Sequence, latent_shape: t
     for i in tqdm(range(0, len(conds), batch_size), desc="sample", disable=not progress, leave=False):
         c = conds[i:i + batch_size]
         if isinstance(conds, torch.Tensor):
-            c = c.clone()
+            c = c.clone().to(next(ldm.parameters()).device)
         z = ldm.sample_latents(c, latent_shape, steps=cfg.sample.ddim_steps, eta=cfg.sample.eta,
                                guidance_scale=cfg.sample.guidance_scale, generator=generator)
-        out.append(autoencoder.decode(z).clamp(-1, 1))
+        out.append(autoencoder.decode(z).clamp(-1, 1).cpu())
     return torch.cat(out)
 
 

@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.data.reader import expand_urls, make_dataset
+from trainer.io import write_json
 
 FORMAT = "dpldm-latent-cache"
 MANIFEST = "manifest.json"
@@ -52,15 +53,6 @@ class IncompleteCacheError(ValueError):
 
 
 # --- files ------------------------------------------------------------------------------------
-
-def _write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
 
 def _save_npy(array: np.ndarray, path: Path) -> None:
     with open(path, "wb") as fh:
@@ -141,8 +133,8 @@ def _encode_shard(encode_fn: EncodeFn, url: str, part_dir: Path, settings: dict,
     _save_npy(np.concatenate(means) if means else empty, tmp / "mean.npy")
     _save_npy(np.concatenate(stds) if stds else empty, tmp / "std.npy")
     _save_npy(np.concatenate(labels).astype(np.int64) if labels else np.zeros((0,), np.int64), tmp / "labels.npy")
-    _write_json_atomic(captions, tmp / "captions.json")
-    _write_json_atomic(keys, tmp / "keys.json")
+    write_json(captions, tmp / "captions.json")
+    write_json(keys, tmp / "keys.json")
     os.replace(tmp, part_dir)
     return count
 
@@ -185,11 +177,11 @@ def _finalize(out: Path, manifest: dict) -> dict:
     finally:
         for tmp in written:
             tmp.unlink(missing_ok=True)
-    _write_json_atomic(captions, out / "captions.json")
-    _write_json_atomic(keys, out / "keys.json")
+    write_json(captions, out / "captions.json")
+    write_json(keys, out / "keys.json")
     manifest = {**manifest, "complete": True, "count": total, "latent_shape": list(shape),
                 "shard_counts": counts, "completed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_json_atomic(manifest, out / MANIFEST)
+    write_json(manifest, out / MANIFEST)
     shutil.rmtree(out / PARTS, ignore_errors=True)
     return manifest
 
@@ -226,7 +218,7 @@ def build_latent_cache(encode_fn: EncodeFn, urls: str | Sequence[str], out_dir: 
     else:
         out.mkdir(parents=True, exist_ok=True)
         manifest = wanted
-        _write_json_atomic(manifest, out / MANIFEST)
+        write_json(manifest, out / MANIFEST)
 
     mine = range(rank, len(shards), world_size)
     for i in tqdm(mine, desc=f"encode rank {rank}", unit="shard", disable=not progress_bar):

@@ -45,6 +45,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from trainer.data.sources import LoadedItem, SampleError, Source, SourceItem
+from trainer.io import write_json
 
 IMAGE_FORMATS = ("png", "jpg")
 ON_ERROR = ("error", "skip")
@@ -173,15 +174,6 @@ class _Pending:
     label_counts: dict = field(default_factory=dict)
     conversions: dict = field(default_factory=dict)
     short_side: list = field(default_factory=list)
-
-
-def _write_json_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -323,7 +315,7 @@ def _commit(progress: Progress, pending: _Pending, consumed: int, out: Path) -> 
     if pending.short_side:
         s = progress.short_side or pending.short_side
         progress.short_side = [min(s[0], pending.short_side[0]), max(s[1], pending.short_side[1])]
-    _write_json_atomic(dataclasses.asdict(progress), out / PROGRESS_FILE)
+    write_json(dataclasses.asdict(progress), out / PROGRESS_FILE)
 
 
 def write_shards(source: Source, out_dir: str | Path, options: Optional[WriteOptions] = None, *,
@@ -406,6 +398,6 @@ def write_shards(source: Source, out_dir: str | Path, options: Optional[WriteOpt
         "skipped_count": len(progress.skipped),
         **dataclasses.asdict(progress),
     }
-    _write_json_atomic(meta, out / META_FILE)
+    write_json(meta, out / META_FILE)
     (out / PROGRESS_FILE).unlink()
     return meta

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.eval.images import ImageCollection, ImageSetError
+from trainer.io import replace_atomically
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -209,7 +210,7 @@ def cached_features(images: ImageCollection, network: InceptionFeatures, cache_d
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
     np.save(tmp, feats)
-    os.replace(tmp, path)  # atomic: concurrent evaluations never read half a file
+    replace_atomically(tmp, path)  # concurrent evaluations never read half a file
     return feats
 
 

@@ -11,19 +11,20 @@ other Python object is refused rather than executed.
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
+
+from trainer.io import SafetensorsFile, load_safetensors, save_safetensors
+
+__all__ = ["CheckpointError", "LoadReport", "PartReport", "SafetensorsFile", "load_ldm_checkpoint",
+           "load_safetensors", "read_state_dict", "save_safetensors"]
 
 UNET_PREFIX = "model.diffusion_model."
 AUTOENCODER_PREFIX = "first_stage_model."
@@ -212,53 +213,3 @@ def load_ldm_checkpoint(
             reason = "other entries (noise schedule buffers, ...)"
         report.ignored[reason] = report.ignored.get(reason, 0) + 1
     return report
-
-
-class SafetensorsFile(NamedTuple):
-    """Tensors and string metadata of a `.safetensors` file."""
-
-    state_dict: dict[str, Tensor]
-    metadata: dict[str, str]
-
-
-def save_safetensors(
-    module_or_state_dict: nn.Module | Mapping[str, Tensor],
-    path: str | os.PathLike,
-    metadata: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write a module's state dict (or a state dict) to `path` atomically; returns the path.
-
-    Tensors are moved to CPU and made contiguous; tensors sharing storage are copied (the format
-    forbids aliasing). Metadata values that are not strings are stored as JSON text.
-    """
-    state = module_or_state_dict.state_dict() if isinstance(module_or_state_dict, nn.Module) \
-        else module_or_state_dict
-    tensors: dict[str, Tensor] = {}
-    storages: set[int] = set()
-    for key, value in state.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"save_safetensors: entry '{key}' is a {type(value).__name__}, not a tensor")
-        t = value.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in storages:
-            t = t.clone()
-        storages.add(ptr)
-        tensors[key] = t
-    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
-
-
-def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> SafetensorsFile:
-    """Read every tensor (onto `device`) and the metadata of a `.safetensors` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"safetensors file not found: {path}")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        metadata = dict(f.metadata() or {})
-        state = {key: f.get_tensor(key) for key in f.keys()}
-    return SafetensorsFile(state, metadata)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from trainer.config import Config, ConfigError, DataSource, dump_config
 from trainer.errors import RunError
+from trainer.io import load_safetensors
 
 STAGE_DIRS = {"pretrain-ae": "ae", "pretrain-ldm": "ldm", "finetune": "finetune", "audit": "audit"}
 
@@ -134,6 +135,11 @@ def conditions(cond_type: str, labels: torch.Tensor, captions: Optional[list[str
     return None
 
 
+def to_device(conds, device: torch.device):
+    """A batch's conditions on ``device``: label tensors move; captions (strings) and None stay."""
+    return conds.to(device) if isinstance(conds, torch.Tensor) else conds
+
+
 def public_batches(cfg: Config, batch_size: int, generator: torch.Generator):
     """Endless ``(images [B, C, R, R] in [-1, 1], conditions)`` batches of ``data.public``.
 
@@ -212,53 +218,38 @@ def build_conditioner(cfg: Config, n_classes: Optional[int] = None):
 
 # --- checkpoints -------------------------------------------------------------------------------
 
-def _atomic_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-
-
-def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict] = None) -> None:
-    """safetensors, written to a temporary file then renamed (never a half-written checkpoint)."""
-    from safetensors.torch import save_file
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    _atomic_replace(tmp, path)
-
-
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    if not path.is_file():
-        raise RunError(f"{path}: checkpoint not found")
-    return load_file(str(path))
-
-
-def save_state(state: dict, path: Path) -> None:
-    """Training state (optimizer, step, RNG states): tensors and plain containers only."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    _atomic_replace(tmp, path)
-
-
-def load_state(path: Path) -> Optional[dict]:
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
-    _atomic_replace(tmp, path)
-
-
 def save_run_config(cfg: Config, run_dir: Path) -> Path:
     """Write the resolved config to ``run_dir/config.yaml`` (creating the folder)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
     dump_config(cfg, path)
     return path
+
+
+@torch.no_grad()
+def encode_images(autoencoder, images: torch.Tensor, batch_size: int = 256, desc: str = "encode",
+                  device: torch.device | str | None = None):
+    """Posterior (mean, std) of every image, in batches on ``device`` (default: the model's) -> two
+    tensors [N, c, h, w] on that device."""
+    from tqdm import tqdm
+    device = device or next(autoencoder.parameters()).device
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
+        m, s = autoencoder.encode(images[i:i + batch_size].to(device))
+        means.append(m)
+        stds.append(s)
+    return torch.cat(means), torch.cat(stds)
+
+
+def autoencoder_encode_fn(model: torch.nn.Module, device: torch.device | str):
+    """``images [B, C, R, R] in [-1, 1] -> (mean, std)`` on the CPU, encoded on ``device`` without gradients."""
+    model = model.to(device)
+
+    def encode(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            mean, std = model.encode(images.to(device))
+        return mean.cpu(), std.cpu()
+    return encode
 
 
 def load_autoencoder(run_dir: str | Path):
@@ -268,7 +259,7 @@ def load_autoencoder(run_dir: str | Path):
     cfg = load_config(str(run_dir / "config.yaml"))
     model = build_autoencoder(cfg)
     weights = run_dir / "autoencoder.safetensors"
-    model.load_state_dict(load_weights(weights))
+    model.load_state_dict(load_safetensors(weights).state_dict)
     model.eval().requires_grad_(False)
     return model, file_sha256(weights)
 

@@ -57,7 +57,7 @@ def run_demo(cfg: Config) -> dict:
     ldm_dir = pretrain_ldm.run(cfg)
     ft_dir = finetune.run(cfg)
     from trainer.stages.evaluate import evaluate_checkpoint
-    metrics = evaluate_checkpoint(ft_dir)
+    metrics = evaluate_checkpoint(ft_dir, device=cfg.device)
     return {"autoencoder": ae_dir, "ldm": ldm_dir, "finetune": ft_dir, "metrics": metrics,
             "minutes": (time.time() - t0) / 60}
 

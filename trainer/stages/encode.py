@@ -12,20 +12,9 @@ import argparse
 import os
 import sys
 
-import torch
-
 from trainer.data.latent_cache import DTYPES, CacheMismatchError, build_latent_cache
-
-
-def autoencoder_encode_fn(model: torch.nn.Module, device: str):
-    """``images [B, C, R, R] in [-1, 1] -> (mean, std)`` on ``device``, without gradients."""
-    model = model.to(device)
-
-    def encode(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            mean, std = model.encode(images.to(device))
-        return mean.cpu(), std.cpu()
-    return encode
+from trainer.runtime import resolve_device
+from trainer.stages.common import autoencoder_encode_fn
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         manifest = build_latent_cache(
-            autoencoder_encode_fn(model, args.device), args.shards, args.out, encoder_hash, resolution,
+            autoencoder_encode_fn(model, resolve_device(args.device)), args.shards, args.out, encoder_hash, resolution,
             args.batch_size, rank=args.rank, world_size=args.world_size, dtype=args.dtype,
             channels=channels, pad_small=args.pad_small, progress_bar=not args.no_progress)
     except (CacheMismatchError, ValueError, OSError) as err:
@@ -69,7 +58,7 @@ def register(subparsers) -> None:
     p.add_argument("--resolution", type=int, help="image size fed to the encoder (default: the autoencoder's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dtype", choices=list(DTYPES), default="float16", help="storage dtype of mean and std")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--pad-small", action="store_true",
                    help="centre images smaller than the resolution on black instead of upscaling (MNIST 28 -> 32)")
     p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))

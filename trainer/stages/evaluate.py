@@ -113,7 +113,8 @@ def _format_metric(key: str, value: float) -> str:
 
 
 def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = None,
-                        num_per_class: Optional[int] = None, log: bool = True) -> dict[str, float]:
+                        num_per_class: Optional[int] = None, log: bool = True,
+                        device: str = "auto") -> dict[str, float]:
     """Generate labelled samples from a ``finetune``/``pretrain-ldm`` run folder (one batch of
     ``eval.num_per_class`` per class, public class labels as inputs, or for a text model the
     public ``sample.prompts``, one per class), score them against the config's ``data.test``
@@ -124,7 +125,8 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
     from trainer.stages.common import to_uint8
     from trainer.tracking import find_run_by_checkpoint
 
-    ldm, autoencoder, meta, cfg = load_pipeline(run_dir)
+    from trainer.runtime import resolve_device
+    ldm, autoencoder, meta, cfg = load_pipeline(run_dir, resolve_device(device))
     ev = cfg.eval
     names = meta["label_names"]
     test = cfg.data.test
@@ -154,7 +156,7 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
 def _run_evaluate(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     if args.checkpoint:
-        for key, value in evaluate_checkpoint(args.checkpoint, metrics, args.num).items():
+        for key, value in evaluate_checkpoint(args.checkpoint, metrics, args.num, device=args.device).items():
             print(_format_metric(key, value))
         return 0
     if not args.samples:
@@ -352,6 +354,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "Inception features are cached, so only the first evaluation pays for them)")
     p.add_argument("--classifier", choices=CLASSIFIERS, default="cnn")
     p.add_argument("--epochs", type=int, default=10, help="classifier epochs (default: 10)")
+    p.add_argument("--device", default="auto", help="with --checkpoint: where to sample (auto, cpu, cuda, cuda:N)")
     p.add_argument("--run", metavar="RUN_ID", help="log the metrics and a per-class sample grid to this MLflow run")
     _add_inception_args(p)
     p.set_defaults(func=_run_evaluate)

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING, Callable, ContextManager, Union
 
 import torch
 from tqdm import tqdm
@@ -26,9 +26,11 @@ from tqdm import tqdm
 from trainer.config import MAX_EPSILON, Config, ConfigError
 from trainer.distributed import CHECKPOINTS, STATE_FILE, WEIGHTS_FILE, Checkpoint, TrainState, load_trainable
 from trainer.errors import RunError
+from trainer.runtime import Placement
 from trainer.selection import select_trainable
-from trainer.stages.common import (conditions, earlier_stage, load_image_source, load_state, recorded_path,
-                                   save_run_config, save_state, save_weights, stage_dir, write_json)
+from trainer.io import load_state, save_safetensors, save_state, write_json
+from trainer.stages.common import (autoencoder_encode_fn, conditions, earlier_stage, encode_images, load_image_source,
+                                   recorded_path, save_run_config, stage_dir)
 from trainer.tracking import start_run
 
 if TYPE_CHECKING:
@@ -132,12 +134,11 @@ def private_latent_cache(cfg: Config, autoencoder, encoder_hash: str, run_dir: P
     Resumable, and refused if it was made by another encoder or from other shards.
     """
     from trainer.data.latent_cache import LatentCache, build_latent_cache
-    from trainer.stages.encode import autoencoder_encode_fn
     src, out = cfg.data.private, run_dir / "latents"
     if not src.path:
         raise ConfigError("data.private.path: a shard pattern is needed for source=shards")
     if rt.is_main:
-        build_latent_cache(autoencoder_encode_fn(autoencoder, "cpu"), src.path, out, encoder_hash, src.resolution,
+        build_latent_cache(autoencoder_encode_fn(autoencoder, rt.device), src.path, out, encoder_hash, src.resolution,
                            batch_size=64, channels=int(cfg.autoencoder.ddconfig.get("in_channels", 3)),
                            pad_small=True)
     rt.barrier()
@@ -154,21 +155,30 @@ class SingleProcess:
 
     rank, world_size, is_main = 0, 1, True
 
+    def __init__(self, placement: Placement | None = None):
+        self.placement = placement or Placement(torch.device("cpu"))
+        self.device = self.placement.device
+
+    def autocast(self):
+        """The forward's precision context (``precision: bf16``: autocast)."""
+        return self.placement.autocast()
+
     def place(self, ldm, autoencoder) -> None:
-        """Models stay where ``load_pipeline`` put them."""
+        """Both models on this process's device."""
+        ldm.to(self.device)
+        autoencoder.to(self.device)
 
     def layout(self) -> None:
         """No partitioning to describe."""
 
     def encode(self, autoencoder, images: torch.Tensor, labels: torch.Tensor):
-        """Posterior (mean, std) and labels of every private example; row i is example i."""
-        from trainer.stages.pretrain_ldm import encode_images
-        mean, std = encode_images(autoencoder, images, desc="encode private set")
-        return mean, std, labels
+        """Posterior (mean, std) and labels of every private example, on the device; row i is example i."""
+        mean, std = encode_images(autoencoder, images, desc="encode private set", device=self.device)
+        return mean, std, labels.to(self.device)
 
     def hold(self, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor):
-        """An already encoded private set (a latent cache): every row, row i is example i."""
-        return mean, std, labels
+        """An already encoded private set (a latent cache): every row on the device, row i is example i."""
+        return mean.to(self.device), std.to(self.device), labels.to(self.device)
 
     def make_optimizer(self, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -196,7 +206,7 @@ class SingleProcess:
         return make_grid(path)
 
     def save_checkpoint(self, run_dir: Path, step: int, mlflow_run_id: str | None, state: TrainState) -> None:
-        save_weights({k: p.detach() for k, p in state.trainable.items()}, run_dir / WEIGHTS_FILE,
+        save_safetensors({k: p.detach() for k, p in state.trainable.items()}, run_dir / WEIGHTS_FILE,
                      state.weights_metadata(step))
         save_state({"optimizer": state.optimizer.state_dict(), "step": step, "mlflow_run_id": mlflow_run_id,
                     "ledger": state.ledger.state_dict()}, run_dir / STATE_FILE)
@@ -236,7 +246,7 @@ def run(cfg: Config) -> Path:
     set, every rank runs this same function through :mod:`trainer.distributed`.
     """
     from trainer.distributed import launch
-    runtime = launch(cfg) or SingleProcess()
+    runtime = launch(cfg) or SingleProcess(Placement.from_config(cfg))
     try:
         return _finetune(cfg, runtime)
     finally:
@@ -274,6 +284,7 @@ class DPSession:
     state: TrainState                    # trainable params, optimizer, sampler, ledger
     latent_shape: tuple[int, ...]
     loss_gen: torch.Generator            # timesteps, diffusion noise, posterior samples: never saved
+    autocast: Callable[[], ContextManager]  # the forward's precision
     source: object                       # an EncodedPrivateSet (shards) or an ImageSet (in memory)
     private: PrivateRows | None = None
 
@@ -298,7 +309,9 @@ class DPSession:
         conds = conditions(cfg.ldm.conditioner.type, p.labels[rows],
                            None if p.captions is None else [_pick(p.captions[int(r)], g) for r in rows])
         conds = self.ldm.drop_conditions(conds, cfg.ldm.train.cond_drop_prob, g)
-        return self.ldm.loss(z0 * self.ldm.scale_factor, conds, g, multiplicity=cfg.finetune.noise_multiplicity)
+        with self.autocast():
+            losses = self.ldm.loss(z0 * self.ldm.scale_factor, conds, g, multiplicity=cfg.finetune.noise_multiplicity)
+        return losses.float()
 
     def probe_losses(self, rows: torch.Tensor) -> torch.Tensor:
         """Deterministic losses of rows of 4 public stand-in examples (random latents, timesteps and
@@ -312,9 +325,10 @@ class DPSession:
         cond_type = self.cfg.ldm.conditioner.type
         conds = conditions(cond_type, public.to(device),
                            [f"a picture of {int(k)}" for k in public] if cond_type == "text" else None)
-        context = self.ldm.context(conds) if conds is not None else None
-        out = self.ldm.eps(x[rows].to(device), t[rows].to(device), context)
-        return (out - target[rows].to(out.device)).pow(2).flatten(1).mean(dim=1)
+        with self.autocast():
+            context = self.ldm.context(conds) if conds is not None else None
+            out = self.ldm.eps(x[rows].to(device), t[rows].to(device), context)
+        return (out.float() - target[rows].to(out.device)).pow(2).flatten(1).mean(dim=1)
 
 
 def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: Path,
@@ -328,6 +342,7 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     """
     from trainer.models import ClassEmbedder
     from trainer.privacy import DPGradientEngine, PoissonBatchSampler, PrivacyLedger, entropy_generator, epsilon
+    from trainer.privacy.engine import SELF_CHECK_RTOL, SELF_CHECK_RTOL_BF16
     from trainer.runs import load_pipeline
 
     ft = cfg.finetune
@@ -373,10 +388,11 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     # q * N is the global expected batch size, whatever the number of ranks
     engine = DPGradientEngine(ldm, max_grad_norm=ft.max_grad_norm, noise_multiplier=sigma,
                               expected_batch_size=q * n, mode=ft.engine_mode, secure_noise=ft.secure_noise,
-                              generator=None if seed is None else generator(3))
+                              generator=None if seed is None else generator(3),
+                              self_check_rtol=SELF_CHECK_RTOL_BF16 if cfg.precision == "bf16" else SELF_CHECK_RTOL)
     state = TrainState(trainable, optimizer, sampler, ledger, {"base": str(base_dir.resolve())})
     return DPSession(cfg, base_dir, ldm, autoencoder, selection, n, names, names_source, q, sigma, snr, engine,
-                     state, tuple(meta["latent_shape"]), generator(2), source)
+                     state, tuple(meta["latent_shape"]), generator(2), rt.autocast, source)
 
 
 def _base_dir(cfg: Config) -> Path:
@@ -529,7 +545,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
                           "without a launcher")
     if not 0.5 <= confidence < 1:
         raise ConfigError(f"--confidence: must be in [0.5, 1), got {confidence}")
-    ft, rt = cfg.finetune, SingleProcess()
+    ft, rt = cfg.finetune, SingleProcess(Placement.from_config(cfg))
     run_dir = stage_dir(cfg, "audit")
     session = _prepare(cfg, rt, run_dir, seed)
     session.load_private(rt)

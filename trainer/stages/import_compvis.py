@@ -29,7 +29,8 @@ import yaml
 from trainer.config import Config, ConfigError, config_from_dict, dump_config
 from trainer.errors import RunError, UsageError
 from trainer.models.checkpoint import EMA_PREFIX, load_ldm_checkpoint, read_state_dict
-from trainer.stages.common import build_autoencoder, build_ldm, file_sha256, save_weights, write_json
+from trainer.io import save_safetensors, write_json
+from trainer.stages.common import build_autoencoder, build_ldm, file_sha256
 
 LATENT_DIFFUSION = "ldm.models.diffusion.ddpm.LatentDiffusion"
 AUTOENCODER_KL = "ldm.models.autoencoder.AutoencoderKL"
@@ -136,10 +137,10 @@ def import_compvis(config_path: str | Path, checkpoint: str | Path, out: str | P
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / AUTOENCODER_DIR).mkdir()
-        save_weights(autoencoder.state_dict(), tmp / AUTOENCODER_DIR / "autoencoder.safetensors")
+        save_safetensors(autoencoder.state_dict(), tmp / AUTOENCODER_DIR / "autoencoder.safetensors")
         dump_config(cfg, tmp / AUTOENCODER_DIR / "config.yaml")
-        save_weights(ldm.unet.state_dict(), tmp / "unet.safetensors", {"use_ema": use_ema})
-        save_weights(ldm.cond_stage_model.state_dict(), tmp / "cond_stage_model.safetensors")
+        save_safetensors(ldm.unet.state_dict(), tmp / "unet.safetensors", {"use_ema": use_ema})
+        save_safetensors(ldm.cond_stage_model.state_dict(), tmp / "cond_stage_model.safetensors")
         dump_config(cfg, tmp / "config.yaml")
         write_json({"scale_factor": cfg.ldm.scale_factor, "latent_shape": [channels, res, res],
                     "label_names": cfg.ldm.conditioner.label_names or [],

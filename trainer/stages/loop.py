@@ -17,7 +17,7 @@ from tqdm import tqdm
 from trainer.config import TrainConfig
 from trainer.diffusion import EMA
 from trainer.interrupt import StopRequest
-from trainer.stages.common import load_state, load_weights, save_state, save_weights
+from trainer.io import load_safetensors, load_state, save_safetensors, save_state
 from trainer.tracking import Run
 
 STATE_FILE = "train-state.pt"
@@ -43,7 +43,7 @@ class Trainer:
             return
         for name, module in self.modules.items():
             raw = self.run_dir / f"{name}.raw.safetensors"
-            module.load_state_dict(load_weights(raw if raw.is_file() else self.run_dir / f"{name}.safetensors"))
+            module.load_state_dict(load_safetensors(raw if raw.is_file() else self.run_dir / f"{name}.safetensors").state_dict)
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         if self.ema is not None and "ema" in state:
@@ -55,11 +55,11 @@ class Trainer:
         for name, module in self.modules.items():
             raw = dict(module.state_dict())
             if self.ema is not None:
-                save_weights(raw, self.run_dir / f"{name}.raw.safetensors", {"step": self.step})
+                save_safetensors(raw, self.run_dir / f"{name}.raw.safetensors", {"step": self.step})
                 ema = {k[len(name) + 1:]: v for k, v in self.ema.state_dict().items() if k.startswith(name + ".")}
-                save_weights({**raw, **ema}, self.run_dir / f"{name}.safetensors", {"step": self.step, "ema": True})
+                save_safetensors({**raw, **ema}, self.run_dir / f"{name}.safetensors", {"step": self.step, "ema": True})
             else:
-                save_weights(raw, self.run_dir / f"{name}.safetensors", {"step": self.step})
+                save_safetensors(raw, self.run_dir / f"{name}.safetensors", {"step": self.step})
         state = {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
                  "step": self.step, "mlflow_run_id": run.run_id or self.mlflow_run_id}
         if self.ema is not None:
@@ -96,4 +96,4 @@ class Trainer:
     def load_best(self) -> None:
         """Load the weights that were saved as the stage's result (EMA ones when EMA is on)."""
         for name, module in self.modules.items():
-            module.load_state_dict(load_weights(self.run_dir / f"{name}.safetensors"))
+            module.load_state_dict(load_safetensors(self.run_dir / f"{name}.safetensors").state_dict)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import Config
+from trainer.runtime import Placement
 from trainer.stages.common import (build_autoencoder, public_batches, save_grid, save_run_config, seed_everything,
                                    stage_dir)
 from trainer.stages.loop import Trainer
@@ -23,20 +24,22 @@ def run(cfg: Config) -> Path:
     """Train (or resume) the autoencoder; returns the run folder with ``autoencoder.safetensors``."""
     from trainer.models.autoencoder import kl_divergence
     run_dir = stage_dir(cfg, "pretrain-ae")
+    place = Placement.from_config(cfg)
     save_run_config(cfg, run_dir)
     gen = seed_everything(cfg.seed)
-    model = build_autoencoder(cfg)
+    model = build_autoencoder(cfg).to(place.device)
     tc = cfg.autoencoder.train
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     trainer = Trainer(run_dir, {"autoencoder": model}, opt, tc, gen, desc="pretrain-ae")
     batches = public_batches(cfg, tc.batch_size, gen)
 
     def step(_: int) -> dict[str, float]:
-        x, _ = next(batches)
-        rec, mean, std = model(x)
-        rec_loss = reconstruction_loss(x, rec).mean()
-        kl = kl_divergence(mean, std).mean()
-        loss = rec_loss + tc.kl_weight * kl
+        x = next(batches)[0].to(place.device)
+        with place.autocast():
+            rec, mean, std = model(x)
+            rec_loss = reconstruction_loss(x, rec.float()).mean()
+            kl = kl_divergence(mean.float(), std.float()).mean()
+            loss = rec_loss + tc.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -46,7 +49,7 @@ def run(cfg: Config) -> Path:
                    run_id=trainer.mlflow_run_id) as mlrun:
         trainer.fit(step, mlrun)
         trainer.load_best()
-        x = next(batches)[0][:16]
+        x = next(batches)[0][:16].to(place.device)
         with torch.no_grad():
             rec, _, _ = model(x, sample=False)
         grid = save_grid(torch.cat([x, rec]), run_dir / "reconstructions.png", nrow=16)

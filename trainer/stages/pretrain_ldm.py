@@ -7,45 +7,37 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from tqdm import tqdm
 
 from trainer.config import Config
-from trainer.stages.common import (build_ldm, conditions, earlier_stage, load_autoencoder, load_image_source,
-                                   public_batches, public_label_names, recorded_path, save_run_config,
-                                   seed_everything, stage_dir, write_json)
+from trainer.runtime import Placement
+from trainer.stages.common import (build_ldm, conditions, earlier_stage, encode_images, load_autoencoder,
+                                   load_image_source, public_batches, public_label_names, recorded_path,
+                                   save_run_config, seed_everything, stage_dir, to_device)
+from trainer.io import write_json
 from trainer.runs import class_grid
 from trainer.stages.loop import Trainer
 from trainer.tracking import start_run
 
 
-@torch.no_grad()
-def encode_images(autoencoder, images: torch.Tensor, batch_size: int = 256, desc: str = "encode"):
-    """Posterior (mean, std) of every image, in batches -> two tensors [N, c, h, w]."""
-    means, stds = [], []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
-        m, s = autoencoder.encode(images[i:i + batch_size])
-        means.append(m)
-        stds.append(s)
-    return torch.cat(means), torch.cat(stds)
-
-
 def latent_batches(cfg: Config, autoencoder, batch_size: int, gen: torch.Generator) -> Iterator[tuple]:
-    """Endless ``(z [B, c, h, w], conditions)``: fresh posterior samples of public images (unscaled).
+    """Endless ``(z [B, c, h, w], conditions)``: fresh posterior samples of public images (unscaled),
+    on the autoencoder's device (draws from the CPU generator ``gen``, so every device sees the same).
 
     An in-memory public set is encoded once (mean, std kept); a shard stream is encoded per batch.
     """
+    device = next(autoencoder.parameters()).device
     if cfg.data.public.source != "shards":
         data = load_image_source(cfg.data.public, "data.public")
         mean, std = encode_images(autoencoder, data.images, desc="encode public set")
         cond_type = cfg.ldm.conditioner.type
         while True:
             idx = torch.randint(0, len(mean), (batch_size,), generator=gen)
-            yield mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen), \
-                conditions(cond_type, data.labels[idx], None)
+            yield mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(device), \
+                to_device(conditions(cond_type, data.labels[idx], None), device)
     for images, conds in public_batches(cfg, batch_size, gen):
         with torch.no_grad():
-            mean, std = autoencoder.encode(images)
-        yield mean + std * torch.randn(mean.shape, generator=gen), conds
+            mean, std = autoencoder.encode(images.to(device))
+        yield mean + std * torch.randn(mean.shape, generator=gen).to(device), to_device(conds, device)
 
 
 def run(cfg: Config) -> Path:
@@ -54,7 +46,9 @@ def run(cfg: Config) -> Path:
     ae_dir = earlier_stage(cfg, "pretrain-ae")
     save_run_config(cfg, run_dir)
     gen = seed_everything(cfg.seed)
+    place = Placement.from_config(cfg)
     autoencoder, ae_hash = load_autoencoder(ae_dir)
+    autoencoder.to(place.device)
     tc = cfg.ldm.train
     batches = latent_batches(cfg, autoencoder, tc.batch_size, gen)
     # latent scale: 1 / std of the public latents (as LDM's scale_factor), from the first batches
@@ -62,7 +56,7 @@ def run(cfg: Config) -> Path:
     scale = cfg.ldm.scale_factor or float(1.0 / torch.cat([z for z, _ in first]).std())
     batches = itertools.chain(first, batches)
     names = public_label_names(cfg)
-    ldm = build_ldm(cfg, scale)
+    ldm = build_ldm(cfg, scale).to(place.device)
     write_json({"scale_factor": scale, "latent_shape": list(first[0][0].shape[1:]), "label_names": names,
                 "autoencoder": recorded_path(ae_dir, run_dir), "autoencoder_sha256": ae_hash}, run_dir / "ldm.json")
     params = [p for p in ldm.parameters() if p.requires_grad]
@@ -72,7 +66,8 @@ def run(cfg: Config) -> Path:
 
     def step(_: int) -> dict[str, float]:
         z, conds = next(batches)
-        loss = ldm.loss(z * scale, conds, gen, cond_drop_prob=tc.cond_drop_prob).mean()
+        with place.autocast():
+            loss = ldm.loss(z * scale, conds, gen, cond_drop_prob=tc.cond_drop_prob).float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

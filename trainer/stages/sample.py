@@ -13,6 +13,7 @@ import torch
 
 from trainer.errors import UsageError
 from trainer.runs import generate, load_pipeline
+from trainer.runtime import resolve_device
 from trainer.stages.common import save_grid, seed_everything, to_uint8
 
 
@@ -22,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
             classes = [int(c) for c in args.classes.split(",")]
         except ValueError:
             raise UsageError(f"--classes: {args.classes!r} is not a comma-separated list of class indices") from None
-    ldm, autoencoder, meta, cfg = load_pipeline(args.checkpoint)
+    ldm, autoencoder, meta, cfg = load_pipeline(args.checkpoint, resolve_device(args.device))
     if args.ddim_steps:
         cfg.sample.ddim_steps = args.ddim_steps
     if args.guidance_scale is not None:
@@ -73,4 +74,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ddim-steps", type=positive_int, help="override sample.ddim_steps")
     p.add_argument("--guidance-scale", type=float, help="override sample.guidance_scale")
+    p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=run)
