@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# Check the Triton kernels on a GPU machine: the kernel tests on CUDA tensors (compiled
-# kernels, no interpreter), then the benchmark, written to docs/kernel-bench-<gpu>.md.
+# The one prepared check for a GPU machine (about 6-8 minutes on one H100/H200):
+#   1. the kernel tests and the engine-on-Triton tests on CUDA tensors (compiled kernels);
+#   2. the kernel benchmark               -> docs/kernel-bench-<gpu>.md
+#   3. the DP step benchmark on the GPU   -> docs/bench-dp-step-<gpu>.md
+#      (engine vs non-private vs Opacus hooks and ghost clipping, time and memory)
+#   4. `dpldm demo --quick` with device=cuda, in fp32 then precision=bf16 -> docs/demo-quick-<gpu>.md
 # Installs nothing, except `pip install -e . --no-deps` when `import trainer` fails.
-# Fits in 5 minutes on one H100/H200 (tests ~2 min, mostly compiling; bench ~1-2 min).
 #
 # Variables (environment):
 #   PYTHON        python interpreter to use                  (default: python)
-#   OUT_DIR       where the benchmark table is written        (default: docs)
-#   TEST_TIMEOUT  seconds allowed for the tests               (default: 150)
-#   BENCH_TIMEOUT seconds allowed for the benchmark           (default: 130)
-#   BENCH_REPS    timed repetitions per benchmark case        (default: the benchmark's own, 20)
+#   OUT_DIR       where the tables are written               (default: docs)
+#   TEST_TIMEOUT  seconds allowed for the tests               (default: 180)
+#   BENCH_TIMEOUT seconds allowed for each benchmark          (default: 130)
+#   DEMO_TIMEOUT  seconds allowed for each quick demo         (default: 150)
 set -euo pipefail
 
 PYTHON="${PYTHON:-python}"
 OUT_DIR="${OUT_DIR:-docs}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-150}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-180}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-130}"
-BENCH_REPS="${BENCH_REPS:-}"
+DEMO_TIMEOUT="${DEMO_TIMEOUT:-150}"
 
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET  # compiled kernels only
@@ -31,14 +34,37 @@ fi
 
 gpu_name="$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0))")"
 gpu_slug="$(echo "$gpu_name" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')"
-out_file="$OUT_DIR/kernel-bench-$gpu_slug.md"
-echo "gpu_check: $gpu_name -> $out_file"
-
-timeout "$TEST_TIMEOUT" "$PYTHON" -m pytest -q tests/test_kernels.py
-
 mkdir -p "$OUT_DIR"
-bench_args=(--out "$out_file")
-if [[ -n "$BENCH_REPS" ]]; then
-    bench_args+=(--reps "$BENCH_REPS")
-fi
-timeout "$BENCH_TIMEOUT" "$PYTHON" -m kernels.bench "${bench_args[@]}"
+echo "gpu_check: $gpu_name"
+
+echo "== 1. kernel and engine-on-Triton tests"
+timeout "$TEST_TIMEOUT" "$PYTHON" -m pytest -q tests/test_kernels.py tests/test_engine_triton.py
+
+echo "== 2. kernel benchmark"
+timeout "$BENCH_TIMEOUT" "$PYTHON" -m kernels.bench --out "$OUT_DIR/kernel-bench-$gpu_slug.md"
+
+echo "== 3. DP step benchmark"
+timeout "$BENCH_TIMEOUT" "$PYTHON" bench/bench_dp_step.py --device cuda --batch 64 --repeats 10 \
+    --out "$OUT_DIR/bench-dp-step-$gpu_slug.md"
+
+echo "== 4. quick demo on the GPU (fp32, then bf16)"
+demo_md="$OUT_DIR/demo-quick-$gpu_slug.md"
+work="$(mktemp -d)"
+{
+    echo "# \`dpldm demo --quick\` on $gpu_name"
+    echo
+    echo "| precision | wall time (s) | exit code |"
+    echo "| --- | ---: | ---: |"
+} > "$demo_md"
+for precision in fp32 bf16; do
+    start=$(date +%s)
+    set +e
+    (cd "$work" && MLFLOW_TRACKING_URI="sqlite:///$work/mlflow.db" timeout "$DEMO_TIMEOUT" \
+        "$PYTHON" -m trainer.cli demo --quick --output-dir "$work/runs-$precision" device=cuda "precision=$precision")
+    rc=$?
+    set -e
+    echo "| $precision | $(( $(date +%s) - start )) | $rc |" >> "$demo_md"
+done
+cat "$demo_md"
+rm -rf "$work"
+echo "gpu_check: tables in $OUT_DIR"

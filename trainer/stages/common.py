@@ -140,11 +140,12 @@ def to_device(conds, device: torch.device):
     return conds.to(device) if isinstance(conds, torch.Tensor) else conds
 
 
-def public_batches(cfg: Config, batch_size: int, generator: torch.Generator):
+def public_batches(cfg: Config, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1):
     """Endless ``(images [B, C, R, R] in [-1, 1], conditions)`` batches of ``data.public``.
 
-    In-memory sources are sampled uniformly with ``generator``; shard sets are streamed with
-    a shuffle buffer, epoch after epoch (a resumed run starts a fresh pass over the shards).
+    In-memory sources are sampled uniformly with ``generator`` (a different one per rank); shard
+    sets are streamed with a shuffle buffer, epoch after epoch, each of ``world_size`` ranks
+    reading its own shards (a resumed run starts a fresh pass over the shards).
     """
     src, cond_type = cfg.data.public, cfg.ldm.conditioner.type
     if src.source != "shards":
@@ -158,7 +159,8 @@ def public_batches(cfg: Config, batch_size: int, generator: torch.Generator):
     channels = int(cfg.autoencoder.ddconfig.get("in_channels", 3))
     loader = make_loader(src.path, src.resolution, batch_size, num_workers=src.num_workers,
                          seed=int(torch.randint(0, 2**31, (1,), generator=generator)), channels=channels,
-                         partial=False, pad_small=True)
+                         partial=False, pad_small=True,
+                         **({"rank": rank, "world_size": world_size} if world_size > 1 else {}))
     epoch = 0
     while True:
         loader.dataset.set_epoch(epoch)

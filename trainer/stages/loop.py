@@ -17,6 +17,7 @@ from tqdm import tqdm
 from trainer.config import TrainConfig
 from trainer.diffusion import EMA
 from trainer.interrupt import StopRequest
+from trainer.runtime import ProcessGroup
 from trainer.io import load_safetensors, load_state, save_safetensors, save_state
 from trainer.tracking import Run
 
@@ -27,9 +28,9 @@ class Trainer:
     """Run ``step_fn(step) -> metrics`` for ``train.steps`` steps with checkpoints and logging."""
 
     def __init__(self, run_dir: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-                 train: TrainConfig, generator: torch.Generator, desc: str):
+                 train: TrainConfig, generator: torch.Generator, desc: str, group: ProcessGroup = ProcessGroup()):
         self.run_dir, self.modules, self.optimizer = run_dir, modules, optimizer
-        self.train, self.generator, self.desc = train, generator, desc
+        self.train, self.generator, self.desc, self.group = train, generator, desc, group
         params = nn.ModuleDict(modules)
         self.ema = EMA(params, train.ema_decay) if train.ema_decay else None
         self._params = params
@@ -45,13 +46,19 @@ class Trainer:
             raw = self.run_dir / f"{name}.raw.safetensors"
             module.load_state_dict(load_safetensors(raw if raw.is_file() else self.run_dir / f"{name}.safetensors").state_dict)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
+        if self.group.rank == 0:
+            self.generator.set_state(state["generator"])
+        else:  # only rank 0's data stream is saved; the others start fresh ones (public data)
+            self.generator.manual_seed(self.generator.initial_seed() + self.step)
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
-        self.step = int(state["step"])
         self.mlflow_run_id = state.get("mlflow_run_id")
 
     def save(self, run: Run) -> None:
+        """Weights and state (rank 0 only: every rank holds the same weights)."""
+        if not self.group.is_main:
+            return
         for name, module in self.modules.items():
             raw = dict(module.state_dict())
             if self.ema is not None:
@@ -61,7 +68,8 @@ class Trainer:
             else:
                 save_safetensors(raw, self.run_dir / f"{name}.safetensors", {"step": self.step})
         state = {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                 "step": self.step, "mlflow_run_id": run.run_id or self.mlflow_run_id}
+                 "step": self.step, "mlflow_run_id": run.run_id or self.mlflow_run_id,
+                 "world_size": self.group.world_size}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         save_state(state, self.run_dir / STATE_FILE)
@@ -69,7 +77,8 @@ class Trainer:
     def fit(self, step_fn: Callable[[int], dict[str, float]], run: Run) -> None:
         """Train to ``train.steps``; on Ctrl-C / SIGTERM finish the step, checkpoint, raise KeyboardInterrupt."""
         t0, first = time.time(), self.step
-        bar = tqdm(total=self.train.steps, initial=self.step, desc=self.desc, dynamic_ncols=True)
+        bar = tqdm(total=self.train.steps, initial=self.step, desc=self.desc, dynamic_ncols=True,
+                   disable=not self.group.is_main)
         for module in self.modules.values():
             module.train()
         with StopRequest() as stop:
@@ -82,9 +91,10 @@ class Trainer:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
                 if self.step % self.train.log_every == 0 or self.step == self.train.steps:
                     run.log_metrics(metrics, step=self.step)
-                if stop.requested or self.step % self.train.checkpoint_every == 0 or self.step == self.train.steps:
+                stopping = self.group.any(stop.requested)
+                if stopping or self.step % self.train.checkpoint_every == 0 or self.step == self.train.steps:
                     self.save(run)
-                if stop.requested:
+                if stopping:
                     bar.close()
                     raise KeyboardInterrupt
         bar.close()

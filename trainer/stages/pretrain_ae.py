@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import Config
-from trainer.runtime import Placement
+from trainer.runtime import Placement, average_gradients, broadcast_parameters, join_data_parallel
 from trainer.stages.common import (build_autoencoder, public_batches, save_grid, save_run_config, seed_everything,
                                    stage_dir)
 from trainer.stages.loop import Trainer
@@ -25,13 +25,21 @@ def run(cfg: Config) -> Path:
     from trainer.models.autoencoder import kl_divergence
     run_dir = stage_dir(cfg, "pretrain-ae")
     place = Placement.from_config(cfg)
-    save_run_config(cfg, run_dir)
+    group = join_data_parallel(place.device)  # several processes under torchrun / deepspeed
+    tc = cfg.autoencoder.train
+    batch_size = group.per_rank(tc.batch_size, "autoencoder.train.batch_size")
+    if group.is_main:
+        save_run_config(cfg, run_dir)
+    group.barrier()
     gen = seed_everything(cfg.seed)
     model = build_autoencoder(cfg).to(place.device)
-    tc = cfg.autoencoder.train
+    broadcast_parameters(model, group)
+    gen.manual_seed(group.data_seed(cfg.seed))
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    trainer = Trainer(run_dir, {"autoencoder": model}, opt, tc, gen, desc="pretrain-ae")
-    batches = public_batches(cfg, tc.batch_size, gen)
+    trainer = Trainer(run_dir, {"autoencoder": model}, opt, tc, gen, desc="pretrain-ae", group=group)
+    batches = public_batches(cfg, batch_size, gen, group.rank, group.world_size)
+    group.announce("pretrain-ae", tc.batch_size)
+    params = list(model.parameters())
 
     def step(_: int) -> dict[str, float]:
         x = next(batches)[0].to(place.device)
@@ -42,12 +50,16 @@ def run(cfg: Config) -> Path:
             loss = rec_loss + tc.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params, group)
         opt.step()
         return {"loss": loss.item(), "rec_loss": rec_loss.item(), "kl": kl.item()}
 
     with start_run(cfg.experiment, "pretrain-ae", cfg.to_dict(), {"stage": "pretrain-ae"},
                    run_id=trainer.mlflow_run_id) as mlrun:
         trainer.fit(step, mlrun)
+        group.barrier()
+        if not group.is_main:
+            return run_dir
         trainer.load_best()
         x = next(batches)[0][:16].to(place.device)
         with torch.no_grad():

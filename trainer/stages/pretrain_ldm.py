@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from trainer.config import Config
-from trainer.runtime import Placement
+from trainer.runtime import Placement, average_gradients, broadcast_parameters, join_data_parallel
 from trainer.stages.common import (build_ldm, conditions, earlier_stage, encode_images, load_autoencoder,
                                    load_image_source, public_batches, public_label_names, recorded_path,
                                    save_run_config, seed_everything, stage_dir, to_device)
@@ -44,25 +44,36 @@ def run(cfg: Config) -> Path:
     """Train (or resume) the LDM; returns the run folder (``unet``/``cond_stage_model`` weights, ``ldm.json``)."""
     run_dir = stage_dir(cfg, "pretrain-ldm")
     ae_dir = earlier_stage(cfg, "pretrain-ae")
-    save_run_config(cfg, run_dir)
-    gen = seed_everything(cfg.seed)
     place = Placement.from_config(cfg)
+    group = join_data_parallel(place.device)  # several processes under torchrun / deepspeed
+    tc = cfg.ldm.train
+    batch_size = group.per_rank(tc.batch_size, "ldm.train.batch_size")
+    if group.is_main:
+        save_run_config(cfg, run_dir)
+    group.barrier()
+    gen = seed_everything(cfg.seed)
     autoencoder, ae_hash = load_autoencoder(ae_dir)
     autoencoder.to(place.device)
-    tc = cfg.ldm.train
-    batches = latent_batches(cfg, autoencoder, tc.batch_size, gen)
-    # latent scale: 1 / std of the public latents (as LDM's scale_factor), from the first batches
+    data_gen = torch.Generator().manual_seed(group.data_seed(cfg.seed))
+    batches = latent_batches(cfg, autoencoder, batch_size, gen if group.world_size == 1 else data_gen)
+    # latent scale: 1 / std of the public latents (as LDM's scale_factor), from the first batches (rank 0's)
     first = list(itertools.islice(batches, 8))
-    scale = cfg.ldm.scale_factor or float(1.0 / torch.cat([z for z, _ in first]).std())
+    scale = cfg.ldm.scale_factor or group.broadcast(float(1.0 / torch.cat([z for z, _ in first]).std()))
     batches = itertools.chain(first, batches)
     names = public_label_names(cfg)
     ldm = build_ldm(cfg, scale).to(place.device)
-    write_json({"scale_factor": scale, "latent_shape": list(first[0][0].shape[1:]), "label_names": names,
-                "autoencoder": recorded_path(ae_dir, run_dir), "autoencoder_sha256": ae_hash}, run_dir / "ldm.json")
+    broadcast_parameters(ldm, group)
+    if group.is_main:
+        write_json({"scale_factor": scale, "latent_shape": list(first[0][0].shape[1:]), "label_names": names,
+                    "autoencoder": recorded_path(ae_dir, run_dir), "autoencoder_sha256": ae_hash},
+                   run_dir / "ldm.json")
     params = [p for p in ldm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    if group.world_size > 1:
+        gen = data_gen
     trainer = Trainer(run_dir, {"unet": ldm.unet, "cond_stage_model": ldm.cond_stage_model}, opt, tc, gen,
-                      desc="pretrain-ldm")
+                      desc="pretrain-ldm", group=group)
+    group.announce("pretrain-ldm", tc.batch_size)
 
     def step(_: int) -> dict[str, float]:
         z, conds = next(batches)
@@ -70,12 +81,16 @@ def run(cfg: Config) -> Path:
             loss = ldm.loss(z * scale, conds, gen, cond_drop_prob=tc.cond_drop_prob).float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params, group)
         opt.step()
         return {"loss": loss.item()}
 
     with start_run(cfg.experiment, "pretrain-ldm", cfg.to_dict(), {"stage": "pretrain-ldm"},
                    run_id=trainer.mlflow_run_id) as mlrun:
         trainer.fit(step, mlrun)
+        group.barrier()
+        if not group.is_main:
+            return run_dir
         trainer.load_best()
         grid = class_grid(ldm, autoencoder, tuple(first[0][0].shape[1:]), cfg, names, run_dir / "samples.png", gen)
         mlrun.log_result(run_dir, grid, run_dir / "ldm.json")
