@@ -279,7 +279,7 @@ def _validate(cfg: Config) -> None:
     if ft.noise_multiplier is not None:
         check(0 < ft.noise_multiplier < float("inf"), "finetune.noise_multiplier",
               f"must be a finite number > 0, got {ft.noise_multiplier}")
-    if ft.deepspeed_config is not None:  # its contents are checked when fine-tuning starts (trainer.distributed)
+    if ft.deepspeed_config is not None:  # its contents are checked when fine-tuning starts (trainer.distributed.deepspeed_config)
         check(ft.deepspeed_config.strip() != "", "finetune.deepspeed_config",
               "must name a DeepSpeed JSON file (a path, or a name in configs/deepspeed/ such as zero3)")
     cond = cfg.ldm.conditioner

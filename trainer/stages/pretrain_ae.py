@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from trainer.config import Config
-from trainer.runtime import Placement, average_gradients, broadcast_parameters, join_data_parallel
-from trainer.stages.common import (build_autoencoder, public_batches, save_grid, save_run_config, seed_everything,
-                                   stage_dir)
+from trainer.runtime import average_gradients, broadcast_parameters
+from trainer.stages.common import (build_autoencoder, public_batches, save_grid, seed_everything, stage_dir,
+                                   start_public_stage)
 from trainer.stages.loop import Trainer
 from trainer.tracking import start_run
 
@@ -24,13 +24,8 @@ def run(cfg: Config) -> Path:
     """Train (or resume) the autoencoder; returns the run folder with ``autoencoder.safetensors``."""
     from trainer.models.autoencoder import kl_divergence
     run_dir = stage_dir(cfg, "pretrain-ae")
-    place = Placement.from_config(cfg)
-    group = join_data_parallel(place.device)  # several processes under torchrun / deepspeed
     tc = cfg.autoencoder.train
-    batch_size = group.per_rank(tc.batch_size, "autoencoder.train.batch_size")
-    if group.is_main:
-        save_run_config(cfg, run_dir)
-    group.barrier()
+    place, group, batch_size = start_public_stage(cfg, run_dir, tc.batch_size, "autoencoder.train.batch_size")
     gen = seed_everything(cfg.seed)
     model = build_autoencoder(cfg).to(place.device)
     broadcast_parameters(model, group)
@@ -38,7 +33,6 @@ def run(cfg: Config) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     trainer = Trainer(run_dir, {"autoencoder": model}, opt, tc, gen, desc="pretrain-ae", group=group)
     batches = public_batches(cfg, batch_size, gen, group.rank, group.world_size)
-    group.announce("pretrain-ae", tc.batch_size)
     params = list(model.parameters())
 
     def step(_: int) -> dict[str, float]:

@@ -9,12 +9,12 @@ from typing import Iterator
 import torch
 
 from trainer.config import Config
-from trainer.runtime import Placement, average_gradients, broadcast_parameters, join_data_parallel
-from trainer.stages.common import (build_ldm, conditions, earlier_stage, encode_images, load_autoencoder,
-                                   load_image_source, public_batches, public_label_names, recorded_path,
-                                   save_run_config, seed_everything, stage_dir, to_device)
 from trainer.io import write_json
 from trainer.runs import class_grid
+from trainer.runtime import average_gradients, broadcast_parameters
+from trainer.stages.common import (build_ldm, conditions, earlier_stage, encode_images, load_autoencoder,
+                                   load_image_source, public_batches, public_label_names, recorded_path,
+                                   seed_everything, stage_dir, start_public_stage, to_device)
 from trainer.stages.loop import Trainer
 from trainer.tracking import start_run
 
@@ -44,13 +44,8 @@ def run(cfg: Config) -> Path:
     """Train (or resume) the LDM; returns the run folder (``unet``/``cond_stage_model`` weights, ``ldm.json``)."""
     run_dir = stage_dir(cfg, "pretrain-ldm")
     ae_dir = earlier_stage(cfg, "pretrain-ae")
-    place = Placement.from_config(cfg)
-    group = join_data_parallel(place.device)  # several processes under torchrun / deepspeed
     tc = cfg.ldm.train
-    batch_size = group.per_rank(tc.batch_size, "ldm.train.batch_size")
-    if group.is_main:
-        save_run_config(cfg, run_dir)
-    group.barrier()
+    place, group, batch_size = start_public_stage(cfg, run_dir, tc.batch_size, "ldm.train.batch_size")
     gen = seed_everything(cfg.seed)
     autoencoder, ae_hash = load_autoencoder(ae_dir)
     autoencoder.to(place.device)
@@ -73,7 +68,6 @@ def run(cfg: Config) -> Path:
         gen = data_gen
     trainer = Trainer(run_dir, {"unet": ldm.unet, "cond_stage_model": ldm.cond_stage_model}, opt, tc, gen,
                       desc="pretrain-ldm", group=group)
-    group.announce("pretrain-ldm", tc.batch_size)
 
     def step(_: int) -> dict[str, float]:
         z, conds = next(batches)

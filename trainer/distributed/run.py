@@ -1,0 +1,269 @@
+"""One rank of a data-parallel DP fine-tuning run (see the package docstring)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from trainer.config import Config, ConfigError
+from trainer.distributed.checkpoint import (CHECKPOINTS, LATEST, STATE_FILE, WEIGHTS_FILE, Checkpoint, TrainState,
+                                            load_trainable)
+from trainer.distributed.deepspeed_config import (DEFAULT_DEEPSPEED_CONFIG, DeepSpeedSettings, check_deepspeed_config,
+                                                  load_deepspeed_config)
+from trainer.distributed.partition import FrozenPartition
+from trainer.distributed.sharded_adamw import ShardedAdamW
+from trainer.io import load_state, save_safetensors, save_state, write_json
+from trainer.runtime import Placement
+
+if TYPE_CHECKING:
+    from trainer.privacy import DPGradientEngine
+
+
+def launch(cfg: Config) -> Optional["DistributedRun"]:
+    """The distributed runtime when launched on several processes or with a DeepSpeed config, else None."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    name = cfg.finetune.deepspeed_config
+    if world_size == 1 and name is None:
+        return None
+    placement = Placement.from_config(cfg)  # device "auto"/"cuda": this rank's GPU (LOCAL_RANK)
+    if name is None:
+        settings = check_deepspeed_config(DEFAULT_DEEPSPEED_CONFIG, cfg.finetune, "default: ZeRO stage 0")
+    else:
+        settings = load_deepspeed_config(name, cfg.finetune)
+    return DistributedRun(settings, placement)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DistributedRun:
+    """One rank of a data-parallel DP fine-tuning run (see the module docstring).
+
+    The methods mirror the single-process runtime of ``trainer.stages.finetune``; the stage
+    calls them in the same order on every rank.
+    """
+
+    def __init__(self, settings: DeepSpeedSettings, placement: Optional[Placement] = None):
+        import deepspeed
+
+        launched = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
+        if not launched:  # a plain process with a DeepSpeed config: a world of one
+            os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.placement = placement or Placement(torch.device("cpu"))
+        self.device = self.placement.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.local_rank)
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.settings = settings
+        self.ldm_partition: Optional[FrozenPartition] = None  # set by place()
+        self.ae_partition: Optional[FrozenPartition] = None
+        self._padding_rows: Optional[Tensor] = None  # set by encode()
+
+    def autocast(self):
+        """The forward's precision context (``precision: bf16``: autocast)."""
+        return self.placement.autocast()
+
+    # ------------------------------------------------------------------ collectives
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True when ``flag`` is set on some rank (e.g. a stop request: every rank stops at the same step)."""
+        return bool(self.max_over_ranks(int(flag)))
+
+    def max_over_ranks(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def close(self) -> None:
+        """Leave the process group (no barrier: after an error the other ranks may never arrive)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------------ models and data
+    def place(self, ldm: nn.Module, autoencoder: nn.Module) -> None:
+        """Move both models to this rank's device; with ZeRO-3, partition their frozen weights."""
+        ldm.to(self.device)
+        autoencoder.to(self.device)
+        zero3 = self.settings.config if self.settings.zero_stage == 3 else None
+        self.ldm_partition = FrozenPartition(ldm, zero3)
+        self.ae_partition = FrozenPartition(autoencoder, zero3)
+
+    def layout(self) -> dict:
+        """World size, ZeRO stage and the frozen elements each rank holds (a collective)."""
+        partitions = self._partitions()
+        held = [float(sum(part.resident_frozen_numel() for part in partitions))]
+        per_rank = [torch.zeros(1, dtype=torch.float64, device=self.device) for _ in range(self.world_size)]
+        dist.all_gather(per_rank, torch.tensor(held, dtype=torch.float64, device=self.device))
+        return {"world_size": self.world_size, "zero_stage": self.settings.zero_stage,
+                "frozen_parameters": sum(part.frozen_numel() for part in partitions),
+                "frozen_parameters_held_per_rank": [int(t.item()) for t in per_rank]}
+
+    def _partitions(self) -> tuple[FrozenPartition, FrozenPartition]:
+        if self.ldm_partition is None or self.ae_partition is None:
+            raise RuntimeError("DistributedRun.place(ldm, autoencoder) must run first")
+        return self.ldm_partition, self.ae_partition
+
+    def _model(self, fn: Callable, *args, **kwargs):
+        """Run LDM code on this rank (through ZeRO-3, and bf16 autocast when configured)."""
+        dtype = self.settings.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            return self._partitions()[0](fn, *args, **kwargs)
+
+    @torch.no_grad()
+    def encode(self, autoencoder: nn.Module, images: Tensor, labels: Tensor,
+               batch_size: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+        """Posterior (mean, std) and labels of this rank's slice, on its device (rows as in :meth:`hold`).
+
+        Every rank encodes the same number of batches (the partitioned encoder's gathers are collective).
+        """
+        local = images[self.rank::self.world_size]
+        if len(local) == 0:
+            raise ValueError(f"data.private: {len(images)} examples cannot be split over {self.world_size} ranks")
+        batches = math.ceil(math.ceil(len(images) / self.world_size) / batch_size)
+        means, stds = [], []
+        for k in range(batches):
+            x = local[k * batch_size: (k + 1) * batch_size]
+            real = len(x) > 0
+            if not real:  # keeps this rank in step with the others' collectives; discarded
+                x = torch.zeros_like(images[:1])
+            m, s = self._partitions()[1](autoencoder.encode, x.to(self.device))
+            if real:
+                means.append(m)
+                stds.append(s)
+        return self._with_padding(torch.cat(means), torch.cat(stds), labels[self.rank::self.world_size])
+
+    def hold(self, mean: Tensor, std: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Keep this rank's rows of an already encoded private set (a latent cache).
+
+        Row k holds private example ``rank + k * world_size``; one more row, a zero latent with
+        label 0, is the public padding example.
+        """
+        if len(mean) < self.world_size:
+            raise ValueError(f"data.private: {len(mean)} examples cannot be split over {self.world_size} ranks")
+        sl = slice(self.rank, None, self.world_size)
+        return self._with_padding(mean[sl].to(self.device), std[sl].to(self.device), labels[sl])
+
+    def _with_padding(self, mean: Tensor, std: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mean = torch.cat([mean, torch.zeros_like(mean[:1])])
+        std = torch.cat([std, torch.zeros_like(std[:1])])
+        local_labels = torch.cat([labels, labels[:1] * 0]).to(self.device)
+        self._padding_rows = torch.tensor([len(mean) - 1], device=self.device)
+        return mean, std, local_labels
+
+    def make_optimizer(self, params: list[nn.Parameter], lr: float, weight_decay: float) -> ShardedAdamW:
+        return ShardedAdamW(params, lr, weight_decay, self.rank, self.world_size,
+                            offload=self.settings.offload_optimizer)
+
+    # ------------------------------------------------------------------ one logical step
+    def train_step(self, engine: "DPGradientEngine", optimizer: ShardedAdamW, micro_batches: list[Tensor],
+                   example_losses: Callable[[Tensor], Tensor]) -> dict[str, float]:
+        """Clip, noise (rank 0), sum over ranks and step; returns metrics summed over ranks.
+
+        ``micro_batches`` are global indices of this rank's Poisson batch;
+        ``example_losses(rows)`` gives the per-example losses of local rows (see :meth:`encode`).
+        The metrics are non-private diagnostics (loss, realised batch size, clip fraction).
+        """
+        if self._padding_rows is None:
+            raise RuntimeError("DistributedRun.encode must run before train_step (it builds the local rows)")
+        real = [idx for idx in micro_batches if idx.numel() > 0]
+        rounds = self.max_over_ranks(len(real))
+        loss_sum, count = 0.0, 0
+        for k in range(rounds):
+            if k < len(real):
+                rows = (real[k] // self.world_size).to(self.device)
+                losses = self._model(example_losses, rows)
+                engine.accumulate(losses)
+                loss_sum += float(losses.detach().sum())
+                count += len(rows)
+            else:  # the public padding example: forward and backward run, its gradient is exactly 0
+                engine.accumulate(self._model(example_losses, self._padding_rows) * 0.0)
+        stats = engine.finalize(add_noise=self.rank == 0)
+        optimizer.step()
+        clipped = stats["nonprivate_clip_fraction"] * stats["nonprivate_batch_size"]  # padding is never clipped
+        loss_sum, count, clipped = self.sum_over_ranks([loss_sum, float(count), clipped])
+        return {"loss": loss_sum / max(1.0, count), "batch_size": count,
+                "clip_fraction": clipped / count if count else 0.0}
+
+    def check_engine(self, engine: "DPGradientEngine", probe_losses: Callable[[Tensor], Tensor], size: int) -> None:
+        """The engine's self-check on ``size`` public stand-in examples, on every rank (raises EngineSelfCheckError)."""
+        engine.check(lambda rows: self._model(probe_losses, rows), size)
+
+    def sample_grid(self, make_grid: Callable[[Path], Path], path: Path) -> Path:
+        """Run ``make_grid(path)`` on every rank (ZeRO-3 gathers collectively); rank 0 keeps the image."""
+        if self.is_main:
+            return self._model(make_grid, path)
+        with tempfile.TemporaryDirectory() as tmp:
+            self._model(make_grid, Path(tmp) / path.name)
+        return path
+
+    # ------------------------------------------------------------------ checkpoints
+    def _rank_file(self, folder: Path, rank: int, world_size: int) -> Path:
+        return folder / f"rank-{rank:05d}-of-{world_size:05d}.pt"
+
+    def save_checkpoint(self, run_dir: Path, step: int, mlflow_run_id: Optional[str], state: TrainState) -> None:
+        """Every rank writes its shard; rank 0 the weights, then ``latest.json``; older steps are removed."""
+        root = run_dir / CHECKPOINTS
+        folder = root / f"step-{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_state({"step": step, "rank": self.rank, "world_size": self.world_size,
+                    "optimizer": state.optimizer.state_dict()},
+                   self._rank_file(folder, self.rank, self.world_size))
+        self.barrier()
+        if self.is_main:
+            metadata = state.weights_metadata(step)
+            weights = {k: p.detach() for k, p in state.trainable.items()}
+            save_safetensors(weights, folder / "trainable.safetensors", metadata)
+            write_json({"step": step, "world_size": self.world_size, "folder": folder.name,
+                        "mlflow_run_id": mlflow_run_id, "ledger": state.ledger.state_dict()}, root / LATEST)
+            for old in root.glob("step-*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+            save_safetensors(weights, run_dir / WEIGHTS_FILE, metadata)  # the stage's output, read by `dpldm sample`
+        self.barrier()
+
+    def resume(self, run_dir: Path, state: TrainState) -> Checkpoint:
+        """Restore the last checkpoint (any world size); an empty :class:`Checkpoint` if there is none."""
+        if (run_dir / STATE_FILE).is_file():
+            raise ConfigError(f"{run_dir}: this run was checkpointed by a single process ({STATE_FILE}); "
+                              "resume it as a single process")
+        latest = run_dir / CHECKPOINTS / LATEST
+        if not latest.is_file():
+            return Checkpoint()
+        info = json.loads(latest.read_text())
+        folder, saved_world = run_dir / CHECKPOINTS / info["folder"], int(info["world_size"])
+        step = int(info["step"])
+        load_trainable(folder / "trainable.safetensors", state.trainable)
+        shards = []
+        for r in range(saved_world):
+            shard = load_state(self._rank_file(folder, r, saved_world))
+            if shard is None:
+                raise FileNotFoundError(f"{folder}: the checkpoint lacks the file of rank {r} of {saved_world}")
+            shards.append(shard)
+        state.optimizer.load_shards([s["optimizer"] for s in shards])
+        state.sampler.steps_done = step  # fresh OS-entropy samplers and generators from the saved step
+        return Checkpoint(step, info.get("mlflow_run_id"), int(info.get("ledger", {}).get("steps_taken", step)))
