@@ -214,7 +214,7 @@ def updates(tmp_path_factory):
     for world in (1, 2):
         _run(_torchrun(world, "update", str(tmp / f"world{world}.pt"), "zero3"), tmp)
     from trainer.privacy import DPGradientEngine
-    from trainer.stages.finetune import SingleProcess
+    from trainer.distributed import SingleProcess
     cfg, ldm, autoencoder, images, labels, t, noise = tiny_problem()
     rt = SingleProcess()
     mean, _, labels = rt.encode(autoencoder, images, labels)

@@ -162,6 +162,25 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(base, monkeypatch, cap
 
 
 @pytest.mark.slow
+def test_lora_policy_fine_tunes_and_its_run_samples(base):
+    """policy=lora end to end: the run stores only the adapters (and the embedder) and records how to
+    rebuild them; `load_pipeline` puts them back on the frozen base and samples."""
+    from trainer.runs import generate, load_pipeline
+    folder = finetune.run(tiny(base, "lora", "finetune.policy=lora", "finetune.lora_rank=2"))
+    meta = json.loads((folder / "finetune.json").read_text())
+    assert meta["lora"] == {"rank": 2, "alpha": None, "attention_from": 1}
+    assert all("lora_" in n or n.startswith("cond_stage_model.") for n in meta["trainable"])
+    ldm, autoencoder, info, cfg = load_pipeline(folder)
+    tuned = dict(ldm.named_parameters())
+    from safetensors.torch import load_file
+    for name, value in load_file(str(folder / "finetuned.safetensors")).items():
+        assert torch.equal(tuned[name].detach(), value), name
+    images = generate(ldm, autoencoder, torch.tensor([0, 1]), tuple(info["latent_shape"]), cfg,
+                      torch.Generator().manual_seed(0), progress=False)
+    assert images.shape[0] == 2 and torch.isfinite(images).all()
+
+
+@pytest.mark.slow
 def test_bf16_fine_tuning_keeps_the_dp_step_in_float32(base, monkeypatch):
     """precision=bf16: the forward runs under autocast, the engine's self-check passes with its bf16
     tolerance, every released example contribution is clipped in float32 and the run reports as usual."""

@@ -66,3 +66,61 @@ def test_policy_changes_gradients_only_where_selected():
     ldm.loss(z, torch.tensor([1, 2]), torch.Generator().manual_seed(0)).sum().backward()
     for name, p in ldm.named_parameters():
         assert (p.grad is not None) == p.requires_grad, name
+
+
+def test_lora_policy_adds_zero_initialised_adapters_and_trains_only_them_and_the_embedder():
+    from trainer.models import CrossAttention, LoRALinear
+    ldm = tiny_ldm()
+    torch.manual_seed(0)
+    x, t, labels = torch.randn(2, 4, 4, 4), torch.tensor([3, 700]), torch.tensor([1, 2])
+    before = ldm.eps(x, t, ldm.context(labels)).detach()
+    sel = select_trainable(ldm, "lora", attention_from=2, lora_rank=3)
+    blocks = [m for m in ldm.unet.modules() if isinstance(m, SpatialTransformer)]
+    adapters = [m for b in blocks[1:] for m in b.modules() if isinstance(m, LoRALinear)]
+    attentions = [m for b in blocks[1:] for m in b.modules() if isinstance(m, CrossAttention)]
+    assert len(adapters) == 4 * len(attentions) and not any(isinstance(m, LoRALinear) for m in blocks[0].modules())
+    want = sum(a.lora_down.weight.numel() + a.lora_up.weight.numel() for a in adapters) + count([ldm.cond_stage_model])
+    assert sel.trainable_count == want and all(a.lora_down.weight.shape[0] == 3 for a in adapters)
+    assert all("lora_" in n or n.startswith("cond_stage_model.") for n in sel.trainable)
+    assert not any(p.requires_grad for a in adapters for p in a.base.parameters())
+    assert sel.lora == {"rank": 3, "alpha": None, "attention_from": 2}
+    assert torch.equal(ldm.eps(x, t, ldm.context(labels)), before), "an adapted model starts equal to its base"
+
+
+def test_lora_fine_tuning_is_exact_against_a_brute_force_loop():
+    """The engine clips the adapters' per-example gradients exactly (fast and reference modes)."""
+    from trainer.privacy import DPGradientEngine
+    torch.manual_seed(0)
+    ldm = tiny_ldm()
+    with torch.no_grad():  # zero-initialised output layers and adapter ups would give zero gradients
+        for p in ldm.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    select_trainable(ldm, "lora", lora_rank=2)
+    with torch.no_grad():
+        for name, p in ldm.named_parameters():
+            if "lora_up" in name:
+                p.normal_(0, 0.1)
+    ldm.eval()
+    n, g = 5, torch.Generator().manual_seed(1)
+    z0, noise = torch.randn(n, 4, 4, 4, generator=g), torch.randn(n, 4, 4, 4, generator=g)
+    t, labels = torch.randint(0, 1000, (n,), generator=g), torch.randint(0, 10, (n,), generator=g)
+
+    def losses_of(rows: torch.Tensor) -> torch.Tensor:
+        x_t = ldm.schedule.q_sample(z0[rows], t[rows], noise[rows])
+        return (ldm.eps(x_t, t[rows], ldm.context(labels[rows])) - noise[rows]).pow(2).flatten(1).mean(dim=1)
+
+    params = [p for p in ldm.parameters() if p.requires_grad]
+    flat = torch.stack([torch.cat([gr.flatten() for gr in torch.autograd.grad(losses_of(torch.tensor([i])).sum(),
+                                                                               params)]).double() for i in range(n)])
+    C = float(flat.norm(dim=1).median())
+    want = ((C / (flat.norm(dim=1) + 1e-6)).clamp(max=1)[:, None] * flat).sum(0)
+    for mode in ("fast", "reference"):
+        engine = DPGradientEngine(ldm, C, 0.0, 1.0, mode=mode)
+        engine.check(losses_of, n)
+        engine.accumulate(losses_of(torch.arange(n)))
+        engine.finalize()
+        engine.detach()
+        got = torch.cat([p.grad.flatten() for p in params]).double()
+        assert float((got - want).norm() / want.norm()) < 1e-4, mode
+        for p in params:
+            p.grad = None

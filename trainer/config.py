@@ -111,9 +111,11 @@ class FinetuneConfig:
     """DP fine-tuning (the private stage). Exactly one of epsilon / noise_multiplier is set."""
     name: Optional[str] = None           # runs of one base side by side: folder finetune-<name>
     base: Optional[str] = None           # the pretrained LDM folder (pretrain-ldm, import-compvis); default: ldm/
-    policy: str = "attention"            # attention | attention_blocks | embedder_only | full
+    policy: str = "attention"            # attention | attention_blocks | embedder_only | full | lora
     attention_from: int = 1              # attention policy: SpatialTransformers from index k on (1-based)
     text_encoder_layers: int = 0         # text conditioner: also train its top k layers (0 = encoder frozen)
+    lora_rank: int = 4                   # lora policy: rank r of the adapters on the attention projections
+    lora_alpha: Optional[float] = None   # lora policy: the update is scaled by alpha / r (None: alpha = r)
     new_class_embedder: Optional[int] = None  # number of private classes; replaces the public embedder
     epsilon: Optional[float] = 10.0
     delta: float = 1e-5
@@ -184,7 +186,7 @@ CHOICES = {
     "data.private.source": {"letters", "mnist", "shards"},
     "data.test.source": {"letters", "mnist", "shards"},
     "ldm.conditioner.type": {"class", "text", "none"},
-    "finetune.policy": {"attention", "attention_blocks", "embedder_only", "full"},
+    "finetune.policy": {"attention", "attention_blocks", "embedder_only", "full", "lora"},
     "finetune.engine_mode": {"auto", "fast", "reference"},
     "eval.classifier": {"cnn", "mlp", "logreg"},
     "precision": {"fp32", "bf16"},
@@ -270,6 +272,7 @@ def _validate(cfg: Config) -> None:
     check(ft.steps > 0, "finetune.steps", f"must be > 0, got {ft.steps}")
     check(ft.noise_multiplicity >= 1, "finetune.noise_multiplicity", f"must be >= 1, got {ft.noise_multiplicity}")
     check(ft.attention_from >= 1, "finetune.attention_from", f"counts from 1, got {ft.attention_from}")
+    check(ft.lora_rank >= 1, "finetune.lora_rank", f"must be >= 1, got {ft.lora_rank}")
     check(ft.text_encoder_layers >= 0, "finetune.text_encoder_layers", f"must be >= 0, got {ft.text_encoder_layers}")
     check((ft.epsilon is None) != (ft.noise_multiplier is None), "finetune.epsilon",
           "set exactly one of finetune.epsilon (sigma is calibrated) and finetune.noise_multiplier")
@@ -342,10 +345,10 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
     return cfg
 
 
-def dump_config(cfg: Config, out: Path | typing.TextIO) -> None:
+def dump_config(cfg: Config, out: str | Path | typing.TextIO) -> None:
     """The resolved config as YAML, to a file path or an open text stream."""
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    if isinstance(out, Path):
-        out.write_text(text)
+    if isinstance(out, (str, Path)):
+        Path(out).write_text(text)
     else:
         out.write(text)

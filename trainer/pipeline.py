@@ -1,4 +1,5 @@
-"""The latent diffusion model as used by the stages: UNet + conditioner + schedule + latent scale.
+"""The latent diffusion model as used by the stages: UNet + conditioner + schedule + latent scale,
+and the frozen autoencoder's encoding of images in batches.
 
 It knows nothing of privacy: the fine-tuning stage asks it for per-example losses and hands
 them to the DP engine.
@@ -66,3 +67,29 @@ class LatentDiffusion(nn.Module):
                         guidance_scale=guidance_scale, steps=steps, eta=eta, generator=generator,
                         device=device, progress=progress)
         return z / self.scale_factor
+
+
+@torch.no_grad()
+def encode_images(autoencoder, images: torch.Tensor, batch_size: int = 256, desc: str = "encode",
+                  device: torch.device | str | None = None):
+    """Posterior (mean, std) of every image, in batches on ``device`` (default: the model's) -> two
+    tensors [N, c, h, w] on that device."""
+    from tqdm import tqdm
+    device = device or next(autoencoder.parameters()).device
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
+        m, s = autoencoder.encode(images[i:i + batch_size].to(device))
+        means.append(m)
+        stds.append(s)
+    return torch.cat(means), torch.cat(stds)
+
+
+def autoencoder_encode_fn(model: torch.nn.Module, device: torch.device | str):
+    """``images [B, C, R, R] in [-1, 1] -> (mean, std)`` on the CPU, encoded on ``device`` without gradients."""
+    model = model.to(device)
+
+    def encode(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            mean, std = model.encode(images.to(device))
+        return mean.cpu(), std.cpu()
+    return encode

@@ -53,6 +53,9 @@ def load_pipeline(run_dir: str | Path, device: torch.device | str = "cpu"
     if not n_classes:
         ldm.cond_stage_model.load_state_dict(load_safetensors(base_dir / "cond_stage_model.safetensors").state_dict)
     if ft_meta:
+        if ft_meta.get("lora"):  # the adapters the run trained, on the frozen base projections
+            from trainer.selection import add_adapters
+            add_adapters(ldm, ft_meta["lora"])
         tuned = load_safetensors(run_dir / "finetuned.safetensors").state_dict
         names = dict(ldm.named_parameters())
         unknown = sorted(set(tuned) - set(names))

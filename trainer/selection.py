@@ -5,6 +5,9 @@
 - ``attention_blocks``: the AttentionBlock modules (unconditional models have no SpatialTransformer).
 - ``embedder_only``: the conditioning embedder alone.
 - ``full``: the whole UNet and the embedder (the baseline DP-LDM improves on).
+- ``lora``: low-rank adapters (rank ``lora_rank``) added to the q, k, v and output projections of
+  the attention layers in the same SpatialTransformers as ``attention``, plus the embedder; the
+  projections themselves stay frozen (as DP-LoRA does).
 
 "The embedder" is a class embedder whole; for a pretrained text encoder it is only its
 projection into ``context_dim`` (none when the widths match), plus its top ``text_encoder_layers``
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-POLICIES = ("attention", "attention_blocks", "embedder_only", "full")
+POLICIES = ("attention", "attention_blocks", "embedder_only", "full", "lora")
 
 
 @dataclass
@@ -25,6 +28,7 @@ class Selection:
     trainable: list[str]      # parameter names, in model order
     trainable_count: int
     total_count: int
+    lora: dict | None = None  # lora policy: {"rank", "alpha", "attention_from"}, to rebuild the adapters
 
     def summary(self) -> str:
         share = 100.0 * self.trainable_count / max(1, self.total_count)
@@ -51,25 +55,43 @@ def embedder_parts(embedder: nn.Module, text_encoder_layers: int = 0) -> list[nn
     return parts + list(layers[len(layers) - text_encoder_layers:])
 
 
-def select_trainable(ldm: nn.Module, policy: str, attention_from: int = 1, text_encoder_layers: int = 0) -> Selection:
-    """Set ``requires_grad`` on ``ldm`` (with ``.unet`` and ``.cond_stage_model``) per ``policy``."""
-    from trainer.models import AttentionBlock, SpatialTransformer
+def _transformers_from(unet: nn.Module, attention_from: int, policy: str) -> list[nn.Module]:
+    from trainer.models import SpatialTransformer
+    blocks = _blocks_of(unet, SpatialTransformer)
+    if not blocks:
+        raise ValueError(f"finetune.policy={policy}: the UNet has no SpatialTransformer "
+                         "(use attention_blocks for models with AttentionBlocks)")
+    if not 1 <= attention_from <= len(blocks):
+        raise ValueError(f"finetune.attention_from must be in 1..{len(blocks)} (the UNet has "
+                         f"{len(blocks)} SpatialTransformers), got {attention_from}")
+    return [m for _, m in blocks[attention_from - 1:]]
+
+
+def add_adapters(ldm: nn.Module, lora: dict) -> list[nn.Module]:
+    """The lora policy's adapters on ``ldm`` (see :class:`Selection`): added, or found when present."""
+    from trainer.models import add_lora
+    return add_lora(_transformers_from(ldm.unet, lora["attention_from"], "lora"), lora["rank"], lora["alpha"])
+
+
+def select_trainable(ldm: nn.Module, policy: str, attention_from: int = 1, text_encoder_layers: int = 0,
+                     lora_rank: int = 4, lora_alpha: float | None = None) -> Selection:
+    """Set ``requires_grad`` on ``ldm`` (with ``.unet`` and ``.cond_stage_model``) per ``policy``
+    (``lora`` first adds the adapters to the model)."""
+    from trainer.models import AttentionBlock
     if policy not in POLICIES:
         raise ValueError(f"finetune.policy must be one of {POLICIES}, got {policy!r}")
+    lora = {"rank": lora_rank, "alpha": lora_alpha, "attention_from": attention_from} if policy == "lora" else None
+    if lora is not None:
+        adapters = [(a.lora_down, a.lora_up) for a in add_adapters(ldm, lora)]
     ldm.requires_grad_(False)
     unet = ldm.unet
     embedder = embedder_parts(ldm.cond_stage_model, text_encoder_layers)
     ldm.train(ldm.training)  # applies the embedder's frozen-encoder mode
     chosen: list[nn.Module] = []
     if policy == "attention":
-        blocks = _blocks_of(unet, SpatialTransformer)
-        if not blocks:
-            raise ValueError("finetune.policy=attention: the UNet has no SpatialTransformer "
-                             "(use attention_blocks for models with AttentionBlocks)")
-        if not 1 <= attention_from <= len(blocks):
-            raise ValueError(f"finetune.attention_from must be in 1..{len(blocks)} (the UNet has "
-                             f"{len(blocks)} SpatialTransformers), got {attention_from}")
-        chosen = [m for _, m in blocks[attention_from - 1:]] + embedder
+        chosen = _transformers_from(unet, attention_from, policy) + embedder
+    elif policy == "lora":
+        chosen = [m for pair in adapters for m in pair] + embedder
     elif policy == "attention_blocks":
         blocks = _blocks_of(unet, AttentionBlock)
         if not blocks:
@@ -86,4 +108,4 @@ def select_trainable(ldm: nn.Module, policy: str, attention_from: int = 1, text_
         raise ValueError(f"finetune.policy={policy}: nothing to train (the conditioner has no trainable part: "
                          "a text encoder without projection trains only with finetune.text_encoder_layers > 0)")
     return Selection(policy, names, sum(p.numel() for p in ldm.parameters() if p.requires_grad),
-                     sum(p.numel() for p in ldm.parameters()))
+                     sum(p.numel() for p in ldm.parameters()), lora)

@@ -14,6 +14,7 @@ from .checkpoint import (
     save_safetensors,
 )
 from .conditioners import ClassEmbedder, Conditioner, TextEmbedder, Unconditional
+from .lora import LoRALinear, add_lora
 from .unet import UNetModel
 
 __all__ = [
@@ -24,9 +25,11 @@ __all__ = [
     "ClassEmbedder",
     "Conditioner",
     "CrossAttention",
+    "LoRALinear",
     "LoadReport",
     "SpatialTransformer",
     "TextEmbedder",
+    "add_lora",
     "UNetModel",
     "Unconditional",
     "dot_product_attention",

@@ -242,32 +242,6 @@ def save_run_config(cfg: Config, run_dir: Path) -> Path:
     return path
 
 
-@torch.no_grad()
-def encode_images(autoencoder, images: torch.Tensor, batch_size: int = 256, desc: str = "encode",
-                  device: torch.device | str | None = None):
-    """Posterior (mean, std) of every image, in batches on ``device`` (default: the model's) -> two
-    tensors [N, c, h, w] on that device."""
-    from tqdm import tqdm
-    device = device or next(autoencoder.parameters()).device
-    means, stds = [], []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
-        m, s = autoencoder.encode(images[i:i + batch_size].to(device))
-        means.append(m)
-        stds.append(s)
-    return torch.cat(means), torch.cat(stds)
-
-
-def autoencoder_encode_fn(model: torch.nn.Module, device: torch.device | str):
-    """``images [B, C, R, R] in [-1, 1] -> (mean, std)`` on the CPU, encoded on ``device`` without gradients."""
-    model = model.to(device)
-
-    def encode(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            mean, std = model.encode(images.to(device))
-        return mean.cpu(), std.cpu()
-    return encode
-
-
 def load_autoencoder(run_dir: str | Path):
     """The frozen autoencoder of a ``pretrain-ae`` run folder -> (model in eval mode, sha256 of its weights)."""
     from trainer.config import load_config

@@ -14,7 +14,7 @@ import sys
 
 from trainer.data.latent_cache import DTYPES, CacheMismatchError, build_latent_cache
 from trainer.runtime import resolve_device
-from trainer.stages.common import autoencoder_encode_fn
+from trainer.pipeline import autoencoder_encode_fn
 
 
 def run(args: argparse.Namespace) -> int:

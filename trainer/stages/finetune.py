@@ -24,20 +24,21 @@ import torch
 from tqdm import tqdm
 
 from trainer.config import MAX_EPSILON, Config, ConfigError
-from trainer.distributed import CHECKPOINTS, STATE_FILE, WEIGHTS_FILE, Checkpoint, TrainState, load_trainable
+from trainer.distributed import CHECKPOINTS, STATE_FILE, WEIGHTS_FILE, Checkpoint, SingleProcess, TrainState
 from trainer.errors import RunError
+from trainer.io import write_json
+from trainer.pipeline import autoencoder_encode_fn
 from trainer.runtime import Placement
 from trainer.selection import select_trainable
-from trainer.io import load_state, save_safetensors, save_state, write_json
-from trainer.stages.common import (autoencoder_encode_fn, conditions, earlier_stage, encode_images, load_image_source,
-                                   recorded_path, save_run_config, stage_dir)
+from trainer.stages.common import (conditions, earlier_stage, load_image_source, recorded_path, save_run_config,
+                                   stage_dir)
 from trainer.tracking import start_run
 
 if TYPE_CHECKING:
-    from trainer.stages.common import ImageSet
     from trainer.distributed import DistributedRun
     from trainer.privacy import DPGradientEngine
     from trainer.selection import Selection
+    from trainer.stages.common import ImageSet
 
 LEDGER_FILE = "ledger.json"
 REPORT_FILE = "privacy-report.json"
@@ -145,98 +146,6 @@ def private_latent_cache(cfg: Config, autoencoder, encoder_hash: str, run_dir: P
     cache = LatentCache(out, expected_encoder_hash=encoder_hash, in_memory=True)
     return EncodedPrivateSet(torch.from_numpy(cache.mean).float(), torch.from_numpy(cache.std).float(),
                              cache.labels, cache.captions, list(cache.label_names or []))
-
-
-class SingleProcess:
-    """The stage's runtime in one process: the whole private set, plain AdamW, noise in ``finalize``.
-
-    :class:`trainer.distributed.DistributedRun` has the same methods for several processes.
-    """
-
-    rank, world_size, is_main = 0, 1, True
-
-    def __init__(self, placement: Placement | None = None):
-        self.placement = placement or Placement(torch.device("cpu"))
-        self.device = self.placement.device
-
-    def autocast(self):
-        """The forward's precision context (``precision: bf16``: autocast)."""
-        return self.placement.autocast()
-
-    def place(self, ldm, autoencoder) -> None:
-        """Both models on this process's device."""
-        ldm.to(self.device)
-        autoencoder.to(self.device)
-
-    def layout(self) -> None:
-        """No partitioning to describe."""
-
-    def encode(self, autoencoder, images: torch.Tensor, labels: torch.Tensor):
-        """Posterior (mean, std) and labels of every private example, on the device; row i is example i."""
-        mean, std = encode_images(autoencoder, images, desc="encode private set", device=self.device)
-        return mean, std, labels.to(self.device)
-
-    def hold(self, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor):
-        """An already encoded private set (a latent cache): every row on the device, row i is example i."""
-        return mean.to(self.device), std.to(self.device), labels.to(self.device)
-
-    def make_optimizer(self, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-    def train_step(self, engine, optimizer, micro_batches: list[torch.Tensor],
-                   example_losses: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
-        """One logical DP-SGD step: clip every example, noise once, step; non-private metrics."""
-        loss_sum, count = 0.0, 0
-        for idx in micro_batches:
-            losses = example_losses(idx)
-            engine.accumulate(losses)
-            loss_sum += float(losses.detach().sum())
-            count += len(idx)
-        stats = engine.finalize()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_sum / max(1, count), "batch_size": count,
-                "clip_fraction": stats["nonprivate_clip_fraction"]}
-
-    def check_engine(self, engine, probe_losses: Callable[[torch.Tensor], torch.Tensor], size: int) -> None:
-        """The engine's self-check on ``size`` public stand-in examples (raises EngineSelfCheckError)."""
-        engine.check(probe_losses, size)
-
-    def sample_grid(self, make_grid: Callable[[Path], Path], path: Path) -> Path:
-        return make_grid(path)
-
-    def save_checkpoint(self, run_dir: Path, step: int, mlflow_run_id: str | None, state: TrainState) -> None:
-        save_safetensors({k: p.detach() for k, p in state.trainable.items()}, run_dir / WEIGHTS_FILE,
-                     state.weights_metadata(step))
-        save_state({"optimizer": state.optimizer.state_dict(), "step": step, "mlflow_run_id": mlflow_run_id,
-                    "ledger": state.ledger.state_dict()}, run_dir / STATE_FILE)
-
-    def resume(self, run_dir: Path, state: TrainState) -> Checkpoint:
-        """Weights and optimizer from the last checkpoint; the sampler continues at its step."""
-        if (run_dir / CHECKPOINTS).is_dir():
-            raise ConfigError(f"{run_dir}: this run was checkpointed by a distributed run ({CHECKPOINTS}/); "
-                              "resume it the same way (e.g. torchrun --nproc_per_node 1 ...)")
-        saved = load_state(run_dir / STATE_FILE)
-        if saved is None:
-            if (run_dir / WEIGHTS_FILE).is_file():
-                raise RunError(f"{run_dir / STATE_FILE}: missing, but {WEIGHTS_FILE} holds trained weights: the run "
-                               "cannot resume; restore the file, or start another run (finetune.name=...)")
-            return Checkpoint()
-        load_trainable(run_dir / WEIGHTS_FILE, state.trainable)
-        state.optimizer.load_state_dict(saved["optimizer"])
-        step = int(saved["step"])
-        state.sampler.steps_done = step
-        return Checkpoint(step, saved.get("mlflow_run_id"), int(saved.get("ledger", {}).get("steps_taken", step)))
-
-    def barrier(self) -> None:
-        pass
-
-    def any_rank(self, flag: bool) -> bool:
-        """True when ``flag`` is set on some rank (a collective on several processes)."""
-        return flag
-
-    def close(self) -> None:
-        pass
 
 
 def run(cfg: Config) -> Path:
@@ -368,7 +277,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         torch.manual_seed(cfg.seed)  # public initialisation of the fresh embedder (the same on every rank)
         ldm.cond_stage_model = ClassEmbedder(embed_dim=dim, n_classes=ft.new_class_embedder)
     try:
-        selection = select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers)
+        selection = select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers, ft.lora_rank,
+                                     ft.lora_alpha)
     except ValueError as err:  # the messages name the finetune.* key
         raise ConfigError(str(err)) from None
     trainable = {name: p for name, p in ldm.named_parameters() if p.requires_grad}
@@ -454,7 +364,8 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
             print(f"resuming at step {step}: {ledger.steps_taken} steps already charged")
         save_run_config(cfg, run_dir)
         write_json({"base": recorded_path(session.base_dir, run_dir), "n_classes": ft.new_class_embedder,
-                    "label_names": session.names, "trainable": session.selection.trainable, "policy": ft.policy},
+                    "label_names": session.names, "trainable": session.selection.trainable, "policy": ft.policy,
+                    "lora": session.selection.lora},
                    run_dir / "finetune.json")
     n, q, sigma = session.n, session.q, session.sigma
 
@@ -604,7 +515,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "  finetune.base=DIR         the pretrained LDM (a pretrain-ldm or import-compvis "
                               "folder; default: EXPERIMENT/ldm)\n"
                               "  finetune.epsilon=10       the budget, with finetune.delta=1e-5 (< 1/N)\n"
-                              "  finetune.policy=attention attention | attention_blocks | embedder_only | full\n"
+                              "  finetune.policy=attention attention | attention_blocks | embedder_only | full | lora (finetune.lora_rank=4)\n"
                               "  finetune.steps=200 finetune.expected_batch_size=500 finetune.max_grad_norm=1")
     add_config_args(p)
     p.set_defaults(func=lambda args: run(args.config_obj) and 0)

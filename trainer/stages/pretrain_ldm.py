@@ -10,9 +10,10 @@ import torch
 
 from trainer.config import Config
 from trainer.io import write_json
+from trainer.pipeline import encode_images
 from trainer.runs import class_grid
 from trainer.runtime import average_gradients, broadcast_parameters
-from trainer.stages.common import (build_ldm, conditions, earlier_stage, encode_images, load_autoencoder,
+from trainer.stages.common import (build_ldm, conditions, earlier_stage, load_autoencoder,
                                    load_image_source, public_batches, public_label_names, recorded_path,
                                    seed_everything, stage_dir, start_public_stage, to_device)
 from trainer.stages.loop import Trainer
