@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import torch
 
 
 @contextlib.contextmanager
@@ -19,3 +21,26 @@ def mlflow_store(root: Path) -> Iterator[Path]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def assert_engine_matches_brute_force(model: torch.nn.Module, losses_of: Callable[[torch.Tensor], torch.Tensor],
+                                      n: int, rtol: dict[str, float] | None = None) -> None:
+    """The DP engine (fast and reference modes, noise off) against a brute-force loop: one backward per
+    example, flatten, clip to C, sum. C is the median per-example norm, so some examples are clipped and
+    some are not. ``losses_of(rows)`` must be deterministic (the model in eval mode)."""
+    from trainer.privacy import DPGradientEngine
+    rtol = rtol or {"fast": 1e-4, "reference": 1e-4}
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(losses_of(torch.tensor([i])).sum(),
+                                                                             params)]).double() for i in range(n)])
+    C = float(flat.norm(dim=1).median())
+    want = ((C / (flat.norm(dim=1) + 1e-6)).clamp(max=1)[:, None] * flat).sum(0)
+    for mode, tolerance in rtol.items():
+        engine = DPGradientEngine(model, C, 0.0, 1.0, mode=mode)
+        engine.check(losses_of, n)
+        engine.accumulate(losses_of(torch.arange(n)))
+        engine.finalize()
+        engine.detach()
+        got = torch.cat([p.grad.flatten() for p in params]).double()
+        model.zero_grad(set_to_none=True)
+        assert float((got - want).norm() / want.norm()) < tolerance, mode

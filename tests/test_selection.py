@@ -1,6 +1,7 @@
 """Parameter selection policies: which tensors DP fine-tuning trains, counted independently."""
 import pytest
 import torch
+from conftest import assert_engine_matches_brute_force
 
 from trainer.config import load_config
 from trainer.models import AttentionBlock, SpatialTransformer
@@ -89,7 +90,6 @@ def test_lora_policy_adds_zero_initialised_adapters_and_trains_only_them_and_the
 
 def test_lora_fine_tuning_is_exact_against_a_brute_force_loop():
     """The engine clips the adapters' per-example gradients exactly (fast and reference modes)."""
-    from trainer.privacy import DPGradientEngine
     torch.manual_seed(0)
     ldm = tiny_ldm()
     with torch.no_grad():  # zero-initialised output layers and adapter ups would give zero gradients
@@ -109,18 +109,4 @@ def test_lora_fine_tuning_is_exact_against_a_brute_force_loop():
         x_t = ldm.schedule.q_sample(z0[rows], t[rows], noise[rows])
         return (ldm.eps(x_t, t[rows], ldm.context(labels[rows])) - noise[rows]).pow(2).flatten(1).mean(dim=1)
 
-    params = [p for p in ldm.parameters() if p.requires_grad]
-    flat = torch.stack([torch.cat([gr.flatten() for gr in torch.autograd.grad(losses_of(torch.tensor([i])).sum(),
-                                                                               params)]).double() for i in range(n)])
-    C = float(flat.norm(dim=1).median())
-    want = ((C / (flat.norm(dim=1) + 1e-6)).clamp(max=1)[:, None] * flat).sum(0)
-    for mode in ("fast", "reference"):
-        engine = DPGradientEngine(ldm, C, 0.0, 1.0, mode=mode)
-        engine.check(losses_of, n)
-        engine.accumulate(losses_of(torch.arange(n)))
-        engine.finalize()
-        engine.detach()
-        got = torch.cat([p.grad.flatten() for p in params]).double()
-        assert float((got - want).norm() / want.norm()) < 1e-4, mode
-        for p in params:
-            p.grad = None
+    assert_engine_matches_brute_force(ldm, losses_of, n)

@@ -1,11 +1,10 @@
 """Text-conditioned DP fine-tuning: what trains (the encoder stays frozen), and exact clipping on it."""
 import pytest
 import torch
-from conftest import mlflow_store
+from conftest import assert_engine_matches_brute_force, mlflow_store
 
 from trainer.config import load_config
 from trainer.models import SpatialTransformer, TextEmbedder
-from trainer.privacy import DPGradientEngine
 from trainer.selection import select_trainable
 from trainer.stages.common import build_ldm
 
@@ -75,24 +74,8 @@ def test_text_fine_tuning_is_exact_against_the_reference_and_a_brute_force_loop(
         context = ldm.context([PROMPTS[i] for i in rows.tolist()])
         return (ldm.eps(x_t, t[rows], context) - noise[rows]).pow(2).flatten(1).mean(dim=1)
 
-    params = [p for p in ldm.parameters() if p.requires_grad]
-    per_example = []
-    for i in range(n):
-        grads = torch.autograd.grad(losses_of(torch.tensor([i])).sum(), params)
-        per_example.append(torch.cat([gr.flatten() for gr in grads]).double())
-    flat = torch.stack(per_example)
-    C = float(flat.norm(dim=1).median())  # some examples clipped, some not
-    want = ((C / (flat.norm(dim=1) + 1e-6)).clamp(max=1)[:, None] * flat).sum(0)
-    for mode in ("fast", "reference"):
-        engine = DPGradientEngine(ldm, C, 0.0, 1.0, mode=mode)
-        engine.check(losses_of, n)
-        engine.accumulate(losses_of(torch.arange(n)))
-        engine.finalize()
-        engine.detach()
-        got = torch.cat([p.grad.flatten() for p in params]).double()
-        ldm.zero_grad(set_to_none=True)
-        # reference mode runs the encoder's attention under vmap, another float32 kernel path (2e-4 seen)
-        assert float((got - want).norm() / want.norm()) < (1e-4 if mode == "fast" else 1e-3), mode
+    # reference mode runs the encoder's attention under vmap, another float32 kernel path (2e-4 seen)
+    assert_engine_matches_brute_force(ldm, losses_of, n, {"fast": 1e-4, "reference": 1e-3})
 
 
 # --- the whole text path -------------------------------------------------------------------------
