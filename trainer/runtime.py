@@ -75,7 +75,7 @@ class ProcessGroup:
             import torch.distributed as dist
             dist.barrier()
 
-    def any(self, flag: bool) -> bool:
+    def any_rank(self, flag: bool) -> bool:
         """True when ``flag`` is set on some rank (every rank then stops at the same step)."""
         if self.world_size == 1:
             return flag

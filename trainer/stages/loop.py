@@ -91,7 +91,7 @@ class Trainer:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
                 if self.step % self.train.log_every == 0 or self.step == self.train.steps:
                     run.log_metrics(metrics, step=self.step)
-                stopping = self.group.any(stop.requested)
+                stopping = self.group.any_rank(stop.requested)
                 if stopping or self.step % self.train.checkpoint_every == 0 or self.step == self.train.steps:
                     self.save(run)
                 if stopping:
