@@ -16,7 +16,9 @@ Every DP row clips each example's gradient over all trainable parameters to C, a
 N(0, sigma^2 C^2) per coordinate and divides by the batch size. Reported per row: median step
 time over ``--repeats`` steps after a warm-up step, peak memory added by a step, both as
 ratios to the non-private step, and a gradient check: each DP method takes one step with noise
-off from the same weights, and its gradient is compared with reference mode's.
+off from the same weights, and its gradient is compared with reference mode's. Below the table:
+the time of the engine's noise draw (``finalize`` of a step with noise on and off), the most that
+fusing the noise into a kernel's epilogue could save of the engine's step.
 
 The data are random (no private data is involved): this measures cost, not utility.
 
@@ -388,6 +390,45 @@ def run_benchmark(w: Workload, repeats: int, methods: list[Method] = METHODS) ->
     return list(results.values())
 
 
+@dataclass
+class NoiseCost:
+    """Median seconds of ``engine.finalize()`` with noise on / off, over the trainable coordinates."""
+    coordinates: int
+    with_noise_s: float
+    without_noise_s: float
+
+    @property
+    def noise_s(self) -> float:
+        return max(self.with_noise_s - self.without_noise_s, 0.0)
+
+
+def measure_noise(w: Workload, repeats: int) -> NoiseCost:
+    """Time the noise of one logical step: ``finalize`` draws N(0, sigma^2 C^2) per trainable
+    coordinate, divides and writes ``.grad``; without noise it only divides and writes."""
+    model = w.fresh_model()
+    engine = DPGradientEngine(model, max_grad_norm=w.max_grad_norm, noise_multiplier=w.noise_multiplier,
+                              expected_batch_size=w.batch_size)
+    device = w.z0.device
+    engine.accumulate(model(w.z0, w.labels))
+    engine.finalize()  # warm-up: the self-check and the first allocations
+
+    def median_finalize(add_noise: bool) -> float:
+        times = []
+        for _ in range(max(repeats, 3)):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            engine.finalize(add_noise=add_noise)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    cost = NoiseCost(sum(p.numel() for _, p in engine.params), median_finalize(True), median_finalize(False))
+    engine.detach()
+    return cost
+
+
 # --------------------------------------------------------------------------- reporting
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -421,7 +462,17 @@ def format_table(results: list[Result]) -> list[str]:
     return lines
 
 
-def report(results: list[Result], w: Workload, what: str, args: argparse.Namespace, norms: Tensor) -> str:
+def noise_lines(noise: NoiseCost, results: list[Result]) -> list[str]:
+    fast = next(r for r in results if r.name == "engine fast")
+    share = noise.noise_s / fast.median_s if fast.times else float("nan")
+    return [f"Noise: `engine.finalize()` over the {noise.coordinates:,} trainable coordinates takes "
+            f"{noise.with_noise_s * 1e3:.2f} ms with noise and {noise.without_noise_s * 1e3:.2f} ms without "
+            f"(median): drawing and adding the noise costs {noise.noise_s * 1e3:.2f} ms, {share:.1%} of the "
+            "engine fast step, the most that fusing the noise into a kernel could save."]
+
+
+def report(results: list[Result], w: Workload, what: str, args: argparse.Namespace, norms: Tensor,
+           noise: NoiseCost) -> str:
     """The markdown written to ``--out``: how it was measured, then the table."""
     import opacus
     device = w.z0.device
@@ -456,6 +507,8 @@ def report(results: list[Result], w: Workload, what: str, args: argparse.Namespa
         "",
         *format_table(results),
         "",
+        *noise_lines(noise, results),
+        "",
     ]
     return "\n".join(lines)
 
@@ -488,7 +541,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
     w.max_grad_norm, norms = clip_norm_at_median(w)
     w.noise_multiplier = args.noise_multiplier
     results = run_benchmark(w, args.repeats)
-    text = report(results, w, what, args, norms)
+    noise = measure_noise(w, args.repeats)
+    text = report(results, w, what, args, norms, noise)
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

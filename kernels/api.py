@@ -11,14 +11,11 @@ from torch import Tensor
 from kernels import reference
 from kernels.backend import (
     check_clip_factors,
-    check_float_tensor,
     check_linear_inputs,
     check_method,
-    check_noise_std,
     resolve_backend,
 )
 from kernels.reference import as_sequence, ghost_is_cheaper
-from kernels.seeds import check_seed
 
 
 def per_sample_linear_sqnorms(
@@ -48,48 +45,18 @@ def clipped_linear_grad(
     activations: Tensor,
     grad_outputs: Tensor,
     clip_factors: Tensor,
-    noise_std: float = 0.0,
-    seed: int | None = None,
     bias: bool = False,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
-    """(sum_i c_i G_i^T A_i + noise [d_out, d_in], sum_i c_i sum_t G_it + noise [d_out] or None).
+    """(sum_i c_i G_i^T A_i [d_out, d_in], sum_i c_i sum_t G_it [d_out] or None), float32.
 
-    clip_factors c [B]. The noise, noise_std * N(0, 1) per coordinate in float32, is drawn
-    from ``seed`` (a fresh seed from OS entropy when None): the same seed gives the same
-    noise on one backend; the two backends draw from the same distribution.
+    clip_factors c [B]. No noise: the DP engine adds it once per coordinate per logical step
+    (``DPGradientEngine.finalize``), after every micro-batch's clipped sum.
     """
     check_linear_inputs(activations, grad_outputs)
     check_clip_factors(clip_factors, activations.shape[0])
-    check_noise_std(noise_std)
     if resolve_backend(backend, activations.device) == "torch":
-        return reference.clipped_linear_grad(activations, grad_outputs, clip_factors, noise_std, seed, bias)
+        return reference.clipped_linear_grad(activations, grad_outputs, clip_factors, bias)
     from kernels import triton_clipped_grad
 
-    seed = check_seed(seed) if noise_std > 0 else 0
-    return triton_clipped_grad.clipped_grad(
-        as_sequence(activations), as_sequence(grad_outputs), clip_factors, noise_std, seed, bias
-    )
-
-
-def clip_sum_noise_flat(
-    per_example_grads: Tensor,
-    max_grad_norm: float,
-    noise_std: float = 0.0,
-    seed: int | None = None,
-    backend: str = "auto",
-) -> tuple[Tensor, Tensor]:
-    """Flat per-example gradients [B, P] -> (sum_i c_i g_i + noise [P], norms n_i [B]), float32.
-
-    c_i = min(1, C / (n_i + 1e-6)) with C = max_grad_norm; noise as in clipped_linear_grad.
-    """
-    check_float_tensor("per_example_grads", per_example_grads, (2,))
-    if not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-    check_noise_std(noise_std)
-    if resolve_backend(backend, per_example_grads.device) == "torch":
-        return reference.clip_sum_noise_flat(per_example_grads, max_grad_norm, noise_std, seed)
-    from kernels import triton_flat
-
-    seed = check_seed(seed) if noise_std > 0 else 0
-    return triton_flat.clip_sum_noise(per_example_grads, max_grad_norm, noise_std, seed)
+    return triton_clipped_grad.clipped_grad(as_sequence(activations), as_sequence(grad_outputs), clip_factors, bias)

@@ -98,11 +98,6 @@ def check_clip_factors(clip_factors: Tensor, batch: int) -> None:
         raise ValueError(f"clip_factors must be a tensor of shape ({batch},), got {shape}")
 
 
-def check_noise_std(noise_std: float) -> None:
-    if not noise_std >= 0:  # also rejects NaN
-        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-
-
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (1 elsewhere): used to size grids."""
     if device.type != "cuda":

@@ -46,8 +46,6 @@ CPU_LINEAR_SHAPES = [
     (8, 64, 1280, 1280),
     (16, 1, 1280, 1280),
 ]
-GPU_FLAT_SHAPES = [(64, 4_000_000), (16, 16_000_000)]  # (B, P)
-CPU_FLAT_SHAPES = [(16, 1_000_000)]
 
 
 @dataclass
@@ -162,24 +160,10 @@ def linear_rows(shape, device, dtype, backends, reps) -> list[Row]:
                             gemm_s, extra_memory_mib(norms, device)))
 
         def clipped():
-            return kernels.clipped_linear_grad(a, g, c, noise_std=1.0, seed=0, bias=True, backend=backend)
+            return kernels.clipped_linear_grad(a, g, c, bias=True, backend=backend)
 
-        rows.append(Row("clipped grad + noise", label, backend, timed(clipped, device, reps),
+        rows.append(Row("clipped grad", label, backend, timed(clipped, device, reps),
                         io_bytes + 4 * d_out * (d_in + 1), gemm_flops, gemm_s, extra_memory_mib(clipped, device)))
-    return rows
-
-
-def flat_rows(shape, device, dtype, backends, reps) -> list[Row]:
-    B, P = shape
-    x = torch.randn(B, P, device=device).to(dtype)
-    rows = []
-    for backend in backends:
-        def flat():
-            return kernels.clip_sum_noise_flat(x, 1.0, noise_std=1.0, seed=0, backend=backend)
-
-        # two passes over x (norms, then the clipped sum), one float32 write
-        rows.append(Row("flat clip+sum+noise", f"B={B} P={P}", backend, timed(flat, device, reps),
-                        2 * x.numel() * x.element_size() + 4 * P, 4 * B * P, None, extra_memory_mib(flat, device)))
     return rows
 
 
@@ -207,9 +191,9 @@ def markdown(rows: list[Row], roof: Roofline, device: torch.device, dtype: torch
         )
     lines += [
         "",
-        "GB/s and TFLOP/s count the minimal traffic (inputs read once, outputs written once; the flat",
-        "kernel reads its input twice) and the useful FLOPs (ghost: B T^2 (d_in + d_out), using the",
-        "symmetry of the Gram matrices). Norms include the bias term; the clipped grad adds noise.",
+        "GB/s and TFLOP/s count the minimal traffic (inputs read once, outputs written once) and the",
+        "useful FLOPs (ghost: B T^2 (d_in + d_out), using the symmetry of the Gram matrices). Norms",
+        "include the bias term.",
         "Small working sets that stay in cache can run above the DRAM roofline (> 100 %).",
         "",
     ]
@@ -229,11 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     reps = args.reps or (20 if on_gpu else 5)
 
     roof = measure_roofline(device, dtype, reps)
-    cases = [(linear_rows, shape) for shape in (GPU_LINEAR_SHAPES if on_gpu else CPU_LINEAR_SHAPES)]
-    cases += [(flat_rows, shape) for shape in (GPU_FLAT_SHAPES if on_gpu else CPU_FLAT_SHAPES)]
     rows: list[Row] = []
-    for make_rows, shape in cases:
-        rows += make_rows(shape, device, dtype, backends, reps)
+    for shape in GPU_LINEAR_SHAPES if on_gpu else CPU_LINEAR_SHAPES:
+        rows += linear_rows(shape, device, dtype, backends, reps)
         if args.out:  # rewritten after every case, so a run cut short still leaves its table
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(markdown(rows, roof, device, dtype, backends))

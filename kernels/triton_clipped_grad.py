@@ -1,7 +1,7 @@
-"""Triton kernel: the clipped, noised weight gradient of a Linear layer in one GEMM.
+"""Triton kernel: the clipped weight gradient of a Linear layer in one GEMM.
 
-    grad_W = sum_i c_i G_i^T A_i + noise_std * N(0, I)      [d_out, d_in], float32
-    grad_b = sum_i c_i sum_t G_it + noise_std * N(0, I)     [d_out]
+    grad_W = sum_i c_i G_i^T A_i      [d_out, d_in], float32
+    grad_b = sum_i c_i sum_t G_it     [d_out]
 
 Each program owns one (d_out, d_in) tile and reduces over the B*T rows. The clip factor
 c_i is folded in one of two ways, both exact up to float32 accumulation:
@@ -15,10 +15,8 @@ c_i is folded in one of two ways, both exact up to float32 accumulation:
 When there are too few tiles to fill the GPU, the rows are split across programs
 (split-K) that add their partial tiles atomically into a zeroed float32 output.
 
-Noise: Philox (tl.randn) keyed by ``seed``, counter = the coordinate's index in the
-flattened (grad_W, grad_b) vector: grad_W[m, n] uses m * d_in + n, grad_b[m] uses
-d_out * d_in + m. Only the split-0 program of a tile adds it, so each coordinate gets
-exactly one draw, the same draw for the same seed whatever the tiling.
+No noise here: the DP engine adds it once per coordinate per logical step, after the last
+micro-batch (``bench/bench_dp_step.py`` measures what that costs).
 """
 from __future__ import annotations
 
@@ -31,20 +29,16 @@ from kernels.backend import HALF_DTYPES, num_sms, triton_interpreting
 from kernels.triton_common import dot_f32
 from kernels.tiling import block_for_length, cdiv, launch_options
 
-MAX_NOISE_COUNTER = 2**31 - 1  # Philox counters are int32 offsets here
-
-
 # Sizes are runtime arguments, so one compiled kernel serves every shape; strides stay
 # specialised (Triton's divisibility hints give aligned, vectorised loads).
-@triton.jit(do_not_specialize=["B", "T", "D_IN", "D_OUT", "per_split", "seed"])
+@triton.jit(do_not_specialize=["B", "T", "D_IN", "D_OUT", "per_split"])
 def _clipped_grad_kernel(
     a_ptr, g_ptr, c_ptr, w_ptr, b_ptr,
     B, T, D_IN, D_OUT,
     stride_ab, stride_at, stride_ad,
     stride_gb, stride_gt, stride_gd,
     per_split,
-    seed, noise_std,
-    HAS_BIAS: tl.constexpr, ADD_NOISE: tl.constexpr, PER_EXAMPLE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PER_EXAMPLE: tl.constexpr,
     ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -101,12 +95,6 @@ def _clipped_grad_kernel(
             if HAS_BIAS:
                 bias_acc += tl.sum(g_t, axis=1)
 
-    if ADD_NOISE:
-        if split == 0:
-            acc += noise_std * tl.randn(seed, offs_out[:, None] * D_IN + offs_in[None, :])
-            if HAS_BIAS:
-                bias_acc += noise_std * tl.randn(seed, D_OUT * D_IN + offs_out)
-
     w_ptrs = w_ptr + offs_out[:, None] * D_IN + offs_in[None, :]
     mask_w = mask_out[:, None] & mask_in[None, :]
     if ATOMIC:
@@ -122,19 +110,17 @@ def _clipped_grad_kernel(
 
 
 def clipped_grad(
-    a: Tensor, g: Tensor, clip_factors: Tensor, noise_std: float, seed: int, bias: bool,
+    a: Tensor, g: Tensor, clip_factors: Tensor, bias: bool,
     per_example: bool | None = None, splits: int | None = None,
     block_out: int | None = None, block_in: int | None = None, block_k: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """sum_i c_i G_i^T A_i (+ bias) + noise for A [B, T, d_in], G [B, T, d_out]; float32 outputs.
+    """sum_i c_i G_i^T A_i (+ bias) for A [B, T, d_in], G [B, T, d_out]; float32 outputs.
 
     ``per_example``, ``splits`` and the block sizes default to fixed rules; tests force them
     to cover both ways of folding c_i and the split-K path.
     """
     B, T, d_in = a.shape
     d_out = g.shape[2]
-    if d_out * d_in + d_out > MAX_NOISE_COUNTER:
-        raise ValueError(f"layer of {d_out} x {d_in} has too many coordinates for int32 noise counters")
     half_inputs = a.dtype == g.dtype and a.dtype in HALF_DTYPES
     upcast = triton_interpreting() or not half_inputs
     if per_example is None:
@@ -162,8 +148,8 @@ def clipped_grad(
     grid = (cdiv(d_out, block_out), cdiv(d_in, block_in), splits)
     _clipped_grad_kernel[grid](
         a, g, c, grad_w, grad_b, B, T, d_in, d_out, *a.stride(), *g.stride(),
-        per_split, seed, float(noise_std),
-        HAS_BIAS=bias, ADD_NOISE=noise_std > 0, PER_EXAMPLE=per_example, ATOMIC=atomic, UPCAST=upcast,
+        per_split,
+        HAS_BIAS=bias, PER_EXAMPLE=per_example, ATOMIC=atomic, UPCAST=upcast,
         BLOCK_OUT=block_out, BLOCK_IN=block_in, BLOCK_K=block_k,
         **launch_options(2 * block_out * block_in),  # the total and the example's tile (or fp32 operands)
     )

@@ -62,6 +62,13 @@ def test_bench_writes_a_row_per_method_with_matching_gradients(tmp_path: Path):
         assert re.fullmatch(r"\d+\.\d{3}", cells[1]), line  # median step time
         assert re.fullmatch(r"\d+\.\d\dx", cells[2]), line  # ratio to non-private
     assert rows[0].split("|")[3].strip() == "1.00x"
+    # the noise's share of the step: finalize timed with noise on and off, over every trainable coordinate
+    noise = re.search(r"Noise: `engine.finalize\(\)` over the ([\d,]+) trainable coordinates takes ([\d.]+) ms "
+                      r"with noise and ([\d.]+) ms without", text)
+    assert noise, text
+    trainable = int(re.search(r"([\d,]+) trainable of", text).group(1).replace(",", ""))
+    assert int(noise.group(1).replace(",", "")) == trainable
+    assert float(noise.group(2)) > 0 and float(noise.group(3)) > 0
 
 
 def test_bench_rejects_a_config_without_class_labels():
