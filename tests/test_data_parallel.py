@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.runtime import ProcessGroup, average_gradients, broadcast_parameters, join_data_parallel
+from trainer.config import load_config
+from trainer.runtime import Runtime
 
 BATCH, LR = 8, 0.5
 
@@ -29,12 +30,12 @@ def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, 6, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
 
 
-def update(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, group: ProcessGroup) -> None:
+def update(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime) -> None:
     """One data-parallel SGD step: this rank's mean loss, gradients averaged over the ranks."""
     params = list(model.parameters())
     loss = F.cross_entropy(model(x), y)
     loss.backward()
-    average_gradients(params, group)
+    rt.average_gradients(params)
     with torch.no_grad():
         for p in params:
             p -= LR * p.grad
@@ -42,19 +43,22 @@ def update(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, group: Proc
 
 
 def _worker_update(out: str) -> None:
-    group = join_data_parallel(torch.device("cpu"))
+    rt = Runtime.start(load_config("demo", ["device=cpu"]))
     model = tiny_model()
-    if group.rank:  # a rank that starts elsewhere is brought to rank 0's weights
+    if rt.rank:  # a rank that starts elsewhere is brought to rank 0's weights
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1.0)
-    broadcast_parameters(model, group)
+    rt.broadcast_parameters(model)
     x, y = fixed_batch()
-    rows = slice(group.rank, None, group.world_size)  # each rank its own examples
+    rows = slice(rt.rank, None, rt.world_size)  # each rank its own examples
     for _ in range(2):
-        update(model, x[rows], y[rows], group)
-    if group.is_main:
+        update(model, x[rows], y[rows], rt)
+    assert rt.world_size == 2 and rt.sum_over_ranks([1.0, rt.rank]) == [2.0, 1.0]
+    assert rt.any_rank(rt.rank == 1) and not rt.any_rank(False) and rt.broadcast(10.0 + rt.rank) == 10.0
+    if rt.is_main:
         torch.save({k: v.detach() for k, v in model.state_dict().items()}, out)
+    rt.close()
 
 
 def _run(cmd: list[str], cwd: Path, env_extra: dict | None = None) -> str:
@@ -75,7 +79,7 @@ def test_two_process_update_equals_the_one_process_update(tmp_path):
     model = tiny_model()
     x, y = fixed_batch()
     for _ in range(2):
-        update(model, x, y, ProcessGroup())
+        update(model, x, y, Runtime())
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     for name, value in model.state_dict().items():
         assert torch.allclose(two[name], value, atol=1e-6), name

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.eval.images import class_grid, expand_shards, images_from_array, open_images, to_uint8_images
+from trainer.data.reader import expand_urls
+from trainer.eval.images import class_grid, images_from_array, open_images, to_uint8_images
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -75,7 +76,9 @@ def test_shards_with_brace_pattern_read_images_and_cls(tmp_path, digits):
         np.testing.assert_array_equal(coll.labels, labels)
     assert len(open_images(tmp_path / "part-001.tar")) == 5
     with pytest.raises(FileNotFoundError, match="part-002.tar"):
-        expand_shards(f"{tmp_path}/part-{{000..002}}.tar")
+        expand_urls(f"{tmp_path}/part-{{000..002}}.tar")
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        open_images(f"{tmp_path}/other-*.tar")
 
 
 def test_max_images_is_a_seeded_subset_across_classes(tmp_path, digits):

@@ -1,5 +1,5 @@
-"""Where a stage runs: the device and the numeric precision (the top-level ``device`` and
-``precision`` config keys), shared by every stage.
+"""Where a stage runs: the device, the numeric precision (the top-level ``device`` and
+``precision`` config keys) and the process group, shared by every stage (:class:`Runtime`).
 
 ``device``: ``auto`` (the CUDA device of this process when one is visible, else the CPU),
 ``cpu``, ``cuda`` or ``cuda:N``. ``precision``: ``fp32``, or ``bf16`` (autocast of the forward
@@ -59,40 +59,116 @@ class Placement:
         return contextlib.nullcontext()
 
 
-@dataclass(frozen=True)
-class ProcessGroup:
-    """This process's place among the data-parallel processes of a public pretraining stage."""
+class Runtime:
+    """Where and how a stage runs: a :class:`Placement` (device, precision) and this process's
+    place among the data-parallel processes (rank ``rank`` of ``world_size``; 0 of 1 alone).
 
-    rank: int = 0
-    world_size: int = 1
+    Every stage runs on one. Public pretraining uses it directly (:meth:`start`: under ``torchrun``
+    or the ``deepspeed`` launcher it joins the process group, NCCL on CUDA, else gloo); DP
+    fine-tuning uses its two shapes, :class:`trainer.distributed.SingleProcess` and
+    :class:`trainer.distributed.DistributedRun`, which add the private-data steps. The collectives
+    below are no-ops in one process, and take tensors on the runtime's device (NCCL needs them there).
+    """
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def __init__(self, placement: Placement | None = None, rank: int = 0, world_size: int = 1):
+        self.placement = placement or Placement(torch.device("cpu"))
+        self.device = self.placement.device
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        self._joined = False  # this object initialised the process group (close() leaves it)
 
+    @classmethod
+    def start(cls, cfg) -> "Runtime":
+        """The config's device and precision; under a launcher (``WORLD_SIZE`` > 1), join the
+        default process group and take this rank's GPU (``device: auto`` or ``cuda``)."""
+        placement = Placement.from_config(cfg)
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            return cls(placement)
+        import torch.distributed as dist
+        device = placement.device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            placement = Placement(device, placement.precision)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        joined = not dist.is_initialized()
+        if joined:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        runtime = cls(placement, dist.get_rank(), dist.get_world_size())
+        runtime._joined = joined
+        return runtime
+
+    def autocast(self) -> ContextManager:
+        """The forward's precision context (``precision: bf16``: autocast)."""
+        return self.placement.autocast()
+
+    # ------------------------------------------------------------------ collectives
     def barrier(self) -> None:
         if self.world_size > 1:
             import torch.distributed as dist
             dist.barrier()
 
+    def _all_reduce(self, values: list, dtype: torch.dtype, op: str) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype, device=self.device)
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+        return t
+
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        return self._all_reduce(values, torch.float64, "SUM").tolist()
+
+    def max_over_ranks(self, value: int) -> int:
+        return int(self._all_reduce([value], torch.int64, "MAX").item())
+
     def any_rank(self, flag: bool) -> bool:
-        """True when ``flag`` is set on some rank (every rank then stops at the same step)."""
-        if self.world_size == 1:
-            return flag
-        import torch.distributed as dist
-        t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        """True when ``flag`` is set on some rank (e.g. a stop request: every rank stops at the same step)."""
+        return bool(self.max_over_ranks(int(flag)))
 
     def broadcast(self, value: float) -> float:
         """Rank 0's ``value`` on every rank."""
         if self.world_size == 1:
             return value
         import torch.distributed as dist
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.broadcast(t, src=0)
         return float(t.item())
 
+    def broadcast_parameters(self, module: torch.nn.Module) -> None:
+        """Every rank starts from rank 0's weights (and buffers)."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace each ``.grad`` by its mean over the ranks, as DDP does: one all-reduce of one flat
+        buffer. With each rank's loss the mean over its B / world_size examples, the result is the
+        gradient of the mean loss over the B examples of the step (a missing ``.grad`` counts as 0).
+        Public data only: DP fine-tuning sums clipped, noised gradients instead (``DistributedRun``)."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p in params:
+            p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+    def close(self) -> None:
+        """Leave the process group this runtime joined (no barrier: after an error the other ranks
+        may never arrive)."""
+        if self._joined:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self._joined = False
+
+    # ------------------------------------------------------------------ splitting public work
     def per_rank(self, batch_size: int, key: str) -> int:
         """This rank's share of a global batch; ConfigError naming ``key`` unless it divides evenly."""
         if batch_size % self.world_size:
@@ -105,42 +181,5 @@ class ProcessGroup:
                   f"({batch_size // self.world_size} examples each per step, gradients averaged)")
 
     def data_seed(self, seed: int) -> int:
-        """The data generator's seed of this rank (rank 0: the config's seed, as in one process)."""
+        """The public-data generator's seed of this rank (rank 0: the config's seed, as in one process)."""
         return seed + 1_000_003 * self.rank
-
-
-def join_data_parallel(device: torch.device) -> ProcessGroup:
-    """Under ``torchrun`` or the ``deepspeed`` launcher (``WORLD_SIZE`` > 1), join the default process
-    group (NCCL on CUDA, else gloo) and return this rank; in one process, rank 0 of 1."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return ProcessGroup()
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return ProcessGroup(dist.get_rank(), dist.get_world_size())
-
-
-def broadcast_parameters(module: torch.nn.Module, group: ProcessGroup) -> None:
-    """Every rank starts from rank 0's weights (and buffers)."""
-    if group.world_size == 1:
-        return
-    import torch.distributed as dist
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(tensor.data, src=0)
-
-
-def average_gradients(params: list[torch.nn.Parameter], group: ProcessGroup) -> None:
-    """Replace each ``.grad`` by its mean over the ranks, as DDP does: one all-reduce of one flat
-    buffer. With each rank's loss the mean over its B / world_size examples, the result is the
-    gradient of the mean loss over the B examples of the step (a missing ``.grad`` counts as 0)."""
-    if group.world_size == 1:
-        return
-    import torch.distributed as dist
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= group.world_size
-    offset = 0
-    for p in params:
-        p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
-        offset += p.numel()

@@ -20,6 +20,7 @@ epoch (``set_epoch``), so a run is reproducible for a seed with any number of wo
 """
 from __future__ import annotations
 
+import glob
 import io
 import random
 from pathlib import Path
@@ -33,14 +34,16 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from trainer.data.sources import split_caption_lines
 
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm")
+# image members of a sample (and image files of a folder), in order of preference
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
 T = TypeVar("T")
 
 
 # --- urls -------------------------------------------------------------------------------------
 
 def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
-    """Shard URLs: a folder (its ``shard-*.tar``), a brace pattern, ``a::b``, or a list of those.
+    """Shard URLs: a folder (its ``shard-*.tar``), a brace pattern, a glob (``shards/*.tar``),
+    ``a::b``, or a list of those. The one shard-list rule of training, caching and evaluation.
 
     Local files must exist (FileNotFoundError names them); ``pipe:`` and ``scheme://`` URLs are
     opened by webdataset when read.
@@ -55,7 +58,15 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
                 raise ValueError(f"urls: folder {item} holds no shard-*.tar files")
             out.extend(found)
         else:
-            out.extend(wds.shardlists.expand_urls(item))
+            for url in wds.shardlists.expand_urls(item):  # braces and "::"
+                local = not url.startswith("pipe:") and "://" not in url
+                if local and any(ch in url for ch in "*?["):
+                    matched = sorted(glob.glob(url))
+                    if not matched:
+                        raise FileNotFoundError(f"urls: pattern {url} matches no file")
+                    out.extend(matched)
+                else:
+                    out.append(url)
     missing = [u for u in out if not u.startswith("pipe:") and "://" not in u and not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(f"urls: no such shard file(s): {', '.join(missing[:3])}"

@@ -22,7 +22,7 @@ from trainer.distributed.deepspeed_config import (DEFAULT_DEEPSPEED_CONFIG, Deep
 from trainer.distributed.partition import FrozenPartition
 from trainer.distributed.sharded_adamw import ShardedAdamW
 from trainer.io import load_state, save_safetensors, save_state, write_json
-from trainer.runtime import Placement
+from trainer.runtime import Placement, Runtime
 
 if TYPE_CHECKING:
     from trainer.privacy import DPGradientEngine
@@ -48,11 +48,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class DistributedRun:
-    """One rank of a data-parallel DP fine-tuning run (see the module docstring).
+class DistributedRun(Runtime):
+    """One rank of a data-parallel DP fine-tuning run (see the package docstring).
 
-    The methods mirror the single-process runtime of ``trainer.stages.finetune``; the stage
-    calls them in the same order on every rank.
+    The methods mirror :class:`trainer.distributed.single.SingleProcess`; the stage calls them in
+    the same order on every rank.
     """
 
     def __init__(self, settings: DeepSpeedSettings, placement: Optional[Placement] = None):
@@ -63,46 +63,18 @@ class DistributedRun:
             os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.placement = placement or Placement(torch.device("cpu"))
-        self.device = self.placement.device
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", self.local_rank)
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.is_main = self.rank == 0
+        placement = placement or Placement(torch.device("cpu"))
+        if placement.device.type == "cuda" and placement.device.index is None:
+            placement = Placement(torch.device("cuda", self.local_rank), placement.precision)
+        deepspeed.init_distributed(dist_backend="nccl" if placement.device.type == "cuda" else "gloo")
+        super().__init__(placement, dist.get_rank(), dist.get_world_size())
+        self._joined = True
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.settings = settings
         self.ldm_partition: Optional[FrozenPartition] = None  # set by place()
         self.ae_partition: Optional[FrozenPartition] = None
         self._padding_rows: Optional[Tensor] = None  # set by encode()
-
-    def autocast(self):
-        """The forward's precision context (``precision: bf16``: autocast)."""
-        return self.placement.autocast()
-
-    # ------------------------------------------------------------------ collectives
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def sum_over_ranks(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
-
-    def any_rank(self, flag: bool) -> bool:
-        """True when ``flag`` is set on some rank (e.g. a stop request: every rank stops at the same step)."""
-        return bool(self.max_over_ranks(int(flag)))
-
-    def max_over_ranks(self, value: int) -> int:
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
-
-    def close(self) -> None:
-        """Leave the process group (no barrier: after an error the other ranks may never arrive)."""
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
     # ------------------------------------------------------------------ models and data
     def place(self, ldm: nn.Module, autoencoder: nn.Module) -> None:

@@ -11,24 +11,14 @@ from trainer.distributed.checkpoint import CHECKPOINTS, STATE_FILE, WEIGHTS_FILE
 from trainer.errors import RunError
 from trainer.io import load_state, save_safetensors, save_state
 from trainer.pipeline import encode_images
-from trainer.runtime import Placement
+from trainer.runtime import Runtime
 
 
-class SingleProcess:
-    """The stage's runtime in one process: the whole private set, plain AdamW, noise in ``finalize``.
+class SingleProcess(Runtime):
+    """The fine-tuning runtime in one process: the whole private set, plain AdamW, noise in ``finalize``.
 
     :class:`trainer.distributed.run.DistributedRun` has the same methods for several processes.
     """
-
-    rank, world_size, is_main = 0, 1, True
-
-    def __init__(self, placement: Placement | None = None):
-        self.placement = placement or Placement(torch.device("cpu"))
-        self.device = self.placement.device
-
-    def autocast(self):
-        """The forward's precision context (``precision: bf16``: autocast)."""
-        return self.placement.autocast()
 
     def place(self, ldm, autoencoder) -> None:
         """Both models on this process's device."""
@@ -94,13 +84,3 @@ class SingleProcess:
         step = int(saved["step"])
         state.sampler.steps_done = step
         return Checkpoint(step, saved.get("mlflow_run_id"), int(saved.get("ledger", {}).get("steps_taken", step)))
-
-    def barrier(self) -> None:
-        pass
-
-    def any_rank(self, flag: bool) -> bool:
-        """True when ``flag`` is set on some rank (a collective on several processes)."""
-        return flag
-
-    def close(self) -> None:
-        pass

@@ -8,7 +8,8 @@ Every image comes out as ``uint8 [H, W, C]`` with C = 1 (grayscale) or 3 (RGB). 
   folders exist, images directly in the root (e.g. the ``grid.png`` preview written by
   ``dpldm sample``) are not part of the set.
 - shard sets: one ``.tar`` file, a glob (``shards/*.tar``) or a brace pattern
-  (``train-{000..009}.tar``). Samples are grouped webdataset-style by key (the member path up to
+  (``train-{000..009}.tar``), expanded as for training (:func:`trainer.data.reader.expand_urls`),
+  and indexed here for random access (training streams them instead). Samples are grouped webdataset-style by key (the member path up to
   the first dot of its file name); the image is the ``.png``/``.jpg``/... member and the label
   the integer text of the ``.cls`` member, when present.
 - arrays (numpy or torch), see :func:`to_uint8_images`.
@@ -17,7 +18,6 @@ Images are decoded on demand, so a large set costs memory only when it is stacke
 """
 from __future__ import annotations
 
-import glob
 import io
 import re
 import tarfile
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff")
+from trainer.data.reader import IMAGE_KEYS, expand_urls
+
 _KEY_AND_SUFFIX = re.compile(r"^((?:.*/)?[^./]+)\.([^/]*)$")
 
 
@@ -173,27 +174,10 @@ def _is_shard_pattern(source: str) -> bool:
     return source.endswith(".tar") or any(ch in source for ch in "{*?[")
 
 
-def expand_shards(pattern: str) -> list[Path]:
-    """Shard files of a pattern: braces expanded first (``{000..009}``, ``{a,b}``), then globs."""
-    from braceexpand import braceexpand
-
-    paths: list[Path] = []
-    for part in braceexpand(pattern):
-        if any(ch in part for ch in "*?["):
-            paths.extend(Path(p) for p in sorted(glob.glob(part)))
-        elif Path(part).is_file():
-            paths.append(Path(part))
-        else:
-            raise FileNotFoundError(f"shard {part!r} of pattern {pattern!r} does not exist")
-    if not paths:
-        raise FileNotFoundError(f"shard pattern {pattern!r} matches no file")
-    return paths
-
-
 def _open_folder(root: Path) -> ImageCollection:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_KEYS)
     if not files:
-        raise FileNotFoundError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise FileNotFoundError(f"{root}: no image files ({', '.join(IMAGE_KEYS)})")
     in_class_folder = [p for p in files if len(p.relative_to(root).parts) > 1]
     if not in_class_folder:
         return ImageCollection(len(files), lambda i: _read_file_image(files[i]), description=str(root))
@@ -220,7 +204,7 @@ def _open_shards(pattern: str) -> ImageCollection:
     # (shard, data offset, size, key) of each sample's image; labels read while indexing (tiny members)
     entries: list[tuple[Path, int, int, str]] = []
     labels: list[Optional[int]] = []
-    for shard in expand_shards(pattern):
+    for shard in map(Path, expand_urls(pattern)):
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
         with tarfile.open(shard, "r") as tar:
             for member in tar:
@@ -228,7 +212,7 @@ def _open_shards(pattern: str) -> ImageCollection:
                 if member.isfile() and match:
                     samples.setdefault(match.group(1), {})[match.group(2).lower()] = member
             for key, members in samples.items():
-                image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
+                image = next((members[ext] for ext in IMAGE_KEYS if ext in members), None)
                 if image is None:
                     continue  # a sample without an image (e.g. a caption-only record) is not evaluated
                 entries.append((shard, image.offset_data, image.size, key))
@@ -242,7 +226,7 @@ def _open_shards(pattern: str) -> ImageCollection:
                     except ValueError:
                         raise ImageSetError(f"{shard}: {key}.cls holds {text!r}, not an integer label") from None
     if not entries:
-        raise FileNotFoundError(f"shard set {pattern!r} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+        raise FileNotFoundError(f"shard set {pattern!r} holds no image ({', '.join(IMAGE_KEYS)})")
     has_label = [y is not None for y in labels]
     if any(has_label) and not all(has_label):
         raise ImageSetError(f"shard set {pattern!r}: some samples have a .cls label and some do not "

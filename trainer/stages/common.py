@@ -17,7 +17,7 @@ from PIL import Image
 from trainer.config import Config, ConfigError, DataSource, dump_config
 from trainer.errors import RunError
 from trainer.io import load_safetensors
-from trainer.runtime import Placement, ProcessGroup, join_data_parallel
+from trainer.runtime import Runtime
 
 STAGE_DIRS = {"pretrain-ae": "ae", "pretrain-ldm": "ldm", "finetune": "finetune", "audit": "audit"}
 
@@ -221,17 +221,21 @@ def build_conditioner(cfg: Config, n_classes: Optional[int] = None):
 
 # --- checkpoints -------------------------------------------------------------------------------
 
-def start_public_stage(cfg: Config, run_dir: Path, batch_size: int, key: str) -> tuple[Placement, ProcessGroup, int]:
-    """Device and process group of a public pretraining stage, and this rank's share of the global
-    ``batch_size`` (config key ``key``); rank 0 writes the run's ``config.yaml``."""
-    place = Placement.from_config(cfg)
-    group = join_data_parallel(place.device)  # several processes under torchrun / deepspeed
-    per_rank = group.per_rank(batch_size, key)
-    if group.is_main:
-        save_run_config(cfg, run_dir)
-    group.barrier()
-    group.announce(key.split(".")[0], batch_size)
-    return place, group, per_rank
+def start_public_stage(cfg: Config, run_dir: Path, batch_size: int, key: str) -> tuple[Runtime, int]:
+    """The runtime of a public pretraining stage (several processes under torchrun / deepspeed) and
+    this rank's share of the global ``batch_size`` (config key ``key``); rank 0 writes the run's
+    ``config.yaml``. The caller closes the runtime."""
+    rt = Runtime.start(cfg)
+    try:
+        per_rank = rt.per_rank(batch_size, key)
+        if rt.is_main:
+            save_run_config(cfg, run_dir)
+        rt.barrier()
+    except BaseException:
+        rt.close()
+        raise
+    rt.announce(key.split(".")[0], batch_size)
+    return rt, per_rank
 
 
 def save_run_config(cfg: Config, run_dir: Path) -> Path:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from trainer.config import TrainConfig
 from trainer.diffusion import EMA
 from trainer.interrupt import StopRequest
-from trainer.runtime import ProcessGroup
+from trainer.runtime import Runtime
 from trainer.io import load_safetensors, load_state, save_safetensors, save_state
 from trainer.tracking import Run
 
@@ -28,9 +28,10 @@ class Trainer:
     """Run ``step_fn(step) -> metrics`` for ``train.steps`` steps with checkpoints and logging."""
 
     def __init__(self, run_dir: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-                 train: TrainConfig, generator: torch.Generator, desc: str, group: ProcessGroup = ProcessGroup()):
+                 train: TrainConfig, generator: torch.Generator, desc: str, runtime: Runtime | None = None):
         self.run_dir, self.modules, self.optimizer = run_dir, modules, optimizer
-        self.train, self.generator, self.desc, self.group = train, generator, desc, group
+        self.train, self.generator, self.desc = train, generator, desc
+        self.runtime = runtime or Runtime()
         params = nn.ModuleDict(modules)
         self.ema = EMA(params, train.ema_decay) if train.ema_decay else None
         self._params = params
@@ -47,7 +48,7 @@ class Trainer:
             module.load_state_dict(load_safetensors(raw if raw.is_file() else self.run_dir / f"{name}.safetensors").state_dict)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
-        if self.group.rank == 0:
+        if self.runtime.rank == 0:
             self.generator.set_state(state["generator"])
         else:  # only rank 0's data stream is saved; the others start fresh ones (public data)
             self.generator.manual_seed(self.generator.initial_seed() + self.step)
@@ -57,7 +58,7 @@ class Trainer:
 
     def save(self, run: Run) -> None:
         """Weights and state (rank 0 only: every rank holds the same weights)."""
-        if not self.group.is_main:
+        if not self.runtime.is_main:
             return
         for name, module in self.modules.items():
             raw = dict(module.state_dict())
@@ -69,7 +70,7 @@ class Trainer:
                 save_safetensors(raw, self.run_dir / f"{name}.safetensors", {"step": self.step})
         state = {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
                  "step": self.step, "mlflow_run_id": run.run_id or self.mlflow_run_id,
-                 "world_size": self.group.world_size}
+                 "world_size": self.runtime.world_size}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         save_state(state, self.run_dir / STATE_FILE)
@@ -78,7 +79,7 @@ class Trainer:
         """Train to ``train.steps``; on Ctrl-C / SIGTERM finish the step, checkpoint, raise KeyboardInterrupt."""
         t0, first = time.time(), self.step
         bar = tqdm(total=self.train.steps, initial=self.step, desc=self.desc, dynamic_ncols=True,
-                   disable=not self.group.is_main)
+                   disable=not self.runtime.is_main)
         for module in self.modules.values():
             module.train()
         with StopRequest() as stop:
@@ -91,7 +92,7 @@ class Trainer:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()})
                 if self.step % self.train.log_every == 0 or self.step == self.train.steps:
                     run.log_metrics(metrics, step=self.step)
-                stopping = self.group.any_rank(stop.requested)
+                stopping = self.runtime.any_rank(stop.requested)
                 if stopping or self.step % self.train.checkpoint_every == 0 or self.step == self.train.steps:
                     self.save(run)
                 if stopping:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import Config
-from trainer.runtime import average_gradients, broadcast_parameters
+from trainer.runtime import Runtime
 from trainer.stages.common import (build_autoencoder, public_batches, save_grid, seed_everything, stage_dir,
                                    start_public_stage)
 from trainer.stages.loop import Trainer
@@ -22,40 +22,48 @@ def reconstruction_loss(x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
 
 def run(cfg: Config) -> Path:
     """Train (or resume) the autoencoder; returns the run folder with ``autoencoder.safetensors``."""
-    from trainer.models.autoencoder import kl_divergence
     run_dir = stage_dir(cfg, "pretrain-ae")
     tc = cfg.autoencoder.train
-    place, group, batch_size = start_public_stage(cfg, run_dir, tc.batch_size, "autoencoder.train.batch_size")
+    rt, batch_size = start_public_stage(cfg, run_dir, tc.batch_size, "autoencoder.train.batch_size")
+    try:
+        return _train(cfg, rt, run_dir, batch_size)
+    finally:
+        rt.close()
+
+
+def _train(cfg: Config, rt: Runtime, run_dir: Path, batch_size: int) -> Path:
+    from trainer.models.autoencoder import kl_divergence
+    tc = cfg.autoencoder.train
     gen = seed_everything(cfg.seed)
-    model = build_autoencoder(cfg).to(place.device)
-    broadcast_parameters(model, group)
-    gen.manual_seed(group.data_seed(cfg.seed))
+    model = build_autoencoder(cfg).to(rt.device)
+    rt.broadcast_parameters(model)
+    gen.manual_seed(rt.data_seed(cfg.seed))
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    trainer = Trainer(run_dir, {"autoencoder": model}, opt, tc, gen, desc="pretrain-ae", group=group)
-    batches = public_batches(cfg, batch_size, gen, group.rank, group.world_size)
+    trainer = Trainer(run_dir, {"autoencoder": model}, opt, tc, gen, desc="pretrain-ae", runtime=rt)
+    batches = public_batches(cfg, batch_size, gen, rt.rank, rt.world_size)
     params = list(model.parameters())
 
     def step(_: int) -> dict[str, float]:
-        x = next(batches)[0].to(place.device)
-        with place.autocast():
+        x = next(batches)[0].to(rt.device)
+        with rt.autocast():
             rec, mean, std = model(x)
             rec_loss = reconstruction_loss(x, rec.float()).mean()
             kl = kl_divergence(mean.float(), std.float()).mean()
             loss = rec_loss + tc.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(params, group)
+        rt.average_gradients(params)
         opt.step()
         return {"loss": loss.item(), "rec_loss": rec_loss.item(), "kl": kl.item()}
 
     with start_run(cfg.experiment, "pretrain-ae", cfg.to_dict(), {"stage": "pretrain-ae"},
                    run_id=trainer.mlflow_run_id) as mlrun:
         trainer.fit(step, mlrun)
-        group.barrier()
-        if not group.is_main:
+        rt.barrier()
+        if not rt.is_main:
             return run_dir
         trainer.load_best()
-        x = next(batches)[0][:16].to(place.device)
+        x = next(batches)[0][:16].to(rt.device)
         with torch.no_grad():
             rec, _, _ = model(x, sample=False)
         grid = save_grid(torch.cat([x, rec]), run_dir / "reconstructions.png", nrow=16)

@@ -12,7 +12,7 @@ from trainer.config import Config
 from trainer.io import write_json
 from trainer.pipeline import encode_images
 from trainer.runs import class_grid
-from trainer.runtime import average_gradients, broadcast_parameters
+from trainer.runtime import Runtime
 from trainer.stages.common import (build_ldm, conditions, earlier_stage, load_autoencoder,
                                    load_image_source, public_batches, public_label_names, recorded_path,
                                    seed_everything, stage_dir, start_public_stage, to_device)
@@ -45,46 +45,53 @@ def run(cfg: Config) -> Path:
     """Train (or resume) the LDM; returns the run folder (``unet``/``cond_stage_model`` weights, ``ldm.json``)."""
     run_dir = stage_dir(cfg, "pretrain-ldm")
     ae_dir = earlier_stage(cfg, "pretrain-ae")
+    rt, batch_size = start_public_stage(cfg, run_dir, cfg.ldm.train.batch_size, "ldm.train.batch_size")
+    try:
+        return _train(cfg, rt, run_dir, ae_dir, batch_size)
+    finally:
+        rt.close()
+
+
+def _train(cfg: Config, rt: Runtime, run_dir: Path, ae_dir: Path, batch_size: int) -> Path:
     tc = cfg.ldm.train
-    place, group, batch_size = start_public_stage(cfg, run_dir, tc.batch_size, "ldm.train.batch_size")
     gen = seed_everything(cfg.seed)
     autoencoder, ae_hash = load_autoencoder(ae_dir)
-    autoencoder.to(place.device)
-    data_gen = torch.Generator().manual_seed(group.data_seed(cfg.seed))
-    batches = latent_batches(cfg, autoencoder, batch_size, gen if group.world_size == 1 else data_gen)
+    autoencoder.to(rt.device)
+    data_gen = torch.Generator().manual_seed(rt.data_seed(cfg.seed))
+    batches = latent_batches(cfg, autoencoder, batch_size, gen if rt.world_size == 1 else data_gen)
     # latent scale: 1 / std of the public latents (as LDM's scale_factor), from the first batches (rank 0's)
     first = list(itertools.islice(batches, 8))
-    scale = cfg.ldm.scale_factor or group.broadcast(float(1.0 / torch.cat([z for z, _ in first]).std()))
+    scale = cfg.ldm.scale_factor or rt.broadcast(float(1.0 / torch.cat([z for z, _ in first]).std()))
     batches = itertools.chain(first, batches)
     names = public_label_names(cfg)
-    ldm = build_ldm(cfg, scale).to(place.device)
-    broadcast_parameters(ldm, group)
-    if group.is_main:
+    ldm = build_ldm(cfg, scale).to(rt.device)
+    rt.broadcast_parameters(ldm)
+    if rt.is_main:
         write_json({"scale_factor": scale, "latent_shape": list(first[0][0].shape[1:]), "label_names": names,
                     "autoencoder": recorded_path(ae_dir, run_dir), "autoencoder_sha256": ae_hash},
                    run_dir / "ldm.json")
     params = [p for p in ldm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    if group.world_size > 1:
+    if rt.world_size > 1:
         gen = data_gen
     trainer = Trainer(run_dir, {"unet": ldm.unet, "cond_stage_model": ldm.cond_stage_model}, opt, tc, gen,
-                      desc="pretrain-ldm", group=group)
+                      desc="pretrain-ldm", runtime=rt)
 
     def step(_: int) -> dict[str, float]:
         z, conds = next(batches)
-        with place.autocast():
+        with rt.autocast():
             loss = ldm.loss(z * scale, conds, gen, cond_drop_prob=tc.cond_drop_prob).float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(params, group)
+        rt.average_gradients(params)
         opt.step()
         return {"loss": loss.item()}
 
     with start_run(cfg.experiment, "pretrain-ldm", cfg.to_dict(), {"stage": "pretrain-ldm"},
                    run_id=trainer.mlflow_run_id) as mlrun:
         trainer.fit(step, mlrun)
-        group.barrier()
-        if not group.is_main:
+        rt.barrier()
+        if not rt.is_main:
             return run_dir
         trainer.load_best()
         grid = class_grid(ldm, autoencoder, tuple(first[0][0].shape[1:]), cfg, names, run_dir / "samples.png", gen)
