@@ -3,8 +3,9 @@
 #   1. the kernel tests and the engine-on-Triton tests on CUDA tensors (compiled kernels);
 #   2. the kernel benchmark               -> docs/kernel-bench-<gpu>.md
 #   3. the DP step benchmark on the GPU   -> docs/bench-dp-step-<gpu>.md
-#      (engine vs non-private vs Opacus hooks and ghost clipping, time and memory)
-#   4. `dpldm demo --quick` with device=cuda, in fp32 then precision=bf16 -> docs/demo-quick-<gpu>.md
+#      (engine vs non-private vs Opacus hooks and ghost clipping, time and memory, the noise's share)
+#   4. the pretraining benchmark on every visible GPU (runtime vs DDP) -> docs/bench-pretrain-<gpu>.md
+#   5. `dpldm demo --quick` with device=cuda, in fp32 then precision=bf16 -> docs/demo-quick-<gpu>.md
 # Installs nothing, except `pip install -e . --no-deps` when `import trainer` fails.
 #
 # Variables (environment):
@@ -47,7 +48,12 @@ echo "== 3. DP step benchmark"
 timeout "$BENCH_TIMEOUT" "$PYTHON" bench/bench_dp_step.py --device cuda --batch 64 --repeats 10 \
     --out "$OUT_DIR/bench-dp-step-$gpu_slug.md"
 
-echo "== 4. quick demo on the GPU (fp32, then bf16)"
+echo "== 4. pretraining benchmark (runtime vs DDP)"
+n_gpus="$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")"
+timeout "$BENCH_TIMEOUT" "$PYTHON" bench/bench_pretrain.py --device cuda --world "$n_gpus" --batch $((64 * n_gpus)) \
+    --repeats 20 --out "$OUT_DIR/bench-pretrain-$gpu_slug.md"
+
+echo "== 5. quick demo on the GPU (fp32, then bf16)"
 demo_md="$OUT_DIR/demo-quick-$gpu_slug.md"
 work="$(mktemp -d)"
 {

@@ -56,6 +56,35 @@ def test_sample_command_writes_images_per_class(workdir):
 
 
 @pytest.mark.slow
+def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path):
+    """bench/bench_utility.py: real, autoencoder and fine-tuned rows under one protocol."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    runs = workdir / "runs" / "demo-quick"
+    if not (runs / "finetune").is_dir():
+        assert cli.main(["demo", "--quick", "--output-dir", str(workdir / "runs")]) == 0
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_utility.py"
+    spec = importlib.util.spec_from_file_location("bench_utility", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "utility.md"
+    rows = bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "finetune"), "--per-class", "4",
+                       "--seeds", "2", "--ddim-steps", "2", "--out", str(out)])
+    assert [r["row"] for r in rows] == ["real", "autoencoder", "finetune"]
+    assert all(len(r["accuracy"]) == 2 and all(0 <= a <= 1 for a in r["accuracy"]) for r in rows)
+    assert rows[2]["sample_s"] > 0 and "epsilon" in rows[2]["note"]
+    assert out.read_text().count("\n| ") == 4  # separator + 3 rows after the header
+    # the balanced subset: per_class of every class, and too few examples is an error naming the flag
+    labels = torch.arange(10).repeat_interleave(5).numpy()
+    idx = bench.balanced(labels, 3, seed=0)
+    assert sorted(torch.from_numpy(labels[idx]).bincount().tolist()) == [3] * 10
+    with pytest.raises(ValueError, match="--per-class"):
+        bench.balanced(labels, 6, seed=0)
+
+
+@pytest.mark.slow
 def test_interrupted_finetune_resumes_and_never_undercounts(workdir, monkeypatch):
     overrides = TINY + ["experiment=resume", f"output_dir={workdir / 'runs'}", "finetune.checkpoint_every=1"]
     cfg = load_config("demo", overrides)

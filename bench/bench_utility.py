@@ -1,0 +1,128 @@
+"""Where the downstream accuracy goes: ceilings and DP runs in one table, DPImageBench's protocol.
+
+Every row trains the downstream classifier (the config's ``eval.classifier``, ``eval.epochs``) on
+a labelled, class-balanced training set of ``--per-class`` images per class, picks its epoch on a
+held-out tenth of that set, and tests once on the full 10,000-image MNIST test split; each row
+is repeated with ``--seeds`` classifier seeds (mean and spread reported). Rows:
+
+- ``real``: real MNIST training digits at the config's resolution (the classifier's ceiling);
+- ``autoencoder``: the same digits after the autoencoder of ``--ae`` (encode, posterior mean,
+  decode): what the latent space keeps, the ceiling of any LDM built on it;
+- one per ``--finetune`` run: ``--per-class`` samples per class from the fine-tuned model
+  (``sample.*`` settings of its config, or ``--guidance``/``--ddim-steps``), with its epsilon.
+
+The real rows read the private training set: they are non-private diagnostics, never a DP
+artifact. Usage: ``python bench/bench_utility.py --ae runs/demo/ae [--finetune runs/demo/finetune
+...] [--per-class 1000] [--seeds 3] [--out docs/utility-demo.md]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trainer.config import load_config  # noqa: E402
+from trainer.data.mnist import load_mnist  # noqa: E402
+from trainer.eval.downstream import downstream_accuracy  # noqa: E402
+from trainer.runs import generate, load_pipeline  # noqa: E402
+from trainer.stages.common import load_autoencoder, load_image_source, to_uint8  # noqa: E402
+
+
+def balanced(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Indices of ``per_class`` random examples of every class (sorted by class)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < per_class:
+            raise ValueError(f"class {c}: {len(idx)} examples, fewer than --per-class {per_class}")
+        out.append(rng.choice(idx, per_class, replace=False))
+    return np.concatenate(out)
+
+
+def scores(images: np.ndarray, labels: np.ndarray, test: tuple[np.ndarray, np.ndarray], cfg, seeds: int) -> list[float]:
+    return [downstream_accuracy(images, labels, *test, classifier=cfg.eval.classifier, epochs=cfg.eval.epochs,
+                                seed=s)["accuracy"] for s in range(seeds)]
+
+
+@torch.no_grad()
+def reconstruct(autoencoder, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch_size):
+        mean, _ = autoencoder.encode(images[i:i + batch_size])
+        out.append(autoencoder.decode(mean).clamp(-1, 1))
+    return torch.cat(out)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ae", required=True, help="a pretrain-ae run folder (its config gives data and eval)")
+    parser.add_argument("--finetune", nargs="*", default=[], help="finetune run folders to sample and score")
+    parser.add_argument("--per-class", type=int, default=1000, help="training images per class in every row")
+    parser.add_argument("--seeds", type=int, default=3, help="classifier seeds per row")
+    parser.add_argument("--guidance", type=float, help="override sample.guidance_scale of the fine-tuned runs")
+    parser.add_argument("--ddim-steps", type=int, help="override sample.ddim_steps of the fine-tuned runs")
+    parser.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
+    parser.add_argument("--out", help="write the markdown table here")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    cfg = load_config(str(Path(args.ae) / "config.yaml"))
+    test = load_mnist("test")
+    rows: list[dict] = []
+
+    def add(name: str, images: np.ndarray, labels: np.ndarray, note: str, seconds: float = 0.0) -> None:
+        acc = scores(images, labels, test, cfg, args.seeds)
+        rows.append({"row": name, "accuracy": acc, "note": note, "sample_s": seconds})
+        print(f"{name}: accuracy {statistics.mean(acc):.4f} (+- {statistics.pstdev(acc):.4f}) {note}", flush=True)
+
+    private = load_image_source(cfg.data.private, "data.private")
+    idx = torch.from_numpy(balanced(private.labels.numpy(), args.per_class, seed=0))
+    real, labels = private.images[idx], private.labels[idx].numpy()
+    add("real", to_uint8(real), labels, f"MNIST {cfg.data.private.split} digits (non-private ceiling of the classifier)")
+    autoencoder, _ = load_autoencoder(args.ae)
+    add("autoencoder", to_uint8(reconstruct(autoencoder, real)), labels,
+        f"reconstructions by {args.ae} (latent {cfg.autoencoder.embed_dim} channels, f = "
+        f"{2 ** (len(cfg.autoencoder.ddconfig['ch_mult']) - 1)})")
+
+    for run in args.finetune:
+        ldm, ae, meta, run_cfg = load_pipeline(run, torch.device("cpu"))
+        if args.guidance is not None:
+            run_cfg.sample.guidance_scale = args.guidance
+        if args.ddim_steps is not None:
+            run_cfg.sample.ddim_steps = args.ddim_steps
+        names = meta["label_names"]
+        cond = torch.arange(len(names)).repeat_interleave(args.per_class)
+        t0 = time.perf_counter()
+        images = generate(ldm, ae, cond, tuple(meta["latent_shape"]), run_cfg, torch.Generator().manual_seed(0),
+                          batch_size=args.batch_size)
+        seconds = time.perf_counter() - t0
+        report = json.loads((Path(run) / "privacy-report.json").read_text())
+        add(Path(run).name, to_uint8(images), cond.numpy(),
+            f"epsilon {report['epsilon']:.3g}, guidance {run_cfg.sample.guidance_scale:g}, "
+            f"{run_cfg.sample.ddim_steps} DDIM steps", seconds)
+
+    lines = [f"| row | accuracy (mean of {args.seeds}) | spread (std) | what | sampling (s) |",
+             "| --- | ---: | ---: | --- | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {statistics.mean(r['accuracy']):.4f} | {statistics.pstdev(r['accuracy']):.4f} | "
+                     f"{r['note']} | {r['sample_s']:.0f} |")
+    text = "\n".join([f"Measured by `python bench/bench_utility.py {' '.join(argv or sys.argv[1:])}`: "
+                      f"{args.per_class} training images per class per row, classifier "
+                      f"`{cfg.eval.classifier}` ({cfg.eval.epochs} epochs, epoch picked on a held-out tenth), "
+                      "tested on the 10,000 MNIST test digits.", "", *lines, ""])
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
