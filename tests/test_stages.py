@@ -75,7 +75,7 @@ def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path):
     assert [r["row"] for r in rows] == ["real", "autoencoder", "finetune"]
     assert all(len(r["accuracy"]) == 2 and all(0 <= a <= 1 for a in r["accuracy"]) for r in rows)
     assert rows[2]["sample_s"] > 0 and "epsilon" in rows[2]["note"]
-    assert out.read_text().count("\n| ") == 4  # separator + 3 rows after the header
+    assert out.read_text().count("\n| ") == 5  # header, separator, 3 rows
     # the balanced subset: per_class of every class, and too few examples is an error naming the flag
     labels = torch.arange(10).repeat_interleave(5).numpy()
     idx = bench.balanced(labels, 3, seed=0)
