@@ -52,6 +52,16 @@ class Placement:
             raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
         return cls(resolve_device(cfg.device), cfg.precision)
 
+    def on_local_rank(self) -> "Placement":
+        """Under a launcher: ``cuda`` without an index becomes this process's GPU (``LOCAL_RANK``),
+        made the current device."""
+        placement = self
+        if self.device.type == "cuda" and self.device.index is None:
+            placement = Placement(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))), self.precision)
+        if placement.device.type == "cuda":
+            torch.cuda.set_device(placement.device)
+        return placement
+
     def autocast(self) -> ContextManager:
         """Mixed precision around a forward (and its backward) pass; nothing in fp32."""
         if self.precision == "bf16":
@@ -85,15 +95,10 @@ class Runtime:
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return cls(placement)
         import torch.distributed as dist
-        device = placement.device
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            placement = Placement(device, placement.precision)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        placement = placement.on_local_rank()
         joined = not dist.is_initialized()
         if joined:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if placement.device.type == "cuda" else "gloo")
         runtime = cls(placement, dist.get_rank(), dist.get_world_size())
         runtime._joined = joined
         return runtime

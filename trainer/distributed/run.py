@@ -62,15 +62,10 @@ class DistributedRun(Runtime):
         if not launched:  # a plain process with a DeepSpeed config: a world of one
             os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        placement = placement or Placement(torch.device("cpu"))
-        if placement.device.type == "cuda" and placement.device.index is None:
-            placement = Placement(torch.device("cuda", self.local_rank), placement.precision)
+        placement = (placement or Placement(torch.device("cpu"))).on_local_rank()
         deepspeed.init_distributed(dist_backend="nccl" if placement.device.type == "cuda" else "gloo")
         super().__init__(placement, dist.get_rank(), dist.get_world_size())
         self._joined = True
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         self.settings = settings
         self.ldm_partition: Optional[FrozenPartition] = None  # set by place()
         self.ae_partition: Optional[FrozenPartition] = None
