@@ -114,16 +114,20 @@ class Runtime:
             dist.barrier()
 
     def _all_reduce(self, values: list, dtype: torch.dtype, op: str) -> torch.Tensor:
+        import torch.distributed as dist
         t = torch.tensor(values, dtype=dtype, device=self.device)
-        if self.world_size > 1:
-            import torch.distributed as dist
-            dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t
 
+    # one process: no tensor and no device sync (these run every step)
     def sum_over_ranks(self, values: list[float]) -> list[float]:
+        if self.world_size == 1:
+            return [float(v) for v in values]
         return self._all_reduce(values, torch.float64, "SUM").tolist()
 
     def max_over_ranks(self, value: int) -> int:
+        if self.world_size == 1:
+            return int(value)
         return int(self._all_reduce([value], torch.int64, "MAX").item())
 
     def any_rank(self, flag: bool) -> bool:

@@ -9,9 +9,9 @@ Every image comes out as ``uint8 [H, W, C]`` with C = 1 (grayscale) or 3 (RGB). 
   ``dpldm sample``) are not part of the set.
 - shard sets: one ``.tar`` file, a glob (``shards/*.tar``) or a brace pattern
   (``train-{000..009}.tar``), expanded as for training (:func:`trainer.data.reader.expand_urls`),
-  and indexed here for random access (training streams them instead). Samples are grouped webdataset-style by key (the member path up to
-  the first dot of its file name); the image is the ``.png``/``.jpg``/... member and the label
-  the integer text of the ``.cls`` member, when present.
+  and indexed here for random access (training streams them instead). Samples are grouped
+  webdataset-style by key (the member path up to the first dot of its file name); the image is the
+  ``.png``/``.jpg``/... member and the label the integer text of the ``.cls`` member, when present.
 - arrays (numpy or torch), see :func:`to_uint8_images`.
 
 Images are decoded on demand, so a large set costs memory only when it is stacked.
