@@ -84,6 +84,48 @@ def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path):
         bench.balanced(labels, 6, seed=0)
 
 
+def test_finetune_refuses_a_base_whose_pretraining_was_interrupted(workdir, monkeypatch, capsys):
+    """An interrupted pretrain-ldm keeps its weights and ldm.json: fine-tuning on it must refuse
+    (naming the step reached), whether the base is the experiment's own or ``finetune.base``."""
+    from trainer.stages import loop, pretrain_ae, pretrain_ldm
+    overrides = TINY + ["experiment=cut", f"output_dir={workdir / 'runs'}", "ldm.train.checkpoint_every=1"]
+    pretrain_ae.run(load_config("demo", overrides))
+
+    class StopAtStepTwo(loop.StopRequest):
+        reads = 0
+
+        @property
+        def requested(self):  # the loop reads it once per step
+            StopAtStepTwo.reads += 1
+            return StopAtStepTwo.reads >= 2
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr(loop, "StopRequest", StopAtStepTwo)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_ldm.run(load_config("demo", overrides))
+    monkeypatch.undo()
+    ldm_dir = workdir / "runs" / "cut" / "ldm"
+    assert (ldm_dir / "ldm.json").is_file() and (ldm_dir / "unet.safetensors").is_file()
+    for extra in ([], [f"finetune.base={ldm_dir}", "finetune.name=explicit"]):
+        capsys.readouterr()
+        assert cli.main(["finetune", "--config", "demo", *overrides, *extra]) == 1
+        err = capsys.readouterr().err
+        assert "pretrain-ldm stopped at step 2 of 4" in err and "Traceback" not in err
+    assert not (workdir / "runs" / "cut" / "finetune").exists()
+    assert not (workdir / "runs" / "cut" / "finetune-explicit").exists()
+    pretrain_ldm.run(load_config("demo", overrides))  # resumes to step 4: now a finished base
+    from trainer.stages.common import earlier_stage
+    assert earlier_stage(load_config("demo", overrides), "pretrain-ldm") == ldm_dir
+    # a config whose architecture sections differ from the base's: the base's are used, and said so
+    capsys.readouterr()
+    assert cli.main(["finetune", "--config", "demo", *overrides, "ldm.train.lr=0.123"]) == 0
+    assert "the config's `ldm` section differs from the base's" in capsys.readouterr().err
+    assert load_config(str(workdir / "runs" / "cut" / "finetune" / "config.yaml")).ldm.train.lr != 0.123
+
+
 @pytest.mark.slow
 def test_interrupted_finetune_resumes_and_never_undercounts(workdir, monkeypatch):
     overrides = TINY + ["experiment=resume", f"output_dir={workdir / 'runs'}", "finetune.checkpoint_every=1"]

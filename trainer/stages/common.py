@@ -53,7 +53,35 @@ def earlier_stage(cfg: Config, stage: str) -> Path:
         config = cfg.source_file or "CONFIG"
         raise RunError(f"{path}: no {stage} result ({STAGE_RESULTS[stage]}): run `dpldm {stage} --config "
                        f"{config}` first (with the same overrides)")
+    check_finished(path, stage, cfg.source_file or "CONFIG")
     return path
+
+
+# the module whose weights carry the step a pretraining run reached, and its config section
+_STAGE_PROGRESS = {"pretrain-ae": ("autoencoder.safetensors", "autoencoder"),
+                   "pretrain-ldm": ("unet.safetensors", "ldm")}
+
+
+def check_finished(path: Path, stage: str, config: str = "CONFIG") -> None:
+    """Refuse a ``pretrain-ae`` / ``pretrain-ldm`` folder whose training stopped before its own
+    ``config.yaml``'s ``train.steps`` (an interrupted run keeps its weights, so it looks complete).
+
+    Folders without a step in their weights' metadata (``import-compvis``) are taken as they are.
+    """
+    from safetensors import safe_open
+
+    from trainer.config import load_config
+    weights, section = _STAGE_PROGRESS[stage]
+    if not (path / weights).is_file() or not (path / "config.yaml").is_file():
+        return
+    with safe_open(str(path / weights), framework="pt") as f:
+        step = (f.metadata() or {}).get("step")
+    if step is None:
+        return
+    steps = getattr(load_config(str(path / "config.yaml")), section).train.steps
+    if int(step) < steps:
+        raise RunError(f"{path}: {stage} stopped at step {step} of {steps}: run `dpldm {stage} --config {config}` "
+                       "again (with the same overrides) to finish it; it resumes from its last checkpoint")
 
 
 def recorded_path(target: Path, run_dir: Path) -> str:

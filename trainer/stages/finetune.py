@@ -30,8 +30,8 @@ from trainer.io import write_json
 from trainer.pipeline import autoencoder_encode_fn
 from trainer.runtime import Placement
 from trainer.selection import select_trainable
-from trainer.stages.common import (conditions, earlier_stage, load_image_source, recorded_path, save_run_config,
-                                   stage_dir)
+from trainer.stages.common import (check_finished, conditions, earlier_stage, load_image_source, recorded_path,
+                                   save_run_config, stage_dir)
 from trainer.tracking import start_run
 
 if TYPE_CHECKING:
@@ -259,7 +259,11 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         raise ConfigError("data.private: the fine-tuning stage needs a private data source")
     base_dir = _base_dir(cfg)
     ldm, autoencoder, meta, base_cfg = load_pipeline(base_dir)
-    cfg.ldm, cfg.autoencoder = base_cfg.ldm, base_cfg.autoencoder  # the architecture is the base's
+    for key in ("ldm", "autoencoder"):  # the architecture is the base's
+        if getattr(cfg, key) != getattr(base_cfg, key) and rt.is_main:
+            print(f"dpldm finetune: note: the config's `{key}` section differs from the base's ({base_dir}/"
+                  "config.yaml); the base's is used", file=sys.stderr)
+        setattr(cfg, key, getattr(base_cfg, key))
     source: Union[EncodedPrivateSet, "ImageSet"]
     if cfg.data.private.source == "shards":  # encoded once into a latent cache, before any partitioning
         source = private_latent_cache(cfg, autoencoder, meta["autoencoder_sha256"], run_dir, rt)
@@ -312,6 +316,7 @@ def _base_dir(cfg: Config) -> Path:
         if not (base / "ldm.json").is_file():
             raise ConfigError(f"finetune.base: {base} is not an LDM run folder (no ldm.json): give a folder "
                               "written by `dpldm pretrain-ldm` or `dpldm import-compvis`")
+        check_finished(base, "pretrain-ldm")
         return base
     return earlier_stage(cfg, "pretrain-ldm")
 
