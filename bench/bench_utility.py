@@ -9,11 +9,14 @@ is repeated with ``--seeds`` classifier seeds (mean and spread reported). Rows:
 - ``autoencoder``: the same digits after the autoencoder of ``--ae`` (encode, posterior mean,
   decode): what the latent space keeps, the ceiling of any LDM built on it;
 - one per ``--finetune`` run: ``--per-class`` samples per class from the fine-tuned model
-  (``sample.*`` settings of its config, or ``--guidance``/``--ddim-steps``), with its epsilon.
+  (``sample.*`` settings of its config, or ``--guidance``/``--ddim-steps``), with its epsilon;
+- one per ``--nonprivate`` run: the same fine-tuning as that finetune run (its base, policy,
+  fresh embedder, AdamW, lr, steps, expected batch size, noise multiplicity) with no clipping and
+  no noise (uniform batches), sampled and scored the same way: the ceiling of DP fine-tuning.
 
-The real rows read the private training set: they are non-private diagnostics, never a DP
-artifact. Usage: ``python bench/bench_utility.py --ae runs/demo/ae [--finetune runs/demo/finetune
-...] [--per-class 1000] [--seeds 3] [--out docs/utility-demo.md]``
+The real and non-private rows read the private training set: they are diagnostics, never a DP
+artifact (the non-private model is never saved). Usage: ``python bench/bench_utility.py --ae runs/demo/ae [--finetune runs/demo/finetune
+...] [--nonprivate runs/demo/finetune] [--per-class 1000] [--seeds 3] [--out docs/utility-demo.md]``
 """
 from __future__ import annotations
 
@@ -32,8 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trainer.config import load_config  # noqa: E402
 from trainer.data.mnist import load_mnist  # noqa: E402
 from trainer.eval.downstream import downstream_accuracy  # noqa: E402
+from trainer.pipeline import encode_images  # noqa: E402
 from trainer.runs import generate, load_pipeline  # noqa: E402
-from trainer.stages.common import load_autoencoder, load_image_source, to_uint8  # noqa: E402
+from trainer.stages.common import (conditions, load_autoencoder, load_image_source, resolve_recorded,  # noqa: E402
+                                   to_uint8)
 
 
 def balanced(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -62,10 +67,49 @@ def reconstruct(autoencoder, images: torch.Tensor, batch_size: int = 500) -> tor
     return torch.cat(out)
 
 
+def nonprivate_finetune(run: str | Path, seed: int = 0):
+    """The fine-tuning of the finetune run folder ``run`` redone without DP -> (ldm, autoencoder, meta, config)."""
+    from tqdm import tqdm
+
+    from trainer.models import ClassEmbedder
+    from trainer.selection import select_trainable
+    run = Path(run)
+    cfg = load_config(str(run / "config.yaml"))
+    ft_meta = json.loads((run / "finetune.json").read_text())
+    ldm, autoencoder, meta, _ = load_pipeline(resolve_recorded(ft_meta["base"], run))
+    meta = {**meta, "label_names": ft_meta.get("label_names") or meta["label_names"]}
+    ft = cfg.finetune
+    torch.manual_seed(cfg.seed)
+    if ft.new_class_embedder:
+        dim = ldm.cond_stage_model.embedding.embedding_dim
+        ldm.cond_stage_model = ClassEmbedder(embed_dim=dim, n_classes=ft.new_class_embedder)
+    select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers, ft.lora_rank, ft.lora_alpha)
+    params = [p for p in ldm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=ft.lr, weight_decay=ft.weight_decay)
+    private = load_image_source(cfg.data.private, "data.private")
+    mean, std = encode_images(autoencoder, private.images, desc="encode private set")
+    g = torch.Generator().manual_seed(seed)
+    batch = round(ft.expected_batch_size)
+    ldm.train()
+    for _ in tqdm(range(ft.steps), desc="non-private fine-tuning"):
+        idx = torch.randint(0, len(mean), (batch,), generator=g)
+        z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        conds = ldm.drop_conditions(conditions(cfg.ldm.conditioner.type, private.labels[idx], None),
+                                    cfg.ldm.train.cond_drop_prob, g)
+        loss = ldm.loss(z0 * ldm.scale_factor, conds, g, multiplicity=ft.noise_multiplicity).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    ldm.eval().requires_grad_(False)
+    return ldm, autoencoder, meta, cfg
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ae", required=True, help="a pretrain-ae run folder (its config gives data and eval)")
     parser.add_argument("--finetune", nargs="*", default=[], help="finetune run folders to sample and score")
+    parser.add_argument("--nonprivate", nargs="*", default=[],
+                        help="finetune run folders whose fine-tuning is redone without clipping or noise, then scored")
     parser.add_argument("--per-class", type=int, default=1000, help="training images per class in every row")
     parser.add_argument("--seeds", type=int, default=3, help="classifier seeds per row")
     parser.add_argument("--guidance", type=float, help="override sample.guidance_scale of the fine-tuned runs")
@@ -92,8 +136,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"reconstructions by {args.ae} (latent {cfg.autoencoder.embed_dim} channels, f = "
         f"{2 ** (len(cfg.autoencoder.ddconfig['ch_mult']) - 1)})")
 
-    for run in args.finetune:
-        ldm, ae, meta, run_cfg = load_pipeline(run, torch.device("cpu"))
+    runs = [(run, False) for run in args.finetune] + [(run, True) for run in args.nonprivate]
+    for run, nonprivate in runs:
+        ldm, ae, meta, run_cfg = nonprivate_finetune(run) if nonprivate else load_pipeline(run, torch.device("cpu"))
         if args.guidance is not None:
             run_cfg.sample.guidance_scale = args.guidance
         if args.ddim_steps is not None:
@@ -105,9 +150,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                           batch_size=args.batch_size)
         seconds = time.perf_counter() - t0
         report = json.loads((Path(run) / "privacy-report.json").read_text())
-        add(Path(run).name, to_uint8(images), cond.numpy(),
-            f"epsilon {report['epsilon']:.3g}, guidance {run_cfg.sample.guidance_scale:g}, "
-            f"{run_cfg.sample.ddim_steps} DDIM steps", seconds)
+        privacy = "no clipping, no noise" if nonprivate else f"epsilon {report['epsilon']:.3g}"
+        add(Path(run).name + (" non-private" if nonprivate else ""), to_uint8(images), cond.numpy(),
+            f"{privacy}, guidance {run_cfg.sample.guidance_scale:g}, {run_cfg.sample.ddim_steps} DDIM steps", seconds)
 
     lines = [f"| row | accuracy (mean of {args.seeds}) | spread (std) | what | sampling (s) |",
              "| --- | ---: | ---: | --- | ---: |"]

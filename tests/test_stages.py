@@ -70,12 +70,23 @@ def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path):
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
     out = tmp_path / "utility.md"
-    rows = bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "finetune"), "--per-class", "4",
-                       "--seeds", "2", "--ddim-steps", "2", "--out", str(out)])
-    assert [r["row"] for r in rows] == ["real", "autoencoder", "finetune"]
+    rows = bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "finetune"), "--nonprivate",
+                       str(runs / "finetune"), "--per-class", "4", "--seeds", "2", "--ddim-steps", "2", "--out", str(out)])
+    assert [r["row"] for r in rows] == ["real", "autoencoder", "finetune", "finetune non-private"]
     assert all(len(r["accuracy"]) == 2 and all(0 <= a <= 1 for a in r["accuracy"]) for r in rows)
-    assert rows[2]["sample_s"] > 0 and "epsilon" in rows[2]["note"]
-    assert out.read_text().count("\n| ") == 5  # header, separator, 3 rows
+    assert rows[2]["sample_s"] > 0 and "epsilon" in rows[2]["note"] and "no noise" in rows[3]["note"]
+    assert out.read_text().count("\n| ") == 6  # header, separator, 4 rows
+    # the non-private fine-tuning trains exactly the DP run's parameters, and moves them
+    from safetensors.torch import load_file
+    dp = load_file(str(runs / "finetune" / "finetuned.safetensors"))
+    ldm = bench.nonprivate_finetune(runs / "finetune")[0]
+    tuned = {n: p for n, p in ldm.named_parameters() if n in dp}
+    assert sorted(tuned) == sorted(dp)
+    base = bench.load_pipeline(runs / "ldm")[0].state_dict()
+    trained = [n for n in tuned if not n.startswith("cond_stage_model.")]
+    assert trained and any(not torch.equal(tuned[n], base[n]) for n in trained)
+    frozen = {n: p for n, p in ldm.state_dict().items() if n not in dp and not n.startswith("cond_stage_model.")}
+    assert frozen and all(torch.equal(p, base[n]) for n, p in frozen.items())
     # the balanced subset: per_class of every class, and too few examples is an error naming the flag
     labels = torch.arange(10).repeat_interleave(5).numpy()
     idx = bench.balanced(labels, 3, seed=0)
