@@ -14,6 +14,9 @@ is repeated with ``--seeds`` classifier seeds (mean and spread reported). Rows:
   fresh embedder, AdamW, lr, steps, expected batch size, noise multiplicity) with no clipping and
   no noise (uniform batches), sampled and scored the same way: the ceiling of DP fine-tuning.
 
+With ``--fid``, every row also gets its FID against the 10,000 test digits (TF-Inception; the
+test split's features are computed once and cached).
+
 The real and non-private rows read the private training set: they are diagnostics, never a DP
 artifact (the non-private model is never saved). Usage: ``python bench/bench_utility.py --ae runs/demo/ae [--finetune runs/demo/finetune
 ...] [--nonprivate runs/demo/finetune] [--per-class 1000] [--seeds 3] [--out docs/utility-demo.md]``
@@ -35,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trainer.config import load_config  # noqa: E402
 from trainer.data.mnist import load_mnist  # noqa: E402
 from trainer.eval.downstream import downstream_accuracy  # noqa: E402
+from trainer.eval.fid import fid  # noqa: E402
+from trainer.eval.images import images_from_array  # noqa: E402
 from trainer.pipeline import encode_images  # noqa: E402
 from trainer.runs import generate, load_pipeline  # noqa: E402
 from trainer.stages.common import (conditions, load_autoencoder, load_image_source, resolve_recorded,  # noqa: E402
@@ -115,17 +120,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--guidance", type=float, help="override sample.guidance_scale of the fine-tuned runs")
     parser.add_argument("--ddim-steps", type=int, help="override sample.ddim_steps of the fine-tuned runs")
     parser.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
+    parser.add_argument("--fid", action="store_true", help="also the FID of every row against the test split")
     parser.add_argument("--out", help="write the markdown table here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     cfg = load_config(str(Path(args.ae) / "config.yaml"))
     test = load_mnist("test")
     rows: list[dict] = []
+    # FID reference: the test split at the config's resolution, as the rows' images
+    reference = images_from_array(to_uint8(load_image_source(cfg.data.test, "data.test").images)) if args.fid else None
 
     def add(name: str, images: np.ndarray, labels: np.ndarray, note: str, seconds: float = 0.0) -> None:
         acc = scores(images, labels, test, cfg, args.seeds)
-        rows.append({"row": name, "accuracy": acc, "note": note, "sample_s": seconds})
-        print(f"{name}: accuracy {statistics.mean(acc):.4f} (+- {statistics.pstdev(acc):.4f}) {note}", flush=True)
+        value = fid(reference, images_from_array(images)) if args.fid else None
+        rows.append({"row": name, "accuracy": acc, "note": note, "sample_s": seconds, "fid": value})
+        print(f"{name}: accuracy {statistics.mean(acc):.4f} (+- {statistics.pstdev(acc):.4f})"
+              f"{'' if value is None else f', FID {value:.1f}'} {note}", flush=True)
 
     private = load_image_source(cfg.data.private, "data.private")
     idx = torch.from_numpy(balanced(private.labels.numpy(), args.per_class, seed=0))
@@ -154,11 +164,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         add(Path(run).name + (" non-private" if nonprivate else ""), to_uint8(images), cond.numpy(),
             f"{privacy}, guidance {run_cfg.sample.guidance_scale:g}, {run_cfg.sample.ddim_steps} DDIM steps", seconds)
 
-    lines = [f"| row | accuracy (mean of {args.seeds}) | spread (std) | what | sampling (s) |",
-             "| --- | ---: | ---: | --- | ---: |"]
+    lines = [f"| row | accuracy (mean of {args.seeds}) | spread (std) | FID | what | sampling (s) |",
+             "| --- | ---: | ---: | ---: | --- | ---: |"]
     for r in rows:
+        fid_text = "-" if r["fid"] is None else f"{r['fid']:.1f}"
         lines.append(f"| {r['row']} | {statistics.mean(r['accuracy']):.4f} | {statistics.pstdev(r['accuracy']):.4f} | "
-                     f"{r['note']} | {r['sample_s']:.0f} |")
+                     f"{fid_text} | {r['note']} | {r['sample_s']:.0f} |")
     text = "\n".join([f"Measured by `python bench/bench_utility.py {' '.join(argv or sys.argv[1:])}`: "
                       f"{args.per_class} training images per class per row, classifier "
                       f"`{cfg.eval.classifier}` ({cfg.eval.epochs} epochs, epoch picked on a held-out tenth), "

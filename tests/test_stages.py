@@ -56,7 +56,7 @@ def test_sample_command_writes_images_per_class(workdir):
 
 
 @pytest.mark.slow
-def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path):
+def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path, monkeypatch):
     """bench/bench_utility.py: real, autoencoder and fine-tuned rows under one protocol."""
     import importlib.util
     import sys
@@ -70,8 +70,16 @@ def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path):
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
     out = tmp_path / "utility.md"
+    seen = []  # the FID network is tested elsewhere; here: which sets each row compares
+
+    def fake_fid(reference, candidate):
+        seen.append((len(reference), reference[0].shape, len(candidate), candidate[0].shape))
+        return 12.5
+    monkeypatch.setattr(bench, "fid", fake_fid)
     rows = bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "finetune"), "--nonprivate",
-                       str(runs / "finetune"), "--per-class", "4", "--seeds", "2", "--ddim-steps", "2", "--out", str(out)])
+                       str(runs / "finetune"), "--per-class", "4", "--seeds", "2", "--ddim-steps", "2", "--fid",
+                       "--out", str(out)])
+    assert seen == [(10000, (32, 32, 1), 40, (32, 32, 1))] * 4 and all(r["fid"] == 12.5 for r in rows)
     assert [r["row"] for r in rows] == ["real", "autoencoder", "finetune", "finetune non-private"]
     assert all(len(r["accuracy"]) == 2 and all(0 <= a <= 1 for a in r["accuracy"]) for r in rows)
     assert rows[2]["sample_s"] > 0 and "epsilon" in rows[2]["note"] and "no noise" in rows[3]["note"]
