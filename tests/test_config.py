@@ -23,6 +23,8 @@ def test_demo_config_loads_with_compvis_names():
     ("autoencoder.train.steps=abc", "autoencoder.train.steps"),
     ("finetune.policy=everything", "finetune.policy"),
     ("data.public=3", "data.public"),
+    ("autoencoder.embed_dim=8", "ldm.unet.in_channels"),  # the LDM's channels are the latent's
+    ("ldm.unet.out_channels=8", "ldm.unet.out_channels"),
 ])
 def test_bad_values_name_file_and_key(override, key):
     with pytest.raises(ConfigError) as err:

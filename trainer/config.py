@@ -285,6 +285,10 @@ def _validate(cfg: Config) -> None:
     if ft.deepspeed_config is not None:  # its contents are checked when fine-tuning starts (trainer.distributed.deepspeed_config)
         check(ft.deepspeed_config.strip() != "", "finetune.deepspeed_config",
               "must name a DeepSpeed JSON file (a path, or a name in configs/deepspeed/ such as zero3)")
+    for key in ("in_channels", "out_channels"):  # the LDM denoises the autoencoder's latents
+        channels = cfg.ldm.unet.get(key)
+        check(channels is None or channels == cfg.autoencoder.embed_dim, f"ldm.unet.{key}",
+              f"must equal autoencoder.embed_dim (the latent channels, {cfg.autoencoder.embed_dim}), got {channels}")
     cond = cfg.ldm.conditioner
     if cond.type == "class":
         check(cond.n_classes is not None and cond.n_classes > 0, "ldm.conditioner.n_classes",
