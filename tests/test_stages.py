@@ -41,6 +41,40 @@ def test_demo_quick_runs_the_whole_pipeline(workdir, capsys):
     assert {"pretrain-ae", "pretrain-ldm", "finetune"} <= set(runs["tags.mlflow.runName"])
     ft_run = runs[runs["tags.mlflow.runName"] == "finetune"].iloc[0]
     assert ft_run["metrics.privacy.epsilon"] == pytest.approx(report["epsilon"])
+    # the epsilon = 1 run: the same pretrained base, its own budget, evaluated, and the comparison printed
+    eps1 = workdir / "runs" / "demo-quick" / "finetune-eps1"
+    report1 = json.loads((eps1 / "privacy-report.json").read_text())
+    assert 0 < report1["epsilon"] <= 1.0 and report1["noise_multiplier"] > report["noise_multiplier"]
+    assert json.loads((eps1 / "finetune.json").read_text())["base"] == "../ldm"
+    assert "finetune-eps1: eval.num_samples 100" in out and "accuracy vs epsilon" in out
+    assert (workdir / "runs" / "demo-quick" / "accuracy_vs_epsilon.png").is_file()
+    table = out.split("dpldm compare --experiment demo-quick")[1]
+    assert "finetune-eps1" in table and "\nfinetune " in table
+
+
+def test_demo_refuses_a_bad_extra_epsilon_before_writing(tmp_path, capsys):
+    assert cli.main(["demo", "--quick", "--output-dir", str(tmp_path / "runs"), "--also-epsilon", "1", "0"]) == 2
+    assert "finetune.epsilon" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_the_scaled_config_runs_at_tiny_size(tmp_path):
+    """configs/mnist.yaml (the GPU config: f = 4 autoencoder, K = 4, FID) end to end, shrunk to CPU size.
+
+    Its models keep their architecture; data, steps and the evaluation are the quick demo's, and the
+    public EMNIST shards (a download) are replaced by rendered letters.
+    """
+    with mlflow_store(tmp_path):
+        assert cli.main(["demo", "--config", "mnist", "--quick", "--output-dir", str(tmp_path / "runs"),
+                         "data.public={source: letters, num_examples: 520, resolution: 32, seed: 0}",
+                         "data.private.num_examples=600"]) == 0
+    ft = tmp_path / "runs" / "demo-quick" / "finetune"
+    report = json.loads((ft / "privacy-report.json").read_text())
+    cfg = load_config("mnist")
+    assert report["noise_multiplicity"] == cfg.finetune.noise_multiplicity == 4
+    assert 0 < report["epsilon"] <= cfg.finetune.epsilon
+    latents = load_config(str(tmp_path / "runs" / "demo-quick" / "ldm" / "config.yaml")).ldm.unet
+    assert latents["image_size"] == 8 and latents == cfg.ldm.unet  # the scaled UNet, unchanged
 
 
 @pytest.mark.slow

@@ -6,13 +6,16 @@ each digit -> downstream accuracy on the MNIST test split -> MLflow runs with gr
 and the privacy report. ``--quick`` is a one-minute smoke run of the same stages on less data
 and fewer steps (its numbers mean nothing). ``--text`` runs the same pipeline text-conditioned
 (configs/demo-text.yaml): captioned letters and digits written as webdataset shards, the frozen
-MiniLM encoder, samples and evaluation from public prompts.
+MiniLM encoder, samples and evaluation from public prompts. After the main fine-tune, the demo
+fine-tunes the same pretrained base again at each ``--also-epsilon`` (default 1; none with
+``--text``), evaluates it, and prints the quality-vs-epsilon table and plot (``dpldm compare``).
 """
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
+from typing import Sequence
 
 from trainer.config import QUICK_DEMO as QUICK
 from trainer.config import Config, load_config
@@ -48,18 +51,41 @@ def prepare_captioned_shards(cfg: Config) -> None:
         getattr(cfg.data, key).path = str(out)
 
 
-def run_demo(cfg: Config) -> dict:
+def run_demo(cfg: Config, sweep: Sequence[Config] = ()) -> dict:
+    """Pretrain, fine-tune ``cfg``, evaluate; then fine-tune and evaluate each config of ``sweep``
+    (the same experiment at other budgets: they share the pretrained base)."""
     from trainer.stages import finetune, pretrain_ae, pretrain_ldm
+    from trainer.stages.evaluate import evaluate_checkpoint
     t0 = time.time()
     if cfg.ldm.conditioner.type == "text":
         prepare_captioned_shards(cfg)
     ae_dir = pretrain_ae.run(cfg)
     ldm_dir = pretrain_ldm.run(cfg)
     ft_dir = finetune.run(cfg)
-    from trainer.stages.evaluate import evaluate_checkpoint
     metrics = evaluate_checkpoint(ft_dir, device=cfg.device)
-    return {"autoencoder": ae_dir, "ldm": ldm_dir, "finetune": ft_dir, "metrics": metrics,
+    others = []
+    for other in sweep:
+        if other.ldm.conditioner.type == "text":
+            prepare_captioned_shards(other)  # only points data paths at the shards written above
+        run_dir = finetune.run(other)
+        others.append((run_dir, evaluate_checkpoint(run_dir, device=other.device)))
+    return {"autoencoder": ae_dir, "ldm": ldm_dir, "finetune": ft_dir, "metrics": metrics, "sweep": others,
             "minutes": (time.time() - t0) / 60}
+
+
+def sweep_configs(cfg: Config, name: str, overrides: list[str], epsilons: Sequence[float]) -> list[Config]:
+    """One config per extra budget: ``cfg``'s overrides plus ``finetune.name=eps<E>``, ``finetune.epsilon=E``.
+
+    Loaded (and so validated) before anything runs: a bad epsilon refuses the demo with nothing written.
+    """
+    out = []
+    for eps in epsilons:
+        extra = [f"finetune.name=eps{eps:g}", f"finetune.epsilon={eps!r}", "finetune.noise_multiplier=null"]
+        other = load_config(name, overrides + extra)
+        if other.finetune.name == cfg.finetune.name and other.finetune.epsilon == cfg.finetune.epsilon:
+            continue
+        out.append(other)
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -67,8 +93,10 @@ def main(args: argparse.Namespace) -> int:
     overrides = (quick if args.quick else []) + list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
-    cfg = load_config(args.config or ("demo-text" if args.text else "demo"), overrides)
-    out = run_demo(cfg)
+    name = args.config or ("demo-text" if args.text else "demo")
+    cfg = load_config(name, overrides)
+    epsilons = args.also_epsilon if args.also_epsilon is not None else ([] if args.text else [1.0])
+    out = run_demo(cfg, sweep_configs(cfg, name, overrides, epsilons))
     what = "prompted digits" if args.text else "digits"
     print("\n== DP-LDM demo finished in {:.1f} min ==".format(out["minutes"]))
     print(f"public letters, pretrained LDM samples: {out['ldm'] / 'samples.png'}")
@@ -76,6 +104,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"privacy report:                         {out['finetune'] / 'privacy-report.json'}")
     for key, value in out["metrics"].items():
         print(f"{key}: {value:.4f}")
+    if out["sweep"]:
+        from trainer.stages.evaluate import compare_runs
+        for run_dir, metrics in out["sweep"]:
+            print(f"{run_dir.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        table, plot = compare_runs(cfg.experiment, "accuracy", Path(cfg.output_dir) / cfg.experiment)
+        print(f"\nThe runs of experiment '{cfg.experiment}' (`dpldm compare --experiment {cfg.experiment}`):")
+        print(table)
+        print(f"accuracy vs epsilon: {plot}")
     print(f"MLflow runs (experiment '{cfg.experiment}'): {tracking_hint()}")
     return 0
 
@@ -90,5 +126,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "webdataset shards, the MiniLM text encoder, sampling from public prompts")
     p.add_argument("--config", help="experiment YAML (default: the embedded demo, or demo-text with --text)")
     p.add_argument("--output-dir", help="override output_dir")
+    p.add_argument("--also-epsilon", type=float, nargs="*", metavar="EPS",
+                   help="after the main fine-tune, DP fine-tune the same pretrained base at each EPS too "
+                        "(folder finetune-eps<EPS>), evaluate it and print the accuracy-vs-epsilon table "
+                        "(default: 1; none with --text; the flag alone: none)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(func=main)
