@@ -52,9 +52,15 @@ def test_demo_quick_runs_the_whole_pipeline(workdir, capsys):
     assert "finetune-eps1" in table and "\nfinetune " in table
 
 
-def test_demo_refuses_a_bad_extra_epsilon_before_writing(tmp_path, capsys):
-    assert cli.main(["demo", "--quick", "--output-dir", str(tmp_path / "runs"), "--also-epsilon", "1", "0"]) == 2
-    assert "finetune.epsilon" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+@pytest.mark.parametrize("value, error", [("1,0", "finetune.epsilon"), ("1;3", "--also-epsilon")])
+def test_demo_refuses_a_bad_extra_epsilon_before_writing(tmp_path, capsys, value, error):
+    runs = tmp_path / "runs"
+    try:
+        code = cli.main(["demo", "--quick", "--output-dir", str(runs), "--also-epsilon", value, "finetune.steps=3"])
+    except SystemExit as stop:  # argparse's own usage errors
+        code = stop.code
+    assert code == 2
+    assert error in capsys.readouterr().err and not runs.exists()
 
 
 @pytest.mark.slow

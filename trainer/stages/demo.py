@@ -88,6 +88,16 @@ def sweep_configs(cfg: Config, name: str, overrides: list[str], epsilons: Sequen
     return out
 
 
+def epsilon_list(text: str) -> list[float]:
+    """argparse type: ``1`` or ``1,3.5`` (comma-separated budgets), or ``none``."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers or 'none', got {text!r}") from None
+
+
 def main(args: argparse.Namespace) -> int:
     quick = QUICK if not args.text else [o.replace("=demo-quick", "=demo-text-quick") for o in QUICK]
     overrides = (quick if args.quick else []) + list(args.overrides)
@@ -126,9 +136,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "webdataset shards, the MiniLM text encoder, sampling from public prompts")
     p.add_argument("--config", help="experiment YAML (default: the embedded demo, or demo-text with --text)")
     p.add_argument("--output-dir", help="override output_dir")
-    p.add_argument("--also-epsilon", type=float, nargs="*", metavar="EPS",
+    p.add_argument("--also-epsilon", type=epsilon_list, metavar="EPS[,EPS...]",
                    help="after the main fine-tune, DP fine-tune the same pretrained base at each EPS too "
                         "(folder finetune-eps<EPS>), evaluate it and print the accuracy-vs-epsilon table "
-                        "(default: 1; none with --text; the flag alone: none)")
+                        "(default: 1; none with --text; 'none': no extra run)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(func=main)
