@@ -157,6 +157,7 @@ def test_encode_command_with_a_small_autoencoder(tmp_path: Path):
     cfg.autoencoder.embed_dim = 2
     cfg.autoencoder.ddconfig = dict(double_z=True, z_channels=2, resolution=16, in_channels=3, out_ch=3, ch=32,
                                     ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    cfg.ldm.unet.update(in_channels=2, out_channels=2)  # the LDM section must agree with the latent channels
     run_dir = tmp_path / "ae"
     run_dir.mkdir()
     dump_config(cfg, run_dir / "config.yaml")
