@@ -302,3 +302,29 @@ def test_audit_last_line_on_the_cli(base, capsys):
     assert cli.main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"epsilon lower bound: \d+\.\d{3} at 95% confidence; claimed epsilon: \d+\.\d{3}", last)
+
+
+def test_an_encoding_memo_encodes_the_private_set_once_per_encoder_and_source(base, monkeypatch):
+    """The demo's sweep shares one memo: a second fine-tune of the same private set with the same
+    encoder reuses the rows, bit for bit what encoding again gives; another source is encoded anew."""
+    real, encoded = finetune.SingleProcess.encode, []
+
+    def encode(self, autoencoder, images, labels):
+        rows = real(self, autoencoder, images, labels)
+        encoded.append(rows)
+        return rows
+    monkeypatch.setattr(finetune.SingleProcess, "encode", encode)
+    memo = finetune.EncodingMemo()
+    with mlflow_store(base):
+        finetune.run(tiny(base, "memo-a"), memo)
+        finetune.run(tiny(base, "memo-b", "finetune.epsilon=1"), memo)
+        assert len(encoded) == 1 and len(memo) == 1
+        (mean, std, labels), = memo.values()
+        assert mean.shape[0] == 1000
+        finetune.run(tiny(base, "memo-c"))  # no memo: encoded again, identically
+        assert len(encoded) == 2
+        assert torch.equal(encoded[1][0], mean) and torch.equal(encoded[1][1], std)
+        assert torch.equal(encoded[1][2], labels)
+        finetune.run(tiny(base, "memo-d", "data.private.num_examples=800"), memo)  # another private set
+    assert len(encoded) == 3 and len(memo) == 1
+    assert next(iter(memo.values()))[0].shape[0] == 800

@@ -21,8 +21,12 @@ def workdir(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_demo_quick_runs_the_whole_pipeline(workdir, capsys):
+def test_demo_quick_runs_the_whole_pipeline(workdir, capsys, monkeypatch):
+    from trainer.distributed import SingleProcess
+    real, encodings = SingleProcess.encode, []
+    monkeypatch.setattr(SingleProcess, "encode", lambda self, *a: encodings.append(1) or real(self, *a))
     assert cli.main(["demo", "--quick", "--output-dir", str(workdir / "runs")]) == 0
+    assert len(encodings) == 1  # the private set is encoded once for both fine-tunes
     out = capsys.readouterr().out
     assert "privacy report" in out and "mlflow ui" in out
     ft = workdir / "runs" / "demo-quick" / "finetune"

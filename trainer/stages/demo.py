@@ -37,8 +37,11 @@ def prepare_captioned_shards(cfg: Config) -> None:
     from trainer.data.sources import letters_source, mnist_source
     root = Path(cfg.output_dir) / cfg.experiment / "data"
     public, private = cfg.data.public, cfg.data.private
-    jobs = {"public": ("letters", lambda: letters_source(public.num_examples, 28, public.seed), None,
-                       f"--count {public.num_examples} --size 28 --seed {public.seed}"),
+    style = (f" --fonts {public.fonts}" if public.fonts != "default" else "") + \
+        (f" --elastic {public.elastic:g}" if public.elastic else "")
+    jobs = {"public": ("letters",
+                       lambda: letters_source(public.num_examples, 28, public.seed, public.fonts, public.elastic), None,
+                       f"--count {public.num_examples} --size 28 --seed {public.seed}{style}"),
             "private": ("mnist", lambda: mnist_source("train"), private.num_examples,
                         "--split train" + (f" --limit {private.num_examples}" if private.num_examples else ""))}
     for key, (name, source, limit, args) in jobs.items():
@@ -56,18 +59,20 @@ def run_demo(cfg: Config, sweep: Sequence[Config] = ()) -> dict:
     (the same experiment at other budgets: they share the pretrained base)."""
     from trainer.stages import finetune, pretrain_ae, pretrain_ldm
     from trainer.stages.evaluate import evaluate_checkpoint
+    from trainer.stages.finetune import EncodingMemo
     t0 = time.time()
     if cfg.ldm.conditioner.type == "text":
         prepare_captioned_shards(cfg)
     ae_dir = pretrain_ae.run(cfg)
     ldm_dir = pretrain_ldm.run(cfg)
-    ft_dir = finetune.run(cfg)
+    encodings = EncodingMemo()  # the private set is encoded once for every fine-tune
+    ft_dir = finetune.run(cfg, encodings)
     metrics = evaluate_checkpoint(ft_dir, device=cfg.device)
     others = []
     for other in sweep:
         if other.ldm.conditioner.type == "text":
             prepare_captioned_shards(other)  # only points data paths at the shards written above
-        run_dir = finetune.run(other)
+        run_dir = finetune.run(other, encodings)
         others.append((run_dir, evaluate_checkpoint(run_dir, device=other.device)))
     return {"autoencoder": ae_dir, "ldm": ldm_dir, "finetune": ft_dir, "metrics": metrics, "sweep": others,
             "minutes": (time.time() - t0) / 60}

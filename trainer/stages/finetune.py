@@ -148,18 +148,31 @@ def private_latent_cache(cfg: Config, autoencoder, encoder_hash: str, run_dir: P
                              cache.labels, cache.captions, list(cache.label_names or []))
 
 
-def run(cfg: Config) -> Path:
+def run(cfg: Config, encodings: "EncodingMemo | None" = None) -> Path:
     """DP fine-tune the pretrained LDM of ``cfg`` on ``data.private``; returns the run folder.
 
     Launched on several processes (``torchrun``, ``deepspeed``) or with ``finetune.deepspeed_config``
-    set, every rank runs this same function through :mod:`trainer.distributed`.
+    set, every rank runs this same function through :mod:`trainer.distributed`. Several fine-tunes
+    in one process (the demo's epsilon sweep) pass one ``encodings`` memo to encode an in-memory
+    private set once.
     """
     from trainer.distributed import launch
     runtime = launch(cfg) or SingleProcess(Placement.from_config(cfg))
     try:
-        return _finetune(cfg, runtime)
+        return _finetune(cfg, runtime, encodings)
     finally:
         runtime.close()
+
+
+class EncodingMemo(dict):
+    """Encoded private rows kept in memory between fine-tunes of one process, keyed by what
+    determines them: the encoder's weights (sha256), the private source's settings, the rank and
+    the device. The frozen encoder's posterior is a deterministic function of those, so a hit
+    returns exactly the rows that encoding again would. Private data: never written anywhere."""
+
+    @staticmethod
+    def key(encoder_hash: str, cfg: Config, rt) -> tuple:
+        return (encoder_hash, repr(cfg.data.private), rt.rank, rt.world_size, str(rt.device))
 
 
 @dataclass
@@ -195,16 +208,25 @@ class DPSession:
     loss_gen: torch.Generator            # timesteps, diffusion noise, posterior samples: never saved
     autocast: Callable[[], ContextManager]  # the forward's precision
     source: object                       # an EncodedPrivateSet (shards) or an ImageSet (in memory)
+    encoder_hash: str                    # sha256 of the frozen autoencoder's weights
     private: PrivateRows | None = None
 
-    def load_private(self, rt: Union["SingleProcess", "DistributedRun"]) -> None:
-        """Hold (latent cache) or encode (in-memory images) this process's private rows."""
+    def load_private(self, rt: Union["SingleProcess", "DistributedRun"], encodings: EncodingMemo | None = None) -> None:
+        """Hold (latent cache) or encode (in-memory images; found in ``encodings`` when already
+        encoded there) this process's private rows."""
         src = self.source
         if isinstance(src, EncodedPrivateSet):
             mean, std, labels = rt.hold(src.mean, src.std, src.labels)
             captions = src.captions[rt.rank::rt.world_size] + [[""]]  # + the padding row of DistributedRun
         else:
-            mean, std, labels = rt.encode(self.autoencoder, src.images, src.labels)
+            key = EncodingMemo.key(self.encoder_hash, self.cfg, rt)
+            if encodings is not None and key in encodings:
+                mean, std, labels = encodings[key]
+            else:
+                mean, std, labels = rt.encode(self.autoencoder, src.images, src.labels)
+                if encodings is not None:
+                    encodings.clear()  # one private set at a time
+                    encodings[key] = (mean, std, labels)
             captions = None
         if self.cfg.ldm.conditioner.type == "class" and len(labels) and int(labels.max()) >= len(self.names):
             raise RunError(f"data.private: a label is >= {len(self.names)}, the number of classes from "
@@ -306,7 +328,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
                               self_check_rtol=SELF_CHECK_RTOL_BF16 if cfg.precision == "bf16" else SELF_CHECK_RTOL)
     state = TrainState(trainable, optimizer, sampler, ledger, {"base": str(base_dir.resolve())})
     return DPSession(cfg, base_dir, ldm, autoencoder, selection, n, names, names_source, q, sigma, snr, engine,
-                     state, tuple(meta["latent_shape"]), generator(2), rt.autocast, source)
+                     state, tuple(meta["latent_shape"]), generator(2), rt.autocast, source,
+                     meta["autoencoder_sha256"])
 
 
 def _base_dir(cfg: Config) -> Path:
@@ -342,7 +365,7 @@ def _restore_ledger(run_dir: Path, ledger, checkpoint: Checkpoint) -> None:
                        f"with {checkpoint.steps_charged} charged: the journal is behind (an older copy?); restore it")
 
 
-def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path:
+def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodings: EncodingMemo | None) -> Path:
     from trainer.interrupt import StopRequest
     from trainer.runs import class_grid
 
@@ -360,7 +383,7 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"]) -> Path
             print(f"{run_dir}: already finished ({step} of {ft.steps} steps, epsilon = {report['epsilon']:.3f}); "
                   f"nothing to do. Report: {run_dir / REPORT_FILE}")
         return run_dir
-    session.load_private(rt)  # private data from here on
+    session.load_private(rt, encodings)  # private data from here on
     rt.check_engine(engine, session.probe_losses, PROBE_SIZE)  # refuses a model it cannot handle, uncharged
     rt.barrier()  # every rank has read the ledger before rank 0 journals the next step
     if rt.is_main:
