@@ -25,6 +25,8 @@ def test_demo_config_loads_with_compvis_names():
     ("data.public=3", "data.public"),
     ("autoencoder.embed_dim=8", "ldm.unet.in_channels"),  # the LDM's channels are the latent's
     ("ldm.unet.out_channels=8", "ldm.unet.out_channels"),
+    ("data.public.fonts=comic-sans", "data.public.fonts"),
+    ("data.public.elastic=-2", "data.public.elastic"),
 ])
 def test_bad_values_name_file_and_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -446,6 +446,16 @@ def test_offline_sources_fashion_mnist_mnist_letters(tmp_path: Path):
                     "the letter {label}", "--no-progress"]) == 0
     letters = list(read_all(tmp_path / "l", resolution=28, channels=1).values())
     assert len(letters) == 30 and letters[0]["captions"] == [f"the letter {chr(ord('a') + letters[0]['label'])}"]
+    # in matplotlib's fonts, bent: recorded in meta.json, refused before writing when the font set is unknown
+    assert run_cli(["prepare", "letters", str(tmp_path / "lf"), "--count", "8", "--fonts", "matplotlib",
+                    "--elastic", "20", "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "lf" / "meta.json").read_text())
+    assert meta["source"]["fonts"] == "matplotlib" and meta["source"]["elastic"] == 20
+    assert "--fonts matplotlib --elastic 20" in meta["command"]
+    for flag, value in (("--fonts", "wingdings"), ("--elastic", "-1")):
+        with pytest.raises(SystemExit) as stop:  # a usage error
+            run_cli(["prepare", "letters", str(tmp_path / "lx"), flag, value])
+        assert stop.value.code == 2 and not (tmp_path / "lx").exists()
 
 
 def test_read_idx_rejects_truncated_file(tmp_path: Path):

@@ -23,6 +23,32 @@ def test_letters_are_deterministic_balanced_and_mnist_like():
     assert np.all(np.abs(cy - 14) < 2.5)
 
 
+def test_letters_in_more_fonts_with_elastic_strokes(tmp_path):
+    from trainer.data.letters import MATPLOTLIB_TEXT_FONTS, elastic, font_files
+    files = font_files("matplotlib")
+    assert len(files) == len(MATPLOTLIB_TEXT_FONTS) > 20
+    x, y, _ = render_letters(104, size=28, seed=3, fonts="matplotlib")
+    assert np.array_equal(x, render_letters(104, size=28, seed=3, fonts="matplotlib")[0])
+    assert not np.array_equal(x, render_letters(104, size=28, seed=3)[0])
+    assert np.bincount(y, minlength=26).tolist() == [4] * 26 and x.max() == 255 and x[:, :2].max() == 0
+    # a font folder: every .ttf/.otf in it, sorted
+    for name in ("b.ttf", "a.TTF", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [f.rsplit("/", 1)[1] for f in font_files(str(tmp_path))] == ["a.TTF", "b.ttf"]
+    with pytest.raises(ValueError, match="neither a font set"):
+        font_files(str(tmp_path / "nowhere"))
+    # the elastic warp: identity at alpha 0, a bounded bend otherwise, deterministic for a seed
+    img = x[0]
+    assert np.array_equal(elastic(img, np.random.default_rng(0), 0.0, 4.0), img)
+    bent = elastic(img, np.random.default_rng(0), 34.0, 4.0)
+    assert not np.array_equal(bent, img) and np.array_equal(bent, elastic(img, np.random.default_rng(0), 34.0, 4.0))
+    assert abs(int(bent.astype(int).sum()) - int(img.astype(int).sum())) < 0.25 * img.astype(int).sum()
+    warped, _, _ = render_letters(104, size=28, seed=3, fonts="matplotlib", elastic_alpha=20)
+    assert warped.shape == x.shape and not np.array_equal(warped, x)
+    with pytest.raises(ValueError, match="elastic_alpha"):
+        render_letters(2, elastic_alpha=-1)
+
+
 def test_mnist_splits_and_values():
     x, y = mnist.load_mnist("test")
     assert x.shape == (10000, 28, 28) and x.dtype == np.uint8 and y.shape == (10000,)

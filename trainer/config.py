@@ -51,6 +51,8 @@ class DataSource:
     path: Optional[str] = None         # shard pattern for source=shards (local, {000..009}, pipe:)
     num_workers: int = 2               # DataLoader workers streaming the shards
     seed: int = 0                      # for rendered letters
+    fonts: str = "default"             # rendered letters: default (PIL's) | matplotlib (its text faces) | a font folder
+    elastic: float = 0.0               # rendered letters: elastic distortion strength, pixels at 28x28 (0: none)
 
 
 @dataclass
@@ -264,6 +266,15 @@ def _validate(cfg: Config) -> None:
             check(k in allowed, f"{key}.{k}", "unknown key (CompVis hyper-parameter names are accepted)")
     check(cfg.device in ("auto", "cpu", "cuda") or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
           "device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    for key in ("public", "private", "test"):
+        src = getattr(cfg.data, key)
+        if src is not None and src.source == "letters":
+            check(src.elastic >= 0, f"data.{key}.elastic", f"must be >= 0, got {src.elastic}")
+            try:
+                from trainer.data.letters import font_files
+                font_files(src.fonts)
+            except ValueError as err:
+                raise ConfigError(f"data.{key}.fonts: {err}") from None
     ft = cfg.finetune
     check(ft.max_grad_norm > 0, "finetune.max_grad_norm", f"must be > 0, got {ft.max_grad_norm}")
     check(0 < ft.delta < 1, "finetune.delta", f"must be in (0, 1), got {ft.delta}")

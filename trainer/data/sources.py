@@ -458,9 +458,12 @@ def fashion_mnist_source(split: str = "train", root: str | Path = FASHION_MNIST_
                         images, labels, list(FASHION_MNIST_NAMES))
 
 
-def letters_source(count: int, size: int = 28, seed: int = 0) -> Source:
-    """The rendered EMNIST-like letters (public set), labels 0..25 = a..z."""
+def letters_source(count: int, size: int = 28, seed: int = 0, fonts: str = "default",
+                   elastic: float = 0.0) -> Source:
+    """The rendered EMNIST-like letters (public set), labels 0..25 = a..z (see trainer.data.letters)."""
     from trainer.data.letters import render_letters
-    images, labels, names = render_letters(count, size=size, seed=seed)
-    return array_source("letters", {"type": "letters", "count": count, "size": size, "seed": seed},
-                        images, labels, list(names))
+    images, labels, names = render_letters(count, size=size, seed=seed, fonts=fonts, elastic_alpha=elastic)
+    origin = {"type": "letters", "count": count, "size": size, "seed": seed}
+    if fonts != "default" or elastic:
+        origin.update(fonts=fonts, elastic=elastic)
+    return array_source("letters", origin, images, labels, list(names))

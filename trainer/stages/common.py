@@ -132,7 +132,8 @@ def load_image_source(src: DataSource, key: str = "data") -> ImageSet:
         from trainer.data.letters import render_letters
         if not src.num_examples:
             raise ConfigError(f"{key}.num_examples: rendered letters need a count")
-        x, y, names = render_letters(src.num_examples, size=28, seed=src.seed)
+        x, y, names = render_letters(src.num_examples, size=28, seed=src.seed, fonts=src.fonts,
+                                     elastic_alpha=src.elastic)
     elif src.source == "mnist":
         from trainer.data.mnist import DIGIT_NAMES, load_mnist
         x, y = load_mnist(src.split)

@@ -40,6 +40,23 @@ def _shard_options() -> argparse.ArgumentParser:
     return p
 
 
+def _font_set(text: str) -> str:
+    """argparse type of ``--fonts``: a font set name or a font folder that exists."""
+    from trainer.data.letters import font_files
+    try:
+        font_files(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _build_source(args: argparse.Namespace) -> Source:
     kind = args.source
     if kind == "imagefolder":
@@ -56,7 +73,7 @@ def _build_source(args: argparse.Namespace) -> Source:
     if kind == "fashion-mnist":
         return fashion_mnist_source(args.split, args.root)
     if kind == "letters":
-        return letters_source(args.count, args.size, args.seed)
+        return letters_source(args.count, args.size, args.seed, args.fonts, args.elastic)
     raise ValueError(f"unknown source {kind!r}")
 
 
@@ -144,6 +161,11 @@ def register(subparsers) -> None:
     p.add_argument("--count", type=int, default=26000, help="number of images (default 26000)")
     p.add_argument("--size", type=int, default=28)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fonts", default="default", type=_font_set,
+                   help="default (PIL's font), matplotlib (the text faces shipped with matplotlib) or a folder "
+                        "of .ttf/.otf fonts; one drawn per letter")
+    p.add_argument("--elastic", type=_non_negative, default=0.0,
+                   help="elastic distortion strength, pixels at 28x28 (default 0: none; Simard et al.: 34)")
 
     for p in sources.choices.values():
         p.add_argument("out", metavar="OUT", help="output folder for shard-NNNNNN.tar and meta.json")
