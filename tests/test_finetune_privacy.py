@@ -154,6 +154,12 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes(base, monkeypatch, cap
     [run] = [r for r in mlflow.search_runs(experiment_names=["ledger"], output_format="list")
              if r.info.run_name == "finetune-ctrlc"]
     assert run.info.status == "KILLED"
+    for argv in (["sample", "--checkpoint", str(folder), "--out", str(folder / "peek")],
+                 ["evaluate", "--checkpoint", str(folder)]):  # its checkpoint is not the run's result
+        capsys.readouterr()
+        assert cli.main(argv) == 1
+        assert "its DP fine-tuning was interrupted" in capsys.readouterr().err
+    assert not (folder / "peek").exists()
     monkeypatch.setattr(DPGradientEngine, "finalize", real)
     finetune.run(cfg)
     assert "resuming at step 2: 2 steps already charged" in capsys.readouterr().out

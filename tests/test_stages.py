@@ -179,6 +179,11 @@ def test_finetune_refuses_a_base_whose_pretraining_was_interrupted(workdir, monk
         assert "pretrain-ldm stopped at step 2 of 4" in err and "Traceback" not in err
     assert not (workdir / "runs" / "cut" / "finetune").exists()
     assert not (workdir / "runs" / "cut" / "finetune-explicit").exists()
+    for argv in (["sample", "--checkpoint", str(ldm_dir), "--out", str(workdir / "cut-samples")],
+                 ["evaluate", "--checkpoint", str(ldm_dir), "--metrics", "accuracy"]):  # nor sampled, nor scored
+        assert cli.main(argv) == 1
+        assert "pretrain-ldm stopped at step 2 of 4" in capsys.readouterr().err
+    assert not (workdir / "cut-samples").exists()
     pretrain_ldm.run(load_config("demo", overrides))  # resumes to step 4: now a finished base
     from trainer.stages.common import earlier_stage
     assert earlier_stage(load_config("demo", overrides), "pretrain-ldm") == ldm_dir

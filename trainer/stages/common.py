@@ -40,6 +40,7 @@ def stage_dir(cfg: Config, stage: str) -> Path:
     return Path(cfg.output_dir) / cfg.experiment / name
 
 
+PRIVACY_REPORT = "privacy-report.json"  # written by a fine-tune when it ends
 STAGE_RESULTS = {"pretrain-ae": "autoencoder.safetensors", "pretrain-ldm": "ldm.json"}
 
 
@@ -82,6 +83,19 @@ def check_finished(path: Path, stage: str, config: str = "CONFIG") -> None:
     if int(step) < steps:
         raise RunError(f"{path}: {stage} stopped at step {step} of {steps}: run `dpldm {stage} --config {config}` "
                        "again (with the same overrides) to finish it; it resumes from its last checkpoint")
+
+
+def check_model_finished(run_dir: str | Path) -> None:
+    """Refuse to sample or score a model folder whose training was interrupted: a ``finetune``
+    folder without its privacy report (written when the run ends), or a ``pretrain-ldm`` folder
+    stopped before its ``train.steps``. Its weights are a checkpoint, not the run's result."""
+    run_dir = Path(run_dir)
+    if (run_dir / "finetune.json").is_file():
+        if not (run_dir / PRIVACY_REPORT).is_file():
+            raise RunError(f"{run_dir}: its DP fine-tuning was interrupted (no {PRIVACY_REPORT} yet): run the same "
+                           "`dpldm finetune` command again to finish it; it resumes from its last checkpoint")
+    else:
+        check_finished(run_dir, "pretrain-ldm")
 
 
 def recorded_path(target: Path, run_dir: Path) -> str:

@@ -126,6 +126,8 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
     from trainer.tracking import find_run_by_checkpoint
 
     from trainer.runtime import resolve_device
+    from trainer.stages.common import check_model_finished
+    check_model_finished(run_dir)
     ldm, autoencoder, meta, cfg = load_pipeline(run_dir, resolve_device(device))
     ev = cfg.eval
     names = meta["label_names"]

@@ -30,8 +30,8 @@ from trainer.io import write_json
 from trainer.pipeline import autoencoder_encode_fn
 from trainer.runtime import Placement
 from trainer.selection import select_trainable
-from trainer.stages.common import (check_finished, conditions, earlier_stage, load_image_source, recorded_path,
-                                   save_run_config, stage_dir)
+from trainer.stages.common import (PRIVACY_REPORT, check_finished, conditions, earlier_stage, load_image_source,
+                                   recorded_path, save_run_config, stage_dir)
 from trainer.tracking import start_run
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from trainer.stages.common import ImageSet
 
 LEDGER_FILE = "ledger.json"
-REPORT_FILE = "privacy-report.json"
+REPORT_FILE = PRIVACY_REPORT
 PROBE_SIZE = 4  # public stand-in examples of the engine's self-check
 
 

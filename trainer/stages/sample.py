@@ -14,7 +14,7 @@ import torch
 from trainer.errors import UsageError
 from trainer.runs import generate, load_pipeline
 from trainer.runtime import resolve_device
-from trainer.stages.common import save_grid, seed_everything, to_uint8
+from trainer.stages.common import check_model_finished, save_grid, seed_everything, to_uint8
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
             classes = [int(c) for c in args.classes.split(",")]
         except ValueError:
             raise UsageError(f"--classes: {args.classes!r} is not a comma-separated list of class indices") from None
+    check_model_finished(args.checkpoint)
     ldm, autoencoder, meta, cfg = load_pipeline(args.checkpoint, resolve_device(args.device))
     if args.ddim_steps:
         cfg.sample.ddim_steps = args.ddim_steps
