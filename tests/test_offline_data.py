@@ -37,6 +37,12 @@ def test_letters_in_more_fonts_with_elastic_strokes(tmp_path):
     assert [f.rsplit("/", 1)[1] for f in font_files(str(tmp_path))] == ["a.TTF", "b.ttf"]
     with pytest.raises(ValueError, match="neither a font set"):
         font_files(str(tmp_path / "nowhere"))
+    # the displacement field's blur is scipy's Gaussian filter (mirrored borders, 3 sigma)
+    from scipy.ndimage import gaussian_filter
+
+    from trainer.data.letters import _smooth
+    field = np.random.default_rng(1).uniform(-1, 1, (28, 28))
+    np.testing.assert_allclose(_smooth(field, 4.0), gaussian_filter(field, 4.0, mode="mirror", truncate=3.0), atol=1e-12)
     # the elastic warp: identity at alpha 0, a bounded bend otherwise, deterministic for a seed
     img = x[0]
     assert np.array_equal(elastic(img, np.random.default_rng(0), 0.0, 4.0), img)

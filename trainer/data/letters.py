@@ -61,15 +61,23 @@ def _font(path: Optional[str], size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size) if path is None else ImageFont.truetype(path, size)
 
 
+@lru_cache(maxsize=8)
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """[n, n] matrix of a 1-D Gaussian blur (normalised kernel, reflected borders): ``B @ v``."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel /= kernel.sum()
+    reflect = np.pad(np.arange(n), radius, mode="reflect")  # source index of each padded position
+    matrix = np.zeros((n, n))
+    for i in range(n):
+        np.add.at(matrix[i], reflect[i:i + 2 * radius + 1], kernel)
+    return matrix
+
+
 def _smooth(field: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur (separable, normalised kernel, reflected borders) of a 2-D field."""
-    radius = max(1, int(math.ceil(3 * sigma)))
-    x = np.arange(-radius, radius + 1)
-    kernel = np.exp(-0.5 * (x / sigma) ** 2)
-    kernel /= kernel.sum()
-    padded = np.pad(field, radius, mode="reflect")
-    rows = np.apply_along_axis(np.convolve, 1, padded, kernel, mode="valid")
-    return np.apply_along_axis(np.convolve, 0, rows, kernel, mode="valid")
+    return _blur_matrix(field.shape[0], sigma) @ field @ _blur_matrix(field.shape[1], sigma).T
 
 
 def elastic(image: np.ndarray, rng: np.random.Generator, alpha: float, sigma: float) -> np.ndarray:
