@@ -43,15 +43,24 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+def _at_least(text: str, kind: type, low: float, noun: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _at_least(text, int, 1, "an integer")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    return _at_least(text, float, 0, "a number")
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from trainer.stages.common import ImageSet
 
 LEDGER_FILE = "ledger.json"
-REPORT_FILE = PRIVACY_REPORT
 PROBE_SIZE = 4  # public stand-in examples of the engine's self-check
 
 
@@ -347,7 +346,7 @@ def _base_dir(cfg: Config) -> Path:
 def _restore_ledger(run_dir: Path, ledger, checkpoint: Checkpoint) -> None:
     """Load the run's ledger journal; refuse when it is missing or behind what the folder holds."""
     path = run_dir / LEDGER_FILE
-    traces = [name for name in (WEIGHTS_FILE, STATE_FILE, CHECKPOINTS, REPORT_FILE) if (run_dir / name).exists()]
+    traces = [name for name in (WEIGHTS_FILE, STATE_FILE, CHECKPOINTS, PRIVACY_REPORT) if (run_dir / name).exists()]
     if not path.is_file():
         if traces:
             raise RunError(f"{path}: missing, but the run folder holds {', '.join(traces)}: the steps already "
@@ -377,11 +376,11 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
     checkpoint = rt.resume(run_dir, state)  # weights and optimizer; the sampler continues at the step
     _restore_ledger(run_dir, ledger, checkpoint)  # ... and the ledger from its journal, which counts every step
     step = checkpoint.step
-    if step >= ft.steps and (run_dir / REPORT_FILE).is_file():
+    if step >= ft.steps and (run_dir / PRIVACY_REPORT).is_file():
         if rt.is_main:
-            report = json.loads((run_dir / REPORT_FILE).read_text())
+            report = json.loads((run_dir / PRIVACY_REPORT).read_text())
             print(f"{run_dir}: already finished ({step} of {ft.steps} steps, epsilon = {report['epsilon']:.3f}); "
-                  f"nothing to do. Report: {run_dir / REPORT_FILE}")
+                  f"nothing to do. Report: {run_dir / PRIVACY_REPORT}")
         return run_dir
     session.load_private(rt, encodings)  # private data from here on
     rt.check_engine(engine, session.probe_losses, PROBE_SIZE)  # refuses a model it cannot handle, uncharged
@@ -455,18 +454,18 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
                   "label_names": session.names, "label_names_from": session.names_source,
                   "neighbouring": "add/remove one example", "data": _describe(cfg.data.private)}
         if rt.is_main:
-            write_json(report, run_dir / REPORT_FILE)
+            write_json(report, run_dir / PRIVACY_REPORT)
         grid = rt.sample_grid(lambda path: class_grid(ldm, session.autoencoder, session.latent_shape, cfg,
                                                       session.names, path, torch.Generator().manual_seed(cfg.seed)),
                               run_dir / "samples.png")
         mlrun.log_metrics({"privacy.epsilon": report["epsilon"], "privacy.delta": ft.delta,
                            "privacy.steps": ledger.steps_taken, "params.trainable": session.selection.trainable_count,
                            "wall_time_s": time.time() - t0})
-        mlrun.log_result(run_dir, grid, run_dir / REPORT_FILE)
-        mlrun.log_pipeline(run_dir, [WEIGHTS_FILE, "finetune.json", REPORT_FILE])
+        mlrun.log_result(run_dir, grid, run_dir / PRIVACY_REPORT)
+        mlrun.log_pipeline(run_dir, [WEIGHTS_FILE, "finetune.json", PRIVACY_REPORT])
     if rt.is_main:
         print(f"DP fine-tuning: epsilon = {report['epsilon']:.3f}, delta = {ft.delta:g} after {ledger.steps_taken} "
-              f"steps (sigma = {sigma:.4f}, q = {q:.5f}); samples: {grid}; report: {run_dir / REPORT_FILE}")
+              f"steps (sigma = {sigma:.4f}, q = {q:.5f}); samples: {grid}; report: {run_dir / PRIVACY_REPORT}")
     return run_dir
 
 

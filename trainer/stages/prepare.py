@@ -50,13 +50,6 @@ def _font_set(text: str) -> str:
     return text
 
 
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def _build_source(args: argparse.Namespace) -> Source:
     kind = args.source
     if kind == "imagefolder":
@@ -120,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``prepare`` and its sources to the ``dpldm`` parser."""
-    from trainer.cli import plain
+    from trainer.cli import non_negative_float, plain
     parser = subparsers.add_parser("prepare", help="write image sources to webdataset shards",
                                    description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     sources = parser.add_subparsers(dest="source", metavar="SOURCE", required=True)
@@ -164,7 +157,7 @@ def register(subparsers) -> None:
     p.add_argument("--fonts", default="default", type=_font_set,
                    help="default (PIL's font), matplotlib (the text faces shipped with matplotlib) or a folder "
                         "of .ttf/.otf fonts; one drawn per letter")
-    p.add_argument("--elastic", type=_non_negative, default=0.0,
+    p.add_argument("--elastic", type=non_negative_float, default=0.0,
                    help="elastic distortion strength, pixels at 28x28 (default 0: none; Simard et al.: 34)")
 
     for p in sources.choices.values():
