@@ -152,18 +152,79 @@ def test_engine_matches_brute_force(mode):
 
 def test_fast_covers_every_rule():
     """The fast engine routes each module to the intended rule (so the test above exercises them)."""
-    from trainer.privacy.layer_rules import EmbeddingRule, FunctionalRule, GroupNormRule, LayerNormRule, LinearRule
+    from trainer.privacy.layer_rules import (
+        ConvRule, EmbeddingRule, FunctionalRule, GroupNormRule, LayerNormRule, LinearRule,
+    )
 
     model = TinyNet()
     engine = DPGradientEngine(model, 1.0, 1.0, 4.0)
     kinds = {rule.name: type(rule) for rule in engine._rules}
     engine.detach()
     assert kinds == {
-        "embed": EmbeddingRule, "conv3": FunctionalRule, "gn": GroupNormRule, "conv1": LinearRule,
+        "embed": EmbeddingRule, "conv3": ConvRule, "gn": GroupNormRule, "conv1": LinearRule,
         "ln": LayerNormRule, "attn.to_q": LinearRule, "attn.to_k": LinearRule, "attn.to_v": LinearRule,
         "attn.to_out": LinearRule, "mlp.0": LinearRule, "mlp.2": LinearRule, "pos": FunctionalRule,
         "head": LinearRule,
     }
+
+
+CONVS = {
+    "3x3 stride 2": lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1),
+    "5x3 dilated, asymmetric padding": lambda: nn.Conv2d(3, 4, (5, 3), dilation=(2, 1), padding=(3, 0)),
+    "2x2 'same' (asymmetric)": lambda: nn.Conv2d(3, 4, 2, padding="same", bias=False),
+    "3x3 reflect": lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+    "3x3 circular": lambda: nn.Conv2d(3, 4, 3, padding=2, dilation=2, padding_mode="circular"),
+    "1x1 padded": lambda: nn.Conv2d(3, 4, 1, padding=1),
+    "conv1d 4 stride 3": lambda: nn.Conv1d(3, 4, 4, stride=3, padding=2),
+    "conv1d 'same' replicate": lambda: nn.Conv1d(3, 4, 3, padding="same", padding_mode="replicate"),
+}
+
+
+@pytest.mark.parametrize("which", list(CONVS))
+def test_conv_rule_matches_brute_force(which):
+    """Convolutions of any kernel, stride, dilation and padding: norms and clipped sums by unfolded
+    patches, against per-example autograd; the same conv called twice per example."""
+    from trainer.privacy.layer_rules import ConvRule
+
+    torch.manual_seed(2)
+    conv = CONVS[which]()
+    spatial = (7, 6) if isinstance(conv, nn.Conv2d) else (11,)
+    model = nn.Sequential(conv, nn.SiLU())
+    x = torch.randn(6, 3, *spatial) * torch.linspace(0.1, 3.0, 6).view(6, *([1] * (1 + len(spatial))))
+
+    def losses(inputs: torch.Tensor) -> torch.Tensor:
+        h = model(inputs)
+        return (h.pow(2).flatten(1).sum(1) + model(inputs.flip(-1)).flatten(1).sum(1)) * 0.1
+
+    params = [p for p in model.parameters()]
+    flat = []
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(losses(x[i : i + 1]).sum(), params)
+        flat.append(torch.cat([g.reshape(-1) for g in grads]))
+    flat = torch.stack(flat).double()
+    ref_norms = flat.norm(dim=1)
+    C = float(ref_norms.median())
+    ref_sum = ((C / (ref_norms + 1e-6)).clamp(max=1.0)[:, None] * flat).sum(0) / 4.0
+
+    engine = DPGradientEngine(model, C, 0.0, 4.0, mode="fast")
+    assert [type(r) for r in engine._rules] == [ConvRule]
+    engine.accumulate(losses(x[:4]))
+    norms = [engine.last_per_sample_norms]
+    engine.accumulate(losses(x[4:]))
+    norms.append(engine.last_per_sample_norms)
+    engine.finalize()
+    engine.detach()
+    assert rel_err(torch.cat(norms), ref_norms) < 1e-5
+    assert rel_err(torch.cat([p.grad.reshape(-1) for p in params]), ref_sum) < 1e-5
+
+
+def test_grouped_conv_falls_back_to_exact_per_example_grads():
+    from trainer.privacy.layer_rules import FunctionalRule
+
+    model = nn.Conv2d(4, 4, 3, groups=2)
+    engine = DPGradientEngine(model, 1.0, 0.0, 2.0)
+    assert [type(r) for r in engine._rules] == [FunctionalRule]
+    engine.detach()
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")

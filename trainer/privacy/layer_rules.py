@@ -166,7 +166,7 @@ class LinearRule(LayerRule):
 
     def __init__(self, name: str, module: nn.Module, params: dict[str, nn.Parameter], kernel_backend: str):
         super().__init__(name, module, params, kernel_backend)
-        self.pointwise_conv = isinstance(module, (nn.Conv1d, nn.Conv2d))
+        self.is_conv = isinstance(module, (nn.Conv1d, nn.Conv2d))
 
     def keep_inputs(self, args: tuple, kwargs: dict) -> Tensor | None:
         if "weight" not in self.params:
@@ -176,9 +176,12 @@ class LinearRule(LayerRule):
 
     def _as_sequence(self, x: Tensor, batch_size: int, what: str) -> Tensor:
         _check_batch_first(x, batch_size, self, what)
-        if self.pointwise_conv:  # [B, C, *spatial] -> [B, positions, C]
+        if self.is_conv:  # [B, C, *spatial] -> [B, positions, C]
             return x.flatten(2).transpose(1, 2)
         return x.reshape(batch_size, -1, x.shape[-1])
+
+    def _input_sequence(self, x: Tensor, batch_size: int) -> Tensor:
+        return self._as_sequence(x, batch_size, "an input")
 
     def _sequences(self, batch_size: int) -> tuple[Tensor | None, Tensor | None]:
         A_parts, G_parts = [], []
@@ -187,7 +190,7 @@ class LinearRule(LayerRule):
                 continue
             G_parts.append(self._as_sequence(g, batch_size, "an output"))
             if x is not None:
-                A_parts.append(self._as_sequence(x, batch_size, "an input"))
+                A_parts.append(self._input_sequence(x, batch_size))
         if not G_parts:
             return None, None
         G = G_parts[0] if len(G_parts) == 1 else torch.cat(G_parts, dim=1)
@@ -231,6 +234,31 @@ class LinearRule(LayerRule):
                 out["bias"] = grad_b
             return out
         return {"bias": (G.float() * clip_factors.to(G.device)[:, None, None]).sum(dim=(0, 1))}
+
+
+class ConvRule(LinearRule):
+    """``nn.Conv1d``/``nn.Conv2d`` with any kernel, stride, dilation and padding (groups 1).
+
+    Output position l of example i is ``W @ patch_il + b``, with ``patch_il`` the padded
+    input window that produced it (``F.unfold``, flattened channel-major like
+    ``weight.reshape(C_out, -1)``): the layer is a GEMM over the sequence of patches, and
+    :class:`LinearRule`'s norms and clipped sums apply unchanged.
+    """
+
+    def _input_sequence(self, x: Tensor, batch_size: int) -> Tensor:
+        m = self.module
+        _check_batch_first(x, batch_size, self, "an input")
+        spatial = 2 if isinstance(m, nn.Conv2d) else 1
+        if x.dim() != 2 + spatial:
+            raise ValueError(f"module {self.name!r} ({type(m).__name__}) got an unbatched input of shape {tuple(x.shape)}")
+        # The module's own padding (zeros, reflect, ... and "same" even when asymmetric), as in its forward.
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+        kernel, stride, dilation = m.kernel_size, m.stride, m.dilation
+        if spatial == 1:  # [B, C, L] as a one-row image
+            x, kernel, stride, dilation = x.unsqueeze(2), (1, *kernel), (1, *stride), (1, *dilation)
+        patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [B, C_in * prod(kernel), positions]
+        return patches.transpose(1, 2)
 
 
 class LayerNormRule(_InstantiatingRule):
@@ -394,11 +422,14 @@ class FunctionalRule(_InstantiatingRule):
         return out
 
 
+def _is_plain_conv(m: nn.Module) -> bool:
+    """A Conv1d/Conv2d running its own forward, without groups (a GEMM per output position)."""
+    return type(m).forward in (nn.Conv1d.forward, nn.Conv2d.forward) and m.groups == 1
+
+
 def _is_pointwise_conv(m: nn.Module) -> bool:
-    if type(m).forward not in (nn.Conv1d.forward, nn.Conv2d.forward):
-        return False
     padding_zero = m.padding == "valid" or m.padding == "same" or all(p == 0 for p in m.padding)
-    return all(k == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride) and padding_zero and m.groups == 1
+    return all(k == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride) and padding_zero
 
 
 def make_rule(name: str, module: nn.Module, params: dict[str, nn.Parameter], kernel_backend: str) -> LayerRule:
@@ -411,8 +442,10 @@ def make_rule(name: str, module: nn.Module, params: dict[str, nn.Parameter], ker
     standard = set(params) <= {"weight", "bias"}
     if standard and isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         return LinearRule(name, module, params, kernel_backend)
-    if standard and isinstance(module, (nn.Conv1d, nn.Conv2d)) and _is_pointwise_conv(module):
-        return LinearRule(name, module, params, kernel_backend)
+    if standard and _is_plain_conv(module):
+        if _is_pointwise_conv(module):
+            return LinearRule(name, module, params, kernel_backend)
+        return ConvRule(name, module, params, kernel_backend)
     if standard and isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward:
         return LayerNormRule(name, module, params, kernel_backend)
     if standard and isinstance(module, nn.GroupNorm) and type(module).forward is nn.GroupNorm.forward:
