@@ -186,6 +186,20 @@ def test_lora_policy_fine_tunes_and_its_run_samples(base):
     assert images.shape[0] == 2 and torch.isfinite(images).all()
 
 
+@pytest.mark.parametrize("init", ["unconditional", "mean"])
+def test_the_new_class_embedder_starts_from_the_base_rows(base, tmp_path, init):
+    """finetune.new_class_init: the fresh 10-class embedder starts from the base's null row (or the mean
+    of its 26 letter rows), public weights only; its rows are trainable."""
+    from trainer.distributed import SingleProcess
+    from trainer.runs import load_pipeline
+    rows = load_pipeline(base / "runs" / "ledger" / "ldm")[0].cond_stage_model.embedding.weight.detach()
+    session = finetune._prepare(tiny(base, init, f"finetune.new_class_init={init}"), SingleProcess(), tmp_path, seed=0)
+    new = session.ldm.cond_stage_model.embedding.weight
+    start = rows[26] if init == "unconditional" else rows[:26].mean(0)
+    torch.testing.assert_close(new.detach(), torch.cat([start.expand(10, -1), rows[26:]]))
+    assert new.requires_grad
+
+
 @pytest.mark.slow
 def test_bf16_fine_tuning_keeps_the_dp_step_in_float32(base, monkeypatch):
     """precision=bf16: the forward runs under autocast, the engine's self-check passes with its bf16

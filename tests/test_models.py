@@ -23,6 +23,7 @@ from trainer.models import (
     UNetModel,
     Unconditional,
     kl_divergence,
+    new_class_embedder,
 )
 
 # unet_config.params of CompVis latent-diffusion configs/latent-diffusion/cin256-v2.yaml
@@ -223,6 +224,25 @@ def test_class_embedder_shapes_and_null_class():
         emb(torch.tensor([11]))
     with pytest.raises(TypeError):
         emb(torch.tensor([1.0]))
+
+
+def test_new_class_embedder_starts_from_the_base_null_or_mean_row():
+    torch.manual_seed(0)
+    base = ClassEmbedder(embed_dim=8, n_classes=26)
+    old = base.embedding.weight.detach().clone()
+    null = new_class_embedder(base, 10, "unconditional")
+    assert null.n_classes == 10 and null.null_class == 10 and null.embedding.weight.shape == (11, 8)
+    torch.testing.assert_close(null.embedding.weight.detach(), old[26].expand(11, 8))
+    mean = new_class_embedder(base, 10, "mean")
+    torch.testing.assert_close(mean.embedding.weight.detach()[:10], old[:26].mean(0).expand(10, 8))
+    torch.testing.assert_close(mean.embedding.weight.detach()[10], old[26])
+    torch.manual_seed(1)
+    rand = new_class_embedder(base, 10, "random")
+    torch.manual_seed(1)
+    torch.testing.assert_close(rand.embedding.weight.detach(), nn.Embedding(11, 8).weight.detach())
+    assert mean.embedding.weight.requires_grad and base.embedding.weight.detach().equal(old)  # base untouched
+    with pytest.raises(ValueError, match="init must be one of"):
+        new_class_embedder(base, 10, "zeros")
 
 
 def test_unconditional_gives_no_context():

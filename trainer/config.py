@@ -119,6 +119,7 @@ class FinetuneConfig:
     lora_rank: int = 4                   # lora policy: rank r of the adapters on the attention projections
     lora_alpha: Optional[float] = None   # lora policy: the update is scaled by alpha / r (None: alpha = r)
     new_class_embedder: Optional[int] = None  # number of private classes; replaces the public embedder
+    new_class_init: str = "random"       # the new embedder's rows: random | unconditional (base's null row) | mean
     epsilon: Optional[float] = 10.0
     delta: float = 1e-5
     noise_multiplier: Optional[float] = None
@@ -190,6 +191,7 @@ CHOICES = {
     "ldm.conditioner.type": {"class", "text", "none"},
     "finetune.policy": {"attention", "attention_blocks", "embedder_only", "full", "lora"},
     "finetune.engine_mode": {"auto", "fast", "reference"},
+    "finetune.new_class_init": {"random", "unconditional", "mean"},
     "eval.classifier": {"cnn", "mlp", "logreg"},
     "precision": {"fp32", "bf16"},
 }

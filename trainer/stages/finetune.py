@@ -270,7 +270,7 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     private rows are loaded later (:meth:`DPSession.load_private`). The sampler, the DP noise and
     the loss draws use generators seeded from OS entropy, or from ``seed`` when a test asks for it.
     """
-    from trainer.models import ClassEmbedder
+    from trainer.models import ClassEmbedder, new_class_embedder
     from trainer.privacy import DPGradientEngine, PoissonBatchSampler, PrivacyLedger, entropy_generator, epsilon
     from trainer.privacy.engine import SELF_CHECK_RTOL, SELF_CHECK_RTOL_BF16
     from trainer.runs import load_pipeline
@@ -298,9 +298,11 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         if ft.new_class_embedder != len(names):
             raise ConfigError(f"finetune.new_class_embedder: {ft.new_class_embedder} classes, "
                               f"but the private set declares {len(names)} ({names_source})")
-        dim = ldm.cond_stage_model.embedding.embedding_dim
+        if not isinstance(ldm.cond_stage_model, ClassEmbedder):
+            raise ConfigError(f"finetune.new_class_embedder: the base ({base_dir}) is conditioned by "
+                              f"{type(ldm.cond_stage_model).__name__}, not by class labels")
         torch.manual_seed(cfg.seed)  # public initialisation of the fresh embedder (the same on every rank)
-        ldm.cond_stage_model = ClassEmbedder(embed_dim=dim, n_classes=ft.new_class_embedder)
+        ldm.cond_stage_model = new_class_embedder(ldm.cond_stage_model, ft.new_class_embedder, ft.new_class_init)
     try:
         selection = select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers, ft.lora_rank,
                                      ft.lora_alpha)
