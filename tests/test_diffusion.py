@@ -75,3 +75,19 @@ def test_ema_tracks_weights():
         m.weight.add_(2.0)
     ema.update(m)
     assert torch.allclose(ema.shadow["weight"], w0 + 1.0)
+
+
+def test_ema_of_named_parameters_restores_in_place_and_copies_back():
+    m = torch.nn.Linear(2, 2)
+    params = dict(m.named_parameters())
+    ema = EMA(params, decay=0.75)
+    w0 = m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(4.0)
+    ema.update(params)
+    assert torch.allclose(ema.shadow["weight"], w0 + 1.0) and set(ema.shadow) == {"weight", "bias"}
+    shadow = ema.shadow["weight"]
+    ema.load_state_dict({k: v + 1.0 for k, v in ema.state_dict().items()})
+    assert ema.shadow["weight"] is shadow and torch.allclose(shadow, w0 + 2.0)  # restored into the same tensor
+    ema.copy_to(params)
+    assert torch.equal(m.weight.detach(), w0 + 2.0)

@@ -322,7 +322,7 @@ def test_zero3_finetune_interrupted_and_resumed_on_another_world_size(pretrained
     from trainer.privacy import PrivacyLedger
     from trainer.stages.finetune import plan_privacy
     tmp = pretrained
-    overrides = TINY + [f"output_dir={tmp / 'runs'}", "finetune.deepspeed_config=zero3"]
+    overrides = TINY + [f"output_dir={tmp / 'runs'}", "finetune.deepspeed_config=zero3", "finetune.ema_decay=0.5"]
     run_dir = tmp / "runs" / "dist" / "finetune"
     hostfile = tmp / "hostfile"
     hostfile.write_text("localhost slots=2\n")
@@ -336,7 +336,7 @@ def test_zero3_finetune_interrupted_and_resumed_on_another_world_size(pretrained
     assert json.loads((run_dir / "ledger.json").read_text())["steps_taken"] == 2
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"] == 2
     assert sorted(p.name for p in (run_dir / "checkpoints" / "step-000002").iterdir()) == [
-        "rank-00000-of-00002.pt", "rank-00001-of-00002.pt", "trainable.safetensors"]
+        "finetuned-ema.safetensors", "rank-00000-of-00002.pt", "rank-00001-of-00002.pt", "trainable.safetensors"]
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["ledger"]["steps_taken"] == 2
     for rank in (0, 1):  # optimizer shard and step only: no sampler or generator state to replay batches or noise
         shard = torch.load(run_dir / "checkpoints" / "step-000002" / f"rank-{rank:05d}-of-00002.pt", weights_only=True)
@@ -357,6 +357,8 @@ def test_zero3_finetune_interrupted_and_resumed_on_another_world_size(pretrained
     assert [p.name for p in (run_dir / "checkpoints").glob("step-*")] == ["step-000004"]
     weights = load_file(str(run_dir / "finetuned.safetensors"))
     assert sorted(weights) == sorted(report["trainable_names"])
+    ema = load_file(str(run_dir / "finetuned-ema.safetensors"))  # the EMA resumed with the run: what is sampled
+    assert sorted(ema) == sorted(weights) and any(not torch.equal(ema[k], weights[k]) for k in ema)
     assert (run_dir / "samples.png").is_file()
 
 

@@ -200,6 +200,61 @@ def test_the_new_class_embedder_starts_from_the_base_rows(base, tmp_path, init):
     assert new.requires_grad
 
 
+def test_ema_of_the_dp_steps_is_the_sampled_result_and_its_setting_cannot_change(base, monkeypatch):
+    """finetune.ema_decay: finetuned-ema.safetensors holds the EMA of the weights after every DP step
+    (recomputed here from the recorded steps), `load_pipeline` samples it, the last step's weights stay in
+    finetuned.safetensors; a resume must keep the run's EMA setting."""
+    from safetensors.torch import load_file
+
+    from trainer.runs import load_pipeline
+    real_prepare, real_step = finetune._prepare, finetune.SingleProcess.train_step
+    sessions, seen = [], []
+
+    def prepare(*a, **kw):
+        sessions.append(real_prepare(*a, **kw))
+        return sessions[-1]
+
+    def weights() -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in sessions[-1].state.trainable.items()}
+
+    def train_step(*a, **kw):
+        if not seen:
+            seen.append(weights())
+        out = real_step(*a, **kw)
+        seen.append(weights())
+        return out
+
+    monkeypatch.setattr(finetune, "_prepare", prepare)
+    monkeypatch.setattr(finetune.SingleProcess, "train_step", train_step)
+    folder = finetune.run(tiny(base, "ema", "finetune.ema_decay=0.6"))
+    assert len(seen) == 4  # the start and 3 steps
+    expected = seen[0]
+    for step in seen[1:]:
+        expected = {k: 0.6 * expected[k] + 0.4 * step[k] for k in expected}
+    ema, last = load_file(str(folder / "finetuned-ema.safetensors")), load_file(str(folder / "finetuned.safetensors"))
+    assert set(ema) == set(expected) == set(last)
+    for k in expected:
+        torch.testing.assert_close(ema[k], expected[k])
+        torch.testing.assert_close(last[k], seen[-1][k])
+    assert any(not torch.allclose(ema[k], last[k]) for k in ema)
+    tuned = dict(load_pipeline(folder)[0].named_parameters())
+    assert all(torch.equal(tuned[k].detach(), ema[k]) for k in ema)
+
+    monkeypatch.setattr(finetune.SingleProcess, "train_step", real_step)
+    for name, extra in (("ema-crash", ["finetune.ema_decay=0.6"]), ("no-ema-crash", [])):
+        undo = crash_in_step(monkeypatch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            finetune.run(tiny(base, name, *extra))
+        undo()
+    never_encode(monkeypatch)  # the refusals below happen before the private set is read
+    with pytest.raises(ConfigError, match="started with finetune.ema_decay set"):
+        finetune.run(tiny(base, "ema-crash"))
+    with pytest.raises(ConfigError, match="missing, but finetune.ema_decay is set"):
+        finetune.run(tiny(base, "no-ema-crash", "finetune.ema_decay=0.6"))
+    with pytest.raises(ConfigError, match="finetune.ema_decay: must be in"):
+        tiny(base, "x", "finetune.ema_decay=1.0")
+
+
 @pytest.mark.slow
 def test_bf16_fine_tuning_keeps_the_dp_step_in_float32(base, monkeypatch):
     """precision=bf16: the forward runs under autocast, the engine's self-check passes with its bf16

@@ -130,6 +130,7 @@ class FinetuneConfig:
     noise_multiplicity: int = 1          # K (timestep, noise) draws averaged per example before clipping
     lr: float = 1e-4
     weight_decay: float = 0.0
+    ema_decay: Optional[float] = None    # EMA of the trained weights, sampled instead of the last step; None = off
     engine_mode: str = "auto"            # auto | fast | reference
     secure_noise: bool = False           # CSPRNG, floating-point-attack-resistant Gaussian (slower)
     log_every: int = 10
@@ -277,6 +278,9 @@ def _validate(cfg: Config) -> None:
                 font_files(src.fonts)
             except ValueError as err:
                 raise ConfigError(f"data.{key}.fonts: {err}") from None
+    for key, decay in (("autoencoder.train.ema_decay", cfg.autoencoder.train.ema_decay),
+                       ("ldm.train.ema_decay", cfg.ldm.train.ema_decay), ("finetune.ema_decay", cfg.finetune.ema_decay)):
+        check(decay is None or 0 < decay < 1, key, f"must be in (0, 1) or null (off), got {decay}")
     ft = cfg.finetune
     check(ft.max_grad_norm > 0, "finetune.max_grad_norm", f"must be > 0, got {ft.max_grad_norm}")
     check(0 < ft.delta < 1, "finetune.delta", f"must be in (0, 1), got {ft.delta}")

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.config import Config, load_config
+from trainer.distributed.checkpoint import EMA_FILE, WEIGHTS_FILE
 from trainer.errors import RunError
 from trainer.pipeline import LatentDiffusion
 from trainer.io import load_safetensors, write_json
@@ -28,7 +29,8 @@ def load_pipeline(run_dir: str | Path, device: torch.device | str = "cpu"
     """A ``pretrain-ldm``, ``import-compvis`` or ``finetune`` run folder -> (ldm, autoencoder, meta, config),
     in eval mode on ``device``.
 
-    A fine-tuned folder holds only the trained parameters (``finetuned.safetensors``) and
+    A fine-tuned folder holds only the trained parameters (``finetuned.safetensors``, or their EMA
+    ``finetuned-ema.safetensors`` when the run kept one) and
     ``finetune.json`` naming its frozen base; they are laid over the base weights. Folders record
     the folders they depend on relative to themselves, so an experiment can be copied or moved.
     """
@@ -56,11 +58,12 @@ def load_pipeline(run_dir: str | Path, device: torch.device | str = "cpu"
         if ft_meta.get("lora"):  # the adapters the run trained, on the frozen base projections
             from trainer.selection import add_adapters
             add_adapters(ldm, ft_meta["lora"])
-        tuned = load_safetensors(run_dir / "finetuned.safetensors").state_dict
+        weights = run_dir / (EMA_FILE if (run_dir / EMA_FILE).is_file() else WEIGHTS_FILE)  # the EMA when kept
+        tuned = load_safetensors(weights).state_dict
         names = dict(ldm.named_parameters())
         unknown = sorted(set(tuned) - set(names))
         if unknown or set(tuned) != set(ft_meta["trainable"]):
-            raise RunError(f"{run_dir}: finetuned.safetensors does not match finetune.json "
+            raise RunError(f"{run_dir}: {weights.name} does not match finetune.json "
                            f"(unknown parameters: {unknown[:5]})")
         ldm.load_state_dict(tuned, strict=False)
         meta = {**meta, "label_names": ft_meta.get("label_names") or meta.get("label_names"), "finetune": ft_meta}
@@ -109,7 +112,7 @@ def export_bundle(run_dir: str | Path, out: str | Path) -> Path:
     meta = json.loads((base_dir / "ldm.json").read_text())
     ae_dir = resolve_recorded(meta["autoencoder"], base_dir)
     kept = ("config.yaml", "ldm.json", "unet.safetensors", "cond_stage_model.safetensors",
-            "autoencoder.safetensors", "finetuned.safetensors", "finetune.json", "privacy-report.json")
+            "autoencoder.safetensors", WEIGHTS_FILE, EMA_FILE, "finetune.json", "privacy-report.json")
     targets = {"autoencoder": ae_dir, "base": base_dir, "run": run_dir} if ft_meta else \
         {"autoencoder": ae_dir, "run": run_dir}
     for name, src in targets.items():

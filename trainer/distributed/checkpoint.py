@@ -9,13 +9,16 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
+from trainer.config import ConfigError
 from trainer.io import load_safetensors
 
 if TYPE_CHECKING:
+    from trainer.diffusion import EMA
     from trainer.privacy import PoissonBatchSampler, PrivacyLedger
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS_FILE = "finetuned.safetensors"   # the fine-tuned parameters, read by `dpldm sample`
+EMA_FILE = "finetuned-ema.safetensors"   # their EMA (finetune.ema_decay): read by `dpldm sample` instead
 STATE_FILE = "finetune-state.pt"         # resume state of a one-process run
 LATEST = "latest.json"
 
@@ -34,6 +37,7 @@ class TrainState:
     sampler: "PoissonBatchSampler"
     ledger: "PrivacyLedger"
     metadata: dict[str, Any]             # stored with the weights (e.g. the base LDM run)
+    ema: Optional["EMA"] = None          # average of the trained weights over the steps (post-processing)
 
     def weights_metadata(self, step: int) -> dict[str, Any]:
         """Metadata of a weights file: the step and the ledger that accounts for it."""
@@ -59,3 +63,20 @@ def load_trainable(path: Path, trainable: dict[str, nn.Parameter]) -> None:
             p.copy_(weights[name])
 
 
+
+
+def load_ema(path: Path, state: TrainState) -> None:
+    """Restore the EMA of a resumed run from ``path``; refuse a run whose EMA setting changed, so the
+    result file (the EMA, when present) always belongs to the steps the run took."""
+    if state.ema is None:
+        if path.is_file():
+            raise ConfigError(f"{path}: the run was started with finetune.ema_decay set; resume it with the same "
+                              "setting, or start another run (finetune.name=...)")
+        return
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing, but finetune.ema_decay is set: the run was started without it (or "
+                          "the file was lost); resume it with its own settings, or start another run (finetune.name=...)")
+    weights = load_safetensors(path).state_dict
+    if set(weights) != set(state.ema.shadow):
+        raise ValueError(f"{path}: the averaged parameters differ from this run's trained ones")
+    state.ema.load_state_dict(weights)

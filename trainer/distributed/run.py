@@ -15,8 +15,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from trainer.config import Config, ConfigError
-from trainer.distributed.checkpoint import (CHECKPOINTS, LATEST, STATE_FILE, WEIGHTS_FILE, Checkpoint, TrainState,
-                                            load_trainable)
+from trainer.distributed.checkpoint import (CHECKPOINTS, EMA_FILE, LATEST, STATE_FILE, WEIGHTS_FILE, Checkpoint,
+                                            TrainState, load_ema, load_trainable)
 from trainer.distributed.deepspeed_config import (DEFAULT_DEEPSPEED_CONFIG, DeepSpeedSettings, check_deepspeed_config,
                                                   load_deepspeed_config)
 from trainer.distributed.partition import FrozenPartition
@@ -205,12 +205,16 @@ class DistributedRun(Runtime):
             metadata = state.weights_metadata(step)
             weights = {k: p.detach() for k, p in state.trainable.items()}
             save_safetensors(weights, folder / "trainable.safetensors", metadata)
+            if state.ema is not None:
+                save_safetensors(state.ema.state_dict(), folder / EMA_FILE, metadata)
             write_json({"step": step, "world_size": self.world_size, "folder": folder.name,
                         "mlflow_run_id": mlflow_run_id, "ledger": state.ledger.state_dict()}, root / LATEST)
             for old in root.glob("step-*"):
                 if old != folder:
                     shutil.rmtree(old, ignore_errors=True)
             save_safetensors(weights, run_dir / WEIGHTS_FILE, metadata)  # the stage's output, read by `dpldm sample`
+            if state.ema is not None:
+                save_safetensors(state.ema.state_dict(), run_dir / EMA_FILE, metadata)
         self.barrier()
 
     def resume(self, run_dir: Path, state: TrainState) -> Checkpoint:
@@ -225,6 +229,7 @@ class DistributedRun(Runtime):
         folder, saved_world = run_dir / CHECKPOINTS / info["folder"], int(info["world_size"])
         step = int(info["step"])
         load_trainable(folder / "trainable.safetensors", state.trainable)
+        load_ema(folder / EMA_FILE, state)
         shards = []
         for r in range(saved_world):
             shard = load_state(self._rank_file(folder, r, saved_world))

@@ -7,7 +7,8 @@ from typing import Callable
 import torch
 
 from trainer.config import ConfigError
-from trainer.distributed.checkpoint import CHECKPOINTS, STATE_FILE, WEIGHTS_FILE, Checkpoint, TrainState, load_trainable
+from trainer.distributed.checkpoint import (CHECKPOINTS, EMA_FILE, STATE_FILE, WEIGHTS_FILE, Checkpoint, TrainState,
+                                            load_ema, load_trainable)
 from trainer.errors import RunError
 from trainer.io import load_state, save_safetensors, save_state
 from trainer.pipeline import encode_images
@@ -63,8 +64,10 @@ class SingleProcess(Runtime):
         return make_grid(path)
 
     def save_checkpoint(self, run_dir: Path, step: int, mlflow_run_id: str | None, state: TrainState) -> None:
-        save_safetensors({k: p.detach() for k, p in state.trainable.items()}, run_dir / WEIGHTS_FILE,
-                     state.weights_metadata(step))
+        metadata = state.weights_metadata(step)
+        save_safetensors({k: p.detach() for k, p in state.trainable.items()}, run_dir / WEIGHTS_FILE, metadata)
+        if state.ema is not None:
+            save_safetensors(state.ema.state_dict(), run_dir / EMA_FILE, metadata)
         save_state({"optimizer": state.optimizer.state_dict(), "step": step, "mlflow_run_id": mlflow_run_id,
                     "ledger": state.ledger.state_dict()}, run_dir / STATE_FILE)
 
@@ -80,6 +83,7 @@ class SingleProcess(Runtime):
                                "cannot resume; restore the file, or start another run (finetune.name=...)")
             return Checkpoint()
         load_trainable(run_dir / WEIGHTS_FILE, state.trainable)
+        load_ema(run_dir / EMA_FILE, state)
         state.optimizer.load_state_dict(saved["optimizer"])
         step = int(saved["step"])
         state.sampler.steps_done = step

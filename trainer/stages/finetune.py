@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.config import MAX_EPSILON, Config, ConfigError
-from trainer.distributed import CHECKPOINTS, STATE_FILE, WEIGHTS_FILE, Checkpoint, SingleProcess, TrainState
+from trainer.distributed import CHECKPOINTS, EMA_FILE, STATE_FILE, WEIGHTS_FILE, Checkpoint, SingleProcess, TrainState
 from trainer.errors import RunError
 from trainer.io import write_json
 from trainer.pipeline import autoencoder_encode_fn
@@ -270,6 +270,7 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     private rows are loaded later (:meth:`DPSession.load_private`). The sampler, the DP noise and
     the loss draws use generators seeded from OS entropy, or from ``seed`` when a test asks for it.
     """
+    from trainer.diffusion import EMA
     from trainer.models import ClassEmbedder, new_class_embedder
     from trainer.privacy import DPGradientEngine, PoissonBatchSampler, PrivacyLedger, entropy_generator, epsilon
     from trainer.privacy.engine import SELF_CHECK_RTOL, SELF_CHECK_RTOL_BF16
@@ -327,7 +328,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
                               expected_batch_size=q * n, mode=ft.engine_mode, secure_noise=ft.secure_noise,
                               generator=None if seed is None else generator(3),
                               self_check_rtol=SELF_CHECK_RTOL_BF16 if cfg.precision == "bf16" else SELF_CHECK_RTOL)
-    state = TrainState(trainable, optimizer, sampler, ledger, {"base": str(base_dir.resolve())})
+    ema = EMA(trainable, ft.ema_decay) if ft.ema_decay else None  # post-processing of the noisy steps
+    state = TrainState(trainable, optimizer, sampler, ledger, {"base": str(base_dir.resolve())}, ema)
     return DPSession(cfg, base_dir, ldm, autoencoder, selection, n, names, names_source, q, sigma, snr, engine,
                      state, tuple(meta["latent_shape"]), generator(2), rt.autocast, source,
                      meta["autoencoder_sha256"])
@@ -348,7 +350,8 @@ def _base_dir(cfg: Config) -> Path:
 def _restore_ledger(run_dir: Path, ledger, checkpoint: Checkpoint) -> None:
     """Load the run's ledger journal; refuse when it is missing or behind what the folder holds."""
     path = run_dir / LEDGER_FILE
-    traces = [name for name in (WEIGHTS_FILE, STATE_FILE, CHECKPOINTS, PRIVACY_REPORT) if (run_dir / name).exists()]
+    traces = [name for name in (WEIGHTS_FILE, EMA_FILE, STATE_FILE, CHECKPOINTS, PRIVACY_REPORT)
+              if (run_dir / name).exists()]
     if not path.is_file():
         if traces:
             raise RunError(f"{path}: missing, but the run folder holds {', '.join(traces)}: the steps already "
@@ -427,6 +430,8 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
             if rt.is_main:
                 write_json(ledger.state_dict(), run_dir / LEDGER_FILE)
             metrics = rt.train_step(engine, state.optimizer, next(batches), session.example_losses)
+            if state.ema is not None:
+                state.ema.update(state.trainable)
             step += 1
             bar.update(1)
             spent = ledger.spent_epsilon()
@@ -447,6 +452,8 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
         checkpoint_now(mlrun.run_id)
         engine.detach()
         ldm.eval()
+        if state.ema is not None:  # the result is the average (the last step's weights stay in WEIGHTS_FILE)
+            state.ema.copy_to(state.trainable)
 
         report = {**ledger.report(), "max_grad_norm": ft.max_grad_norm, "N": n, "N_is_public": N_IS_PUBLIC,
                   "expected_batch_size": ft.expected_batch_size, "noise_multiplicity": ft.noise_multiplicity,
@@ -464,7 +471,7 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
                            "privacy.steps": ledger.steps_taken, "params.trainable": session.selection.trainable_count,
                            "wall_time_s": time.time() - t0})
         mlrun.log_result(run_dir, grid, run_dir / PRIVACY_REPORT)
-        mlrun.log_pipeline(run_dir, [WEIGHTS_FILE, "finetune.json", PRIVACY_REPORT])
+        mlrun.log_pipeline(run_dir, [WEIGHTS_FILE, *([EMA_FILE] if state.ema else []), "finetune.json", PRIVACY_REPORT])
     if rt.is_main:
         print(f"DP fine-tuning: epsilon = {report['epsilon']:.3f}, delta = {ft.delta:g} after {ledger.steps_taken} "
               f"steps (sigma = {sigma:.4f}, q = {q:.5f}); samples: {grid}; report: {run_dir / PRIVACY_REPORT}")
