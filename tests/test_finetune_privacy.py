@@ -186,18 +186,22 @@ def test_lora_policy_fine_tunes_and_its_run_samples(base):
     assert images.shape[0] == 2 and torch.isfinite(images).all()
 
 
-@pytest.mark.parametrize("init", ["unconditional", "mean"])
-def test_the_new_class_embedder_starts_from_the_base_rows(base, tmp_path, init):
-    """finetune.new_class_init: the fresh 10-class embedder starts from the base's null row (or the mean
-    of its 26 letter rows), public weights only; its rows are trainable."""
+def test_new_classes_start_from_the_named_base_classes(base, tmp_path):
+    """finetune.new_class_from: each fresh class row starts as the named public class's row (public
+    weights only), the null row as the base's; an unknown name is refused before any private data is read."""
     from trainer.distributed import SingleProcess
     from trainer.runs import load_pipeline
-    rows = load_pipeline(base / "runs" / "ledger" / "ldm")[0].cond_stage_model.embedding.weight.detach()
-    session = finetune._prepare(tiny(base, init, f"finetune.new_class_init={init}"), SingleProcess(), tmp_path, seed=0)
+    ldm, _, meta, _ = load_pipeline(base / "runs" / "ledger" / "ldm")
+    rows, public = ldm.cond_stage_model.embedding.weight.detach(), meta["label_names"]
+    picked = ["o", "l", "z", "e", "y", "s", "b", "t", "g", "q"]
+    overrides = [f"finetune.new_class_from=[{','.join(picked)}]"]
+    session = finetune._prepare(tiny(base, "from", *overrides), SingleProcess(), tmp_path, seed=0)
     new = session.ldm.cond_stage_model.embedding.weight
-    start = rows[26] if init == "unconditional" else rows[:26].mean(0)
-    torch.testing.assert_close(new.detach(), torch.cat([start.expand(10, -1), rows[26:]]))
+    torch.testing.assert_close(new.detach(), rows[[public.index(c) for c in picked] + [len(public)]])
     assert new.requires_grad
+    with pytest.raises(ConfigError, match=r"finetune.new_class_from: '7' not among the classes of the base"):
+        finetune._prepare(tiny(base, "from", "finetune.new_class_from=[o,l,z,e,y,s,b,7,g,q]"), SingleProcess(),
+                          tmp_path, seed=0)
 
 
 def test_ema_of_the_dp_steps_is_the_sampled_result_and_its_setting_cannot_change(base, monkeypatch):

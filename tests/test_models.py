@@ -226,23 +226,21 @@ def test_class_embedder_shapes_and_null_class():
         emb(torch.tensor([1.0]))
 
 
-def test_new_class_embedder_starts_from_the_base_null_or_mean_row():
+def test_new_class_embedder_starts_from_named_base_rows_or_random():
     torch.manual_seed(0)
     base = ClassEmbedder(embed_dim=8, n_classes=26)
     old = base.embedding.weight.detach().clone()
-    null = new_class_embedder(base, 10, "unconditional")
-    assert null.n_classes == 10 and null.null_class == 10 and null.embedding.weight.shape == (11, 8)
-    torch.testing.assert_close(null.embedding.weight.detach(), old[26].expand(11, 8))
-    mean = new_class_embedder(base, 10, "mean")
-    torch.testing.assert_close(mean.embedding.weight.detach()[:10], old[:26].mean(0).expand(10, 8))
-    torch.testing.assert_close(mean.embedding.weight.detach()[10], old[26])
+    new = new_class_embedder(base, 3, from_rows=[14, 11, 25])
+    assert new.n_classes == 3 and new.null_class == 3 and new.embedding.weight.shape == (4, 8)
+    torch.testing.assert_close(new.embedding.weight.detach(), old[[14, 11, 25, 26]])
+    assert new.embedding.weight.requires_grad and base.embedding.weight.detach().equal(old)  # base untouched
     torch.manual_seed(1)
-    rand = new_class_embedder(base, 10, "random")
+    rand = new_class_embedder(base, 10)
     torch.manual_seed(1)
     torch.testing.assert_close(rand.embedding.weight.detach(), nn.Embedding(11, 8).weight.detach())
-    assert mean.embedding.weight.requires_grad and base.embedding.weight.detach().equal(old)  # base untouched
-    with pytest.raises(ValueError, match="init must be one of"):
-        new_class_embedder(base, 10, "zeros")
+    for bad in ([1, 2], [1, 2, 26]):  # one row per new class, of the base's classes (not its null row)
+        with pytest.raises(ValueError, match="from_rows must give 3 rows"):
+            new_class_embedder(base, 3, from_rows=bad)
 
 
 def test_unconditional_gives_no_context():

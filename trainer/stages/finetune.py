@@ -261,6 +261,18 @@ class DPSession:
         return (out.float() - target[rows].to(out.device)).pow(2).flatten(1).mean(dim=1)
 
 
+def _base_rows(names: list | None, meta: dict, base_dir: Path) -> list[int] | None:
+    """Rows of the base's class embedder named by ``finetune.new_class_from`` (public class names)."""
+    if names is None:
+        return None
+    public = [str(x) for x in meta.get("label_names") or []]
+    unknown = [str(x) for x in names if str(x) not in public]
+    if unknown:
+        raise ConfigError(f"finetune.new_class_from: {', '.join(map(repr, unknown))} not among the classes of the "
+                          f"base {base_dir} ({', '.join(public) or 'it records no class names'})")
+    return [public.index(str(x)) for x in names]
+
+
 def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: Path,
              seed: int | None = None) -> DPSession:
     """Load the base and the plan; build engine, sampler, ledger and optimizer.
@@ -303,7 +315,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
             raise ConfigError(f"finetune.new_class_embedder: the base ({base_dir}) is conditioned by "
                               f"{type(ldm.cond_stage_model).__name__}, not by class labels")
         torch.manual_seed(cfg.seed)  # public initialisation of the fresh embedder (the same on every rank)
-        ldm.cond_stage_model = new_class_embedder(ldm.cond_stage_model, ft.new_class_embedder, ft.new_class_init)
+        ldm.cond_stage_model = new_class_embedder(ldm.cond_stage_model, ft.new_class_embedder,
+                                                  _base_rows(ft.new_class_from, meta, base_dir))
     try:
         selection = select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers, ft.lora_rank,
                                      ft.lora_alpha)
