@@ -46,7 +46,7 @@ from trainer.distributed.run import DistributedRun, _free_port, launch
 from trainer.distributed.single import SingleProcess
 from trainer.distributed.sharded_adamw import ShardedAdamW
 
-__all__ = ["CHECKPOINTS", "DEEPSPEED_CONFIGS", "EMA_FILE", "DEFAULT_DEEPSPEED_CONFIG", "LATEST", "STATE_FILE", "WEIGHTS_FILE",
+__all__ = ["CHECKPOINTS", "DEEPSPEED_CONFIGS", "DEFAULT_DEEPSPEED_CONFIG", "EMA_FILE", "LATEST", "STATE_FILE", "WEIGHTS_FILE",
            "Checkpoint", "DeepSpeedSettings", "DistributedRun", "FrozenPartition", "ShardedAdamW", "SingleProcess", "TrainState",
            "_free_port", "check_deepspeed_config", "frozen_subtrees", "launch", "load_deepspeed_config",
            "load_trainable", "resolve_deepspeed_config"]

@@ -63,8 +63,6 @@ def load_trainable(path: Path, trainable: dict[str, nn.Parameter]) -> None:
             p.copy_(weights[name])
 
 
-
-
 def load_ema(path: Path, state: TrainState) -> None:
     """Restore the EMA of a resumed run from ``path``; refuse a run whose EMA setting changed, so the
     result file (the EMA, when present) always belongs to the steps the run took."""

