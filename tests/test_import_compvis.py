@@ -141,7 +141,7 @@ def test_imported_checkpoint_samples_like_the_original_code(compvis, tmp_path, m
                  "--out", str(tmp_path / "s2")]) == 0
 
 
-def test_dp_finetune_on_an_imported_base(compvis, tmp_path, monkeypatch):
+def test_dp_finetune_on_an_imported_base(compvis, tmp_path, monkeypatch, capsys):
     """A short DP fine-tune with finetune.base = the imported folder; then the run is moved and sampled,
     and its MLflow run holds the weights and a logged model that samples by run id."""
     import mlflow
@@ -153,6 +153,12 @@ def test_dp_finetune_on_an_imported_base(compvis, tmp_path, monkeypatch):
     overrides = [f"finetune.base={base}", "experiment=on-imported", "data.private.num_examples=200",
                  "finetune.steps=2", "finetune.expected_batch_size=20", "finetune.physical_batch_size=20",
                  "finetune.checkpoint_every=1", "sample.ddim_steps=2", "sample.num_per_class=1"]
+    # the demo's digit rows start from letters; this base's classes are 0-3
+    argv = ["finetune", "--config", "demo", "--output-dir", str(tmp_path / "runs"), *overrides]
+    assert main(argv) == 2
+    assert "finetune.new_class_from: 'o', 'l'" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "on-imported" / "finetune" / "finetuned.safetensors").exists()
+    overrides.append("finetune.new_class_from=[0,1,2,3,0,1,2,3,0,1]")
     assert main(["finetune", "--config", "demo", "--output-dir", str(tmp_path / "runs"), *overrides]) == 0
     run_dir = tmp_path / "runs" / "on-imported" / "finetune"
     ft = json.loads((run_dir / "finetune.json").read_text())
