@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from trainer.config import ConfigError
 from trainer.io import load_safetensors
@@ -52,8 +53,8 @@ class Checkpoint:
     steps_charged: int = 0               # the ledger's count when the checkpoint was written
 
 
-def load_trainable(path: Path, trainable: dict[str, nn.Parameter]) -> None:
-    """Copy the weights saved in ``path`` into the trained parameters (same names, all of them)."""
+def load_trainable(path: Path, trainable: Mapping[str, Tensor]) -> None:
+    """Copy the weights saved in ``path`` into the trained parameters, or their EMA (same names, all of them)."""
     weights = load_safetensors(path).state_dict
     if set(weights) != set(trainable):
         raise ValueError(f"{path}: the saved parameters differ from this run's trained ones "
@@ -74,7 +75,4 @@ def load_ema(path: Path, state: TrainState) -> None:
     if not path.is_file():
         raise ConfigError(f"{path}: missing, but finetune.ema_decay is set: the run was started without it (or "
                           "the file was lost); resume it with its own settings, or start another run (finetune.name=...)")
-    weights = load_safetensors(path).state_dict
-    if set(weights) != set(state.ema.shadow):
-        raise ValueError(f"{path}: the averaged parameters differ from this run's trained ones")
-    state.ema.load_state_dict(weights)
+    load_trainable(path, state.ema.shadow)
