@@ -26,3 +26,22 @@ def test_config_builds(name):
     mean, _ = ae.encode(x)
     assert mean.shape[1] == cfg.ldm.unet["in_channels"]  # the UNet takes the autoencoder's latents
     assert mean.shape[-1] == cfg.ldm.unet["image_size"]
+
+
+def test_the_demo_fine_tunes_the_decoders_attention_and_the_embedder():
+    """The demo's trainable set (finetune.attention_from 4): every SpatialTransformer of the UNet's output
+    blocks and the class embedder, nothing in the encoder or the middle block."""
+    from trainer.models import SpatialTransformer
+    from trainer.selection import select_trainable
+    from trainer.stages.common import build_ldm
+    cfg = load_config("demo")
+    with torch.device("meta"):
+        ldm = build_ldm(cfg)
+    select_trainable(ldm, cfg.finetune.policy, cfg.finetune.attention_from)
+    blocks = [n for n, m in ldm.unet.named_modules() if isinstance(m, SpatialTransformer)]
+    decoder = [n for n in blocks if n.startswith("output_blocks.")]
+    assert len(blocks) == 7 and len(decoder) == 4
+    trained = {n for n, p in ldm.named_parameters() if p.requires_grad}
+    expected = {f"unet.{n}" for b in decoder for n, _ in ldm.unet.get_submodule(b).named_parameters(prefix=b)}
+    expected |= {f"cond_stage_model.{n}" for n, _ in ldm.cond_stage_model.named_parameters()}
+    assert trained == expected
