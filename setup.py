@@ -19,8 +19,9 @@ CORE = [
 ]
 
 EXTRAS = {
-    # the text conditioner's backbone (MiniLM) is loaded by local path through transformers
-    "text": ["transformers>=4.40"],
+    # the text conditioner's backbone (MiniLM) is loaded by local path through transformers; 5.25 requires
+    # the `kernels` distribution, whose import name this project's kernels/ package shadows
+    "text": ["transformers>=4.40,<5.25"],
     "test": ["pytest>=8", "einops>=0.7"],
     "eval": ["scipy>=1.11", "matplotlib>=3.8"],
     "gpu": ["xformers"],
