@@ -329,7 +329,8 @@ def test_label_names_never_come_from_private_labels():
     assert finetune.label_names(cfg, ["zero", "one"]) == (["zero", "one"], "the data source's declared classes")
     names, source = finetune.label_names(cfg, [])
     assert names == [str(i) for i in range(10)] and "new_class_embedder" in source
-    names, source = finetune.label_names(load_config("demo", ["finetune.new_class_embedder=null", "finetune.new_class_from=null"]), [])
+    names, source = finetune.label_names(
+        load_config("demo", ["finetune.new_class_embedder=null", "finetune.new_class_from=null"]), [])
     assert len(names) == 26 and "n_classes" in source
 
 
