@@ -21,7 +21,6 @@ WORKDIR /opt/dpldm
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
 COPY setup.py requirements-offline.txt ./
 COPY trainer ./trainer
-COPY kernels ./kernels
 COPY configs ./configs
 COPY launch ./launch
 # editable: configs/ stays next to the package; the gpu extra is xformers, pinned to a release for torch >= 2.10

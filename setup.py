@@ -19,9 +19,8 @@ CORE = [
 ]
 
 EXTRAS = {
-    # the text conditioner's backbone (MiniLM) is loaded by local path through transformers; 5.25 requires
-    # the `kernels` distribution, whose import name this project's kernels/ package shadows
-    "text": ["transformers>=4.40,<5.25"],
+    # the text conditioner's backbone (MiniLM) is loaded by local path through transformers
+    "text": ["transformers>=4.40"],
     "test": ["pytest>=8", "einops>=0.7"],
     "eval": ["scipy>=1.11", "matplotlib>=3.8"],
     "gpu": ["xformers"],
@@ -31,7 +30,7 @@ setup(
     name="dpldm",
     version="0.1.0",
     description="Differentially private latent diffusion models: pretraining, DP-SGD fine-tuning, sampling",
-    packages=find_packages(include=["trainer", "trainer.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["trainer", "trainer.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,

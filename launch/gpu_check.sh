@@ -42,7 +42,7 @@ echo "== 1. kernel and engine-on-Triton tests"
 timeout "$TEST_TIMEOUT" "$PYTHON" -m pytest -q tests/test_kernels.py tests/test_engine_triton.py
 
 echo "== 2. kernel benchmark"
-timeout "$BENCH_TIMEOUT" "$PYTHON" -m kernels.bench --out "$OUT_DIR/kernel-bench-$gpu_slug.md"
+timeout "$BENCH_TIMEOUT" "$PYTHON" -m trainer.kernels.bench --out "$OUT_DIR/kernel-bench-$gpu_slug.md"
 
 echo "== 3. DP step benchmark"
 timeout "$BENCH_TIMEOUT" "$PYTHON" bench/bench_dp_step.py --device cuda --batch 64 --repeats 10 \

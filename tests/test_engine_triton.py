@@ -11,7 +11,7 @@ import textwrap
 SCRIPT = textwrap.dedent(r'''
     import torch, torch.nn.functional as F
     from torch import nn
-    import kernels.triton_norms as tn, kernels.triton_clipped_grad as tc
+    import trainer.kernels.triton_norms as tn, trainer.kernels.triton_clipped_grad as tc
     from trainer.privacy import DPGradientEngine
 
     calls = {"norms": 0, "grad": 0}

@@ -1,10 +1,12 @@
-"""Triton kernels and torch references of ``kernels`` against brute-force per-example math.
+"""Triton kernels and torch references of ``trainer.kernels`` against brute-force per-example math.
 
 Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be switched
 on before Triton is first imported (hence the environment line above the imports). On a
 GPU machine the same tests run compiled kernels on CUDA tensors.
 """
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -14,9 +16,9 @@ if DEVICE == "cpu":
 
 import pytest  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import reference, triton_clipped_grad, triton_norms  # noqa: E402
-from kernels.backend import resolve_backend  # noqa: E402
+from trainer import kernels  # noqa: E402
+from trainer.kernels import reference, triton_clipped_grad, triton_norms  # noqa: E402
+from trainer.kernels.backend import resolve_backend  # noqa: E402
 
 BACKENDS = ["triton", "torch"]
 HALF = [torch.bfloat16, torch.float16]
@@ -183,3 +185,10 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="clip_factors"):
         kernels.clipped_linear_grad(a, g, torch.ones(3))
 
+
+
+def test_the_project_does_not_shadow_the_kernels_distribution():
+    """A top-level ``kernels`` package here hides HuggingFace's, which transformers >= 5.25 imports."""
+    spec = importlib.util.find_spec("kernels")
+    repo = Path(__file__).resolve().parents[1]
+    assert spec is None or Path(spec.origin).resolve().parents[1] != repo, spec.origin

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kernels import reference
-from kernels.backend import (
+from trainer.kernels import reference
+from trainer.kernels.backend import (
     check_clip_factors,
     check_linear_inputs,
     check_method,
     resolve_backend,
 )
-from kernels.reference import as_sequence, ghost_is_cheaper
+from trainer.kernels.reference import as_sequence, ghost_is_cheaper
 
 
 def per_sample_linear_sqnorms(
@@ -31,7 +31,7 @@ def per_sample_linear_sqnorms(
     check_method(method)
     if resolve_backend(backend, activations.device) == "torch":
         return reference.per_sample_linear_sqnorms(activations, grad_outputs, method=method, bias=bias)
-    from kernels import triton_norms
+    from trainer.kernels import triton_norms
 
     a, g = as_sequence(activations), as_sequence(grad_outputs)
     if method == "auto":
@@ -57,6 +57,6 @@ def clipped_linear_grad(
     check_clip_factors(clip_factors, activations.shape[0])
     if resolve_backend(backend, activations.device) == "torch":
         return reference.clipped_linear_grad(activations, grad_outputs, clip_factors, bias)
-    from kernels import triton_clipped_grad
+    from trainer.kernels import triton_clipped_grad
 
     return triton_clipped_grad.clipped_grad(as_sequence(activations), as_sequence(grad_outputs), clip_factors, bias)

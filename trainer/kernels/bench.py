@@ -1,6 +1,6 @@
 """Benchmark of the DP kernels against their torch references and a non-private GEMM.
 
-    python -m kernels.bench [--out FILE] [--reps N]
+    python -m trainer.kernels.bench [--out FILE] [--reps N]
 
 Shapes are those of the attention layers of Stable-Diffusion-sized UNets (d = 320..1280,
 T = 77..4096 tokens, B = 1..64), a reduced grid on CPU. Every figure comes from this run:
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+from trainer import kernels
 
 # (B, T, d_in, d_out): self-attention projections at each UNet level, cross-attention K/V
 # from a 768-d text context, the feed-forward GEGLU input, and a T = 1 embedder layer

@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.backend import HALF_DTYPES, num_sms, triton_interpreting
-from kernels.triton_common import dot_f32
-from kernels.tiling import block_for_length, cdiv, launch_options
+from trainer.kernels.backend import HALF_DTYPES, num_sms, triton_interpreting
+from trainer.kernels.triton_common import dot_f32
+from trainer.kernels.tiling import block_for_length, cdiv, launch_options
 
 # Sizes are runtime arguments, so one compiled kernel serves every shape; strides stay
 # specialised (Triton's divisibility hints give aligned, vectorised loads).

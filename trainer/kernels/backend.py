@@ -2,7 +2,7 @@
 
 Triton is imported lazily, on the first call that runs a kernel: ``TRITON_INTERPRET=1``
 (Triton's CPU interpreter, used by the tests) only takes effect if it is set before
-Triton is first imported, so importing ``kernels`` must not import Triton.
+Triton is first imported, so importing ``trainer.kernels`` must not import Triton.
 """
 from __future__ import annotations
 
