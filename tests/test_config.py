@@ -28,6 +28,10 @@ def test_demo_config_loads_with_compvis_names():
     ("ldm.unet.out_channels=8", "ldm.unet.out_channels"),
     ("data.public.fonts=comic-sans", "data.public.fonts"),
     ("data.public.elastic=-2", "data.public.elastic"),
+    ("sweep=[{epsilon: 0}]", "sweep[0].epsilon"),
+    ("sweep=[{epsilon: 1, steps: 2.5}]", "sweep[0].steps"),
+    ("sweep=[{epsilon: 1, lr: 0.1}]", "sweep[0]"),
+    ("sweep=[3]", "sweep[0]"),
 ])
 def test_bad_values_name_file_and_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -45,3 +45,23 @@ def test_the_demo_fine_tunes_the_decoders_attention_and_the_embedder():
     expected = {f"unet.{n}" for b in decoder for n, _ in ldm.unet.get_submodule(b).named_parameters(prefix=b)}
     expected |= {f"cond_stage_model.{n}" for n, _ in ldm.cond_stage_model.named_parameters()}
     assert trained == expected
+
+
+def test_the_demo_sweep_gives_each_budget_its_own_step_count():
+    """`dpldm demo`'s extra budgets: epsilon 1 with the sweep's 400 steps by default; --also-epsilon budgets
+    without a sweep entry keep finetune.steps; an explicit finetune.steps (as --quick sets) wins."""
+    from trainer.config import QUICK_DEMO
+    from trainer.stages.demo import sweep_configs
+    cfg = load_config("demo")
+
+    def runs(overrides, epsilons):
+        base = load_config("demo", overrides)
+        return [(c.finetune.name, c.finetune.epsilon, c.finetune.steps)
+                for c in sweep_configs(base, "demo", overrides, epsilons)]
+    assert cfg.finetune.steps == 200
+    assert runs([], None) == [("eps1", 1.0, 400)]
+    assert runs([], [1.0, 3.0]) == [("eps1", 1.0, 400), ("eps3", 3.0, 200)]
+    assert runs([], []) == []
+    assert runs(QUICK_DEMO, None) == [("eps1", 1.0, 4)]
+    assert runs(["finetune.epsilon=1"], None) == []  # the main run is that budget already
+    assert sweep_configs(load_config("demo-text"), "demo-text", [], None) == []

@@ -170,6 +170,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"                # auto (CUDA when visible, else CPU) | cpu | cuda | cuda:N
     precision: str = "fp32"             # fp32 | bf16 (autocast; DP norms, clipping and noise stay float32)
+    # the other budgets `dpldm demo` fine-tunes over the same base: [{epsilon: E, steps: S (optional)}, ...]
+    sweep: list = field(default_factory=list)
     source_file: Optional[str] = None  # set by the loader
 
     def to_dict(self) -> dict:
@@ -305,6 +307,14 @@ def _validate(cfg: Config) -> None:
     if ft.deepspeed_config is not None:  # its contents are checked when fine-tuning starts (trainer.distributed.deepspeed_config)
         check(ft.deepspeed_config.strip() != "", "finetune.deepspeed_config",
               "must name a DeepSpeed JSON file (a path, or a name in configs/deepspeed/ such as zero3)")
+    for i, entry in enumerate(cfg.sweep):
+        check(isinstance(entry, dict) and "epsilon" in entry and set(entry) <= {"epsilon", "steps"}, f"sweep[{i}]",
+              f"must be a mapping with epsilon and optionally steps, got {entry!r}")
+        eps, steps = entry["epsilon"], entry.get("steps", 1)
+        check(isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps <= MAX_EPSILON,
+              f"sweep[{i}].epsilon", f"must be a number in (0, {MAX_EPSILON:g}], got {eps!r}")
+        check(isinstance(steps, int) and not isinstance(steps, bool) and steps > 0, f"sweep[{i}].steps",
+              f"must be an integer > 0, got {steps!r}")
     for key in ("in_channels", "out_channels"):  # the LDM denoises the autoencoder's latents
         channels = cfg.ldm.unet.get(key)
         check(channels is None or channels == cfg.autoencoder.embed_dim, f"ldm.unet.{key}",

@@ -7,8 +7,9 @@ and the privacy report. ``--quick`` is a one-minute smoke run of the same stages
 and fewer steps (its numbers mean nothing). ``--text`` runs the same pipeline text-conditioned
 (configs/demo-text.yaml): captioned letters and digits written as webdataset shards, the frozen
 MiniLM encoder, samples and evaluation from public prompts. After the main fine-tune, the demo
-fine-tunes the same pretrained base again at each ``--also-epsilon`` (default 1; none with
-``--text``), evaluates it, and prints the quality-vs-epsilon table and plot (``dpldm compare``).
+fine-tunes the same pretrained base again at each budget of the config's ``sweep`` (the embedded
+default: epsilon 1 with 400 steps; ``--also-epsilon`` gives other budgets), evaluates it, and prints
+the quality-vs-epsilon table and plot (``dpldm compare``).
 """
 from __future__ import annotations
 
@@ -78,18 +79,21 @@ def run_demo(cfg: Config, sweep: Sequence[Config] = ()) -> dict:
             "minutes": (time.time() - t0) / 60}
 
 
-def sweep_configs(cfg: Config, name: str, overrides: list[str], epsilons: Sequence[float]) -> list[Config]:
-    """One config per extra budget: ``cfg``'s overrides plus ``finetune.name=eps<E>``, ``finetune.epsilon=E``.
+def sweep_configs(cfg: Config, name: str, overrides: list[str], epsilons: Sequence[float] | None) -> list[Config]:
+    """One config per extra budget, over the same base: ``epsilons`` (default: those of ``cfg.sweep``).
 
-    Loaded (and so validated) before anything runs: a bad epsilon refuses the demo with nothing written.
+    A budget's run is named ``eps<E>``; its step count is that of the ``sweep`` entry with the same
+    epsilon, if any, unless ``overrides`` set ``finetune.steps`` (``--quick`` does). Loaded (and so
+    validated) before anything runs: a bad epsilon refuses the demo with nothing written.
     """
+    steps = {float(entry["epsilon"]): entry.get("steps") for entry in cfg.sweep}
     out = []
-    for eps in epsilons:
-        extra = [f"finetune.name=eps{eps:g}", f"finetune.epsilon={eps!r}", "finetune.noise_multiplier=null"]
-        other = load_config(name, overrides + extra)
-        if other.finetune.name == cfg.finetune.name and other.finetune.epsilon == cfg.finetune.epsilon:
+    for eps in (list(steps) if epsilons is None else epsilons):
+        if eps == cfg.finetune.epsilon:  # the main run is that budget already
             continue
-        out.append(other)
+        own = [f"finetune.steps={steps[eps]}"] if steps.get(eps) else []
+        extra = [f"finetune.name=eps{eps:g}", f"finetune.epsilon={eps!r}", "finetune.noise_multiplier=null"]
+        out.append(load_config(name, own + overrides + extra))
     return out
 
 
@@ -110,8 +114,7 @@ def main(args: argparse.Namespace) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     name = args.config or ("demo-text" if args.text else "demo")
     cfg = load_config(name, overrides)
-    epsilons = args.also_epsilon if args.also_epsilon is not None else ([] if args.text else [1.0])
-    out = run_demo(cfg, sweep_configs(cfg, name, overrides, epsilons))
+    out = run_demo(cfg, sweep_configs(cfg, name, overrides, args.also_epsilon))
     what = "prompted digits" if args.text else "digits"
     print("\n== DP-LDM demo finished in {:.1f} min ==".format(out["minutes"]))
     print(f"public letters, pretrained LDM samples: {out['ldm'] / 'samples.png'}")
@@ -144,6 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--also-epsilon", type=epsilon_list, metavar="EPS[,EPS...]",
                    help="after the main fine-tune, DP fine-tune the same pretrained base at each EPS too "
                         "(folder finetune-eps<EPS>), evaluate it and print the accuracy-vs-epsilon table "
-                        "(default: 1; none with --text; 'none': no extra run)")
+                        "(default: the config's sweep, for the embedded demo 1 with 400 steps; none with "
+                        "--text; 'none': no extra run)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(func=main)
