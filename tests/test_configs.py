@@ -65,3 +65,6 @@ def test_the_demo_sweep_gives_each_budget_its_own_step_count():
     assert runs(QUICK_DEMO, None) == [("eps1", 1.0, 4)]
     assert runs(["finetune.epsilon=1"], None) == []  # the main run is that budget already
     assert sweep_configs(load_config("demo-text"), "demo-text", [], None) == []
+    gpu = load_config("mnist")  # the GPU config's second budget keeps its own finetune.steps
+    assert [(c.finetune.name, c.finetune.epsilon, c.finetune.steps) for c in sweep_configs(gpu, "mnist", [], None)] \
+        == [("eps1", 1.0, gpu.finetune.steps)]

@@ -83,6 +83,8 @@ def test_the_scaled_config_runs_at_tiny_size(tmp_path):
     cfg = load_config("mnist")
     assert report["noise_multiplicity"] == cfg.finetune.noise_multiplicity == 4
     assert 0 < report["epsilon"] <= cfg.finetune.epsilon
+    report1 = json.loads((ft.parent / "finetune-eps1" / "privacy-report.json").read_text())  # its sweep
+    assert 0 < report1["epsilon"] <= 1.0
     latents = load_config(str(tmp_path / "runs" / "demo-quick" / "ldm" / "config.yaml")).ldm.unet
     assert latents["image_size"] == 8 and latents == cfg.ldm.unet  # the scaled UNet, unchanged
 
