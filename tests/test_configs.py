@@ -48,23 +48,23 @@ def test_the_demo_fine_tunes_the_decoders_attention_and_the_embedder():
 
 
 def test_the_demo_sweep_gives_each_budget_its_own_step_count():
-    """`dpldm demo`'s extra budgets: epsilon 1 with the sweep's 400 steps by default; --also-epsilon budgets
-    without a sweep entry keep finetune.steps; an explicit finetune.steps (as --quick sets) wins."""
+    """`dpldm demo`'s extra budgets: the config's sweep (epsilon 1 for the demo), each with the steps of its
+    entry or else finetune.steps; --also-epsilon budgets take a matching entry's steps; an explicit
+    finetune.steps (as --quick sets) wins."""
     from trainer.config import QUICK_DEMO
     from trainer.stages.demo import sweep_configs
-    cfg = load_config("demo")
 
-    def runs(overrides, epsilons):
-        base = load_config("demo", overrides)
+    def runs(overrides, epsilons=None, name="demo"):
+        cfg = load_config(name, overrides)
         return [(c.finetune.name, c.finetune.epsilon, c.finetune.steps)
-                for c in sweep_configs(base, "demo", overrides, epsilons)]
-    assert cfg.finetune.steps == 200
-    assert runs([], None) == [("eps1", 1.0, 400)]
-    assert runs([], [1.0, 3.0]) == [("eps1", 1.0, 400), ("eps3", 3.0, 200)]
-    assert runs([], []) == []
-    assert runs(QUICK_DEMO, None) == [("eps1", 1.0, 4)]
-    assert runs(["finetune.epsilon=1"], None) == []  # the main run is that budget already
-    assert sweep_configs(load_config("demo-text"), "demo-text", [], None) == []
-    gpu = load_config("mnist")  # the GPU config's second budget keeps its own finetune.steps
-    assert [(c.finetune.name, c.finetune.epsilon, c.finetune.steps) for c in sweep_configs(gpu, "mnist", [], None)] \
-        == [("eps1", 1.0, gpu.finetune.steps)]
+                for c in sweep_configs(cfg, name, overrides, epsilons)]
+    steps = load_config("demo").finetune.steps
+    assert runs([]) == [("eps1", 1.0, steps)]
+    own = ["sweep=[{epsilon: 1, steps: 30}, {epsilon: 2}]"]
+    assert runs(own) == [("eps1", 1.0, 30), ("eps2", 2.0, steps)]
+    assert runs(own, [1.0, 3.0]) == [("eps1", 1.0, 30), ("eps3", 3.0, steps)]
+    assert runs(own, []) == []
+    assert runs(QUICK_DEMO + own) == [("eps1", 1.0, 4), ("eps2", 2.0, 4)]
+    assert runs(["finetune.epsilon=1"]) == []  # the main run is that budget already
+    assert runs([], name="demo-text") == []
+    assert runs([], name="mnist") == [("eps1", 1.0, load_config("mnist").finetune.steps)]

@@ -8,7 +8,7 @@ and fewer steps (its numbers mean nothing). ``--text`` runs the same pipeline te
 (configs/demo-text.yaml): captioned letters and digits written as webdataset shards, the frozen
 MiniLM encoder, samples and evaluation from public prompts. After the main fine-tune, the demo
 fine-tunes the same pretrained base again at each budget of the config's ``sweep`` (the embedded
-default: epsilon 1 with 400 steps; ``--also-epsilon`` gives other budgets), evaluates it, and prints
+default: epsilon 1; ``--also-epsilon`` gives other budgets), evaluates it, and prints
 the quality-vs-epsilon table and plot (``dpldm compare``).
 """
 from __future__ import annotations
@@ -147,7 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--also-epsilon", type=epsilon_list, metavar="EPS[,EPS...]",
                    help="after the main fine-tune, DP fine-tune the same pretrained base at each EPS too "
                         "(folder finetune-eps<EPS>), evaluate it and print the accuracy-vs-epsilon table "
-                        "(default: the config's sweep, for the embedded demo 1 with 400 steps; none with "
+                        "(default: the budgets of the config's sweep, for the embedded demo 1; none with "
                         "--text; 'none': no extra run)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(func=main)
