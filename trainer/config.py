@@ -298,9 +298,12 @@ def _validate(cfg: Config) -> None:
     check(ft.text_encoder_layers >= 0, "finetune.text_encoder_layers", f"must be >= 0, got {ft.text_encoder_layers}")
     check((ft.epsilon is None) != (ft.noise_multiplier is None), "finetune.epsilon",
           "set exactly one of finetune.epsilon (sigma is calibrated) and finetune.noise_multiplier")
+    def check_epsilon(eps: Any, key: str) -> None:
+        check(isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps <= MAX_EPSILON, key,
+              f"must be in (0, {MAX_EPSILON:g}] (a finite budget that means something), got {eps!r}")
+
     if ft.epsilon is not None:
-        check(0 < ft.epsilon <= MAX_EPSILON, "finetune.epsilon",
-              f"must be in (0, {MAX_EPSILON:g}] (a finite budget that means something), got {ft.epsilon}")
+        check_epsilon(ft.epsilon, "finetune.epsilon")
     if ft.noise_multiplier is not None:
         check(0 < ft.noise_multiplier < float("inf"), "finetune.noise_multiplier",
               f"must be a finite number > 0, got {ft.noise_multiplier}")
@@ -310,9 +313,8 @@ def _validate(cfg: Config) -> None:
     for i, entry in enumerate(cfg.sweep):
         check(isinstance(entry, dict) and "epsilon" in entry and set(entry) <= {"epsilon", "steps"}, f"sweep[{i}]",
               f"must be a mapping with epsilon and optionally steps, got {entry!r}")
-        eps, steps = entry["epsilon"], entry.get("steps", 1)
-        check(isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps <= MAX_EPSILON,
-              f"sweep[{i}].epsilon", f"must be a number in (0, {MAX_EPSILON:g}], got {eps!r}")
+        check_epsilon(entry["epsilon"], f"sweep[{i}].epsilon")
+        steps = entry.get("steps", 1)
         check(isinstance(steps, int) and not isinstance(steps, bool) and steps > 0, f"sweep[{i}].steps",
               f"must be an integer > 0, got {steps!r}")
     for key in ("in_channels", "out_channels"):  # the LDM denoises the autoencoder's latents
