@@ -11,8 +11,9 @@ is repeated with ``--seeds`` classifier seeds (mean and spread reported). Rows:
 - one per ``--finetune`` run: ``--per-class`` samples per class from the fine-tuned model
   (``sample.*`` settings of its config, or ``--guidance``/``--ddim-steps``), with its epsilon;
 - one per ``--nonprivate`` run: the same fine-tuning as that finetune run (its base, policy,
-  fresh embedder, AdamW, lr, steps, expected batch size, noise multiplicity) with no clipping and
-  no noise (uniform batches), sampled and scored the same way: the ceiling of DP fine-tuning.
+  fresh embedder and its initial rows, AdamW, lr and its schedule, condition dropout, steps,
+  expected batch size, noise multiplicity) with no clipping and no noise (uniform batches),
+  sampled and scored the same way: the ceiling of DP fine-tuning.
 
 With ``--fid``, every row also gets its FID against the 10,000 test digits (TF-Inception; the
 test split's features are computed once and cached).
@@ -76,18 +77,20 @@ def nonprivate_finetune(run: str | Path, seed: int = 0):
     """The fine-tuning of the finetune run folder ``run`` redone without DP -> (ldm, autoencoder, meta, config)."""
     from tqdm import tqdm
 
-    from trainer.models import ClassEmbedder
+    from trainer.models import new_class_embedder
     from trainer.selection import select_trainable
+    from trainer.stages.finetune import base_rows, cond_drop_prob, learning_rate, set_learning_rate
     run = Path(run)
     cfg = load_config(str(run / "config.yaml"))
     ft_meta = json.loads((run / "finetune.json").read_text())
-    ldm, autoencoder, meta, _ = load_pipeline(resolve_recorded(ft_meta["base"], run))
-    meta = {**meta, "label_names": ft_meta.get("label_names") or meta["label_names"]}
+    base_dir = resolve_recorded(ft_meta["base"], run)
+    ldm, autoencoder, base_meta, _ = load_pipeline(base_dir)
+    meta = {**base_meta, "label_names": ft_meta.get("label_names") or base_meta["label_names"]}
     ft = cfg.finetune
     torch.manual_seed(cfg.seed)
-    if ft.new_class_embedder:
-        dim = ldm.cond_stage_model.embedding.embedding_dim
-        ldm.cond_stage_model = ClassEmbedder(embed_dim=dim, n_classes=ft.new_class_embedder)
+    if ft.new_class_embedder:  # as the DP run: its public initialisation (new_class_from rows or random)
+        ldm.cond_stage_model = new_class_embedder(ldm.cond_stage_model, ft.new_class_embedder,
+                                                  base_rows(ft.new_class_from, base_meta, base_dir))
     select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers, ft.lora_rank, ft.lora_alpha)
     params = [p for p in ldm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=ft.lr, weight_decay=ft.weight_decay)
@@ -96,11 +99,12 @@ def nonprivate_finetune(run: str | Path, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     batch = round(ft.expected_batch_size)
     ldm.train()
-    for _ in tqdm(range(ft.steps), desc="non-private fine-tuning"):
+    for step in tqdm(range(ft.steps), desc="non-private fine-tuning"):
+        set_learning_rate(optimizer, learning_rate(ft, step))
         idx = torch.randint(0, len(mean), (batch,), generator=g)
         z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
         conds = ldm.drop_conditions(conditions(cfg.ldm.conditioner.type, private.labels[idx], None),
-                                    cfg.ldm.train.cond_drop_prob, g)
+                                    cond_drop_prob(cfg), g)
         loss = ldm.loss(z0 * ldm.scale_factor, conds, g, multiplicity=ft.noise_multiplicity).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--ddim-steps", type=int, help="override sample.ddim_steps of the fine-tuned runs")
     parser.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
     parser.add_argument("--fid", action="store_true", help="also the FID of every row against the test split")
+    parser.add_argument("--no-ceilings", action="store_true",
+                        help="leave out the real and autoencoder rows (when they were measured already)")
     parser.add_argument("--out", help="write the markdown table here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -140,11 +146,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     private = load_image_source(cfg.data.private, "data.private")
     idx = torch.from_numpy(balanced(private.labels.numpy(), args.per_class, seed=0))
     real, labels = private.images[idx], private.labels[idx].numpy()
-    add("real", to_uint8(real), labels, f"MNIST {cfg.data.private.split} digits (non-private ceiling of the classifier)")
-    autoencoder, _ = load_autoencoder(args.ae)
-    add("autoencoder", to_uint8(reconstruct(autoencoder, real)), labels,
-        f"reconstructions by {args.ae} (latent {cfg.autoencoder.embed_dim} channels, f = "
-        f"{2 ** (len(cfg.autoencoder.ddconfig['ch_mult']) - 1)})")
+    if not args.no_ceilings:
+        add("real", to_uint8(real), labels,
+            f"MNIST {cfg.data.private.split} digits (non-private ceiling of the classifier)")
+        autoencoder, _ = load_autoencoder(args.ae)
+        add("autoencoder", to_uint8(reconstruct(autoencoder, real)), labels,
+            f"reconstructions by {args.ae} (latent {cfg.autoencoder.embed_dim} channels, f = "
+            f"{2 ** (len(cfg.autoencoder.ddconfig['ch_mult']) - 1)})")
 
     runs = [(run, False) for run in args.finetune] + [(run, True) for run in args.nonprivate]
     for run, nonprivate in runs:

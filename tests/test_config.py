@@ -23,6 +23,8 @@ def test_demo_config_loads_with_compvis_names():
     ("autoencoder.train.steps=abc", "autoencoder.train.steps"),
     ("finetune.policy=everything", "finetune.policy"),
     ("finetune.new_class_from=[a,b]", "finetune.new_class_from"),  # 2 names for 10 new classes
+    ("finetune.lr_schedule=linear", "finetune.lr_schedule"),
+    ("finetune.cond_drop_prob=1.5", "finetune.cond_drop_prob"),
     ("data.public=3", "data.public"),
     ("autoencoder.embed_dim=8", "ldm.unet.in_channels"),  # the LDM's channels are the latent's
     ("ldm.unet.out_channels=8", "ldm.unet.out_channels"),

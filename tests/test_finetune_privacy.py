@@ -261,6 +261,35 @@ def test_ema_of_the_dp_steps_is_the_sampled_result_and_its_setting_cannot_change
 
 
 @pytest.mark.slow
+def test_the_cosine_schedule_continues_after_a_resume_and_the_runs_own_condition_dropout_applies(base, monkeypatch, capsys):
+    """finetune.lr_schedule and finetune.cond_drop_prob (the fine-tuning's own, not the base's) are applied."""
+    import os
+    import signal
+
+    from trainer.pipeline import LatentDiffusion
+    real_step, real_drop = finetune.SingleProcess.train_step, LatentDiffusion.drop_conditions
+    seen, drops = [], set()
+    monkeypatch.setattr(LatentDiffusion, "drop_conditions",
+                        lambda self, conds, prob, *a: drops.add(prob) or real_drop(self, conds, prob, *a))
+
+    def train_step(self, engine, optimizer, *a, **kw):
+        seen.append(optimizer.param_groups[0]["lr"])
+        if len(seen) == 2:  # Ctrl-C during step 2: it finishes, is checkpointed, and the run stops
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, engine, optimizer, *a, **kw)
+
+    monkeypatch.setattr(finetune.SingleProcess, "train_step", train_step)
+    cfg = tiny(base, "cosine", "finetune.lr_schedule=cosine", "finetune.lr=0.01", "finetune.cond_drop_prob=0.25")
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg)
+    finetune.run(cfg)
+    assert "resuming at step 2" in capsys.readouterr().out
+    assert seen == pytest.approx([0.01 * (1 + math.cos(math.pi * k / 3)) / 2 for k in range(3)], rel=1e-12)
+    assert seen[:2] == [0.01, pytest.approx(0.0075)]
+    assert drops == {0.25}
+
+
+@pytest.mark.slow
 def test_bf16_fine_tuning_keeps_the_dp_step_in_float32(base, monkeypatch):
     """precision=bf16: the forward runs under autocast, the engine's self-check passes with its bf16
     tolerance, every released example contribution is clipped in float32 and the run reports as usual."""

@@ -132,8 +132,13 @@ def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path, monkeypa
     assert out.read_text().count("\n| ") == 6  # header, separator, 4 rows
     # the non-private fine-tuning trains exactly the DP run's parameters, and moves them
     from safetensors.torch import load_file
+    import trainer.models
     dp = load_file(str(runs / "finetune" / "finetuned.safetensors"))
+    real_new, from_rows = trainer.models.new_class_embedder, []
+    monkeypatch.setattr(trainer.models, "new_class_embedder", lambda *a: from_rows.append(a[2]) or real_new(*a))
     ldm = bench.nonprivate_finetune(runs / "finetune")[0]
+    letters = json.loads((runs / "ldm" / "ldm.json").read_text())["label_names"]
+    assert from_rows == [[letters.index(c) for c in "olzeysbtgq"]]  # the DP run's public initial rows
     tuned = {n: p for n, p in ldm.named_parameters() if n in dp}
     assert sorted(tuned) == sorted(dp)
     base = bench.load_pipeline(runs / "ldm")[0].state_dict()
@@ -147,6 +152,9 @@ def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path, monkeypa
     assert sorted(torch.from_numpy(labels[idx]).bincount().tolist()) == [3] * 10
     with pytest.raises(ValueError, match="--per-class"):
         bench.balanced(labels, 6, seed=0)
+    rows = bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "finetune"), "--per-class", "4",
+                       "--seeds", "1", "--ddim-steps", "2", "--no-ceilings"])
+    assert [r["row"] for r in rows] == ["finetune"]
 
 
 def test_finetune_refuses_a_base_whose_pretraining_was_interrupted(workdir, monkeypatch, capsys):

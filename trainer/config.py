@@ -128,7 +128,9 @@ class FinetuneConfig:
     steps: int = 100
     physical_batch_size: int = 64
     noise_multiplicity: int = 1          # K (timestep, noise) draws averaged per example before clipping
+    cond_drop_prob: Optional[float] = None  # conditions dropped for classifier-free guidance (None: the base's)
     lr: float = 1e-4
+    lr_schedule: str = "constant"        # constant | cosine (from lr at the first step towards 0 at the last)
     weight_decay: float = 0.0
     ema_decay: Optional[float] = None    # EMA of the trained weights, sampled instead of the last step; None = off
     engine_mode: str = "auto"            # auto | fast | reference
@@ -194,6 +196,7 @@ CHOICES = {
     "ldm.conditioner.type": {"class", "text", "none"},
     "finetune.policy": {"attention", "attention_blocks", "embedder_only", "full", "lora"},
     "finetune.engine_mode": {"auto", "fast", "reference"},
+    "finetune.lr_schedule": {"constant", "cosine"},
     "eval.classifier": {"cnn", "mlp", "logreg"},
     "precision": {"fp32", "bf16"},
 }
@@ -289,6 +292,8 @@ def _validate(cfg: Config) -> None:
     check(ft.expected_batch_size > 0, "finetune.expected_batch_size", f"must be > 0, got {ft.expected_batch_size}")
     check(ft.steps > 0, "finetune.steps", f"must be > 0, got {ft.steps}")
     check(ft.noise_multiplicity >= 1, "finetune.noise_multiplicity", f"must be >= 1, got {ft.noise_multiplicity}")
+    check(ft.cond_drop_prob is None or 0 <= ft.cond_drop_prob <= 1, "finetune.cond_drop_prob",
+          f"must be in [0, 1] or null (the base's ldm.train.cond_drop_prob), got {ft.cond_drop_prob}")
     if ft.new_class_from is not None:
         check(bool(ft.new_class_embedder) and len(ft.new_class_from) == ft.new_class_embedder,
               "finetune.new_class_from", f"needs one base class per new class (finetune.new_class_embedder: "

@@ -51,6 +51,11 @@ class ShardedAdamW:
         with torch.no_grad():
             self.master.copy_(shard.to(self.master.device))
 
+    @property
+    def param_groups(self) -> list[dict]:
+        """The inner AdamW's groups (``lr`` is set there, e.g. by a schedule)."""
+        return self.optimizer.param_groups
+
     def step(self) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         shard_grad = torch.empty(self.shard_size, dtype=torch.float32, device=self.device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Union
 import torch
 from tqdm import tqdm
 
-from trainer.config import MAX_EPSILON, Config, ConfigError
+from trainer.config import MAX_EPSILON, Config, ConfigError, FinetuneConfig
 from trainer.distributed import CHECKPOINTS, EMA_FILE, STATE_FILE, WEIGHTS_FILE, Checkpoint, SingleProcess, TrainState
 from trainer.errors import RunError
 from trainer.io import write_json
@@ -238,7 +239,7 @@ class DPSession:
         z0 = (p.mean[rows] + p.std[rows] * torch.randn(p.mean[rows].shape, generator=g).to(p.mean.device))
         conds = conditions(cfg.ldm.conditioner.type, p.labels[rows],
                            None if p.captions is None else [_pick(p.captions[int(r)], g) for r in rows])
-        conds = self.ldm.drop_conditions(conds, cfg.ldm.train.cond_drop_prob, g)
+        conds = self.ldm.drop_conditions(conds, cond_drop_prob(cfg), g)
         with self.autocast():
             losses = self.ldm.loss(z0 * self.ldm.scale_factor, conds, g, multiplicity=cfg.finetune.noise_multiplicity)
         return losses.float()
@@ -261,7 +262,26 @@ class DPSession:
         return (out.float() - target[rows].to(out.device)).pow(2).flatten(1).mean(dim=1)
 
 
-def _base_rows(names: list | None, meta: dict, base_dir: Path) -> list[int] | None:
+def learning_rate(ft: FinetuneConfig, step: int) -> float:
+    """The learning rate of step ``step`` (0-based) of ``ft.steps``: a function of the step alone, so a
+    resumed run continues the schedule where it stopped."""
+    if ft.lr_schedule == "cosine":
+        return ft.lr * 0.5 * (1.0 + math.cos(math.pi * step / ft.steps))
+    return ft.lr
+
+
+def cond_drop_prob(cfg: Config) -> float:
+    """The conditioning dropout of the DP steps: ``finetune.cond_drop_prob``, else the base's."""
+    ft = cfg.finetune
+    return cfg.ldm.train.cond_drop_prob if ft.cond_drop_prob is None else ft.cond_drop_prob
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def base_rows(names: list | None, meta: dict, base_dir: Path) -> list[int] | None:
     """Rows of the base's class embedder named by ``finetune.new_class_from`` (public class names)."""
     if names is None:
         return None
@@ -316,7 +336,7 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
                               f"{type(ldm.cond_stage_model).__name__}, not by class labels")
         torch.manual_seed(cfg.seed)  # public initialisation of the fresh embedder (the same on every rank)
         ldm.cond_stage_model = new_class_embedder(ldm.cond_stage_model, ft.new_class_embedder,
-                                                  _base_rows(ft.new_class_from, meta, base_dir))
+                                                  base_rows(ft.new_class_from, meta, base_dir))
     try:
         selection = select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers, ft.lora_rank,
                                      ft.lora_alpha)
@@ -442,6 +462,7 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
                 break
             if rt.is_main:
                 write_json(ledger.state_dict(), run_dir / LEDGER_FILE)
+            set_learning_rate(state.optimizer, learning_rate(ft, step))
             metrics = rt.train_step(engine, state.optimizer, next(batches), session.example_losses)
             if state.ema is not None:
                 state.ema.update(state.trainable)
@@ -520,8 +541,9 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
                              entropy_generator() if seed is None else torch.Generator().manual_seed(seed))
     session.ldm.train()
     batches = iter(session.state.sampler)
-    for _ in tqdm(range(ft.steps), desc="audit (DP + canaries)", dynamic_ncols=True):
+    for step in tqdm(range(ft.steps), desc="audit (DP + canaries)", dynamic_ncols=True):
         ledger.record_step()
+        set_learning_rate(optimizer, learning_rate(ft, step))
         for idx in next(batches):
             engine.accumulate(session.example_losses(idx))
         for rows in marks.sample(session.q).split(8):  # chunks: each canary gradient is dense [dim]
