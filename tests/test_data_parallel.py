@@ -58,7 +58,7 @@ def _worker_update(out: str) -> None:
     assert rt.any_rank(rt.rank == 1) and not rt.any_rank(False) and rt.broadcast(10.0 + rt.rank) == 10.0
     if rt.is_main:
         torch.save({k: v.detach() for k, v in model.state_dict().items()}, out)
-    rt.close()
+    rt.close(finished=True)
 
 
 def _run(cmd: list[str], cwd: Path, env_extra: dict | None = None) -> str:
@@ -72,6 +72,36 @@ def _torchrun(nproc: int, *args: str) -> list[str]:
     from trainer.distributed import _free_port
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
             str(_free_port()), *args]
+
+
+def test_a_runtime_waits_for_every_rank_before_leaving_only_when_the_work_finished(monkeypatch):
+    """``with runtime:`` ends in a barrier then the group's teardown on success (no rank tears its
+    connections down while another still writes), and in the teardown alone after an error (the
+    other ranks may never reach a barrier)."""
+    import torch.distributed as dist
+    calls: list[str] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+
+    def joined() -> Runtime:
+        rt = Runtime(rank=1, world_size=2)
+        rt._joined = True
+        return rt
+
+    with joined():
+        pass
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    with pytest.raises(ValueError):
+        with joined():
+            raise ValueError("a rank failed")
+    assert calls == ["destroy"]
+    calls.clear()
+    rt = joined()
+    rt.close(finished=True)
+    rt.close(finished=True)  # leaves once
+    assert calls == ["barrier", "destroy"]
 
 
 def test_two_process_update_equals_the_one_process_update(tmp_path):

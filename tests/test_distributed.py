@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,7 @@ def update_worker(out: Path, deepspeed_config: str) -> None:
     if rt.is_main:
         torch.save({"layout": layout, "steps": steps, "bf16_vs_fp32": updates, "adamw": adamw,
                     "noisy_update": noisy_update}, out)
-    rt.close()
+    rt.close(finished=True)
 
 
 class Interrupted(Exception):
@@ -189,6 +190,24 @@ def _run(cmd: list[str], tmp: Path, timeout: int = 240) -> str:
     return output
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _run_update(world: int, out: Path, tmp: Path) -> None:
+    """The update worker (a pure function of the fixed problem, writing one file), launched once
+    more if a rank aborted in C++ with TEARDOWN_ABORT: a rare crash (once in some hundred launches), where
+    rank 1 died about when the work ends (the ranks now meet at a barrier before leaving the group,
+    see ``Runtime.close``). Any other failure, or the same crash twice, fails the test."""
+    for attempt in (1, 2):
+        try:
+            _run(_torchrun(world, "update", str(out), "zero3"), tmp)
+            return
+        except AssertionError as failure:
+            if attempt == 2 or TEARDOWN_ABORT not in str(failure):
+                raise
+            warnings.warn(f"the {world}-process update worker aborted ({TEARDOWN_ABORT}); launched again")
+
+
 def _free_port() -> str:
     from trainer.distributed import _free_port
     return str(_free_port())
@@ -212,7 +231,7 @@ def updates(tmp_path_factory):
     """The update worker on 1 and on 2 processes (ZeRO-3), and the single-process reference."""
     tmp = tmp_path_factory.mktemp("updates")
     for world in (1, 2):
-        _run(_torchrun(world, "update", str(tmp / f"world{world}.pt"), "zero3"), tmp)
+        _run_update(world, tmp / f"world{world}.pt", tmp)
     from trainer.privacy import DPGradientEngine
     from trainer.distributed import SingleProcess
     cfg, ldm, autoencoder, images, labels, t, noise = tiny_problem()

@@ -168,14 +168,24 @@ class Runtime:
             p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
-    def close(self) -> None:
-        """Leave the process group this runtime joined (no barrier: after an error the other ranks
-        may never arrive)."""
+    def close(self, finished: bool = False) -> None:
+        """Leave the process group this runtime joined. ``finished``: the work ended normally on
+        every rank, so wait at a barrier first and no rank tears its connections down while
+        another still writes or communicates (after an error there is no barrier: the other
+        ranks may never arrive)."""
         if self._joined:
             import torch.distributed as dist
             if dist.is_initialized():
+                if finished:
+                    self.barrier()
                 dist.destroy_process_group()
             self._joined = False
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(finished=exc_type is None)
 
     # ------------------------------------------------------------------ splitting public work
     def per_rank(self, batch_size: int, key: str) -> int:

@@ -267,7 +267,7 @@ def build_conditioner(cfg: Config, n_classes: Optional[int] = None):
 def start_public_stage(cfg: Config, run_dir: Path, batch_size: int, key: str) -> tuple[Runtime, int]:
     """The runtime of a public pretraining stage (several processes under torchrun / deepspeed) and
     this rank's share of the global ``batch_size`` (config key ``key``); rank 0 writes the run's
-    ``config.yaml``. The caller closes the runtime."""
+    ``config.yaml``. The caller closes the runtime (``with rt:``)."""
     rt = Runtime.start(cfg)
     try:
         per_rank = rt.per_rank(batch_size, key)

@@ -158,10 +158,8 @@ def run(cfg: Config, encodings: "EncodingMemo | None" = None) -> Path:
     """
     from trainer.distributed import launch
     runtime = launch(cfg) or SingleProcess(Placement.from_config(cfg))
-    try:
+    with runtime:
         return _finetune(cfg, runtime, encodings)
-    finally:
-        runtime.close()
 
 
 class EncodingMemo(dict):

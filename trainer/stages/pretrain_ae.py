@@ -25,10 +25,8 @@ def run(cfg: Config) -> Path:
     run_dir = stage_dir(cfg, "pretrain-ae")
     tc = cfg.autoencoder.train
     rt, batch_size = start_public_stage(cfg, run_dir, tc.batch_size, "autoencoder.train.batch_size")
-    try:
+    with rt:
         return _train(cfg, rt, run_dir, batch_size)
-    finally:
-        rt.close()
 
 
 def _train(cfg: Config, rt: Runtime, run_dir: Path, batch_size: int) -> Path:

@@ -46,10 +46,8 @@ def run(cfg: Config) -> Path:
     run_dir = stage_dir(cfg, "pretrain-ldm")
     ae_dir = earlier_stage(cfg, "pretrain-ae")
     rt, batch_size = start_public_stage(cfg, run_dir, cfg.ldm.train.batch_size, "ldm.train.batch_size")
-    try:
+    with rt:
         return _train(cfg, rt, run_dir, ae_dir, batch_size)
-    finally:
-        rt.close()
 
 
 def _train(cfg: Config, rt: Runtime, run_dir: Path, ae_dir: Path, batch_size: int) -> Path:
