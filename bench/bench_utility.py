@@ -105,7 +105,7 @@ def nonprivate_finetune(run: str | Path, seed: int = 0):
         z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
         conds = ldm.drop_conditions(conditions(cfg.ldm.conditioner.type, private.labels[idx], None),
                                     cond_drop_prob(cfg), g)
-        loss = ldm.loss(z0 * ldm.scale_factor, conds, g, multiplicity=ft.noise_multiplicity).mean()
+        loss = ldm.loss(z0 * ldm.scale_factor, conds, g, multiplicity=ft.noise_multiplicity, t_range=ft.t_range).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -25,6 +25,10 @@ def test_demo_config_loads_with_compvis_names():
     ("finetune.new_class_from=[a,b]", "finetune.new_class_from"),  # 2 names for 10 new classes
     ("finetune.lr_schedule=linear", "finetune.lr_schedule"),
     ("finetune.cond_drop_prob=1.5", "finetune.cond_drop_prob"),
+    ("finetune.t_range=[500, 2000]", "finetune.t_range"),  # past ldm.schedule.timesteps
+    ("finetune.t_range=[300, 300]", "finetune.t_range"),
+    ("finetune.t_range=[0.2, 1]", "finetune.t_range"),
+    ("finetune.t_range=300", "finetune.t_range"),
     ("data.public=3", "data.public"),
     ("autoencoder.embed_dim=8", "ldm.unet.in_channels"),  # the LDM's channels are the latent's
     ("ldm.unet.out_channels=8", "ldm.unet.out_channels"),

@@ -1,5 +1,6 @@
 """Noise schedule, per-example loss, DDIM sampling."""
 import numpy as np
+import pytest
 import torch
 
 from trainer.diffusion import EMA, NoiseSchedule, ddim_sample, ddim_timesteps, per_example_loss
@@ -38,6 +39,21 @@ def test_multiplicity_averages_draws():
         manual.append(torch.randn(x0.shape, generator=g).pow(2).flatten(1).mean(1))
     got = per_example_loss(model, x0, None, s, torch.Generator().manual_seed(1), multiplicity=4)
     assert torch.allclose(got, torch.stack(manual).mean(0))
+
+
+def test_t_range_draws_timesteps_from_the_range_only():
+    s = NoiseSchedule(100)
+    seen = []
+    model = lambda x, t, c: seen.append(t) or torch.zeros_like(x)  # noqa: E731
+    per_example_loss(model, torch.randn(64, 1, 2, 2), None, s, torch.Generator().manual_seed(0), 3, t_range=(30, 33))
+    drawn = torch.cat(seen)
+    assert len(seen) == 3 and set(drawn.tolist()) == {30, 31, 32}
+    seen.clear()
+    per_example_loss(model, torch.randn(512, 1, 2, 2), None, s, torch.Generator().manual_seed(0))
+    assert seen[0].min() == 0 and seen[0].max() == 99  # default: the whole schedule
+    for bad in ((5, 5), (-1, 10), (0, 101)):
+        with pytest.raises(ValueError, match="t_range"):
+            per_example_loss(model, torch.randn(2, 1, 2, 2), None, s, t_range=bad)
 
 
 def test_ddim_grid_matches_ldm():

@@ -262,15 +262,18 @@ def test_ema_of_the_dp_steps_is_the_sampled_result_and_its_setting_cannot_change
 
 @pytest.mark.slow
 def test_the_cosine_schedule_continues_after_a_resume_and_the_runs_own_condition_dropout_applies(base, monkeypatch, capsys):
-    """finetune.lr_schedule and finetune.cond_drop_prob (the fine-tuning's own, not the base's) are applied."""
+    """finetune.lr_schedule, finetune.cond_drop_prob (the fine-tuning's own, not the base's) and
+    finetune.t_range are applied."""
     import os
     import signal
 
     from trainer.pipeline import LatentDiffusion
-    real_step, real_drop = finetune.SingleProcess.train_step, LatentDiffusion.drop_conditions
-    seen, drops = [], set()
+    real_step, real_drop, real_loss = finetune.SingleProcess.train_step, LatentDiffusion.drop_conditions, LatentDiffusion.loss
+    seen, drops, ranges = [], set(), set()
     monkeypatch.setattr(LatentDiffusion, "drop_conditions",
                         lambda self, conds, prob, *a: drops.add(prob) or real_drop(self, conds, prob, *a))
+    monkeypatch.setattr(LatentDiffusion, "loss",
+                        lambda self, *a, **kw: ranges.add(tuple(kw.get("t_range") or ())) or real_loss(self, *a, **kw))
 
     def train_step(self, engine, optimizer, *a, **kw):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -279,7 +282,8 @@ def test_the_cosine_schedule_continues_after_a_resume_and_the_runs_own_condition
         return real_step(self, engine, optimizer, *a, **kw)
 
     monkeypatch.setattr(finetune.SingleProcess, "train_step", train_step)
-    cfg = tiny(base, "cosine", "finetune.lr_schedule=cosine", "finetune.lr=0.01", "finetune.cond_drop_prob=0.25")
+    cfg = tiny(base, "cosine", "finetune.lr_schedule=cosine", "finetune.lr=0.01", "finetune.cond_drop_prob=0.25",
+               "finetune.t_range=[200, 1000]")
     with pytest.raises(KeyboardInterrupt):
         finetune.run(cfg)
     finetune.run(cfg)
@@ -287,6 +291,7 @@ def test_the_cosine_schedule_continues_after_a_resume_and_the_runs_own_condition
     assert seen == pytest.approx([0.01 * (1 + math.cos(math.pi * k / 3)) / 2 for k in range(3)], rel=1e-12)
     assert seen[:2] == [0.01, pytest.approx(0.0075)]
     assert drops - {0.0} == {0.25}  # the run's own, never the base's 0.1 (0.0: ldm.loss's own no-op call)
+    assert ranges == {(200, 1000)}
 
 
 @pytest.mark.slow

@@ -129,6 +129,7 @@ class FinetuneConfig:
     physical_batch_size: int = 64
     noise_multiplicity: int = 1          # K (timestep, noise) draws averaged per example before clipping
     cond_drop_prob: Optional[float] = None  # conditions dropped for classifier-free guidance (None: the base's)
+    t_range: Optional[list] = None       # [lo, hi): the DP steps draw timesteps from lo..hi-1 only (None: all)
     lr: float = 1e-4
     lr_schedule: str = "constant"        # constant | cosine (from lr at the first step towards 0 at the last)
     weight_decay: float = 0.0
@@ -294,6 +295,12 @@ def _validate(cfg: Config) -> None:
     check(ft.noise_multiplicity >= 1, "finetune.noise_multiplicity", f"must be >= 1, got {ft.noise_multiplicity}")
     check(ft.cond_drop_prob is None or 0 <= ft.cond_drop_prob <= 1, "finetune.cond_drop_prob",
           f"must be in [0, 1] or null (the base's ldm.train.cond_drop_prob), got {ft.cond_drop_prob}")
+    if ft.t_range is not None:
+        T = cfg.ldm.schedule.timesteps
+        check(isinstance(ft.t_range, list) and len(ft.t_range) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in ft.t_range)
+              and 0 <= ft.t_range[0] < ft.t_range[1] <= T, "finetune.t_range",
+              f"must be [lo, hi) with integers 0 <= lo < hi <= ldm.schedule.timesteps ({T}) or null, got {ft.t_range!r}")
     if ft.new_class_from is not None:
         check(bool(ft.new_class_embedder) and len(ft.new_class_from) == ft.new_class_embedder,
               "finetune.new_class_from", f"needs one base class per new class (finetune.new_class_embedder: "

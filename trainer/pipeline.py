@@ -48,11 +48,13 @@ class LatentDiffusion(nn.Module):
         return ["" if d else c for c, d in zip(conds, drop.tolist())]
 
     def loss(self, z0: Tensor, conds, generator: Optional[torch.Generator] = None,
-             multiplicity: int = 1, cond_drop_prob: float = 0.0) -> Tensor:
-        """Per-example diffusion loss [B] for clean (already scaled) latents z0."""
+             multiplicity: int = 1, cond_drop_prob: float = 0.0,
+             t_range: Optional[tuple[int, int]] = None) -> Tensor:
+        """Per-example diffusion loss [B] for clean (already scaled) latents z0 (timesteps drawn from
+        ``t_range`` = [lo, hi), default all)."""
         conds = self.drop_conditions(conds, cond_drop_prob, generator)
         context = self.context(conds) if conds is not None else None
-        return per_example_loss(self.eps, z0, context, self.schedule, generator, multiplicity)
+        return per_example_loss(self.eps, z0, context, self.schedule, generator, multiplicity, t_range)
 
     @torch.no_grad()
     def sample_latents(self, conds: Sequence, latent_shape: tuple[int, int, int], steps: int = 50,

@@ -38,19 +38,24 @@ def per_example_loss(
     schedule: NoiseSchedule,
     generator: Optional[torch.Generator] = None,
     multiplicity: int = 1,
+    t_range: Optional[tuple[int, int]] = None,
 ) -> Tensor:
     """Epsilon-prediction MSE per example -> [B], averaged over ``multiplicity`` (t, noise) draws.
 
     Each draw is its own forward pass over the batch, so a per-example gradient is still a
     function of one example only (the DP engine clips it as a whole). Averaging K draws before
-    clipping lowers the variance of the gradient at no privacy cost.
+    clipping lowers the variance of the gradient at no privacy cost. ``t_range`` = [lo, hi):
+    draw t uniformly from lo..hi-1 only (default: every step of the schedule).
     """
     if multiplicity < 1:
         raise ValueError(f"multiplicity must be >= 1, got {multiplicity}")
+    lo, hi = t_range if t_range is not None else (0, schedule.timesteps)
+    if not 0 <= lo < hi <= schedule.timesteps:
+        raise ValueError(f"t_range must satisfy 0 <= lo < hi <= {schedule.timesteps}, got {t_range}")
     B = x0.shape[0]
     total = x0.new_zeros(B)
     for _ in range(multiplicity):
-        t = torch.randint(0, schedule.timesteps, (B,), generator=generator, device="cpu").to(x0.device)
+        t = torch.randint(lo, hi, (B,), generator=generator, device="cpu").to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
         pred = eps_model(schedule.q_sample(x0, t, noise), t, context)
         total = total + (pred - noise).pow(2).flatten(1).mean(dim=1)

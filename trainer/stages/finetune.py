@@ -239,7 +239,8 @@ class DPSession:
                            None if p.captions is None else [_pick(p.captions[int(r)], g) for r in rows])
         conds = self.ldm.drop_conditions(conds, cond_drop_prob(cfg), g)
         with self.autocast():
-            losses = self.ldm.loss(z0 * self.ldm.scale_factor, conds, g, multiplicity=cfg.finetune.noise_multiplicity)
+            losses = self.ldm.loss(z0 * self.ldm.scale_factor, conds, g, multiplicity=cfg.finetune.noise_multiplicity,
+                                   t_range=cfg.finetune.t_range)
         return losses.float()
 
     def probe_losses(self, rows: torch.Tensor) -> torch.Tensor:
