@@ -246,14 +246,14 @@ def test_ema_of_the_dp_steps_is_the_sampled_result_and_its_setting_cannot_change
     assert all(torch.equal(tuned[k].detach(), ema[k]) for k in ema)
 
     monkeypatch.setattr(finetune.SingleProcess, "train_step", real_step)
-    for name, extra in (("ema-crash", ["finetune.ema_decay=0.6"]), ("no-ema-crash", [])):
+    for name, extra in (("ema-crash", ["finetune.ema_decay=0.6"]), ("no-ema-crash", ["finetune.ema_decay=null"])):
         undo = crash_in_step(monkeypatch, 2)
         with pytest.raises(KeyboardInterrupt):
             finetune.run(tiny(base, name, *extra))
         undo()
     never_encode(monkeypatch)  # the refusals below happen before the private set is read
     with pytest.raises(ConfigError, match="started with finetune.ema_decay set"):
-        finetune.run(tiny(base, "ema-crash"))
+        finetune.run(tiny(base, "ema-crash", "finetune.ema_decay=null"))
     with pytest.raises(ConfigError, match="missing, but finetune.ema_decay is set"):
         finetune.run(tiny(base, "no-ema-crash", "finetune.ema_decay=0.6"))
     with pytest.raises(ConfigError, match="finetune.ema_decay: must be in"):

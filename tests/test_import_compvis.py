@@ -172,7 +172,8 @@ def test_dp_finetune_on_an_imported_base(compvis, tmp_path, monkeypatch, capsys)
     [run] = mlflow.search_runs(experiment_names=["on-imported"], output_format="list")
     assert run.info.run_name == "finetune" and run.info.status == "FINISHED"
     files = {a.path for a in client.list_artifacts(run.info.run_id, "weights")}
-    assert files == {"weights/finetuned.safetensors", "weights/finetune.json", "weights/privacy-report.json"}
+    assert files == {"weights/finetuned.safetensors", "weights/finetuned-ema.safetensors",  # demo: ema_decay 0.99
+                     "weights/finetune.json", "weights/privacy-report.json"}
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     images = model.predict({"class": [0, 3]}, params={"seed": 1})
     assert images.shape == (2, 32, 32, 1) and images.dtype == np.uint8
