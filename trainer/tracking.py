@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -87,6 +88,13 @@ def start_run(experiment: str, run_name: str, config: Optional[dict] = None,
         return
     import mlflow
     mlflow.set_experiment(experiment)
+    if run_id is not None and not _store_has_run(run_id):
+        # The checkpoint was trained under another tracking store (a moved folder, another
+        # MLFLOW_TRACKING_URI): its history stays there, the resumed steps go to a new run here.
+        print(f"note: MLflow run {run_id} of this checkpoint is not in {mlflow.get_tracking_uri()}; "
+              f"logging the resumed {run_name} to a new run", file=sys.stderr)
+        tags = {**(tags or {}), "resumed_from_run": run_id}
+        run_id = None
     mlflow.start_run(run_name=None if run_id else run_name, run_id=run_id)
     status = "FAILED"
     try:
@@ -102,6 +110,16 @@ def start_run(experiment: str, run_name: str, config: Optional[dict] = None,
         raise
     finally:
         mlflow.end_run(status)
+
+
+def _store_has_run(run_id: str) -> bool:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 def tracking_hint() -> str:
