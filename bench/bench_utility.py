@@ -59,9 +59,13 @@ def balanced(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def scores(images: np.ndarray, labels: np.ndarray, test: tuple[np.ndarray, np.ndarray], cfg, seeds: int) -> list[float]:
-    return [downstream_accuracy(images, labels, *test, classifier=cfg.eval.classifier, epochs=cfg.eval.epochs,
-                                seed=s)["accuracy"] for s in range(seeds)]
+def scores(images: np.ndarray, labels: np.ndarray, test: tuple[np.ndarray, np.ndarray], cfg,
+           seeds: int) -> tuple[list[float], list[float]]:
+    """Test accuracy of each classifier seed, and each test class's accuracy (mean over the seeds)."""
+    results = [downstream_accuracy(images, labels, *test, classifier=cfg.eval.classifier, epochs=cfg.eval.epochs,
+                                   seed=s) for s in range(seeds)]
+    per_class = [statistics.mean(c) for c in zip(*(r["per_class_accuracy"] for r in results))]
+    return [r["accuracy"] for r in results], per_class
 
 
 @torch.no_grad()
@@ -137,9 +141,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     reference = images_from_array(to_uint8(load_image_source(cfg.data.test, "data.test").images)) if args.fid else None
 
     def add(name: str, images: np.ndarray, labels: np.ndarray, note: str, seconds: float = 0.0) -> None:
-        acc = scores(images, labels, test, cfg, args.seeds)
+        acc, per_class = scores(images, labels, test, cfg, args.seeds)
         value = fid(reference, images_from_array(images)) if args.fid else None
-        rows.append({"row": name, "accuracy": acc, "note": note, "sample_s": seconds, "fid": value})
+        rows.append({"row": name, "accuracy": acc, "per_class": per_class, "note": note, "sample_s": seconds,
+                     "fid": value})
         print(f"{name}: accuracy {statistics.mean(acc):.4f} (+- {statistics.pstdev(acc):.4f})"
               f"{'' if value is None else f', FID {value:.1f}'} {note}", flush=True)
 
@@ -178,6 +183,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         fid_text = "-" if r["fid"] is None else f"{r['fid']:.1f}"
         lines.append(f"| {r['row']} | {statistics.mean(r['accuracy']):.4f} | {statistics.pstdev(r['accuracy']):.4f} | "
                      f"{fid_text} | {r['note']} | {r['sample_s']:.0f} |")
+    classes = range(len(rows[0]["per_class"])) if rows else range(0)
+    lines += ["", f"Test accuracy per class (the share of the test digits of each class recognised, mean of "
+              f"{args.seeds} seeds): a class the generator draws badly scores low.", "",
+              "| row | " + " | ".join(str(c) for c in classes) + " |", "| --- |" + " ---: |" * len(classes)]
+    lines += [f"| {r['row']} | " + " | ".join(f"{a:.3f}" for a in r["per_class"]) + " |" for r in rows]
     text = "\n".join([f"Measured by `python bench/bench_utility.py {' '.join(argv or sys.argv[1:])}`: "
                       f"{args.per_class} training images per class per row, classifier "
                       f"`{cfg.eval.classifier}` ({cfg.eval.epochs} epochs, epoch picked on a held-out tenth), "

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trainer.data.mnist import load_mnist
-from trainer.eval.downstream import build_classifier, downstream_accuracy, match_format
+from trainer.eval.downstream import build_classifier, downstream_accuracy, match_format, per_class_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,25 @@ def test_bad_arguments_are_named(mnist):
         downstream_accuracy(x[:10], y[:10], xt[:10], yt[:10], classifier="svm")
     with pytest.raises(ValueError, match="labels"):
         downstream_accuracy(x[:10], y[:9], xt[:10], yt[:10])
+
+
+def test_per_class_accuracy_finds_the_class_the_synthetic_set_lacks(mnist):
+    """A generator that never draws a 2: the classifier cannot recognise the real 2s, the other digits stay high."""
+    x, y, xt, yt = mnist
+    keep = y[:2000] != 2
+    result = downstream_accuracy(x[:2000][keep], y[:2000][keep], xt, yt, classifier="mlp", epochs=3, seed=0,
+                                 num_classes=10)
+    per_class = result["per_class_accuracy"]
+    assert per_class[2] == 0.0 and min(a for c, a in enumerate(per_class) if c != 2) > 0.5
+    counts = np.bincount(np.asarray(yt), minlength=10)  # the overall accuracy is their count-weighted mean
+    assert result["accuracy"] == pytest.approx(float(np.dot(per_class, counts) / counts.sum()))
+
+
+def test_per_class_accuracy_against_a_loop():
+    labels = torch.tensor([0, 0, 1, 1, 1, 3])
+    predictions = torch.tensor([0, 1, 1, 1, 0, 3])
+    expected = []
+    for c in range(4):
+        rows = [i for i in range(len(labels)) if labels[i] == c]
+        expected.append(sum(int(predictions[i] == c) for i in rows) / len(rows) if rows else None)
+    assert per_class_accuracy(predictions, labels, 4) == expected == [0.5, 2 / 3, None, 1.0]

@@ -1,12 +1,14 @@
 """End-to-end stages on tiny settings: demo --quick, resume, sampling, CLI errors, privacy plan checks."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import mlflow_store
 
 from trainer import cli
 from trainer.config import ConfigError, load_config
+from trainer.data.mnist import load_mnist
 from trainer.stages import finetune
 from trainer.stages.demo import QUICK
 
@@ -45,12 +47,16 @@ def test_demo_quick_runs_the_whole_pipeline(workdir, capsys, monkeypatch):
     assert {"pretrain-ae", "pretrain-ldm", "finetune"} <= set(runs["tags.mlflow.runName"])
     ft_run = runs[runs["tags.mlflow.runName"] == "finetune"].iloc[0]
     assert ft_run["metrics.privacy.epsilon"] == pytest.approx(report["epsilon"])
+    # every digit's share of the real test digits recognised: logged, and printed on one line per run
+    per_class = [ft_run[f"metrics.eval.accuracy_class_{c}"] for c in range(10)]
+    assert all(0 <= a <= 1 for a in per_class) and "\neval.accuracy per class: 0 " in out
     # the epsilon = 1 run: the same pretrained base, its own budget, evaluated, and the comparison printed
     eps1 = workdir / "runs" / "demo-quick" / "finetune-eps1"
     report1 = json.loads((eps1 / "privacy-report.json").read_text())
     assert 0 < report1["epsilon"] <= 1.0 and report1["noise_multiplier"] > report["noise_multiplier"]
     assert json.loads((eps1 / "finetune.json").read_text())["base"] == "../ldm"
     assert "finetune-eps1: eval.num_samples 100" in out and "accuracy vs epsilon" in out
+    assert "; per class: 0 " in out.split("finetune-eps1: eval.num_samples")[1].splitlines()[0]
     assert (workdir / "runs" / "demo-quick" / "accuracy_vs_epsilon.png").is_file()
     table = out.split("dpldm compare --experiment demo-quick")[1]
     assert "finetune-eps1" in table and "\nfinetune " in table
@@ -129,7 +135,11 @@ def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path, monkeypa
     assert [r["row"] for r in rows] == ["real", "autoencoder", "finetune", "finetune non-private"]
     assert all(len(r["accuracy"]) == 2 and all(0 <= a <= 1 for a in r["accuracy"]) for r in rows)
     assert rows[2]["sample_s"] > 0 and "epsilon" in rows[2]["note"] and "no noise" in rows[3]["note"]
-    assert out.read_text().count("\n| ") == 6  # header, separator, 4 rows
+    assert out.read_text().count("\n| ") == 12  # two tables: header, separator, 4 rows
+    counts = np.bincount(np.asarray(load_mnist("test")[1]), minlength=10)  # per class: its share of each mean
+    for r in rows:
+        assert len(r["per_class"]) == 10
+        assert float(np.dot(r["per_class"], counts) / counts.sum()) == pytest.approx(sum(r["accuracy"]) / 2)
     # the non-private fine-tuning trains exactly the DP run's parameters, and moves them
     from safetensors.torch import load_file
     import trainer.models

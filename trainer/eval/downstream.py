@@ -69,12 +69,22 @@ def _as_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     model.eval()
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        correct += int((model(x[start:start + batch_size]).argmax(1) == y[start:start + batch_size]).sum())
-    return correct / len(x)
+    return torch.cat([model(x[start:start + batch_size]).argmax(1) for start in range(0, len(x), batch_size)])
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    return int((_predict(model, x, batch_size) == y).sum()) / len(y)
+
+
+def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[Optional[float]]:
+    """Entry c: the fraction of the images of class c predicted as c (None where class c has none)."""
+    out: list[Optional[float]] = []
+    for c in range(num_classes):
+        mask = labels == c
+        out.append(int((predictions[mask] == c).sum()) / int(mask.sum()) if bool(mask.any()) else None)
+    return out
 
 
 def downstream_accuracy(synthetic_images, synthetic_labels, real_test_images, real_test_labels,
@@ -86,7 +96,8 @@ def downstream_accuracy(synthetic_images, synthetic_labels, real_test_images, re
 
     Images: uint8 [n, H, W] / [n, H, W, C] (numpy) or [n, C, H, W] (torch uint8); labels int [n].
     Real test images are brought to the synthetic format (see :func:`match_format`).
-    Returns {"accuracy", "selected_epoch" (1-based), "val_accuracy" (at that epoch),
+    Returns {"accuracy", "per_class_accuracy" (entry c: the share of the real test images of class c
+    classified as c; None where the test set has none), "selected_epoch" (1-based), "val_accuracy" (at that epoch),
     "val_history" (per epoch), "classifier", "num_train", "num_val", "num_test"}.
     """
     if classifier not in CLASSIFIERS:
@@ -139,6 +150,9 @@ def downstream_accuracy(synthetic_images, synthetic_labels, real_test_images, re
             if val > best_val:  # ties keep the earlier epoch
                 best_state, best_val, best_epoch = copy.deepcopy(model.state_dict()), val, epoch
     model.load_state_dict(best_state)
-    test_acc = _accuracy(model, _as_tensor(real), torch.from_numpy(real_y), 4 * batch_size)
-    return {"accuracy": test_acc, "selected_epoch": best_epoch, "val_accuracy": best_val, "val_history": history,
+    test_y = torch.from_numpy(real_y)
+    predictions = _predict(model, _as_tensor(real), 4 * batch_size)
+    return {"accuracy": int((predictions == test_y).sum()) / len(test_y),
+            "per_class_accuracy": per_class_accuracy(predictions, test_y, k),
+            "selected_epoch": best_epoch, "val_accuracy": best_val, "val_history": history,
             "classifier": classifier, "num_train": len(x_train), "num_val": len(x_val), "num_test": len(real)}

@@ -19,6 +19,7 @@ from trainer.eval.images import ImageCollection, class_grid, images_from_array, 
 from trainer.eval.precision_recall import precision_recall
 
 METRICS = ("fid", "accuracy", "pr")
+PER_CLASS = "eval.accuracy_class_"  # + class index: the share of the real test images of that class recognised
 MNIST_TEST = "mnist-test"
 
 
@@ -49,7 +50,7 @@ def evaluate_samples(images, labels=None, real: str | ImageCollection = MNIST_TE
     ``metrics``: any of "fid", "accuracy" (classifier trained on the samples, tested on real),
     "pr" (precision/recall, k=3). Returns floats keyed ``eval.fid``, ``eval.precision``,
     ``eval.recall``, ``eval.accuracy``, ``eval.accuracy_epoch``, ``eval.accuracy_val``,
-    ``eval.num_samples``, ``eval.num_real``.
+    ``eval.accuracy_class_<c>`` (the real test images of class c recognised), ``eval.num_samples``, ``eval.num_real``.
     """
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown or not metrics:
@@ -84,6 +85,8 @@ def evaluate_samples(images, labels=None, real: str | ImageCollection = MNIST_TE
         results["eval.accuracy"] = acc["accuracy"]
         results["eval.accuracy_epoch"] = float(acc["selected_epoch"])
         results["eval.accuracy_val"] = acc["val_accuracy"]
+        per_class = enumerate(acc["per_class_accuracy"])
+        results.update({f"{PER_CLASS}{c}": a for c, a in per_class if a is not None})
     return results
 
 
@@ -110,6 +113,21 @@ def _format_metric(key: str, value: float) -> str:
              "eval.num_real": "real images"}.get(key, key)
     integral = key in ("eval.num_samples", "eval.num_real", "eval.accuracy_epoch")
     return f"{label}: {int(value)}" if integral else f"{label}: {value:.4f}"
+
+
+def split_per_class(results: dict[str, float]) -> tuple[dict[str, float], str]:
+    """(the results without the per-class accuracies, those as one line "0 0.981, 1 0.990, ..." or "")."""
+    main = {k: v for k, v in results.items() if not k.startswith(PER_CLASS)}
+    per_class = ", ".join(f"{k[len(PER_CLASS):]} {v:.3f}" for k, v in results.items() if k.startswith(PER_CLASS))
+    return main, per_class
+
+
+def print_results(results: dict[str, float]) -> None:
+    main, per_class = split_per_class(results)
+    for key, value in main.items():
+        print(_format_metric(key, value))
+    if per_class:
+        print(f"accuracy per class (share of the real test images of each class recognised): {per_class}")
 
 
 def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = None,
@@ -158,8 +176,7 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
 def _run_evaluate(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     if args.checkpoint:
-        for key, value in evaluate_checkpoint(args.checkpoint, metrics, args.num, device=args.device).items():
-            print(_format_metric(key, value))
+        print_results(evaluate_checkpoint(args.checkpoint, metrics, args.num, device=args.device))
         return 0
     if not args.samples:
         raise UsageError("give --samples DIR or --checkpoint RUN_DIR")
@@ -167,8 +184,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     results = evaluate_samples(samples, real=args.real, metrics=metrics or ["fid", "accuracy"], num=args.num, num_real=args.num_real,
                                classifier=args.classifier, epochs=args.epochs, seed=args.seed,
                                inception=args.inception, cache_dir=args.cache_dir, batch_size=args.batch_size)
-    for key, value in results.items():
-        print(_format_metric(key, value))
+    print_results(results)
     if args.run:
         log_evaluation(args.run, results, samples.sample(args.num, args.seed))
         print(f"logged to MLflow run {args.run}")
