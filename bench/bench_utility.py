@@ -183,11 +183,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         fid_text = "-" if r["fid"] is None else f"{r['fid']:.1f}"
         lines.append(f"| {r['row']} | {statistics.mean(r['accuracy']):.4f} | {statistics.pstdev(r['accuracy']):.4f} | "
                      f"{fid_text} | {r['note']} | {r['sample_s']:.0f} |")
-    classes = range(len(rows[0]["per_class"])) if rows else range(0)
-    lines += ["", f"Test accuracy per class (the share of the test digits of each class recognised, mean of "
-              f"{args.seeds} seeds): a class the generator draws badly scores low.", "",
-              "| row | " + " | ".join(str(c) for c in classes) + " |", "| --- |" + " ---: |" * len(classes)]
-    lines += [f"| {r['row']} | " + " | ".join(f"{a:.3f}" for a in r["per_class"]) + " |" for r in rows]
+    if rows:
+        classes = range(len(rows[0]["per_class"]))
+        lines += ["", f"Test accuracy per class (the share of the test digits of each class recognised, mean of "
+                  f"{args.seeds} seeds): a class the generator draws badly scores low.", "",
+                  "| row | " + " | ".join(str(c) for c in classes) + " |", "| --- |" + " ---: |" * len(classes)]
+        lines += [f"| {r['row']} | " + " | ".join(f"{a:.3f}" for a in r["per_class"]) + " |" for r in rows]
     text = "\n".join([f"Measured by `python bench/bench_utility.py {' '.join(argv or sys.argv[1:])}`: "
                       f"{args.per_class} training images per class per row, classifier "
                       f"`{cfg.eval.classifier}` ({cfg.eval.epochs} epochs, epoch picked on a held-out tenth), "
