@@ -74,17 +74,18 @@ def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor
     return torch.cat([model(x[start:start + batch_size]).argmax(1) for start in range(0, len(x), batch_size)])
 
 
+def _share_correct(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    return int((predictions == labels).sum()) / len(labels)
+
+
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    return int((_predict(model, x, batch_size) == y).sum()) / len(y)
+    return _share_correct(_predict(model, x, batch_size), y)
 
 
 def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[Optional[float]]:
     """Entry c: the fraction of the images of class c predicted as c (None where class c has none)."""
-    out: list[Optional[float]] = []
-    for c in range(num_classes):
-        mask = labels == c
-        out.append(int((predictions[mask] == c).sum()) / int(mask.sum()) if bool(mask.any()) else None)
-    return out
+    masks = [labels == c for c in range(num_classes)]
+    return [_share_correct(predictions[m], labels[m]) if bool(m.any()) else None for m in masks]
 
 
 def downstream_accuracy(synthetic_images, synthetic_labels, real_test_images, real_test_labels,
@@ -152,7 +153,7 @@ def downstream_accuracy(synthetic_images, synthetic_labels, real_test_images, re
     model.load_state_dict(best_state)
     test_y = torch.from_numpy(real_y)
     predictions = _predict(model, _as_tensor(real), 4 * batch_size)
-    return {"accuracy": int((predictions == test_y).sum()) / len(test_y),
+    return {"accuracy": _share_correct(predictions, test_y),
             "per_class_accuracy": per_class_accuracy(predictions, test_y, k),
             "selected_epoch": best_epoch, "val_accuracy": best_val, "val_history": history,
             "classifier": classifier, "num_train": len(x_train), "num_val": len(x_val), "num_test": len(real)}
