@@ -1,14 +1,18 @@
-"""The engine's fast path on the Triton kernels equals its reference mode (CPU, Triton interpreter).
+"""The engine's fast path on the Triton kernels equals its reference mode.
 
+On CUDA the kernels are compiled; without a GPU they run in Triton's CPU interpreter, and
 TRITON_INTERPRET must be set before Triton is first imported, so the check runs in a fresh
-interpreter process.
+interpreter process either way.
 """
 import os
 import subprocess
 import sys
 import textwrap
 
+import torch
+
 SCRIPT = textwrap.dedent(r'''
+    import sys
     import torch, torch.nn.functional as F
     from torch import nn
     import trainer.kernels.triton_norms as tn, trainer.kernels.triton_clipped_grad as tc
@@ -39,9 +43,11 @@ SCRIPT = textwrap.dedent(r'''
             a = F.scaled_dot_product_attention(self.q(self.ln(h))[:, None], k[:, None], v[:, None])[:, 0]
             return self.out(h + a).pow(2).mean(dim=(1, 2))         # per-example loss [B]
 
+    device = sys.argv[1]
     torch.manual_seed(0)
-    net = Net()
+    net = Net().to(device)
     x, y = torch.randn(13, 3, 3, 3) * torch.linspace(0.1, 3, 13).view(-1, 1, 1, 1), torch.randint(0, 4, (13,))
+    x, y = x.to(device), y.to(device)
     grads = {}
     for mode, backend in (("reference", "torch"), ("fast", "triton")):
         engine = DPGradientEngine(net, 0.5, 0.0, 10.0, mode=mode, kernel_backend=backend)
@@ -58,9 +64,13 @@ SCRIPT = textwrap.dedent(r'''
 
 
 def test_fast_path_on_triton_kernels_equals_reference_mode():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, device], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith("REL_ERR")][0]
     assert float(line.split()[1]) <= 1e-5, line

@@ -55,7 +55,9 @@ def _instantiate_kernel(
     a_cols = a_ptr + example * stride_ab + offs_in[None, :] * stride_ad  # A_i: [T, BLOCK_IN]
 
     acc = tl.zeros((BLOCK_OUT, BLOCK_IN), dtype=tl.float32)
-    bias_acc = tl.zeros((BLOCK_OUT,), dtype=tl.float32)
+    # The bias sums are reduced over t after the loop, not inside it: a reduction inside the
+    # loop whose result is used twice (squared) crashes Triton 3.6's thread-locality pass.
+    bias_acc = tl.zeros((BLOCK_OUT, BLOCK_T), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + offs_t
         g_t = tl.load(g_cols + t[None, :] * stride_gt,
@@ -64,12 +66,13 @@ def _instantiate_kernel(
                     mask=(t[:, None] < T) & (offs_in[None, :] < D_IN), other=0.0)
         acc = dot_f32(g_t, a, acc, UPCAST)
         if HAS_BIAS:
-            bias_acc += tl.sum(g_t.to(tl.float32), axis=1)
+            bias_acc += g_t.to(tl.float32)
 
     sq = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
     if HAS_BIAS:
         if tile_in == 0:  # the bias rows of this d_out tile are counted by one program only
-            sq += tl.sum(bias_acc * bias_acc, axis=0)
+            bias = tl.sum(bias_acc, axis=1)
+            sq += tl.sum(bias * bias, axis=0)
     tl.store(out_ptr + example * tl.num_programs(0) + tile, sq)
 
 
@@ -157,7 +160,7 @@ def instantiate_sqnorms(a: Tensor, g: Tensor, bias: bool, block_out: int | None 
         _instantiate_kernel[(n_tiles, B)](
             a, g, partial, T, d_in, d_out, *a.stride(), *g.stride(), n_tiles_in,
             HAS_BIAS=bias, UPCAST=upcast, BLOCK_OUT=block_out, BLOCK_IN=block_in, BLOCK_T=block_t,
-            **launch_options(block_out * block_in),
+            **launch_options(block_out * block_in + (block_out * block_t if bias else 0)),
         )
     return partial.sum(dim=1)
 
