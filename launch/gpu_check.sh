@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared check for a GPU machine (about 6-8 minutes on one H100/H200):
+# The one prepared check for a GPU machine (about 4 minutes on one H200):
 #   1. the kernel tests and the engine-on-Triton tests on CUDA tensors (compiled kernels);
 #   2. the kernel benchmark               -> docs/kernel-bench-<gpu>.md
 #   3. the DP step benchmark on the GPU   -> docs/bench-dp-step-<gpu>.md
