@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="finetune run folders whose fine-tuning is redone without clipping or noise, then scored")
     parser.add_argument("--per-class", type=int, default=1000, help="training images per class in every row")
     parser.add_argument("--seeds", type=int, default=3, help="classifier seeds per row")
-    parser.add_argument("--guidance", type=float, help="override sample.guidance_scale of the fine-tuned runs")
+    parser.add_argument("--guidance", type=float,
+                        help="override the runs' evaluation guidance (eval.guidance_scale, else sample.guidance_scale)")
     parser.add_argument("--ddim-steps", type=int, help="override sample.ddim_steps of the fine-tuned runs")
     parser.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
     parser.add_argument("--fid", action="store_true", help="also the FID of every row against the test split")
@@ -162,20 +163,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs = [(run, False) for run in args.finetune] + [(run, True) for run in args.nonprivate]
     for run, nonprivate in runs:
         ldm, ae, meta, run_cfg = nonprivate_finetune(run) if nonprivate else load_pipeline(run, torch.device("cpu"))
-        if args.guidance is not None:
-            run_cfg.sample.guidance_scale = args.guidance
+        guidance = run_cfg.eval_guidance_scale() if args.guidance is None else args.guidance
         if args.ddim_steps is not None:
             run_cfg.sample.ddim_steps = args.ddim_steps
         names = meta["label_names"]
         cond = torch.arange(len(names)).repeat_interleave(args.per_class)
         t0 = time.perf_counter()
         images = generate(ldm, ae, cond, tuple(meta["latent_shape"]), run_cfg, torch.Generator().manual_seed(0),
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, guidance_scale=guidance)
         seconds = time.perf_counter() - t0
         report = json.loads((Path(run) / "privacy-report.json").read_text())
         privacy = "no clipping, no noise" if nonprivate else f"epsilon {report['epsilon']:.3g}"
         add(Path(run).name + (" non-private" if nonprivate else ""), to_uint8(images), cond.numpy(),
-            f"{privacy}, guidance {run_cfg.sample.guidance_scale:g}, {run_cfg.sample.ddim_steps} DDIM steps", seconds)
+            f"{privacy}, guidance {guidance:g}, {run_cfg.sample.ddim_steps} DDIM steps", seconds)
 
     lines = [f"| row | accuracy (mean of {args.seeds}) | spread (std) | FID | what | sampling (s) |",
              "| --- | ---: | ---: | ---: | --- | ---: |"]

@@ -38,6 +38,10 @@ def test_demo_config_loads_with_compvis_names():
     ("sweep=[{epsilon: 1, steps: 2.5}]", "sweep[0].steps"),
     ("sweep=[{epsilon: 1, lr: 0.1}]", "sweep[0]"),
     ("sweep=[3]", "sweep[0]"),
+    ("sample.batch_size=0", "sample.batch_size"),
+    ("sample.guidance_scale=-1", "sample.guidance_scale"),
+    ("eval.guidance_scale=-0.5", "eval.guidance_scale"),
+    ("eval.guidance_scale=high", "eval.guidance_scale"),
 ])
 def test_bad_values_name_file_and_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -49,6 +53,13 @@ def test_overrides_parse_yaml_values():
     cfg = load_config("demo", ["finetune.epsilon=null", "finetune.noise_multiplier=1.5", "ldm.unet.channel_mult=[1,2,3]"])
     assert cfg.finetune.epsilon is None and cfg.finetune.noise_multiplier == 1.5
     assert cfg.ldm.unet["channel_mult"] == [1, 2, 3]
+
+
+def test_the_evaluation_takes_its_own_guidance_or_the_samples():
+    cfg = load_config("demo", ["sample.guidance_scale=3", "eval.guidance_scale=1.25"])
+    assert cfg.eval_guidance_scale() == 1.25
+    cfg = load_config("demo", ["sample.guidance_scale=2.5", "eval.guidance_scale=null"])
+    assert cfg.eval_guidance_scale() == 2.5
 
 
 def test_missing_file_is_named(tmp_path):

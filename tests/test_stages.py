@@ -7,7 +7,7 @@ import torch
 from conftest import mlflow_store
 
 from trainer import cli
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, dump_config, load_config
 from trainer.data.mnist import load_mnist
 from trainer.stages import finetune
 from trainer.stages.demo import QUICK
@@ -93,6 +93,36 @@ def test_the_scaled_config_runs_at_tiny_size(tmp_path):
     assert 0 < report1["epsilon"] <= 1.0
     latents = load_config(str(tmp_path / "runs" / "demo-quick" / "ldm" / "config.yaml")).ldm.unet
     assert latents["image_size"] == 8 and latents == cfg.ldm.unet  # the scaled UNet, unchanged
+
+
+@pytest.mark.slow
+def test_grids_and_evaluation_sample_at_their_own_guidance_and_batch_size(workdir, monkeypatch):
+    """sample.guidance_scale guides `dpldm sample` (and the grids); eval.guidance_scale the evaluation's samples;
+    both denoise sample.batch_size images at a time."""
+    from trainer.pipeline import LatentDiffusion
+    from trainer.stages.evaluate import evaluate_checkpoint
+    ft = workdir / "runs" / "demo-quick" / "finetune"
+    if not ft.is_dir():  # keep the test independent of order
+        assert cli.main(["demo", "--quick", "--output-dir", str(workdir / "runs")]) == 0
+    calls = []
+    real = LatentDiffusion.sample_latents
+    monkeypatch.setattr(LatentDiffusion, "sample_latents",
+                        lambda self, c, *a, **k: calls.append((len(c), k["guidance_scale"])) or real(self, c, *a, **k))
+    cfg_path = ft / "config.yaml"
+    text = cfg_path.read_text()
+    cfg = load_config(str(cfg_path))
+    assert (cfg.sample.guidance_scale, cfg.eval.guidance_scale) == (3.0, 1.25)  # the demo's
+    try:
+        cfg.sample.batch_size = 7
+        dump_config(cfg, cfg_path)
+        evaluate_checkpoint(ft, metrics=["accuracy"], num_per_class=2, log=False)
+        assert calls == [(7, 1.25), (7, 1.25), (6, 1.25)]  # 20 samples, 7 at a time, at the evaluation's guidance
+        calls.clear()
+        assert cli.main(["sample", "--checkpoint", str(ft), "--classes", "3", "--num", "2",
+                         "--out", str(workdir / "g"), "--ddim-steps", "2"]) == 0
+        assert calls == [(2, 3.0)]
+    finally:
+        cfg_path.write_text(text)
 
 
 @pytest.mark.slow

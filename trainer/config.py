@@ -145,9 +145,10 @@ class FinetuneConfig:
 class SampleConfig:
     ddim_steps: int = 50
     eta: float = 0.0
-    guidance_scale: float = 2.0
+    guidance_scale: float = 2.0          # grids and `dpldm sample` (the evaluation may take its own)
     num_per_class: int = 8
     prompts: Optional[list] = None       # text models: the (public) prompts of the grids
+    batch_size: int = 64                 # images denoised together (sampling is launch-bound on a GPU: raise it)
 
 
 @dataclass
@@ -158,6 +159,10 @@ class EvalConfig:
     num_real: Optional[int] = None     # real test images used (None = the whole split)
     classifier: str = "cnn"            # cnn | mlp | logreg
     epochs: int = 10
+    # guidance of the samples the evaluation generates (the downstream classifier's training set);
+    # None = sample.guidance_scale. Diverse samples (low guidance) train a better classifier than the
+    # prototypical ones (high guidance) that make a legible grid.
+    guidance_scale: Optional[float] = None
 
 
 @dataclass
@@ -179,6 +184,10 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def eval_guidance_scale(self) -> float:
+        """The guidance of the evaluation's samples: ``eval.guidance_scale``, else ``sample.guidance_scale``."""
+        return self.sample.guidance_scale if self.eval.guidance_scale is None else self.eval.guidance_scale
 
 
 # --- CompVis key names accepted in the free-form model sections -----------------------------
@@ -337,8 +346,11 @@ def _validate(cfg: Config) -> None:
     if cond.type == "class":
         check(cond.n_classes is not None and cond.n_classes > 0, "ldm.conditioner.n_classes",
               "a class conditioner needs n_classes > 0")
-    for name in ("ddim_steps", "num_per_class"):
+    for name in ("ddim_steps", "num_per_class", "batch_size"):
         check(getattr(cfg.sample, name) > 0, f"sample.{name}", "must be > 0")
+    for key, scale in (("sample.guidance_scale", cfg.sample.guidance_scale),
+                       ("eval.guidance_scale", cfg.eval.guidance_scale)):
+        check(scale is None or scale >= 0, key, f"must be >= 0 (1: no guidance), got {scale}")
     bad = sorted(set(cfg.eval.metrics) - {"fid", "accuracy", "pr"})
     check(not bad, "eval.metrics", f"unknown metrics {bad}; choose from fid, accuracy, pr")
 
