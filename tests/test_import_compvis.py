@@ -24,6 +24,7 @@ from ldm.modules.diffusionmodules import model as ref_ae
 from ldm.modules.diffusionmodules.openaimodel import UNetModel as RefUNetModel
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from trainer.cli import main
+from trainer.config import load_config
 
 DDCONFIG = dict(double_z=True, z_channels=4, resolution=32, in_channels=1, out_ch=1, ch=32, ch_mult=[1, 2],
                 num_res_blocks=1, attn_resolutions=[], dropout=0.0)
@@ -177,6 +178,11 @@ def test_dp_finetune_on_an_imported_base(compvis, tmp_path, monkeypatch, capsys)
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     images = model.predict({"class": [0, 3]}, params={"seed": 1})
     assert images.shape == (2, 32, 32, 1) and images.dtype == np.uint8
+    assert not np.array_equal(model.predict({"class": [0, 3]}, params={"seed": 2}), images)  # the seed is used
+    # guidance: the run's sample.guidance_scale unless the caller sets it
+    scale = load_config(str(run_dir / "config.yaml")).sample.guidance_scale
+    assert np.array_equal(model.predict({"class": [0, 3]}, params={"seed": 1, "guidance_scale": scale}), images)
+    assert not np.array_equal(model.predict({"class": [0, 3]}, params={"seed": 1, "guidance_scale": 1.0}), images)
 
     # the experiment folder and its base move together: still a working pair
     (tmp_path / "moved").mkdir()

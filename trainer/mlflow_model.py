@@ -2,8 +2,10 @@
 
 The model's artifacts are the run folder with its base LDM and autoencoder (see
 :func:`trainer.runs.export_bundle`). ``predict`` takes a table with a ``class`` column (class
-models), a ``prompt`` column (text models) or a ``count`` (unconditional), and an optional
-``seed`` parameter; it returns the images as uint8 arrays [n, H, W, C].
+models), a ``prompt`` column (text models) or a ``count`` (unconditional), and optional ``seed``
+and ``guidance_scale`` parameters (default: the run's ``sample.guidance_scale``, drawn for grids;
+a synthetic training set may want the run's ``eval.guidance_scale``); it returns the images as
+uint8 arrays [n, H, W, C].
 """
 from __future__ import annotations
 
@@ -16,8 +18,13 @@ import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 import torch
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ParamSchema, ParamSpec
 
 BUNDLE = "pipeline"
+# MLflow passes a caller's params to `predict` only when the signature declares them (else it drops them)
+SIGNATURE = ModelSignature(params=ParamSchema([ParamSpec("seed", "long", 0),
+                                               ParamSpec("guidance_scale", "double", None)]))
 
 
 class PipelineModel(mlflow.pyfunc.PythonModel):
@@ -39,9 +46,12 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
             conds = [str(p) for p in columns["prompt"]]
         else:
             conds = [None] * int(columns.get("count", [1])[0])
-        seed = int((params or {}).get("seed", 0))
+        params = params or {}
+        seed = int(params.get("seed", 0))
+        scale = params.get("guidance_scale")
         images = generate(self.ldm, self.autoencoder, conds, tuple(self.meta["latent_shape"]), self.cfg,
-                          torch.Generator().manual_seed(seed), progress=False)
+                          torch.Generator().manual_seed(seed), progress=False,
+                          guidance_scale=None if scale is None else float(scale))
         return to_uint8(images)
 
 
@@ -57,7 +67,7 @@ def log_pipeline_model(run_dir: str | Path, name: str = "model") -> str:
             # "models from code": this file defines the model, so nothing is pickled
             info = mlflow.pyfunc.log_model(name=name, python_model=__file__,
                                            artifacts={BUNDLE: str(Path(tmp) / BUNDLE)},
-                                           pip_requirements=["dpldm"])
+                                           pip_requirements=["dpldm"], signature=SIGNATURE)
     finally:
         if quiet is None:
             os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
