@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="leave out the real and autoencoder rows (when they were measured already)")
     parser.add_argument("--out", help="write the markdown table here")
     args = parser.parse_args(argv)
+    for flag, folders in (("--ae", [args.ae]), ("--finetune", args.finetune), ("--nonprivate", args.nonprivate)):
+        for folder in folders:  # before any work: a wrong path would otherwise fail after the ceilings' rows
+            if not Path(folder, "config.yaml").is_file():
+                parser.error(f"{flag} {folder}: not a run folder (no config.yaml)")
     torch.manual_seed(0)
     cfg = load_config(str(Path(args.ae) / "config.yaml"))
     test = load_mnist("test")

@@ -138,7 +138,7 @@ def test_sample_command_writes_images_per_class(workdir):
 
 
 @pytest.mark.slow
-def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path, monkeypatch):
+def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path, monkeypatch, capsys):
     """bench/bench_utility.py: real, autoencoder and fine-tuned rows under one protocol."""
     import importlib.util
     import sys
@@ -195,6 +195,10 @@ def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path, monkeypa
     rows = bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "finetune"), "--per-class", "4",
                        "--seeds", "1", "--ddim-steps", "2", "--no-ceilings"])
     assert [r["row"] for r in rows] == ["finetune"]
+    with pytest.raises(SystemExit) as exit_info:  # a folder that is not a run: one line naming the flag, no work
+        bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "s600a"), "--out", str(tmp_path / "no.md")])
+    assert exit_info.value.code == 2 and not (tmp_path / "no.md").exists()
+    assert "--finetune" in capsys.readouterr().err
 
 
 def test_finetune_refuses_a_base_whose_pretraining_was_interrupted(workdir, monkeypatch, capsys):
