@@ -153,10 +153,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{name}: accuracy {statistics.mean(acc):.4f} (+- {statistics.pstdev(acc):.4f})"
               f"{'' if value is None else f', FID {value:.1f}'} {note}", flush=True)
 
-    private = load_image_source(cfg.data.private, "data.private")
-    idx = torch.from_numpy(balanced(private.labels.numpy(), args.per_class, seed=0))
-    real, labels = private.images[idx], private.labels[idx].numpy()
     if not args.no_ceilings:
+        private = load_image_source(cfg.data.private, "data.private")
+        smallest = int(np.bincount(private.labels.numpy()).min())
+        if args.per_class > smallest:
+            parser.error(f"--per-class {args.per_class}: the real and autoencoder rows need that many real digits per "
+                         f"class, the smallest class has {smallest}; add --no-ceilings")
+        idx = torch.from_numpy(balanced(private.labels.numpy(), args.per_class, seed=0))
+        real, labels = private.images[idx], private.labels[idx].numpy()
         add("real", to_uint8(real), labels,
             f"MNIST {cfg.data.private.split} digits (non-private ceiling of the classifier)")
         autoencoder, _ = load_autoencoder(args.ae)

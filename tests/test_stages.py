@@ -192,7 +192,13 @@ def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path, monkeypa
     assert sorted(torch.from_numpy(labels[idx]).bincount().tolist()) == [3] * 10
     with pytest.raises(ValueError, match="--per-class"):
         bench.balanced(labels, 6, seed=0)
-    rows = bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "finetune"), "--per-class", "4",
+    # real rows need per_class real digits of every class (the quick private set: 2,000 digits, ~180 per
+    # class); without them the synthetic rows may take more, as the protocol's 6,000 per class
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--ae", str(runs / "ae"), "--per-class", "250", "--out", str(tmp_path / "no.md")])
+    assert exit_info.value.code == 2 and not (tmp_path / "no.md").exists()
+    assert "--per-class 250" in capsys.readouterr().err
+    rows = bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "finetune"), "--per-class", "250",
                        "--seeds", "1", "--ddim-steps", "2", "--no-ceilings"])
     assert [r["row"] for r in rows] == ["finetune"]
     with pytest.raises(SystemExit) as exit_info:  # a folder that is not a run: one line naming the flag, no work
