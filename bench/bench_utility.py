@@ -128,12 +128,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--guidance", type=float,
                         help="override the runs' evaluation guidance (eval.guidance_scale, else sample.guidance_scale)")
     parser.add_argument("--ddim-steps", type=int, help="override sample.ddim_steps of the fine-tuned runs")
+    parser.add_argument("--eta", type=float, help="override sample.eta (0 = deterministic DDIM, 1 = DDPM-like noise)")
     parser.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
     parser.add_argument("--fid", action="store_true", help="also the FID of every row against the test split")
     parser.add_argument("--no-ceilings", action="store_true",
                         help="leave out the real and autoencoder rows (when they were measured already)")
     parser.add_argument("--out", help="write the markdown table here")
     args = parser.parse_args(argv)
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        parser.error(f"--eta {args.eta}: must be in [0, 1]")
     for flag, folders in (("--ae", [args.ae]), ("--finetune", args.finetune), ("--nonprivate", args.nonprivate)):
         for folder in folders:  # before any work: a wrong path would otherwise fail after the ceilings' rows
             if not Path(folder, "config.yaml").is_file():
@@ -174,6 +177,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         guidance = run_cfg.eval_guidance_scale() if args.guidance is None else args.guidance
         if args.ddim_steps is not None:
             run_cfg.sample.ddim_steps = args.ddim_steps
+        if args.eta is not None:
+            run_cfg.sample.eta = args.eta
         names = meta["label_names"]
         cond = torch.arange(len(names)).repeat_interleave(args.per_class)
         t0 = time.perf_counter()
@@ -183,7 +188,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         report = json.loads((Path(run) / "privacy-report.json").read_text())
         privacy = "no clipping, no noise" if nonprivate else f"epsilon {report['epsilon']:.3g}"
         add(Path(run).name + (" non-private" if nonprivate else ""), to_uint8(images), cond.numpy(),
-            f"{privacy}, guidance {guidance:g}, {run_cfg.sample.ddim_steps} DDIM steps", seconds)
+            f"{privacy}, guidance {guidance:g}, {run_cfg.sample.ddim_steps} DDIM steps, eta {run_cfg.sample.eta:g}",
+            seconds)
 
     lines = [f"| row | accuracy (mean of {args.seeds}) | spread (std) | FID | what | sampling (s) |",
              "| --- | ---: | ---: | ---: | --- | ---: |"]

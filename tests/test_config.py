@@ -40,6 +40,8 @@ def test_demo_config_loads_with_compvis_names():
     ("sweep=[3]", "sweep[0]"),
     ("sample.batch_size=0", "sample.batch_size"),
     ("sample.guidance_scale=-1", "sample.guidance_scale"),
+    ("sample.eta=1.5", "sample.eta"),
+    ("sample.eta=-0.1", "sample.eta"),
     ("eval.guidance_scale=-0.5", "eval.guidance_scale"),
     ("eval.guidance_scale=high", "eval.guidance_scale"),
 ])

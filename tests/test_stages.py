@@ -198,9 +198,13 @@ def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path, monkeypa
         bench.main(["--ae", str(runs / "ae"), "--per-class", "250", "--out", str(tmp_path / "no.md")])
     assert exit_info.value.code == 2 and not (tmp_path / "no.md").exists()
     assert "--per-class 250" in capsys.readouterr().err
+    real_generate, sampled_with = bench.generate, []
+    monkeypatch.setattr(bench, "generate", lambda *a, **k: sampled_with.append(
+        (len(a[2]), a[4].sample.ddim_steps, a[4].sample.eta)) or real_generate(*a, **k))
     rows = bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "finetune"), "--per-class", "250",
-                       "--seeds", "1", "--ddim-steps", "2", "--no-ceilings"])
-    assert [r["row"] for r in rows] == ["finetune"]
+                       "--seeds", "1", "--ddim-steps", "2", "--eta", "1", "--no-ceilings"])
+    assert [r["row"] for r in rows] == ["finetune"] and "2 DDIM steps, eta 1" in rows[0]["note"]
+    assert sampled_with == [(2500, 2, 1.0)]
     with pytest.raises(SystemExit) as exit_info:  # a folder that is not a run: one line naming the flag, no work
         bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "s600a"), "--out", str(tmp_path / "no.md")])
     assert exit_info.value.code == 2 and not (tmp_path / "no.md").exists()

@@ -348,6 +348,8 @@ def _validate(cfg: Config) -> None:
               "a class conditioner needs n_classes > 0")
     for name in ("ddim_steps", "num_per_class", "batch_size"):
         check(getattr(cfg.sample, name) > 0, f"sample.{name}", "must be > 0")
+    # above 1 the DDIM update's deterministic share sqrt(1 - abar_prev - sigma^2) turns imaginary
+    check(0 <= cfg.sample.eta <= 1, "sample.eta", f"must be in [0, 1] (0: DDIM, 1: DDPM-like), got {cfg.sample.eta}")
     for key, scale in (("sample.guidance_scale", cfg.sample.guidance_scale),
                        ("eval.guidance_scale", cfg.eval.guidance_scale)):
         check(scale is None or scale >= 0, key, f"must be >= 0 (1: no guidance), got {scale}")
