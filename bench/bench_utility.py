@@ -3,7 +3,9 @@
 Every row trains the downstream classifier (the config's ``eval.classifier``, ``eval.epochs``) on
 a labelled, class-balanced training set of ``--per-class`` images per class, picks its epoch on a
 held-out tenth of that set, and tests once on the full 10,000-image MNIST test split; each row
-is repeated with ``--seeds`` classifier seeds (mean and spread reported). Rows:
+is repeated with ``--seeds`` classifier seeds (mean and spread reported). DPImageBench itself
+generates 60,000 images for MNIST (``--per-class 6000 --no-ceilings``: the real rows cannot take more
+than the smallest real class, 5,421); 1,000 per class is the cheaper default. Rows:
 
 - ``real``: real MNIST training digits at the config's resolution (the classifier's ceiling);
 - ``autoencoder``: the same digits after the autoencoder of ``--ae`` (encode, posterior mean,
