@@ -160,11 +160,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     if not args.no_ceilings:
         private = load_image_source(cfg.data.private, "data.private")
-        smallest = int(np.bincount(private.labels.numpy()).min())
-        if args.per_class > smallest:
-            parser.error(f"--per-class {args.per_class}: the real and autoencoder rows need that many real digits per "
-                         f"class, the smallest class has {smallest}; add --no-ceilings")
-        idx = torch.from_numpy(balanced(private.labels.numpy(), args.per_class, seed=0))
+        try:
+            idx = torch.from_numpy(balanced(private.labels.numpy(), args.per_class, seed=0))
+        except ValueError as err:  # the real rows need --per-class real digits of every class
+            parser.error(f"{err} (the real and autoencoder rows); add --no-ceilings")
         real, labels = private.images[idx], private.labels[idx].numpy()
         add("real", to_uint8(real), labels,
             f"MNIST {cfg.data.private.split} digits (non-private ceiling of the classifier)")
