@@ -36,6 +36,7 @@ def test_demo_config_loads_with_compvis_names():
     ("data.public.elastic=-2", "data.public.elastic"),
     ("sweep=[{epsilon: 0}]", "sweep[0].epsilon"),
     ("sweep=[{epsilon: 1, steps: 2.5}]", "sweep[0].steps"),
+    ("sweep=[{epsilon: 1, expected_batch_size: 0}]", "sweep[0].expected_batch_size"),
     ("sweep=[{epsilon: 1, lr: 0.1}]", "sweep[0]"),
     ("sweep=[3]", "sweep[0]"),
     ("sample.batch_size=0", "sample.batch_size"),

@@ -47,24 +47,27 @@ def test_the_demo_fine_tunes_the_decoders_attention_and_the_embedder():
     assert trained == expected
 
 
-def test_the_demo_sweep_gives_each_budget_its_own_step_count():
-    """`dpldm demo`'s extra budgets: the config's sweep (epsilon 1 for the demo), each with the steps of its
-    entry or else finetune.steps; --also-epsilon budgets take a matching entry's steps; an explicit
-    finetune.steps (as --quick sets) wins."""
+def test_the_demo_sweep_gives_each_budget_its_own_steps_and_batch_size():
+    """`dpldm demo`'s extra budgets: the config's sweep (epsilon 1 for the demo), each with the steps and
+    expected batch size of its entry or else finetune's; --also-epsilon budgets take a matching entry's;
+    an explicit finetune.steps / finetune.expected_batch_size (as --quick sets) wins."""
     from trainer.config import QUICK_DEMO
     from trainer.stages.demo import sweep_configs
 
     def runs(overrides, epsilons=None, name="demo"):
         cfg = load_config(name, overrides)
-        return [(c.finetune.name, c.finetune.epsilon, c.finetune.steps)
+        return [(c.finetune.name, c.finetune.epsilon, c.finetune.steps, c.finetune.expected_batch_size)
                 for c in sweep_configs(cfg, name, overrides, epsilons)]
-    steps = load_config("demo").finetune.steps
-    assert runs([]) == [("eps1", 1.0, 600)]  # the demo's own entry
-    own = ["sweep=[{epsilon: 1, steps: 30}, {epsilon: 2}]"]
-    assert runs(own) == [("eps1", 1.0, 30), ("eps2", 2.0, steps)]
-    assert runs(own, [1.0, 3.0]) == [("eps1", 1.0, 30), ("eps3", 3.0, steps)]
+    main = load_config("demo").finetune
+    steps, batch = main.steps, main.expected_batch_size
+    assert (steps, batch) == (600, 1000)
+    assert runs([]) == [("eps1", 1.0, 600, 500)]  # the demo's own entry: epsilon 1 keeps batch 500
+    own = ["sweep=[{epsilon: 1, steps: 30, expected_batch_size: 70}, {epsilon: 2}]"]
+    assert runs(own) == [("eps1", 1.0, 30, 70), ("eps2", 2.0, steps, batch)]
+    assert runs(own, [1.0, 3.0]) == [("eps1", 1.0, 30, 70), ("eps3", 3.0, steps, batch)]
     assert runs(own, []) == []
-    assert runs(QUICK_DEMO + own) == [("eps1", 1.0, 4), ("eps2", 2.0, 4)]
+    assert runs(QUICK_DEMO + own) == [("eps1", 1.0, 4, 64), ("eps2", 2.0, 4, 64)]
     assert runs(["finetune.epsilon=1"]) == []  # the main run is that budget already
     assert runs([], name="demo-text") == []
-    assert runs([], name="mnist") == [("eps1", 1.0, load_config("mnist").finetune.steps)]
+    mnist = load_config("mnist").finetune
+    assert runs([], name="mnist") == [("eps1", 1.0, mnist.steps, mnist.expected_batch_size)]

@@ -20,6 +20,9 @@ import yaml
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # `--quick` (demo, audit): the embedded default on tiny data and few steps; its numbers mean nothing
+# The finetune keys a `sweep` entry may set for its own budget (an explicit override of the key wins).
+SWEEP_KEYS = ("steps", "expected_batch_size")
+
 QUICK_DEMO = [
     "experiment=demo-quick",
     "data.public.num_examples=1040",
@@ -332,12 +335,13 @@ def _validate(cfg: Config) -> None:
         check(ft.deepspeed_config.strip() != "", "finetune.deepspeed_config",
               "must name a DeepSpeed JSON file (a path, or a name in configs/deepspeed/ such as zero3)")
     for i, entry in enumerate(cfg.sweep):
-        check(isinstance(entry, dict) and "epsilon" in entry and set(entry) <= {"epsilon", "steps"}, f"sweep[{i}]",
-              f"must be a mapping with epsilon and optionally steps, got {entry!r}")
+        check(isinstance(entry, dict) and "epsilon" in entry and set(entry) <= {"epsilon", *SWEEP_KEYS}, f"sweep[{i}]",
+              f"must be a mapping with epsilon and optionally {' and '.join(SWEEP_KEYS)}, got {entry!r}")
         check_epsilon(entry["epsilon"], f"sweep[{i}].epsilon")
-        steps = entry.get("steps", 1)
-        check(isinstance(steps, int) and not isinstance(steps, bool) and steps > 0, f"sweep[{i}].steps",
-              f"must be an integer > 0, got {steps!r}")
+        for key in SWEEP_KEYS:
+            value = entry.get(key, 1)
+            check(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"sweep[{i}].{key}",
+                  f"must be an integer > 0, got {value!r}")
     for key in ("in_channels", "out_channels"):  # the LDM denoises the autoencoder's latents
         channels = cfg.ldm.unet.get(key)
         check(channels is None or channels == cfg.autoencoder.embed_dim, f"ldm.unet.{key}",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from trainer.config import QUICK_DEMO as QUICK
-from trainer.config import Config, load_config
+from trainer.config import SWEEP_KEYS, Config, load_config
 from trainer.tracking import tracking_hint
 
 
@@ -82,16 +82,17 @@ def run_demo(cfg: Config, sweep: Sequence[Config] = ()) -> dict:
 def sweep_configs(cfg: Config, name: str, overrides: list[str], epsilons: Sequence[float] | None) -> list[Config]:
     """One config per extra budget, over the same base: ``epsilons`` (default: those of ``cfg.sweep``).
 
-    A budget's run is named ``eps<E>``; its step count is that of the ``sweep`` entry with the same
-    epsilon, if any, unless ``overrides`` set ``finetune.steps`` (``--quick`` does). Loaded (and so
-    validated) before anything runs: a bad epsilon refuses the demo with nothing written.
+    A budget's run is named ``eps<E>``; its step count and batch size are those of the ``sweep`` entry
+    with the same epsilon, if any, unless ``overrides`` set ``finetune.steps`` or
+    ``finetune.expected_batch_size`` (``--quick`` sets both). Loaded (and so validated) before anything
+    runs: a bad epsilon refuses the demo with nothing written.
     """
-    steps = {float(entry["epsilon"]): entry.get("steps") for entry in cfg.sweep}
+    entries = {float(entry["epsilon"]): entry for entry in cfg.sweep}
     out = []
-    for eps in (list(steps) if epsilons is None else epsilons):
+    for eps in (list(entries) if epsilons is None else epsilons):
         if eps == cfg.finetune.epsilon:  # the main run is that budget already
             continue
-        own = [f"finetune.steps={steps[eps]}"] if steps.get(eps) else []
+        own = [f"finetune.{key}={entries[eps][key]}" for key in SWEEP_KEYS if key in entries.get(eps, {})]
         extra = [f"finetune.name=eps{eps:g}", f"finetune.epsilon={eps!r}", "finetune.noise_multiplier=null"]
         out.append(load_config(name, own + overrides + extra))
     return out
