@@ -19,10 +19,10 @@ from typing import Any, Optional
 import yaml
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-# `--quick` (demo, audit): the embedded default on tiny data and few steps; its numbers mean nothing
 # The finetune keys a `sweep` entry may set for its own budget (an explicit override of the key wins).
 SWEEP_KEYS = ("steps", "expected_batch_size")
 
+# `--quick` (demo, audit): the embedded default on tiny data and few steps; its numbers mean nothing
 QUICK_DEMO = [
     "experiment=demo-quick",
     "data.public.num_examples=1040",
