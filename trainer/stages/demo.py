@@ -92,7 +92,8 @@ def sweep_configs(cfg: Config, name: str, overrides: list[str], epsilons: Sequen
     for eps in (list(entries) if epsilons is None else epsilons):
         if eps == cfg.finetune.epsilon:  # the main run is that budget already
             continue
-        own = [f"finetune.{key}={entries[eps][key]}" for key in SWEEP_KEYS if key in entries.get(eps, {})]
+        entry = entries.get(eps, {})
+        own = [f"finetune.{key}={entry[key]}" for key in SWEEP_KEYS if key in entry]
         extra = [f"finetune.name=eps{eps:g}", f"finetune.epsilon={eps!r}", "finetune.noise_multiplier=null"]
         out.append(load_config(name, own + overrides + extra))
     return out
