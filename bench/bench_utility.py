@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.config import load_config  # noqa: E402
 from trainer.data.mnist import load_mnist  # noqa: E402
-from trainer.eval.downstream import downstream_accuracy  # noqa: E402
+from trainer.eval.downstream import CLASSIFIERS, downstream_accuracy  # noqa: E402
 from trainer.eval.fid import fid  # noqa: E402
 from trainer.eval.images import images_from_array  # noqa: E402
 from trainer.pipeline import encode_images  # noqa: E402
@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--ddim-steps", type=int, help="override sample.ddim_steps of the fine-tuned runs")
     parser.add_argument("--eta", type=float, help="override sample.eta (0 = deterministic DDIM, 1 = DDPM-like noise)")
     parser.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
+    parser.add_argument("--classifier", choices=CLASSIFIERS,
+                        help="the downstream classifier of every row (default: the --ae run's eval.classifier)")
+    parser.add_argument("--epochs", type=int, help="its training epochs (default: the --ae run's eval.epochs)")
     parser.add_argument("--fid", action="store_true", help="also the FID of every row against the test split")
     parser.add_argument("--no-ceilings", action="store_true",
                         help="leave out the real and autoencoder rows (when they were measured already)")
@@ -139,12 +142,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.eta is not None and not 0 <= args.eta <= 1:
         parser.error(f"--eta {args.eta}: must be in [0, 1]")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs {args.epochs}: need at least 1")
     for flag, folders in (("--ae", [args.ae]), ("--finetune", args.finetune), ("--nonprivate", args.nonprivate)):
         for folder in folders:  # before any work: a wrong path would otherwise fail after the ceilings' rows
             if not Path(folder, "config.yaml").is_file():
                 parser.error(f"{flag} {folder}: not a run folder (no config.yaml)")
     torch.manual_seed(0)
     cfg = load_config(str(Path(args.ae) / "config.yaml"))
+    if args.classifier is not None:
+        cfg.eval.classifier = args.classifier
+    if args.epochs is not None:
+        cfg.eval.epochs = args.epochs
     test = load_mnist("test")
     rows: list[dict] = []
     # FID reference: the test split at the config's resolution, as the rows' images

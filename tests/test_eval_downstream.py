@@ -23,9 +23,10 @@ def test_real_mnist_as_synthetic_gives_high_accuracy(mnist):
     assert result["val_history"][result["selected_epoch"] - 1] == result["val_accuracy"] == max(result["val_history"])
 
 
-def test_cnn_learns_mnist(mnist):
+@pytest.mark.parametrize("name", ["cnn", "cnn_bn"])
+def test_cnns_learn_mnist(mnist, name):
     x, y, xt, yt = mnist
-    result = downstream_accuracy(x[:1500], y[:1500], xt[:500], yt[:500], classifier="cnn", epochs=2, seed=0,
+    result = downstream_accuracy(x[:1500], y[:1500], xt[:500], yt[:500], classifier=name, epochs=2, seed=0,
                                  batch_size=64)
     assert result["accuracy"] > 0.6  # chance is 0.1; few steps on a tiny set
 
@@ -62,10 +63,11 @@ def test_real_images_are_brought_to_the_synthetic_format():
     assert gray.shape == (1, 4, 4, 1) and gray[0, 0, 0, 0] == 100
 
 
-@pytest.mark.parametrize("name", ["cnn", "mlp", "logreg"])
-def test_classifiers_handle_rgb_and_odd_sizes(name):
-    model = build_classifier(name, 3, 37, 50, 4)
-    assert model(torch.zeros(2, 3, 37, 50)).shape == (2, 4)
+@pytest.mark.parametrize("name", ["cnn", "cnn_bn", "mlp", "logreg"])
+@pytest.mark.parametrize("size", [(37, 50), (6, 9)])
+def test_classifiers_handle_rgb_and_odd_sizes(name, size):
+    model = build_classifier(name, 3, *size, 4).eval()
+    assert model(torch.zeros(2, 3, *size)).shape == (2, 4)
 
 
 def test_bad_arguments_are_named(mnist):

@@ -198,6 +198,17 @@ def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path, monkeypa
         bench.main(["--ae", str(runs / "ae"), "--per-class", "250", "--out", str(tmp_path / "no.md")])
     assert exit_info.value.code == 2 and not (tmp_path / "no.md").exists()
     assert "--per-class 250" in capsys.readouterr().err
+    # --classifier and --epochs replace the run's eval.classifier and eval.epochs in every row
+    used = []
+    real_accuracy = bench.downstream_accuracy
+    monkeypatch.setattr(bench, "downstream_accuracy",
+                        lambda *a, **k: used.append((k["classifier"], k["epochs"])) or real_accuracy(*a, **k))
+    bench.main(["--ae", str(runs / "ae"), "--per-class", "4", "--seeds", "1", "--classifier", "mlp",
+                "--epochs", "1", "--out", str(out)])
+    assert used == [("mlp", 1)] * 2 and "classifier `mlp` (1 epochs" in out.read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--ae", str(runs / "ae"), "--epochs", "0"])
+    assert exit_info.value.code == 2 and "--epochs 0" in capsys.readouterr().err
     real_generate, sampled_with = bench.generate, []
     monkeypatch.setattr(bench, "generate", lambda *a, **k: sampled_with.append(
         (len(a[2]), a[4].sample.ddim_steps, a[4].sample.eta)) or real_generate(*a, **k))

@@ -160,7 +160,7 @@ class EvalConfig:
     num_per_class: int = 100           # labelled samples generated per class
     metrics: list = field(default_factory=lambda: ["accuracy"])  # fid | accuracy | pr
     num_real: Optional[int] = None     # real test images used (None = the whole split)
-    classifier: str = "cnn"            # cnn | mlp | logreg
+    classifier: str = "cnn"            # cnn | cnn_bn | mlp | logreg
     epochs: int = 10
     # guidance of the samples the evaluation generates (the downstream classifier's training set);
     # None = sample.guidance_scale. Diverse samples (low guidance) train a better classifier than the
@@ -210,7 +210,7 @@ CHOICES = {
     "finetune.policy": {"attention", "attention_blocks", "embedder_only", "full", "lora"},
     "finetune.engine_mode": {"auto", "fast", "reference"},
     "finetune.lr_schedule": {"constant", "cosine"},
-    "eval.classifier": {"cnn", "mlp", "logreg"},
+    "eval.classifier": {"cnn", "cnn_bn", "mlp", "logreg"},
     "precision": {"fp32", "bf16"},
 }
 

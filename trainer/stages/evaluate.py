@@ -370,7 +370,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=int, metavar="N", help="use a random subset of N samples (default: all)")
     p.add_argument("--num-real", type=int, metavar="N", help="use a random subset of N real images (default: all; their "
                    "Inception features are cached, so only the first evaluation pays for them)")
-    p.add_argument("--classifier", choices=CLASSIFIERS, default="cnn")
+    p.add_argument("--classifier", choices=CLASSIFIERS, default="cnn",
+                   help="the downstream classifier (default: cnn, two conv layers; cnn_bn: five with batch norm)")
     p.add_argument("--epochs", type=int, default=10, help="classifier epochs (default: 10)")
     p.add_argument("--device", default="auto", help="with --checkpoint: where to sample (auto, cpu, cuda, cuda:N)")
     p.add_argument("--run", metavar="RUN_ID", help="log the metrics and a per-class sample grid to this MLflow run")
