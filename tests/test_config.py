@@ -79,3 +79,14 @@ def test_round_trip_through_dict():
 def test_malformed_override_is_rejected():
     with pytest.raises(ConfigError, match="key=value"):
         load_config("demo", ["finetune.epsilon"])
+
+
+def test_config_choices_match_the_modules_that_implement_them():
+    """config.py lists choices without importing torch; each list must stay the implementing module's own."""
+    from trainer.config import CHOICES
+    from trainer.eval.downstream import CLASSIFIERS
+    from trainer.runtime import PRECISIONS
+    from trainer.selection import POLICIES
+    assert CHOICES["eval.classifier"] == set(CLASSIFIERS)
+    assert CHOICES["finetune.policy"] == set(POLICIES)
+    assert CHOICES["precision"] == set(PRECISIONS)
