@@ -20,12 +20,17 @@ from trainer.eval.images import ImageSetError, to_uint8_images
 CLASSIFIERS = ("cnn", "cnn_bn", "mlp", "logreg")
 
 
+def _pooled_grid(height: int, width: int, stride: int, cap: int) -> tuple[int, int]:
+    """The (h, w) a conv net's feature map is averaged to: the input downsampled by ``stride``, 1 to ``cap``."""
+    return min(max(height // stride, 1), cap), min(max(width // stride, 1), cap)
+
+
 def build_classifier(name: str, channels: int, height: int, width: int, num_classes: int) -> nn.Module:
     """The classifier ``name`` for inputs [n, channels, height, width] in [-1, 1] -> logits [n, num_classes]."""
     pixels = channels * height * width
     if name == "cnn":
         # two conv/pool stages keep a 7x7 map for MNIST; larger images are averaged down to at most 8x8
-        grid_h, grid_w = min(max(height // 4, 1), 8), min(max(width // 4, 1), 8)
+        grid_h, grid_w = _pooled_grid(height, width, 4, 8)
         return nn.Sequential(
             nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -40,7 +45,7 @@ def build_classifier(name: str, channels: int, height: int, width: int, num_clas
         def pool() -> nn.Module:
             return nn.MaxPool2d(2, ceil_mode=True)  # ceil: inputs smaller than 8 pixels still pool to 1
 
-        grid_h, grid_w = min(max(height // 8, 1), 4), min(max(width // 8, 1), 4)
+        grid_h, grid_w = _pooled_grid(height, width, 8, 4)
         return nn.Sequential(
             *conv(channels, 32), *conv(32, 32), pool(), *conv(32, 64), *conv(64, 64), pool(), *conv(64, 128), pool(),
             nn.AdaptiveAvgPool2d((grid_h, grid_w)), nn.Flatten(), nn.Dropout(0.3),
