@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow.models
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec
@@ -36,7 +37,8 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         self.ldm, self.autoencoder, self.meta, self.cfg = load_pipeline(Path(context.artifacts[BUNDLE]) / "run",
                                                                         resolve_device("auto"))
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    # A table type: MLflow infers no schema from it, so it neither validates the input nor warns for a missing hint
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         from trainer.runs import generate
         from trainer.stages.common import to_uint8
         columns = model_input if isinstance(model_input, dict) else {c: list(model_input[c]) for c in model_input}
@@ -62,7 +64,8 @@ def log_pipeline_model(run_dir: str | Path, name: str = "model") -> str:
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+            # no input example: MLflow would sample from the model to save one
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")
             export_bundle(run_dir, Path(tmp) / BUNDLE)
             # "models from code": this file defines the model, so nothing is pickled
             info = mlflow.pyfunc.log_model(name=name, python_model=__file__,
