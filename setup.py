@@ -13,6 +13,7 @@ CORE = [
     "opacus==1.6.0",
     "webdataset==1.0.2",
     "mlflow==3.17.2",
+    "pandas>=2",  # MLflow's table type, named by the logged model's predict
     "deepspeed==0.19.8",
     "triton==3.9.0",
     "scipy>=1.11",
