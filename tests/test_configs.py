@@ -48,9 +48,9 @@ def test_the_demo_fine_tunes_the_decoders_attention_and_the_embedder():
 
 
 def test_the_demo_sweep_gives_each_budget_its_own_steps_and_batch_size():
-    """`dpldm demo`'s extra budgets: the config's sweep (epsilon 1 for the demo), each with the steps and
-    expected batch size of its entry or else finetune's; --also-epsilon budgets take a matching entry's;
-    an explicit finetune.steps / finetune.expected_batch_size (as --quick sets) wins."""
+    """`dpldm demo`'s extra budgets: the config's sweep (epsilon 1 for the demo), each with the steps,
+    expected batch size and lr of its entry or else finetune's; --also-epsilon budgets take a matching entry's;
+    an explicit finetune.steps / finetune.expected_batch_size / finetune.lr (as --quick sets the first two) wins."""
     from trainer.config import QUICK_DEMO
     from trainer.stages.demo import sweep_configs
 
@@ -69,5 +69,9 @@ def test_the_demo_sweep_gives_each_budget_its_own_steps_and_batch_size():
     assert runs(QUICK_DEMO + own) == [("eps1", 1.0, 4, 64), ("eps2", 2.0, 4, 64)]
     assert runs(["finetune.epsilon=1"]) == []  # the main run is that budget already
     assert runs([], name="demo-text") == []
+    lrs = ["sweep=[{epsilon: 1, lr: 0.0007}, {epsilon: 2}]"]
+    assert [c.finetune.lr for c in sweep_configs(load_config("demo", lrs), "demo", lrs, None)] == [0.0007, main.lr]
+    lrs.append("finetune.lr=0.0001")
+    assert [c.finetune.lr for c in sweep_configs(load_config("demo", lrs), "demo", lrs, None)] == [0.0001, 0.0001]
     mnist = load_config("mnist").finetune
     assert runs([], name="mnist") == [("eps1", 1.0, mnist.steps, mnist.expected_batch_size)]

@@ -20,7 +20,7 @@ import yaml
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # The finetune keys a `sweep` entry may set for its own budget (an explicit override of the key wins).
-SWEEP_KEYS = ("steps", "expected_batch_size")
+SWEEP_KEYS = ("steps", "expected_batch_size", "lr")
 
 # `--quick` (demo, audit): the embedded default on tiny data and few steps; its numbers mean nothing
 QUICK_DEMO = [
@@ -298,6 +298,9 @@ def _validate(cfg: Config) -> None:
     for key, decay in (("autoencoder.train.ema_decay", cfg.autoencoder.train.ema_decay),
                        ("ldm.train.ema_decay", cfg.ldm.train.ema_decay), ("finetune.ema_decay", cfg.finetune.ema_decay)):
         check(decay is None or 0 < decay < 1, key, f"must be in (0, 1) or null (off), got {decay}")
+    for key, lr in (("autoencoder.train.lr", cfg.autoencoder.train.lr), ("ldm.train.lr", cfg.ldm.train.lr),
+                    ("finetune.lr", cfg.finetune.lr)):
+        check(0 < lr < float("inf"), key, f"must be a finite number > 0, got {lr}")
     ft = cfg.finetune
     check(ft.max_grad_norm > 0, "finetune.max_grad_norm", f"must be > 0, got {ft.max_grad_norm}")
     check(0 < ft.delta < 1, "finetune.delta", f"must be in (0, 1), got {ft.delta}")
@@ -336,12 +339,15 @@ def _validate(cfg: Config) -> None:
               "must name a DeepSpeed JSON file (a path, or a name in configs/deepspeed/ such as zero3)")
     for i, entry in enumerate(cfg.sweep):
         check(isinstance(entry, dict) and "epsilon" in entry and set(entry) <= {"epsilon", *SWEEP_KEYS}, f"sweep[{i}]",
-              f"must be a mapping with epsilon and optionally {' and '.join(SWEEP_KEYS)}, got {entry!r}")
+              f"must be a mapping with epsilon and optionally {', '.join(SWEEP_KEYS)}, got {entry!r}")
         check_epsilon(entry["epsilon"], f"sweep[{i}].epsilon")
-        for key in SWEEP_KEYS:
+        for key in ("steps", "expected_batch_size"):
             value = entry.get(key, 1)
             check(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"sweep[{i}].{key}",
                   f"must be an integer > 0, got {value!r}")
+        lr = entry.get("lr", 1.0)
+        check(isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < float("inf"), f"sweep[{i}].lr",
+              f"must be a number > 0, got {lr!r}")
     for key in ("in_channels", "out_channels"):  # the LDM denoises the autoencoder's latents
         channels = cfg.ldm.unet.get(key)
         check(channels is None or channels == cfg.autoencoder.embed_dim, f"ldm.unet.{key}",

@@ -82,9 +82,9 @@ def run_demo(cfg: Config, sweep: Sequence[Config] = ()) -> dict:
 def sweep_configs(cfg: Config, name: str, overrides: list[str], epsilons: Sequence[float] | None) -> list[Config]:
     """One config per extra budget, over the same base: ``epsilons`` (default: those of ``cfg.sweep``).
 
-    A budget's run is named ``eps<E>``; its step count and batch size are those of the ``sweep`` entry
-    with the same epsilon, if any, unless ``overrides`` set ``finetune.steps`` or
-    ``finetune.expected_batch_size`` (``--quick`` sets both). Loaded (and so validated) before anything
+    A budget's run is named ``eps<E>``; its step count, batch size and learning rate are those of the
+    ``sweep`` entry with the same epsilon, if any, unless ``overrides`` set ``finetune.steps``,
+    ``finetune.expected_batch_size`` or ``finetune.lr`` (``--quick`` sets the first two). Loaded (and so validated) before anything
     runs: a bad epsilon refuses the demo with nothing written.
     """
     entries = {float(entry["epsilon"]): entry for entry in cfg.sweep}
