@@ -111,12 +111,12 @@ def test_grids_and_evaluation_sample_at_their_own_guidance_and_batch_size(workdi
     cfg_path = ft / "config.yaml"
     text = cfg_path.read_text()
     cfg = load_config(str(cfg_path))
-    assert (cfg.sample.guidance_scale, cfg.eval.guidance_scale) == (3.0, 1.25)  # the demo's
+    assert (cfg.sample.guidance_scale, cfg.eval.guidance_scale) == (3.0, 1.0)  # the demo's
     try:
         cfg.sample.batch_size = 7
         dump_config(cfg, cfg_path)
         evaluate_checkpoint(ft, metrics=["accuracy"], num_per_class=2, log=False)
-        assert calls == [(7, 1.25), (7, 1.25), (6, 1.25)]  # 20 samples, 7 at a time, at the evaluation's guidance
+        assert calls == [(7, 1.0), (7, 1.0), (6, 1.0)]  # 20 samples, 7 at a time, at the evaluation's guidance
         calls.clear()
         assert cli.main(["sample", "--checkpoint", str(ft), "--classes", "3", "--num", "2",
                          "--out", str(workdir / "g"), "--ddim-steps", "2"]) == 0
