@@ -347,7 +347,7 @@ def _validate(cfg: Config) -> None:
                   f"must be an integer > 0, got {value!r}")
         lr = entry.get("lr", 1.0)
         check(isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < float("inf"), f"sweep[{i}].lr",
-              f"must be a number > 0, got {lr!r}")
+              f"must be a finite number > 0, got {lr!r}")
     for key in ("in_channels", "out_channels"):  # the LDM denoises the autoencoder's latents
         channels = cfg.ldm.unet.get(key)
         check(channels is None or channels == cfg.autoencoder.embed_dim, f"ldm.unet.{key}",

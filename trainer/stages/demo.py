@@ -84,8 +84,8 @@ def sweep_configs(cfg: Config, name: str, overrides: list[str], epsilons: Sequen
 
     A budget's run is named ``eps<E>``; its step count, batch size and learning rate are those of the
     ``sweep`` entry with the same epsilon, if any, unless ``overrides`` set ``finetune.steps``,
-    ``finetune.expected_batch_size`` or ``finetune.lr`` (``--quick`` sets the first two). Loaded (and so validated) before anything
-    runs: a bad epsilon refuses the demo with nothing written.
+    ``finetune.expected_batch_size`` or ``finetune.lr`` (``--quick`` sets the first two). Loaded (and so
+    validated) before anything runs: a bad epsilon refuses the demo with nothing written.
     """
     entries = {float(entry["epsilon"]): entry for entry in cfg.sweep}
     out = []
