@@ -55,7 +55,8 @@ def test_demo_quick_runs_the_whole_pipeline(workdir, capsys, monkeypatch):
     report1 = json.loads((eps1 / "privacy-report.json").read_text())
     assert 0 < report1["epsilon"] <= 1.0 and report1["noise_multiplier"] > report["noise_multiplier"]
     assert json.loads((eps1 / "finetune.json").read_text())["base"] == "../ldm"
-    assert "finetune-eps1: eval.num_samples 100" in out and "accuracy vs epsilon" in out
+    assert "finetune-eps1: eval.num_samples 100, eval.num_real 200, " in out and "accuracy vs epsilon" in out
+    assert "\neval.num_samples: 100\n" in out and "\neval.accuracy_epoch: " in out  # counts print as integers
     assert "; per class: 0 " in out.split("finetune-eps1: eval.num_samples")[1].splitlines()[0]
     assert (workdir / "runs" / "demo-quick" / "accuracy_vs_epsilon.png").is_file()
     table = out.split("dpldm compare --experiment demo-quick")[1]

@@ -122,16 +122,16 @@ def main(args: argparse.Namespace) -> int:
     print(f"public letters, pretrained LDM samples: {out['ldm'] / 'samples.png'}")
     print(f"DP fine-tuned {what}:{' ' * (24 - len(what))}{out['finetune'] / 'samples.png'}")
     print(f"privacy report:                         {out['finetune'] / 'privacy-report.json'}")
-    from trainer.stages.evaluate import compare_runs, split_per_class
+    from trainer.stages.evaluate import compare_runs, format_value, split_per_class
     metrics, per_class = split_per_class(out["metrics"])
     for key, value in metrics.items():
-        print(f"{key}: {value:.4f}")
+        print(f"{key}: {format_value(key, value)}")
     if per_class:
         print(f"eval.accuracy per class: {per_class}")
     if out["sweep"]:
         for run_dir, results in out["sweep"]:
             metrics, per_class = split_per_class(results)
-            print(f"{run_dir.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            print(f"{run_dir.name}: " + ", ".join(f"{k} {format_value(k, v)}" for k, v in metrics.items())
                   + (f"; per class: {per_class}" if per_class else ""))
         table, plot = compare_runs(cfg.experiment, "accuracy", Path(cfg.output_dir) / cfg.experiment)
         print(f"\nThe runs of experiment '{cfg.experiment}' (`dpldm compare --experiment {cfg.experiment}`):")

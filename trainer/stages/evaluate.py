@@ -106,13 +106,17 @@ def log_evaluation(run_id: str, results: dict[str, float], samples: Optional[Ima
                              artifact_file="eval/samples_per_class.png")
 
 
+def format_value(key: str, value: float) -> str:
+    """A result as printed: counts and the selected epoch as integers, the rest to 4 decimals."""
+    return f"{int(value)}" if key in ("eval.num_samples", "eval.num_real", "eval.accuracy_epoch") else f"{value:.4f}"
+
+
 def _format_metric(key: str, value: float) -> str:
     label = {"eval.fid": "FID", "eval.precision": "precision", "eval.recall": "recall",
              "eval.accuracy": "accuracy", "eval.accuracy_epoch": "accuracy selected epoch",
              "eval.accuracy_val": "accuracy on held-out samples", "eval.num_samples": "samples",
              "eval.num_real": "real images"}.get(key, key)
-    integral = key in ("eval.num_samples", "eval.num_real", "eval.accuracy_epoch")
-    return f"{label}: {int(value)}" if integral else f"{label}: {value:.4f}"
+    return f"{label}: {format_value(key, value)}"
 
 
 def split_per_class(results: dict[str, float]) -> tuple[dict[str, float], str]:
