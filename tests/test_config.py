@@ -34,6 +34,7 @@ def test_demo_config_loads_with_compvis_names():
     ("ldm.unet.out_channels=8", "ldm.unet.out_channels"),
     ("data.public.fonts=comic-sans", "data.public.fonts"),
     ("data.public.elastic=-2", "data.public.elastic"),
+    ("data.private.split=training", "data.private.split"),
     ("sweep=[{epsilon: 0}]", "sweep[0].epsilon"),
     ("sweep=[{epsilon: 1, steps: 2.5}]", "sweep[0].steps"),
     ("sweep=[{epsilon: 1, expected_batch_size: 0}]", "sweep[0].expected_batch_size"),

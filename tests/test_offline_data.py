@@ -59,8 +59,14 @@ def test_mnist_splits_and_values():
     x, y = mnist.load_mnist("test")
     assert x.shape == (10000, 28, 28) and x.dtype == np.uint8 and y.shape == (10000,)
     assert y[:5].tolist() == [7, 2, 1, 0, 4] and set(np.unique(y)) == set(range(10))
-    assert len(mnist.load_mnist("train")[0]) == 50000
-    with pytest.raises(ValueError, match="split"):
+    train, val = mnist.load_mnist("train"), mnist.load_mnist("val")
+    assert len(train[0]) == 50000 and len(val[0]) == 10000
+    # trainval is MNIST's original training set: train then val, its published class counts, no test digit
+    tx, ty = mnist.load_mnist("trainval")
+    assert np.array_equal(tx, np.concatenate([train[0], val[0]])) and np.array_equal(ty, np.concatenate([train[1], val[1]]))
+    assert np.bincount(ty).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert not {img.tobytes() for img in x} & {img.tobytes() for img in tx}
+    with pytest.raises(ValueError, match="split must be one of train, val, trainval, test"):
         mnist.load_mnist("dev")
 
 

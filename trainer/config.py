@@ -48,7 +48,7 @@ class ConfigError(ValueError):
 class DataSource:
     """Where images come from: an offline set (letters, mnist, fashion-mnist) or shards."""
     source: str = "letters"           # letters | mnist | shards
-    split: str = "train"               # for mnist: train | val | test
+    split: str = "train"               # for mnist: train (50k) | val (10k) | trainval (60k) | test (10k)
     num_examples: Optional[int] = None  # None = the whole split (letters: required)
     resolution: int = 32
     path: Optional[str] = None         # shard pattern for source=shards (local, {000..009}, pipe:)
@@ -295,6 +295,10 @@ def _validate(cfg: Config) -> None:
                 font_files(src.fonts)
             except ValueError as err:
                 raise ConfigError(f"data.{key}.fonts: {err}") from None
+        if src is not None and src.source == "mnist":
+            from trainer.data.mnist import SPLIT_NAMES
+            check(src.split in SPLIT_NAMES, f"data.{key}.split",
+                  f"must be one of {', '.join(SPLIT_NAMES)} for mnist, got {src.split!r}")
     for key, decay in (("autoencoder.train.ema_decay", cfg.autoencoder.train.ema_decay),
                        ("ldm.train.ema_decay", cfg.ldm.train.ema_decay), ("finetune.ema_decay", cfg.finetune.ema_decay)):
         check(decay is None or 0 < decay < 1, key, f"must be in (0, 1) or null (off), got {decay}")

