@@ -51,6 +51,8 @@ def test_demo_config_loads_with_compvis_names():
     ("sample.eta=-0.1", "sample.eta"),
     ("eval.guidance_scale=-0.5", "eval.guidance_scale"),
     ("eval.guidance_scale=high", "eval.guidance_scale"),
+    ("eval.ddim_steps=0", "eval.ddim_steps"),
+    ("eval.ddim_steps=2.5", "eval.ddim_steps"),
 ])
 def test_bad_values_name_file_and_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -69,6 +71,11 @@ def test_the_evaluation_takes_its_own_guidance_or_the_samples():
     assert cfg.eval_guidance_scale() == 1.25
     cfg = load_config("demo", ["sample.guidance_scale=2.5", "eval.guidance_scale=null"])
     assert cfg.eval_guidance_scale() == 2.5
+
+
+def test_the_evaluation_takes_its_own_ddim_steps_or_the_samples():
+    assert load_config("demo", ["sample.ddim_steps=25", "eval.ddim_steps=10"]).eval_ddim_steps() == 10
+    assert load_config("demo", ["sample.ddim_steps=25", "eval.ddim_steps=null"]).eval_ddim_steps() == 25
 
 
 def test_missing_file_is_named(tmp_path):
