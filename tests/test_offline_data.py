@@ -66,7 +66,7 @@ def test_mnist_splits_and_values():
     assert np.array_equal(tx, np.concatenate([train[0], val[0]])) and np.array_equal(ty, np.concatenate([train[1], val[1]]))
     assert np.bincount(ty).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert not {img.tobytes() for img in x} & {img.tobytes() for img in tx}
-    with pytest.raises(ValueError, match="split must be one of train, val, trainval, test"):
+    with pytest.raises(ValueError, match="split must be one of train, val, test, trainval"):
         mnist.load_mnist("dev")
 
 

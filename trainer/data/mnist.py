@@ -16,7 +16,7 @@ import numpy as np
 SPLITS = {"train": 0, "val": 1, "test": 2}  # 50k / 10k / 10k: the pickle's three parts
 # train + val: MNIST's original 60,000 training digits, the private set of DPImageBench and the DP-LDM paper
 COMBINED = {"trainval": ("train", "val")}
-SPLIT_NAMES = ("train", "val", "trainval", "test")
+SPLIT_NAMES = (*SPLITS, *COMBINED)
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
