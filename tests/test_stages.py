@@ -224,7 +224,7 @@ def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path, monkeypa
                        "--seeds", "1", "--ddim-steps", "2", "--eta", "1", "--no-ceilings"])
     assert [r["row"] for r in rows] == ["finetune"] and "2 DDIM steps, eta 1" in rows[0]["note"]
     assert sampled_with == [(2500, 2, 1.0)]
-    sampled_with.clear()  # without --ddim-steps: the run's eval.ddim_steps (the demo's 10, not sample.ddim_steps)
+    sampled_with.clear()  # without --ddim-steps: the run's eval.ddim_steps, not its sample.ddim_steps
     cfg_path = runs / "finetune" / "config.yaml"
     text = cfg_path.read_text()
     try:
