@@ -117,7 +117,8 @@ def build_workload(cfg: Config, batch_size: int, device: torch.device, seed: int
         for p in ldm.parameters():
             if p.dim() > 1 and not p.any():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    selection = select_trainable(ldm, cfg.finetune.policy, cfg.finetune.attention_from)
+    selection = select_trainable(ldm, cfg.finetune.policy, cfg.finetune.attention_from,
+                                 context_grad=cfg.finetune.context_grad)
     ldm.to(device).train()
     unet = cfg.ldm.unet
     shape = (unet["in_channels"], unet["image_size"], unet["image_size"])

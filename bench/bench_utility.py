@@ -98,7 +98,8 @@ def nonprivate_finetune(run: str | Path, seed: int = 0):
     if ft.new_class_embedder:  # as the DP run: its public initialisation (new_class_from rows or random)
         ldm.cond_stage_model = new_class_embedder(ldm.cond_stage_model, ft.new_class_embedder,
                                                   base_rows(ft.new_class_from, base_meta, base_dir))
-    select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers, ft.lora_rank, ft.lora_alpha)
+    select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers, ft.lora_rank, ft.lora_alpha,
+                     ft.context_grad)
     params = [p for p in ldm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=ft.lr, weight_decay=ft.weight_decay)
     private = load_image_source(cfg.data.private, "data.private")

@@ -24,6 +24,7 @@ def test_demo_config_loads_with_compvis_names():
     ("finetune.policy=everything", "finetune.policy"),
     ("finetune.new_class_from=[a,b]", "finetune.new_class_from"),  # 2 names for 10 new classes
     ("finetune.lr_schedule=linear", "finetune.lr_schedule"),
+    ("finetune.context_grad=frozen", "finetune.context_grad"),
     ("finetune.cond_drop_prob=1.5", "finetune.cond_drop_prob"),
     ("finetune.t_range=[500, 2000]", "finetune.t_range"),  # past ldm.schedule.timesteps
     ("finetune.t_range=[300, 300]", "finetune.t_range"),
@@ -58,6 +59,14 @@ def test_bad_values_name_file_and_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config("demo", [override])
     assert key in str(err.value) and "demo.yaml" in str(err.value)
+
+
+def test_context_grad_trainable_needs_trainable_transformers():
+    for policy in ("full", "embedder_only"):
+        with pytest.raises(ConfigError, match="finetune.context_grad: trainable needs finetune.policy attention"):
+            load_config("demo", ["finetune.context_grad=trainable", f"finetune.policy={policy}"])
+    assert load_config("demo", ["finetune.context_grad=trainable", "finetune.policy=lora"]).finetune.context_grad \
+        == "trainable"
 
 
 def test_overrides_parse_yaml_values():

@@ -5,6 +5,7 @@ from conftest import assert_engine_matches_brute_force
 
 from trainer.config import load_config
 from trainer.models import AttentionBlock, SpatialTransformer
+from trainer.models.unet import timestep_embedding
 from trainer.selection import select_trainable
 from trainer.stages.common import build_ldm
 
@@ -110,3 +111,74 @@ def test_lora_fine_tuning_is_exact_against_a_brute_force_loop():
         return (ldm.eps(x_t, t[rows], ldm.context(labels[rows])) - noise[rows]).pow(2).flatten(1).mean(dim=1)
 
     assert_engine_matches_brute_force(ldm, losses_of, n)
+
+
+def _perturbed_tiny_ldm():
+    torch.manual_seed(0)
+    ldm = tiny_ldm()
+    with torch.no_grad():  # zero-initialised output layers would give zero gradients
+        for p in ldm.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return ldm.eval()
+
+
+def _grads(ldm, loss):
+    params = [p for p in ldm.parameters() if p.requires_grad]
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+
+def test_context_grad_trainable_stops_the_conditioning_gradient_at_frozen_transformers():
+    """Against a hand-written UNet forward in which the encoder's blocks get a detached context."""
+    ldm = _perturbed_tiny_ldm()
+    g = torch.Generator().manual_seed(1)
+    x, noise = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g)
+    t, labels = torch.tensor([10, 400, 900]), torch.tensor([1, 2, 3])
+
+    def loss() -> torch.Tensor:
+        return (ldm.eps(x, t, ldm.context(labels)) - noise).pow(2).mean()
+
+    def loss_by_hand() -> torch.Tensor:  # attention_from=4: the input and middle blocks' 3 transformers are frozen
+        unet, context = ldm.unet, ldm.context(labels)
+        emb = unet.time_embed(timestep_embedding(t, unet.model_channels))
+        h, skips = x, []
+        for block in unet.input_blocks:
+            h = block(h, emb, context.detach())
+            skips.append(h)
+        h = unet.middle_block(h, emb, context.detach())
+        for block in unet.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return (unet.out(h) - noise).pow(2).mean()
+
+    select_trainable(ldm, "attention", attention_from=4)
+    exact, by_hand = _grads(ldm, loss()), _grads(ldm, loss_by_hand())
+    select_trainable(ldm, "attention", attention_from=4, context_grad="trainable")
+    stopped = _grads(ldm, loss())
+    assert torch.allclose(stopped, by_hand, rtol=1e-5, atol=1e-7)
+    n_embedder = ldm.cond_stage_model.embedding.weight.numel()
+    assert not torch.allclose(stopped[-n_embedder:], exact[-n_embedder:], rtol=1e-3)  # the embedder's rows differ
+    assert torch.equal(stopped[:-n_embedder], exact[:-n_embedder])  # the transformers' own gradients do not
+    select_trainable(ldm, "attention", attention_from=4)  # back to all: the hooks are gone
+    assert torch.equal(_grads(ldm, loss()), exact)
+    select_trainable(ldm, "attention", attention_from=1, context_grad="trainable")  # nothing frozen, nothing stopped
+    all_trainable = _grads(ldm, loss())
+    select_trainable(ldm, "attention", attention_from=1)
+    assert torch.equal(all_trainable, _grads(ldm, loss()))
+
+
+def test_context_grad_trainable_is_exact_under_the_engine_and_refused_without_trainable_transformers():
+    ldm = _perturbed_tiny_ldm()
+    select_trainable(ldm, "attention", attention_from=4, context_grad="trainable")
+    n, g = 5, torch.Generator().manual_seed(1)
+    z0, noise = torch.randn(n, 4, 4, 4, generator=g), torch.randn(n, 4, 4, 4, generator=g)
+    t, labels = torch.randint(0, 1000, (n,), generator=g), torch.randint(0, 10, (n,), generator=g)
+
+    def losses_of(rows: torch.Tensor) -> torch.Tensor:
+        x_t = ldm.schedule.q_sample(z0[rows], t[rows], noise[rows])
+        return (ldm.eps(x_t, t[rows], ldm.context(labels[rows])) - noise[rows]).pow(2).flatten(1).mean(dim=1)
+
+    assert_engine_matches_brute_force(ldm, losses_of, n)
+    for policy in ("full", "embedder_only"):
+        with pytest.raises(ValueError, match="context_grad=trainable needs finetune.policy attention or lora"):
+            select_trainable(ldm, policy, context_grad="trainable")
+    with pytest.raises(ValueError, match="finetune.context_grad must be one of"):
+        select_trainable(ldm, "attention", context_grad="none")

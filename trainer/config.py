@@ -118,6 +118,7 @@ class FinetuneConfig:
     base: Optional[str] = None           # the pretrained LDM folder (pretrain-ldm, import-compvis); default: ldm/
     policy: str = "attention"            # attention | attention_blocks | embedder_only | full | lora
     attention_from: int = 1              # attention policy: SpatialTransformers from index k on (1-based)
+    context_grad: str = "all"            # all | trainable: the conditioning learns through the trainable blocks only
     text_encoder_layers: int = 0         # text conditioner: also train its top k layers (0 = encoder frozen)
     lora_rank: int = 4                   # lora policy: rank r of the adapters on the attention projections
     lora_alpha: Optional[float] = None   # lora policy: the update is scaled by alpha / r (None: alpha = r)
@@ -216,6 +217,7 @@ CHOICES = {
     "ldm.conditioner.type": {"class", "text", "none"},
     "finetune.policy": {"attention", "attention_blocks", "embedder_only", "full", "lora"},
     "finetune.engine_mode": {"auto", "fast", "reference"},
+    "finetune.context_grad": {"all", "trainable"},
     "finetune.lr_schedule": {"constant", "cosine"},
     "eval.classifier": {"cnn", "cnn_bn", "mlp", "logreg"},
     "precision": {"fp32", "bf16"},
@@ -332,6 +334,9 @@ def _validate(cfg: Config) -> None:
               "finetune.new_class_from", f"needs one base class per new class (finetune.new_class_embedder: "
               f"{ft.new_class_embedder}), got {len(ft.new_class_from)}")
     check(ft.attention_from >= 1, "finetune.attention_from", f"counts from 1, got {ft.attention_from}")
+    check(ft.context_grad == "all" or ft.policy in ("attention", "lora"), "finetune.context_grad",
+          f"trainable needs finetune.policy attention or lora (trainable SpatialTransformers for the conditioning "
+          f"to learn through), got policy {ft.policy!r}")
     check(ft.lora_rank >= 1, "finetune.lora_rank", f"must be >= 1, got {ft.lora_rank}")
     check(ft.text_encoder_layers >= 0, "finetune.text_encoder_layers", f"must be >= 0, got {ft.text_encoder_layers}")
     check((ft.epsilon is None) != (ft.noise_multiplier is None), "finetune.epsilon",

@@ -9,6 +9,11 @@
   the attention layers in the same SpatialTransformers as ``attention``, plus the embedder; the
   projections themselves stay frozen (as DP-LoRA does).
 
+``context_grad`` says how the conditioning is trained: ``all`` (the loss's exact gradient, through
+every SpatialTransformer the context enters) or ``trainable`` (a stop-gradient on the context where
+it enters a SpatialTransformer with nothing to train: the embedder learns through the trainable
+ones only, and when those are the output blocks' the backward never enters the frozen encoder).
+
 "The embedder" is a class embedder whole; for a pretrained text encoder it is only its
 projection into ``context_dim`` (none when the widths match), plus its top ``text_encoder_layers``
 transformer layers on request: the encoder itself stays frozen (and in eval mode) by default.
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from torch import nn
 
 POLICIES = ("attention", "attention_blocks", "embedder_only", "full", "lora")
+CONTEXT_GRADS = ("all", "trainable")
 
 
 @dataclass
@@ -73,13 +79,38 @@ def add_adapters(ldm: nn.Module, lora: dict) -> list[nn.Module]:
     return add_lora(_transformers_from(ldm.unet, lora["attention_from"], "lora"), lora["rank"], lora["alpha"])
 
 
+def _detach_context(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    if "context" in kwargs:
+        kwargs = {**kwargs, "context": None if kwargs["context"] is None else kwargs["context"].detach()}
+    elif len(args) > 1 and args[1] is not None:
+        args = (args[0], args[1].detach(), *args[2:])
+    return args, kwargs
+
+
+def _set_context_grad(unet: nn.Module, context_grad: str) -> None:
+    """(Re)place the stop-gradient hooks: on the frozen SpatialTransformers if ``trainable``, on none if ``all``."""
+    from trainer.models import SpatialTransformer
+    for _, m in _blocks_of(unet, SpatialTransformer):
+        handle = m.__dict__.pop("_context_hook", None)
+        if handle is not None:
+            handle.remove()
+        if context_grad == "trainable" and not any(p.requires_grad for p in m.parameters()):
+            m.__dict__["_context_hook"] = m.register_forward_pre_hook(_detach_context, with_kwargs=True)
+
+
 def select_trainable(ldm: nn.Module, policy: str, attention_from: int = 1, text_encoder_layers: int = 0,
-                     lora_rank: int = 4, lora_alpha: float | None = None) -> Selection:
+                     lora_rank: int = 4, lora_alpha: float | None = None, context_grad: str = "all") -> Selection:
     """Set ``requires_grad`` on ``ldm`` (with ``.unet`` and ``.cond_stage_model``) per ``policy``
-    (``lora`` first adds the adapters to the model)."""
+    (``lora`` first adds the adapters to the model); ``context_grad="trainable"`` puts the
+    stop-gradients of the module docstring on the model (forward hooks; a later call replaces them)."""
     from trainer.models import AttentionBlock
     if policy not in POLICIES:
         raise ValueError(f"finetune.policy must be one of {POLICIES}, got {policy!r}")
+    if context_grad not in CONTEXT_GRADS:
+        raise ValueError(f"finetune.context_grad must be one of {CONTEXT_GRADS}, got {context_grad!r}")
+    if context_grad == "trainable" and policy not in ("attention", "lora"):
+        raise ValueError(f"finetune.context_grad=trainable needs finetune.policy attention or lora (trainable "
+                         f"SpatialTransformers for the conditioning to learn through), got {policy!r}")
     lora = {"rank": lora_rank, "alpha": lora_alpha, "attention_from": attention_from} if policy == "lora" else None
     if lora is not None:
         adapters = [(a.lora_down, a.lora_up) for a in add_adapters(ldm, lora)]
@@ -103,6 +134,7 @@ def select_trainable(ldm: nn.Module, policy: str, attention_from: int = 1, text_
         chosen = [unet, *embedder]
     for m in chosen:
         m.requires_grad_(True)
+    _set_context_grad(unet, context_grad)
     names = [n for n, p in ldm.named_parameters() if p.requires_grad]
     if not names:
         raise ValueError(f"finetune.policy={policy}: nothing to train (the conditioner has no trainable part: "

@@ -338,7 +338,7 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
                                                   base_rows(ft.new_class_from, meta, base_dir))
     try:
         selection = select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers, ft.lora_rank,
-                                     ft.lora_alpha)
+                                     ft.lora_alpha, ft.context_grad)
     except ValueError as err:  # the messages name the finetune.* key
         raise ConfigError(str(err)) from None
     trainable = {name: p for name, p in ldm.named_parameters() if p.requires_grad}
