@@ -60,7 +60,7 @@ def test_the_demo_sweep_gives_each_budget_its_own_steps_and_batch_size():
                 for c in sweep_configs(cfg, name, overrides, epsilons)]
     main = load_config("demo").finetune
     steps, batch = main.steps, main.expected_batch_size
-    assert (steps, batch) == (600, 1000)
+    assert (steps, batch) == (800, 1000)
     assert runs([]) == [("eps1", 1.0, 600, 500)]  # the demo's own entry: epsilon 1 keeps batch 500
     own = ["sweep=[{epsilon: 1, steps: 30, expected_batch_size: 70}, {epsilon: 2}]"]
     assert runs(own) == [("eps1", 1.0, 30, 70), ("eps2", 2.0, steps, batch)]
