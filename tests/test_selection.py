@@ -89,19 +89,17 @@ def test_lora_policy_adds_zero_initialised_adapters_and_trains_only_them_and_the
     assert torch.equal(ldm.eps(x, t, ldm.context(labels)), before), "an adapted model starts equal to its base"
 
 
-def test_lora_fine_tuning_is_exact_against_a_brute_force_loop():
-    """The engine clips the adapters' per-example gradients exactly (fast and reference modes)."""
+def _perturbed_tiny_ldm():
     torch.manual_seed(0)
     ldm = tiny_ldm()
-    with torch.no_grad():  # zero-initialised output layers and adapter ups would give zero gradients
+    with torch.no_grad():  # zero-initialised output layers would give zero gradients
         for p in ldm.unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    select_trainable(ldm, "lora", lora_rank=2)
-    with torch.no_grad():
-        for name, p in ldm.named_parameters():
-            if "lora_up" in name:
-                p.normal_(0, 0.1)
-    ldm.eval()
+    return ldm.eval()
+
+
+def _assert_exact_under_the_engine(ldm) -> None:
+    """The engine's clipped sum (fast and reference modes) against a brute-force loop over 5 examples."""
     n, g = 5, torch.Generator().manual_seed(1)
     z0, noise = torch.randn(n, 4, 4, 4, generator=g), torch.randn(n, 4, 4, 4, generator=g)
     t, labels = torch.randint(0, 1000, (n,), generator=g), torch.randint(0, 10, (n,), generator=g)
@@ -113,13 +111,15 @@ def test_lora_fine_tuning_is_exact_against_a_brute_force_loop():
     assert_engine_matches_brute_force(ldm, losses_of, n)
 
 
-def _perturbed_tiny_ldm():
-    torch.manual_seed(0)
-    ldm = tiny_ldm()
-    with torch.no_grad():  # zero-initialised output layers would give zero gradients
-        for p in ldm.unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return ldm.eval()
+def test_lora_fine_tuning_is_exact_against_a_brute_force_loop():
+    """The engine clips the adapters' per-example gradients exactly (fast and reference modes)."""
+    ldm = _perturbed_tiny_ldm()
+    select_trainable(ldm, "lora", lora_rank=2)
+    with torch.no_grad():  # zero-initialised adapter ups would give zero gradients
+        for name, p in ldm.named_parameters():
+            if "lora_up" in name:
+                p.normal_(0, 0.1)
+    _assert_exact_under_the_engine(ldm)
 
 
 def _grads(ldm, loss):
@@ -173,15 +173,7 @@ def test_context_grad_trainable_stops_the_conditioning_gradient_at_frozen_transf
 def test_context_grad_trainable_is_exact_under_the_engine_and_refused_without_trainable_transformers():
     ldm = _perturbed_tiny_ldm()
     select_trainable(ldm, "attention", attention_from=4, context_grad="trainable")
-    n, g = 5, torch.Generator().manual_seed(1)
-    z0, noise = torch.randn(n, 4, 4, 4, generator=g), torch.randn(n, 4, 4, 4, generator=g)
-    t, labels = torch.randint(0, 1000, (n,), generator=g), torch.randint(0, 10, (n,), generator=g)
-
-    def losses_of(rows: torch.Tensor) -> torch.Tensor:
-        x_t = ldm.schedule.q_sample(z0[rows], t[rows], noise[rows])
-        return (ldm.eps(x_t, t[rows], ldm.context(labels[rows])) - noise[rows]).pow(2).flatten(1).mean(dim=1)
-
-    assert_engine_matches_brute_force(ldm, losses_of, n)
+    _assert_exact_under_the_engine(ldm)
     for policy in ("full", "embedder_only"):
         with pytest.raises(ValueError, match="context_grad=trainable needs finetune.policy attention or lora"):
             select_trainable(ldm, policy, context_grad="trainable")
