@@ -11,7 +11,7 @@ than the smallest real class, 5,421); 1,000 per class is the cheaper default. Ro
 - ``autoencoder``: the same digits after the autoencoder of ``--ae`` (encode, posterior mean,
   decode): what the latent space keeps, the ceiling of any LDM built on it;
 - one per ``--finetune`` run: ``--per-class`` samples per class from the fine-tuned model
-  (its config's evaluation sampler: ``eval.guidance_scale``, ``eval.ddim_steps``, ``sample.eta``;
+  (its config's evaluation sampler: ``eval.guidance_scale``, ``eval.ddim_steps``, ``eval.eta``;
   or ``--guidance``/``--ddim-steps``/``--eta``), with its epsilon;
 - one per ``--nonprivate`` run: the same fine-tuning as that finetune run (its base, policy,
   fresh embedder and its initial rows, AdamW, lr and its schedule, condition dropout, steps,
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="override the runs' evaluation guidance (eval.guidance_scale, else sample.guidance_scale)")
     parser.add_argument("--ddim-steps", type=int,
                         help="override the runs' evaluation DDIM steps (eval.ddim_steps, else sample.ddim_steps)")
-    parser.add_argument("--eta", type=float, help="override sample.eta (0 = deterministic DDIM, 1 = DDPM-like noise)")
+    parser.add_argument("--eta", type=float, help="override the runs' evaluation eta (eval.eta, else sample.eta; "
+                                                  "0 = deterministic DDIM, 1 = DDPM-like noise)")
     parser.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
     parser.add_argument("--classifier", choices=CLASSIFIERS,
                         help="the downstream classifier of every row (default: the --ae run's eval.classifier)")
@@ -187,20 +188,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs = [(run, False) for run in args.finetune] + [(run, True) for run in args.nonprivate]
     for run, nonprivate in runs:
         ldm, ae, meta, run_cfg = nonprivate_finetune(run) if nonprivate else load_pipeline(run, torch.device("cpu"))
-        guidance = run_cfg.eval_guidance_scale() if args.guidance is None else args.guidance
-        steps = run_cfg.eval_ddim_steps() if args.ddim_steps is None else args.ddim_steps
-        if args.eta is not None:
-            run_cfg.sample.eta = args.eta
+        sampler = run_cfg.eval_sampler()
+        for key, flag in (("guidance_scale", args.guidance), ("ddim_steps", args.ddim_steps), ("eta", args.eta)):
+            sampler[key] = sampler[key] if flag is None else flag
         names = meta["label_names"]
         cond = torch.arange(len(names)).repeat_interleave(args.per_class)
         t0 = time.perf_counter()
         images = generate(ldm, ae, cond, tuple(meta["latent_shape"]), run_cfg, torch.Generator().manual_seed(0),
-                          batch_size=args.batch_size, guidance_scale=guidance, ddim_steps=steps)
+                          batch_size=args.batch_size, **sampler)
         seconds = time.perf_counter() - t0
         report = json.loads((Path(run) / "privacy-report.json").read_text())
         privacy = "no clipping, no noise" if nonprivate else f"epsilon {report['epsilon']:.3g}"
         add(Path(run).name + (" non-private" if nonprivate else ""), to_uint8(images), cond.numpy(),
-            f"{privacy}, guidance {guidance:g}, {steps} DDIM steps, eta {run_cfg.sample.eta:g}",
+            f"{privacy}, guidance {sampler['guidance_scale']:g}, {sampler['ddim_steps']} DDIM steps, "
+            f"eta {sampler['eta']:g}",
             seconds)
 
     lines = [f"| row | accuracy (mean of {args.seeds}) | spread (std) | FID | what | sampling (s) |",

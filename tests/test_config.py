@@ -50,6 +50,8 @@ def test_demo_config_loads_with_compvis_names():
     ("sample.guidance_scale=-1", "sample.guidance_scale"),
     ("sample.eta=1.5", "sample.eta"),
     ("sample.eta=-0.1", "sample.eta"),
+    ("sample.eta=null", "sample.eta"),
+    ("eval.eta=1.5", "eval.eta"),
     ("eval.guidance_scale=-0.5", "eval.guidance_scale"),
     ("eval.guidance_scale=high", "eval.guidance_scale"),
     ("eval.ddim_steps=0", "eval.ddim_steps"),
@@ -75,16 +77,13 @@ def test_overrides_parse_yaml_values():
     assert cfg.ldm.unet["channel_mult"] == [1, 2, 3]
 
 
-def test_the_evaluation_takes_its_own_guidance_or_the_samples():
-    cfg = load_config("demo", ["sample.guidance_scale=3", "eval.guidance_scale=1.25"])
-    assert cfg.eval_guidance_scale() == 1.25
-    cfg = load_config("demo", ["sample.guidance_scale=2.5", "eval.guidance_scale=null"])
-    assert cfg.eval_guidance_scale() == 2.5
-
-
-def test_the_evaluation_takes_its_own_ddim_steps_or_the_samples():
-    assert load_config("demo", ["sample.ddim_steps=25", "eval.ddim_steps=10"]).eval_ddim_steps() == 10
-    assert load_config("demo", ["sample.ddim_steps=25", "eval.ddim_steps=null"]).eval_ddim_steps() == 25
+def test_the_evaluation_takes_its_own_sampler_or_the_samples():
+    cfg = load_config("demo", ["sample.guidance_scale=3", "eval.guidance_scale=1.25", "sample.ddim_steps=25",
+                               "eval.ddim_steps=10", "sample.eta=1.0", "eval.eta=0.0"])
+    assert cfg.eval_sampler() == {"guidance_scale": 1.25, "ddim_steps": 10, "eta": 0.0}
+    cfg = load_config("demo", ["sample.guidance_scale=2.5", "eval.guidance_scale=null", "sample.ddim_steps=25",
+                               "eval.ddim_steps=null", "sample.eta=0.5", "eval.eta=null"])
+    assert cfg.eval_sampler() == {"guidance_scale": 2.5, "ddim_steps": 25, "eta": 0.5}
 
 
 def test_missing_file_is_named(tmp_path):

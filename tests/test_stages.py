@@ -98,8 +98,8 @@ def test_the_scaled_config_runs_at_tiny_size(tmp_path):
 
 @pytest.mark.slow
 def test_grids_and_evaluation_sample_at_their_own_guidance_and_batch_size(workdir, monkeypatch):
-    """sample.guidance_scale guides `dpldm sample` (and the grids); eval.guidance_scale and eval.ddim_steps the
-    evaluation's samples; both denoise sample.batch_size images at a time."""
+    """sample.guidance_scale and sample.eta guide `dpldm sample` (and the grids); eval.guidance_scale,
+    eval.ddim_steps and eval.eta the evaluation's samples; both denoise sample.batch_size images at a time."""
     from trainer.pipeline import LatentDiffusion
     from trainer.stages.evaluate import evaluate_checkpoint
     ft = workdir / "runs" / "demo-quick" / "finetune"
@@ -108,7 +108,7 @@ def test_grids_and_evaluation_sample_at_their_own_guidance_and_batch_size(workdi
     calls = []
     real = LatentDiffusion.sample_latents
     monkeypatch.setattr(LatentDiffusion, "sample_latents",
-                        lambda self, c, *a, **k: calls.append((len(c), k["guidance_scale"], k["steps"]))
+                        lambda self, c, *a, **k: calls.append((len(c), k["guidance_scale"], k["steps"], k["eta"]))
                         or real(self, c, *a, **k))
     cfg_path = ft / "config.yaml"
     text = cfg_path.read_text()
@@ -116,19 +116,27 @@ def test_grids_and_evaluation_sample_at_their_own_guidance_and_batch_size(workdi
     assert (cfg.sample.guidance_scale, cfg.eval.guidance_scale) == (3.0, 1.0)  # the demo's
     assert (cfg.sample.ddim_steps, cfg.eval.ddim_steps) == (10, 10)  # --quick's and the demo's
     try:
-        cfg.sample.batch_size, cfg.eval.ddim_steps = 7, 3
+        cfg.sample.batch_size, cfg.eval.ddim_steps, cfg.sample.eta, cfg.eval.eta = 7, 3, 1.0, 0.25
         dump_config(cfg, cfg_path)
         evaluate_checkpoint(ft, metrics=["accuracy"], num_per_class=2, log=False)
-        # 20 samples, 7 at a time, at the evaluation's guidance and steps
-        assert calls == [(7, 1.0, 3), (7, 1.0, 3), (6, 1.0, 3)]
+        # 20 samples, 7 at a time, at the evaluation's guidance, steps and eta
+        assert calls == [(7, 1.0, 3, 0.25), (7, 1.0, 3, 0.25), (6, 1.0, 3, 0.25)]
         calls.clear()
         assert cli.main(["sample", "--checkpoint", str(ft), "--classes", "3", "--num", "2",
                          "--out", str(workdir / "g")]) == 0
-        assert calls == [(2, 3.0, 10)]
+        assert calls == [(2, 3.0, 10, 1.0)]
         calls.clear()
         assert cli.main(["sample", "--checkpoint", str(ft), "--classes", "3", "--num", "2",
                          "--out", str(workdir / "g2"), "--ddim-steps", "2"]) == 0
-        assert calls == [(2, 3.0, 2)]
+        assert calls == [(2, 3.0, 2, 1.0)]
+        calls.clear()
+        assert cli.main(["sample", "--checkpoint", str(ft), "--classes", "3", "--num", "2",
+                         "--out", str(workdir / "g3"), "--eta", "0"]) == 0
+        assert calls == [(2, 3.0, 10, 0.0)]
+        calls.clear()
+        assert cli.main(["sample", "--checkpoint", str(ft), "--num", "2", "--out", str(workdir / "g4"),
+                         "--eta", "1.5"]) == 2  # refused before any work: no folder, no sampling
+        assert calls == [] and not (workdir / "g4").exists()
     finally:
         cfg_path.write_text(text)
 
@@ -219,23 +227,23 @@ def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path, monkeypa
     assert exit_info.value.code == 2 and "--epochs 0" in capsys.readouterr().err
     real_generate, sampled_with = bench.generate, []
     monkeypatch.setattr(bench, "generate", lambda *a, **k: sampled_with.append(
-        (len(a[2]), k["ddim_steps"], a[4].sample.eta)) or real_generate(*a, **k))
+        (len(a[2]), k["ddim_steps"], k["eta"])) or real_generate(*a, **k))
     rows = bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "finetune"), "--per-class", "250",
                        "--seeds", "1", "--ddim-steps", "2", "--eta", "1", "--no-ceilings"])
     assert [r["row"] for r in rows] == ["finetune"] and "2 DDIM steps, eta 1" in rows[0]["note"]
     assert sampled_with == [(2500, 2, 1.0)]
-    sampled_with.clear()  # without --ddim-steps: the run's eval.ddim_steps, not its sample.ddim_steps
+    sampled_with.clear()  # without --ddim-steps/--eta: the run's eval.ddim_steps and eval.eta, not its sample.*
     cfg_path = runs / "finetune" / "config.yaml"
     text = cfg_path.read_text()
     try:
         cfg = load_config(str(cfg_path))
-        cfg.sample.ddim_steps, cfg.eval.ddim_steps = 4, 3
+        cfg.sample.ddim_steps, cfg.eval.ddim_steps, cfg.sample.eta, cfg.eval.eta = 4, 3, 0.0, 0.5
         dump_config(cfg, cfg_path)
         rows = bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "finetune"), "--per-class", "2",
                            "--seeds", "1", "--no-ceilings"])
     finally:
         cfg_path.write_text(text)
-    assert sampled_with == [(20, 3, 0.0)] and "3 DDIM steps" in rows[0]["note"]
+    assert sampled_with == [(20, 3, 0.5)] and "3 DDIM steps, eta 0.5" in rows[0]["note"]
     with pytest.raises(SystemExit) as exit_info:  # a folder that is not a run: one line naming the flag, no work
         bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "s600a"), "--out", str(tmp_path / "no.md")])
     assert exit_info.value.code == 2 and not (tmp_path / "no.md").exists()

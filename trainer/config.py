@@ -170,6 +170,8 @@ class EvalConfig:
     # DDIM steps of the evaluation's samples; None = sample.ddim_steps. A classifier trained on samples of 10
     # steps scored as one trained on 25 (docs/utility-demo.md), in 60% of the sampling time.
     ddim_steps: Optional[int] = None
+    # the share of fresh noise in each DDIM step of the evaluation's samples; None = sample.eta
+    eta: Optional[float] = None
 
 
 @dataclass
@@ -192,13 +194,14 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def eval_guidance_scale(self) -> float:
-        """The guidance of the evaluation's samples: ``eval.guidance_scale``, else ``sample.guidance_scale``."""
-        return self.sample.guidance_scale if self.eval.guidance_scale is None else self.eval.guidance_scale
+    def eval_sampler(self) -> dict:
+        """The sampler of the evaluation's samples, ``{guidance_scale, ddim_steps, eta}``: each ``eval`` key,
+        else the ``sample`` key of the same name (keyword arguments of ``trainer.runs.generate``)."""
+        return {key: getattr(self.sample, key) if getattr(self.eval, key) is None else getattr(self.eval, key)
+                for key in EVAL_SAMPLER_KEYS}
 
-    def eval_ddim_steps(self) -> int:
-        """The DDIM steps of the evaluation's samples: ``eval.ddim_steps``, else ``sample.ddim_steps``."""
-        return self.sample.ddim_steps if self.eval.ddim_steps is None else self.eval.ddim_steps
+
+EVAL_SAMPLER_KEYS = ("guidance_scale", "ddim_steps", "eta")
 
 
 # --- CompVis key names accepted in the free-form model sections -----------------------------
@@ -377,7 +380,8 @@ def _validate(cfg: Config) -> None:
     check(cfg.eval.ddim_steps is None or cfg.eval.ddim_steps > 0, "eval.ddim_steps",
           f"must be > 0 or null (sample.ddim_steps), got {cfg.eval.ddim_steps}")
     # above 1 the DDIM update's deterministic share sqrt(1 - abar_prev - sigma^2) turns imaginary
-    check(0 <= cfg.sample.eta <= 1, "sample.eta", f"must be in [0, 1] (0: DDIM, 1: DDPM-like), got {cfg.sample.eta}")
+    for key, eta in (("sample.eta", cfg.sample.eta), ("eval.eta", cfg.eval.eta)):
+        check(eta is None or 0 <= eta <= 1, key, f"must be in [0, 1] (0: DDIM, 1: DDPM-like), got {eta}")
     for key, scale in (("sample.guidance_scale", cfg.sample.guidance_scale),
                        ("eval.guidance_scale", cfg.eval.guidance_scale)):
         check(scale is None or scale >= 0, key, f"must be >= 0 (1: no guidance), got {scale}")

@@ -76,19 +76,21 @@ def load_pipeline(run_dir: str | Path, device: torch.device | str = "cpu"
 @torch.no_grad()
 def generate(ldm: LatentDiffusion, autoencoder, conds: Sequence, latent_shape: tuple[int, ...], cfg: Config,
              generator: torch.Generator, batch_size: Optional[int] = None, progress: bool = True,
-             guidance_scale: Optional[float] = None, ddim_steps: Optional[int] = None) -> torch.Tensor:
+             guidance_scale: Optional[float] = None, ddim_steps: Optional[int] = None,
+             eta: Optional[float] = None) -> torch.Tensor:
     """Images in [-1, 1] for each condition (class label or prompt), ``sample.batch_size`` at a time,
-    guided by ``sample.guidance_scale`` in ``sample.ddim_steps`` steps unless ``guidance_scale`` or
-    ``ddim_steps`` is given."""
+    guided by ``sample.guidance_scale`` in ``sample.ddim_steps`` steps with ``sample.eta``, unless
+    ``guidance_scale``, ``ddim_steps`` or ``eta`` is given (``**cfg.eval_sampler()``: the evaluation's)."""
     batch_size = batch_size or cfg.sample.batch_size
     scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     steps = cfg.sample.ddim_steps if ddim_steps is None else ddim_steps
+    eta = cfg.sample.eta if eta is None else eta
     out = []
     for i in tqdm(range(0, len(conds), batch_size), desc="sample", disable=not progress, leave=False):
         c = conds[i:i + batch_size]
         if isinstance(conds, torch.Tensor):
             c = c.clone().to(next(ldm.parameters()).device)
-        z = ldm.sample_latents(c, latent_shape, steps=steps, eta=cfg.sample.eta,
+        z = ldm.sample_latents(c, latent_shape, steps=steps, eta=eta,
                                guidance_scale=scale, generator=generator)
         out.append(autoencoder.decode(z).clamp(-1, 1).cpu())
     return torch.cat(out)

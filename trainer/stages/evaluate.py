@@ -139,7 +139,7 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
                         device: str = "auto") -> dict[str, float]:
     """Generate labelled samples from a ``finetune``/``pretrain-ldm`` run folder (one batch of
     ``eval.num_per_class`` per class, public class labels as inputs, or for a text model the
-    public ``sample.prompts``, one per class; ``eval.guidance_scale`` and ``eval.ddim_steps``), score them against
+    public ``sample.prompts``, one per class; the sampler of ``cfg.eval_sampler()``), score them against
     the config's ``data.test`` split and log the results to the MLflow run of that checkpoint."""
     import torch
 
@@ -166,8 +166,7 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
                              f"({len(names)}: {', '.join(names)}), in label order; got {len(prompts)}")
         conds = [prompts[int(k)] for k in labels]
     images = generate(ldm, autoencoder, conds, tuple(meta["latent_shape"]), cfg,
-                      torch.Generator().manual_seed(cfg.seed), guidance_scale=cfg.eval_guidance_scale(),
-                      ddim_steps=cfg.eval_ddim_steps())
+                      torch.Generator().manual_seed(cfg.seed), **cfg.eval_sampler())
     uint8 = to_uint8(images)
     samples = images_from_array(uint8, labels=labels.numpy(), class_names=names, description=f"samples of {run_dir}")
     results = evaluate_samples(samples, real=MNIST_TEST, metrics=metrics or ev.metrics, num_real=ev.num_real,
