@@ -114,6 +114,7 @@ def test_grids_and_evaluation_sample_at_their_own_guidance_and_batch_size(workdi
     text = cfg_path.read_text()
     cfg = load_config(str(cfg_path))
     assert (cfg.sample.guidance_scale, cfg.eval.guidance_scale) == (3.0, 1.0)  # the demo's
+    assert (cfg.sample.eta, cfg.eval.eta) == (1.0, 0.0)  # the demo's: stochastic grids, deterministic evaluation
     assert (cfg.sample.ddim_steps, cfg.eval.ddim_steps) == (10, 10)  # --quick's and the demo's
     try:
         cfg.sample.batch_size, cfg.eval.ddim_steps, cfg.sample.eta, cfg.eval.eta = 7, 3, 1.0, 0.25
