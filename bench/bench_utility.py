@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ldm, ae, meta, run_cfg = nonprivate_finetune(run) if nonprivate else load_pipeline(run, torch.device("cpu"))
         sampler = run_cfg.eval_sampler()
         for key, flag in (("guidance_scale", args.guidance), ("ddim_steps", args.ddim_steps), ("eta", args.eta)):
-            sampler[key] = sampler[key] if flag is None else flag
+            if flag is not None:
+                sampler[key] = flag
         names = meta["label_names"]
         cond = torch.arange(len(names)).repeat_interleave(args.per_class)
         t0 = time.perf_counter()

@@ -174,6 +174,10 @@ class EvalConfig:
     eta: Optional[float] = None
 
 
+# the sampler keys an evaluation may set for itself (``eval.KEY``, else ``sample.KEY``)
+EVAL_SAMPLER_KEYS = ("guidance_scale", "ddim_steps", "eta")
+
+
 @dataclass
 class Config:
     experiment: str = "dpldm"
@@ -199,9 +203,6 @@ class Config:
         else the ``sample`` key of the same name (keyword arguments of ``trainer.runs.generate``)."""
         return {key: getattr(self.sample, key) if getattr(self.eval, key) is None else getattr(self.eval, key)
                 for key in EVAL_SAMPLER_KEYS}
-
-
-EVAL_SAMPLER_KEYS = ("guidance_scale", "ddim_steps", "eta")
 
 
 # --- CompVis key names accepted in the free-form model sections -----------------------------
