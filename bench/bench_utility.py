@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from trainer.cli import unit_float  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.data.mnist import load_mnist  # noqa: E402
 from trainer.eval.downstream import CLASSIFIERS, downstream_accuracy  # noqa: E402
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="override the runs' evaluation guidance (eval.guidance_scale, else sample.guidance_scale)")
     parser.add_argument("--ddim-steps", type=int,
                         help="override the runs' evaluation DDIM steps (eval.ddim_steps, else sample.ddim_steps)")
-    parser.add_argument("--eta", type=float, help="override the runs' evaluation eta (eval.eta, else sample.eta; "
+    parser.add_argument("--eta", type=unit_float, help="override the runs' evaluation eta (eval.eta, else sample.eta; "
                                                   "0 = deterministic DDIM, 1 = DDPM-like noise)")
     parser.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
     parser.add_argument("--classifier", choices=CLASSIFIERS,
@@ -144,8 +145,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="leave out the real and autoencoder rows (when they were measured already)")
     parser.add_argument("--out", help="write the markdown table here")
     args = parser.parse_args(argv)
-    if args.eta is not None and not 0 <= args.eta <= 1:
-        parser.error(f"--eta {args.eta}: must be in [0, 1]")
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs {args.epochs}: need at least 1")
     for flag, folders in (("--ae", [args.ae]), ("--finetune", args.finetune), ("--nonprivate", args.nonprivate)):

@@ -39,6 +39,7 @@ def test_user_mistakes_are_one_line_errors_with_exit_codes(tmp_path, capsys, mon
         (["sample", "--checkpoint", "nowhere", "--out", "s"], 1, "no such run folder"),
         (["sample", "--checkpoint", "empty", "--out", "s"], 1, "not an LDM run folder"),
         (["sample", "--checkpoint", "empty", "--num", "0", "--out", "s"], 2, "--num: must be at least 1"),
+        (["sample", "--checkpoint", "empty", "--eta", "1.5", "--out", "s"], 2, "--eta: must be in [0, 1]"),
         (["sample", "--checkpoint", "empty", "--classes", "a,b", "--out", "s"], 2, "--classes"),
         (["evaluate"], 2, "--samples DIR or --checkpoint"),
         (["finetune", "--output-dir", "runs"], 1, "run `dpldm pretrain-ldm"),

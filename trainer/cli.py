@@ -43,11 +43,13 @@ def version() -> str:
         return "unknown (not installed)"
 
 
-def _at_least(text: str, kind: type, low: float, noun: str):
+def _at_least(text: str, kind: type, low: float, noun: str, high: float | None = None):
     try:
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+    if high is not None and not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
     if value < low:
         raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
     return value
@@ -61,6 +63,11 @@ def positive_int(text: str) -> int:
 def non_negative_float(text: str) -> float:
     """argparse type: a number >= 0."""
     return _at_least(text, float, 0, "a number")
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    return _at_least(text, float, 0, "a number", high=1)
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

@@ -23,8 +23,6 @@ def run(args: argparse.Namespace) -> int:
             classes = [int(c) for c in args.classes.split(",")]
         except ValueError:
             raise UsageError(f"--classes: {args.classes!r} is not a comma-separated list of class indices") from None
-    if args.eta is not None and not 0 <= args.eta <= 1:
-        raise UsageError(f"--eta: must be in [0, 1] (0: DDIM, 1: DDPM-like), got {args.eta:g}")
     check_model_finished(args.checkpoint)
     ldm, autoencoder, meta, cfg = load_pipeline(args.checkpoint, resolve_device(args.device))
     if args.ddim_steps:
@@ -67,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from trainer.cli import positive_int
+    from trainer.cli import positive_int, unit_float
     p = sub.add_parser("sample", help="sample images from a checkpoint",
                        description="DDIM samples (classifier-free guidance) from a pretrain-ldm or finetune run folder. "
                                    "Images go to OUT/<class name>/ and OUT/grid.png.")
@@ -79,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ddim-steps", type=positive_int, help="override sample.ddim_steps")
     p.add_argument("--guidance-scale", type=float, help="override sample.guidance_scale")
-    p.add_argument("--eta", type=float, help="override sample.eta: the share of fresh noise in each DDIM step "
+    p.add_argument("--eta", type=unit_float, help="override sample.eta: the share of fresh noise in each DDIM step "
                                              "(0: deterministic DDIM, 1: DDPM-like)")
     p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=run)
