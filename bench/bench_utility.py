@@ -11,8 +11,8 @@ than the smallest real class, 5,421); 1,000 per class is the cheaper default. Ro
 - ``autoencoder``: the same digits after the autoencoder of ``--ae`` (encode, posterior mean,
   decode): what the latent space keeps, the ceiling of any LDM built on it;
 - one per ``--finetune`` run: ``--per-class`` samples per class from the fine-tuned model
-  (its config's evaluation sampler: ``eval.guidance_scale``, ``eval.ddim_steps``, ``eval.eta``;
-  or ``--guidance``/``--ddim-steps``/``--eta``), with its epsilon;
+  (its config's evaluation sampler: ``eval.sampler``, ``eval.guidance_scale``, ``eval.ddim_steps``,
+  ``eval.eta``; or ``--sampler``/``--guidance``/``--ddim-steps``/``--eta``), with its epsilon;
 - one per ``--nonprivate`` run: the same fine-tuning as that finetune run (its base, policy,
   fresh embedder and its initial rows, AdamW, lr and its schedule, condition dropout, steps,
   expected batch size, noise multiplicity) with no clipping and no noise (uniform batches),
@@ -46,9 +46,11 @@ from trainer.eval.downstream import CLASSIFIERS, downstream_accuracy  # noqa: E4
 from trainer.eval.fid import fid  # noqa: E402
 from trainer.eval.images import images_from_array  # noqa: E402
 from trainer.pipeline import encode_images  # noqa: E402
-from trainer.runs import generate, load_pipeline  # noqa: E402
+from trainer.runs import generate, load_pipeline, override_sampler  # noqa: E402
 from trainer.stages.common import (conditions, load_autoencoder, load_image_source, resolve_recorded,  # noqa: E402
                                    to_uint8)
+
+SAMPLER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)"}
 
 
 def balanced(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -132,8 +134,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", type=int, default=3, help="classifier seeds per row")
     parser.add_argument("--guidance", type=float,
                         help="override the runs' evaluation guidance (eval.guidance_scale, else sample.guidance_scale)")
+    parser.add_argument("--sampler", choices=("ddim", "dpmpp_2m"),
+                        help="override the runs' evaluation sampler (eval.sampler, else sample.sampler; dpmpp_2m: eta 0)")
     parser.add_argument("--ddim-steps", type=int,
-                        help="override the runs' evaluation DDIM steps (eval.ddim_steps, else sample.ddim_steps)")
+                        help="override the runs' evaluation sampler steps (eval.ddim_steps, else sample.ddim_steps)")
     parser.add_argument("--eta", type=unit_float, help="override the runs' evaluation eta (eval.eta, else sample.eta; "
                                                   "0 = deterministic DDIM, 1 = DDPM-like noise)")
     parser.add_argument("--batch-size", type=int, default=500, help="images per sampling batch")
@@ -151,6 +155,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for folder in folders:  # before any work: a wrong path would otherwise fail after the ceilings' rows
             if not Path(folder, "config.yaml").is_file():
                 parser.error(f"{flag} {folder}: not a run folder (no config.yaml)")
+    samplers = {}
+    for run in args.finetune + args.nonprivate:
+        try:
+            samplers[run] = override_sampler(load_config(str(Path(run) / "config.yaml")).eval_sampler(),
+                                             sampler=args.sampler, guidance_scale=args.guidance,
+                                             ddim_steps=args.ddim_steps, eta=args.eta)
+        except ValueError as err:
+            parser.error(f"--{err} ({run}: its eval.sampler)")
     torch.manual_seed(0)
     cfg = load_config(str(Path(args.ae) / "config.yaml"))
     if args.classifier is not None:
@@ -187,10 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs = [(run, False) for run in args.finetune] + [(run, True) for run in args.nonprivate]
     for run, nonprivate in runs:
         ldm, ae, meta, run_cfg = nonprivate_finetune(run) if nonprivate else load_pipeline(run, torch.device("cpu"))
-        sampler = run_cfg.eval_sampler()
-        for key, flag in (("guidance_scale", args.guidance), ("ddim_steps", args.ddim_steps), ("eta", args.eta)):
-            if flag is not None:
-                sampler[key] = flag
+        sampler = samplers[run]
         names = meta["label_names"]
         cond = torch.arange(len(names)).repeat_interleave(args.per_class)
         t0 = time.perf_counter()
@@ -200,8 +209,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         report = json.loads((Path(run) / "privacy-report.json").read_text())
         privacy = "no clipping, no noise" if nonprivate else f"epsilon {report['epsilon']:.3g}"
         add(Path(run).name + (" non-private" if nonprivate else ""), to_uint8(images), cond.numpy(),
-            f"{privacy}, guidance {sampler['guidance_scale']:g}, {sampler['ddim_steps']} DDIM steps, "
-            f"eta {sampler['eta']:g}",
+            f"{privacy}, guidance {sampler['guidance_scale']:g}, {sampler['ddim_steps']} "
+            f"{SAMPLER_NAMES[sampler['sampler']]} steps, eta {sampler['eta']:g}",
             seconds)
 
     lines = [f"| row | accuracy (mean of {args.seeds}) | spread (std) | FID | what | sampling (s) |",

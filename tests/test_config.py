@@ -56,10 +56,15 @@ def test_demo_config_loads_with_compvis_names():
     ("eval.guidance_scale=high", "eval.guidance_scale"),
     ("eval.ddim_steps=0", "eval.ddim_steps"),
     ("eval.ddim_steps=2.5", "eval.ddim_steps"),
+    ("sample.sampler=euler", "sample.sampler"),
+    ("eval.sampler=plms", "eval.sampler"),
+    ("sample.sampler=dpmpp_2m", "sample.eta"),  # the demo's sample.eta is 1: the deterministic sampler has none
+    ("eval.sampler=dpmpp_2m|eval.eta=0.5", "eval.eta"),
+    ("eval.sampler=dpmpp_2m|eval.eta=null", "eval.eta"),  # eval.eta null takes sample.eta (1)
 ])
 def test_bad_values_name_file_and_key(override, key):
     with pytest.raises(ConfigError) as err:
-        load_config("demo", [override])
+        load_config("demo", override.split("|"))  # "|" joins several overrides
     assert key in str(err.value) and "demo.yaml" in str(err.value)
 
 
@@ -80,10 +85,12 @@ def test_overrides_parse_yaml_values():
 def test_the_evaluation_takes_its_own_sampler_or_the_samples():
     cfg = load_config("demo", ["sample.guidance_scale=3", "eval.guidance_scale=1.25", "sample.ddim_steps=25",
                                "eval.ddim_steps=10", "sample.eta=1.0", "eval.eta=0.0"])
-    assert cfg.eval_sampler() == {"guidance_scale": 1.25, "ddim_steps": 10, "eta": 0.0}
+    assert cfg.eval_sampler() == {"sampler": "ddim", "guidance_scale": 1.25, "ddim_steps": 10, "eta": 0.0}
     cfg = load_config("demo", ["sample.guidance_scale=2.5", "eval.guidance_scale=null", "sample.ddim_steps=25",
                                "eval.ddim_steps=null", "sample.eta=0.5", "eval.eta=null"])
-    assert cfg.eval_sampler() == {"guidance_scale": 2.5, "ddim_steps": 25, "eta": 0.5}
+    assert cfg.eval_sampler() == {"sampler": "ddim", "guidance_scale": 2.5, "ddim_steps": 25, "eta": 0.5}
+    cfg = load_config("demo", ["eval.sampler=dpmpp_2m", "eval.eta=0"])
+    assert (cfg.sample.sampler, cfg.eval_sampler()["sampler"]) == ("ddim", "dpmpp_2m")
 
 
 def test_missing_file_is_named(tmp_path):

@@ -98,8 +98,9 @@ def test_the_scaled_config_runs_at_tiny_size(tmp_path):
 
 @pytest.mark.slow
 def test_grids_and_evaluation_sample_at_their_own_guidance_and_batch_size(workdir, monkeypatch):
-    """sample.guidance_scale and sample.eta guide `dpldm sample` (and the grids); eval.guidance_scale,
-    eval.ddim_steps and eval.eta the evaluation's samples; both denoise sample.batch_size images at a time."""
+    """sample.sampler, sample.guidance_scale and sample.eta guide `dpldm sample` (and the grids); eval.sampler,
+    eval.guidance_scale, eval.ddim_steps and eval.eta the evaluation's samples; both denoise sample.batch_size
+    images at a time."""
     from trainer.pipeline import LatentDiffusion
     from trainer.stages.evaluate import evaluate_checkpoint
     ft = workdir / "runs" / "demo-quick" / "finetune"
@@ -108,8 +109,8 @@ def test_grids_and_evaluation_sample_at_their_own_guidance_and_batch_size(workdi
     calls = []
     real = LatentDiffusion.sample_latents
     monkeypatch.setattr(LatentDiffusion, "sample_latents",
-                        lambda self, c, *a, **k: calls.append((len(c), k["guidance_scale"], k["steps"], k["eta"]))
-                        or real(self, c, *a, **k))
+                        lambda self, c, *a, **k: calls.append((len(c), k["guidance_scale"], k["steps"], k["eta"],
+                                                               k["sampler"])) or real(self, c, *a, **k))
     cfg_path = ft / "config.yaml"
     text = cfg_path.read_text()
     cfg = load_config(str(cfg_path))
@@ -121,19 +122,32 @@ def test_grids_and_evaluation_sample_at_their_own_guidance_and_batch_size(workdi
         dump_config(cfg, cfg_path)
         evaluate_checkpoint(ft, metrics=["accuracy"], num_per_class=2, log=False)
         # 20 samples, 7 at a time, at the evaluation's guidance, steps and eta
-        assert calls == [(7, 1.0, 3, 0.25), (7, 1.0, 3, 0.25), (6, 1.0, 3, 0.25)]
+        assert calls == [(7, 1.0, 3, 0.25, "ddim"), (7, 1.0, 3, 0.25, "ddim"), (6, 1.0, 3, 0.25, "ddim")]
+        calls.clear()
+        cfg.eval.sampler, cfg.eval.eta = "dpmpp_2m", 0.0
+        dump_config(cfg, cfg_path)
+        evaluate_checkpoint(ft, metrics=["accuracy"], num_per_class=1, log=False)
+        assert calls == [(7, 1.0, 3, 0.0, "dpmpp_2m"), (3, 1.0, 3, 0.0, "dpmpp_2m")]
         calls.clear()
         assert cli.main(["sample", "--checkpoint", str(ft), "--classes", "3", "--num", "2",
                          "--out", str(workdir / "g")]) == 0
-        assert calls == [(2, 3.0, 10, 1.0)]
+        assert calls == [(2, 3.0, 10, 1.0, "ddim")]
         calls.clear()
         assert cli.main(["sample", "--checkpoint", str(ft), "--classes", "3", "--num", "2",
                          "--out", str(workdir / "g2"), "--ddim-steps", "2"]) == 0
-        assert calls == [(2, 3.0, 2, 1.0)]
+        assert calls == [(2, 3.0, 2, 1.0, "ddim")]
         calls.clear()
         assert cli.main(["sample", "--checkpoint", str(ft), "--classes", "3", "--num", "2",
                          "--out", str(workdir / "g3"), "--eta", "0"]) == 0
-        assert calls == [(2, 3.0, 10, 0.0)]
+        assert calls == [(2, 3.0, 10, 0.0, "ddim")]
+        calls.clear()
+        assert cli.main(["sample", "--checkpoint", str(ft), "--classes", "3", "--num", "2",
+                         "--out", str(workdir / "g4"), "--sampler", "dpmpp_2m"]) == 0
+        assert calls == [(2, 3.0, 10, 0.0, "dpmpp_2m")]  # the deterministic sampler: the grids' eta 1 falls to 0
+        calls.clear()
+        assert cli.main(["sample", "--checkpoint", str(ft), "--out", str(workdir / "g5"), "--sampler", "dpmpp_2m",
+                         "--eta", "0.5"]) == 2  # refused before any sampling, nothing written
+        assert calls == [] and not (workdir / "g5").exists()
     finally:
         cfg_path.write_text(text)
 
@@ -241,6 +255,15 @@ def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path, monkeypa
     finally:
         cfg_path.write_text(text)
     assert sampled_with == [(20, 3, 0.5)] and "3 DDIM steps, eta 0.5" in rows[0]["note"]
+    sampled_with.clear()  # --sampler dpmpp_2m: the run's eval.eta gives way to 0, and an eta above 0 is refused
+    rows = bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "finetune"), "--per-class", "2",
+                       "--seeds", "1", "--no-ceilings", "--sampler", "dpmpp_2m", "--ddim-steps", "3"])
+    assert sampled_with == [(20, 3, 0.0)] and "3 DPM-Solver++(2M) steps, eta 0" in rows[0]["note"]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "finetune"), "--sampler", "dpmpp_2m",
+                    "--eta", "0.5", "--out", str(tmp_path / "no.md")])
+    assert exit_info.value.code == 2 and not (tmp_path / "no.md").exists()
+    assert "--eta: must be 0 with the deterministic sampler dpmpp_2m" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # a folder that is not a run: one line naming the flag, no work
         bench.main(["--ae", str(runs / "ae"), "--finetune", str(runs / "s600a"), "--out", str(tmp_path / "no.md")])
     assert exit_info.value.code == 2 and not (tmp_path / "no.md").exists()

@@ -147,8 +147,9 @@ class FinetuneConfig:
 
 @dataclass
 class SampleConfig:
-    ddim_steps: int = 50
-    eta: float = 0.0
+    sampler: str = "ddim"                # ddim | dpmpp_2m (DPM-Solver++(2M): deterministic, fewer steps)
+    ddim_steps: int = 50                 # the sampler's steps (CompVis' name, for either sampler)
+    eta: float = 0.0                     # ddim only: the share of fresh noise in each step (dpmpp_2m: 0)
     guidance_scale: float = 2.0          # grids and `dpldm sample` (the evaluation may take its own)
     num_per_class: int = 8
     prompts: Optional[list] = None       # text models: the (public) prompts of the grids
@@ -172,10 +173,11 @@ class EvalConfig:
     ddim_steps: Optional[int] = None
     # the share of fresh noise in each DDIM step of the evaluation's samples; None = sample.eta
     eta: Optional[float] = None
+    sampler: Optional[str] = None      # ddim | dpmpp_2m; None = sample.sampler
 
 
-# the sampler keys an evaluation may set for itself (``eval.KEY``, else ``sample.KEY``)
-EVAL_SAMPLER_KEYS = ("guidance_scale", "ddim_steps", "eta")
+# the sampler's keys: ``sample.KEY`` (grids, `dpldm sample`), ``eval.KEY`` (the evaluation's; None = ``sample.KEY``)
+SAMPLER_KEYS = ("sampler", "guidance_scale", "ddim_steps", "eta")
 
 
 @dataclass
@@ -199,10 +201,10 @@ class Config:
         return dataclasses.asdict(self)
 
     def eval_sampler(self) -> dict:
-        """The sampler of the evaluation's samples, ``{guidance_scale, ddim_steps, eta}``: each ``eval`` key,
+        """The sampler of the evaluation's samples, ``{sampler, guidance_scale, ddim_steps, eta}``: each ``eval`` key,
         else the ``sample`` key of the same name (keyword arguments of ``trainer.runs.generate``)."""
         return {key: getattr(self.sample, key) if getattr(self.eval, key) is None else getattr(self.eval, key)
-                for key in EVAL_SAMPLER_KEYS}
+                for key in SAMPLER_KEYS}
 
 
 # --- CompVis key names accepted in the free-form model sections -----------------------------
@@ -224,6 +226,8 @@ CHOICES = {
     "finetune.context_grad": {"all", "trainable"},
     "finetune.lr_schedule": {"constant", "cosine"},
     "eval.classifier": {"cnn", "cnn_bn", "mlp", "logreg"},
+    "sample.sampler": {"ddim", "dpmpp_2m"},
+    "eval.sampler": {"ddim", "dpmpp_2m"},
     "precision": {"fp32", "bf16"},
 }
 
@@ -383,6 +387,9 @@ def _validate(cfg: Config) -> None:
     # above 1 the DDIM update's deterministic share sqrt(1 - abar_prev - sigma^2) turns imaginary
     for key, eta in (("sample.eta", cfg.sample.eta), ("eval.eta", cfg.eval.eta)):
         check(eta is None or 0 <= eta <= 1, key, f"must be in [0, 1] (0: DDIM, 1: DDPM-like), got {eta}")
+    for section, chosen in (("sample", vars(cfg.sample)), ("eval", cfg.eval_sampler())):
+        check(chosen["sampler"] != "dpmpp_2m" or chosen["eta"] == 0, f"{section}.eta",
+              f"must be 0 with the deterministic sampler dpmpp_2m ({section}.sampler), got {chosen['eta']}")
     for key, scale in (("sample.guidance_scale", cfg.sample.guidance_scale),
                        ("eval.guidance_scale", cfg.eval.guidance_scale)):
         check(scale is None or scale >= 0, key, f"must be >= 0 (1: no guidance), got {scale}")

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from trainer.diffusion import NoiseSchedule, ddim_sample, per_example_loss
+from trainer.diffusion import NoiseSchedule, ddim_sample, dpmpp_2m_sample, per_example_loss
 
 
 class LatentDiffusion(nn.Module):
@@ -59,15 +59,24 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def sample_latents(self, conds: Sequence, latent_shape: tuple[int, int, int], steps: int = 50,
                        eta: float = 0.0, guidance_scale: float = 1.0,
-                       generator: Optional[torch.Generator] = None, progress: bool = False) -> Tensor:
-        """DDIM latents [len(conds), *latent_shape] (unscaled back: divide by scale_factor)."""
+                       generator: Optional[torch.Generator] = None, progress: bool = False,
+                       sampler: str = "ddim") -> Tensor:
+        """Latents [len(conds), *latent_shape] by ``sampler`` (ddim | dpmpp_2m, the latter with eta 0 only),
+        unscaled back: divided by scale_factor."""
         n = len(conds)
         device = next(self.unet.parameters()).device
         context = self.context(conds)
         uncond = self.null_context(n) if guidance_scale != 1.0 else None
-        z = ddim_sample(self.eps, self.schedule, (n, *latent_shape), context=context, uncond_context=uncond,
-                        guidance_scale=guidance_scale, steps=steps, eta=eta, generator=generator,
-                        device=device, progress=progress)
+        common = dict(context=context, uncond_context=uncond, guidance_scale=guidance_scale, steps=steps,
+                      generator=generator, device=device, progress=progress)
+        if sampler == "ddim":
+            z = ddim_sample(self.eps, self.schedule, (n, *latent_shape), eta=eta, **common)
+        elif sampler == "dpmpp_2m":
+            if eta != 0:
+                raise ValueError(f"the dpmpp_2m sampler is deterministic: eta must be 0, got {eta}")
+            z = dpmpp_2m_sample(self.eps, self.schedule, (n, *latent_shape), **common)
+        else:
+            raise ValueError(f"unknown sampler {sampler!r}: ddim or dpmpp_2m")
         return z / self.scale_factor
 
 

@@ -73,25 +73,39 @@ def load_pipeline(run_dir: str | Path, device: torch.device | str = "cpu"
     return ldm, autoencoder, meta, cfg
 
 
+def override_sampler(settings: dict, **overrides) -> dict:
+    """``settings`` ({sampler, guidance_scale, ddim_steps, eta}) with the ``overrides`` that are not None.
+    Switching to the deterministic dpmpp_2m without an eta sets eta 0; dpmpp_2m with an eta above 0
+    raises ValueError naming the eta."""
+    out = {**settings, **{k: v for k, v in overrides.items() if v is not None}}
+    if overrides.get("sampler") == "dpmpp_2m" and overrides.get("eta") is None:
+        out["eta"] = 0.0
+    if out["sampler"] == "dpmpp_2m" and out["eta"] != 0:
+        raise ValueError(f"eta: must be 0 with the deterministic sampler dpmpp_2m, got {out['eta']}")
+    return out
+
+
 @torch.no_grad()
 def generate(ldm: LatentDiffusion, autoencoder, conds: Sequence, latent_shape: tuple[int, ...], cfg: Config,
              generator: torch.Generator, batch_size: Optional[int] = None, progress: bool = True,
              guidance_scale: Optional[float] = None, ddim_steps: Optional[int] = None,
-             eta: Optional[float] = None) -> torch.Tensor:
+             eta: Optional[float] = None, sampler: Optional[str] = None) -> torch.Tensor:
     """Images in [-1, 1] for each condition (class label or prompt), ``sample.batch_size`` at a time,
-    guided by ``sample.guidance_scale`` in ``sample.ddim_steps`` steps with ``sample.eta``, unless
-    ``guidance_scale``, ``ddim_steps`` or ``eta`` is given (``**cfg.eval_sampler()``: the evaluation's)."""
+    by ``sample.sampler`` guided by ``sample.guidance_scale`` in ``sample.ddim_steps`` steps with
+    ``sample.eta``, unless ``sampler``, ``guidance_scale``, ``ddim_steps`` or ``eta`` is given
+    (``**cfg.eval_sampler()``: the evaluation's)."""
     batch_size = batch_size or cfg.sample.batch_size
     scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     steps = cfg.sample.ddim_steps if ddim_steps is None else ddim_steps
     eta = cfg.sample.eta if eta is None else eta
+    sampler = cfg.sample.sampler if sampler is None else sampler
     out = []
     for i in tqdm(range(0, len(conds), batch_size), desc="sample", disable=not progress, leave=False):
         c = conds[i:i + batch_size]
         if isinstance(conds, torch.Tensor):
             c = c.clone().to(next(ldm.parameters()).device)
-        z = ldm.sample_latents(c, latent_shape, steps=steps, eta=eta,
-                               guidance_scale=scale, generator=generator)
+        z = ldm.sample_latents(c, latent_shape, steps=steps, eta=eta, guidance_scale=scale,
+                               generator=generator, sampler=sampler)
         out.append(autoencoder.decode(z).clamp(-1, 1).cpu())
     return torch.cat(out)
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from trainer.diffusion.schedule import EpsModel, NoiseSchedule
+from trainer.diffusion.schedule import EpsModel, NoiseSchedule, guided_eps
 
 
 def ddim_timesteps(num_steps: int, total: int) -> np.ndarray:
@@ -48,15 +48,9 @@ def ddim_sample(
     a_prev = torch.cat([abar[:1], abar[ts[:-1]]])
     sig = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
     x = torch.randn(shape, generator=generator).to(device)
-    guided = uncond_context is not None and guidance_scale != 1.0
+    eps = guided_eps(eps_model, context, uncond_context, guidance_scale)
     for i in tqdm(range(len(ts) - 1, -1, -1), desc="ddim", disable=not progress, leave=False):
-        t = torch.full((shape[0],), int(ts[i]), dtype=torch.long, device=device)
-        if guided:
-            e = eps_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond_context, context]))
-            e_u, e_c = e.chunk(2)
-            e = e_u + guidance_scale * (e_c - e_u)
-        else:
-            e = eps_model(x, t, context)
+        e = eps(x, torch.full((shape[0],), int(ts[i]), dtype=torch.long, device=device))
         ai, ap, si = (float(v) for v in (a[i], a_prev[i], sig[i]))
         x0 = (x - (1 - ai) ** 0.5 * e) / ai ** 0.5
         x = ap ** 0.5 * x0 + (1 - ap - si ** 2) ** 0.5 * e

@@ -60,3 +60,16 @@ def per_example_loss(
         pred = eps_model(schedule.q_sample(x0, t, noise), t, context)
         total = total + (pred - noise).pow(2).flatten(1).mean(dim=1)
     return total / multiplicity
+
+
+def guided_eps(eps_model: EpsModel, context: Optional[Tensor], uncond_context: Optional[Tensor],
+               guidance_scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """``(x_t, t) -> eps`` for the samplers: classifier-free guidance eps_u + s (eps_c - eps_u), both
+    branches in one batch, when ``uncond_context`` is given and s != 1; else the conditional eps."""
+    if uncond_context is None or guidance_scale == 1.0:
+        return lambda x, t: eps_model(x, t, context)
+
+    def guided(x: Tensor, t: Tensor) -> Tensor:
+        e_u, e_c = eps_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond_context, context])).chunk(2)
+        return e_u + guidance_scale * (e_c - e_u)
+    return guided

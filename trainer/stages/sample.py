@@ -1,4 +1,4 @@
-"""Stage ``sample``: DDIM samples from a pretrained or DP fine-tuned checkpoint.
+"""Stage ``sample``: DDIM or DPM-Solver++(2M) samples from a pretrained or DP fine-tuned checkpoint.
 
 Class labels and prompts given here are public inputs. Released images are post-processing of
 the model, so a DP fine-tuned checkpoint's samples carry its (epsilon, delta).
@@ -11,8 +11,9 @@ from typing import Sequence
 
 import torch
 
+from trainer.config import SAMPLER_KEYS
 from trainer.errors import UsageError
-from trainer.runs import generate, load_pipeline
+from trainer.runs import generate, load_pipeline, override_sampler
 from trainer.runtime import resolve_device
 from trainer.stages.common import check_model_finished, save_grid, seed_everything, to_uint8
 
@@ -25,12 +26,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--classes: {args.classes!r} is not a comma-separated list of class indices") from None
     check_model_finished(args.checkpoint)
     ldm, autoencoder, meta, cfg = load_pipeline(args.checkpoint, resolve_device(args.device))
-    if args.ddim_steps:
-        cfg.sample.ddim_steps = args.ddim_steps
-    if args.guidance_scale is not None:
-        cfg.sample.guidance_scale = args.guidance_scale
-    if args.eta is not None:
-        cfg.sample.eta = args.eta
+    try:
+        settings = override_sampler({k: getattr(cfg.sample, k) for k in SAMPLER_KEYS}, sampler=args.sampler,
+                                    guidance_scale=args.guidance_scale, ddim_steps=args.ddim_steps, eta=args.eta)
+    except ValueError as err:
+        raise UsageError(f"--{err}") from None
     gen = seed_everything(args.seed)
     names = meta.get("label_names") or []
     if cfg.ldm.conditioner.type == "text" and not args.prompts:
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         conds = torch.tensor(classes).repeat_interleave(args.num)
     else:
         conds = [None] * args.num
-    images = generate(ldm, autoencoder, conds, tuple(meta["latent_shape"]), cfg, gen)
+    images = generate(ldm, autoencoder, conds, tuple(meta["latent_shape"]), cfg, gen, **settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image
@@ -67,17 +67,20 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     from trainer.cli import positive_int, unit_float
     p = sub.add_parser("sample", help="sample images from a checkpoint",
-                       description="DDIM samples (classifier-free guidance) from a pretrain-ldm or finetune run folder. "
-                                   "Images go to OUT/<class name>/ and OUT/grid.png.")
+                       description="Samples (DDIM or DPM-Solver++(2M), classifier-free guidance) from a pretrain-ldm "
+                                   "or finetune run folder. Images go to OUT/<class name>/ and OUT/grid.png.")
     p.add_argument("--checkpoint", required=True, help="run folder of pretrain-ldm, import-compvis or finetune")
     p.add_argument("--classes", help="comma-separated class indices (default: all classes)")
     p.add_argument("--prompts", nargs="+", help="text prompts (text-conditioned models)")
     p.add_argument("--num", type=positive_int, default=8, help="images per class or prompt (default 8)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ddim-steps", type=positive_int, help="override sample.ddim_steps")
+    p.add_argument("--sampler", choices=("ddim", "dpmpp_2m"),
+                   help="override sample.sampler: ddim, or dpmpp_2m (DPM-Solver++(2M): deterministic, eta 0, "
+                        "close to the ODE's solution in fewer steps)")
+    p.add_argument("--ddim-steps", type=positive_int, help="override sample.ddim_steps (the steps of either sampler)")
     p.add_argument("--guidance-scale", type=float, help="override sample.guidance_scale")
     p.add_argument("--eta", type=unit_float, help="override sample.eta: the share of fresh noise in each DDIM step "
-                                             "(0: deterministic DDIM, 1: DDPM-like)")
+                                             "(0: deterministic DDIM, 1: DDPM-like; dpmpp_2m: 0 only)")
     p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=run)
