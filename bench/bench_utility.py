@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.cli import unit_float  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from trainer.config import SAMPLERS, load_config  # noqa: E402
 from trainer.data.mnist import load_mnist  # noqa: E402
 from trainer.eval.downstream import CLASSIFIERS, downstream_accuracy  # noqa: E402
 from trainer.eval.fid import fid  # noqa: E402
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", type=int, default=3, help="classifier seeds per row")
     parser.add_argument("--guidance", type=float,
                         help="override the runs' evaluation guidance (eval.guidance_scale, else sample.guidance_scale)")
-    parser.add_argument("--sampler", choices=("ddim", "dpmpp_2m"),
+    parser.add_argument("--sampler", choices=SAMPLERS,
                         help="override the runs' evaluation sampler (eval.sampler, else sample.sampler; dpmpp_2m: eta 0)")
     parser.add_argument("--ddim-steps", type=int,
                         help="override the runs' evaluation sampler steps (eval.ddim_steps, else sample.ddim_steps)")

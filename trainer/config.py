@@ -178,6 +178,7 @@ class EvalConfig:
 
 # the sampler's keys: ``sample.KEY`` (grids, `dpldm sample`), ``eval.KEY`` (the evaluation's; None = ``sample.KEY``)
 SAMPLER_KEYS = ("sampler", "guidance_scale", "ddim_steps", "eta")
+SAMPLERS = ("ddim", "dpmpp_2m")  # the values of sample.sampler / eval.sampler
 
 
 @dataclass
@@ -226,8 +227,8 @@ CHOICES = {
     "finetune.context_grad": {"all", "trainable"},
     "finetune.lr_schedule": {"constant", "cosine"},
     "eval.classifier": {"cnn", "cnn_bn", "mlp", "logreg"},
-    "sample.sampler": {"ddim", "dpmpp_2m"},
-    "eval.sampler": {"ddim", "dpmpp_2m"},
+    "sample.sampler": set(SAMPLERS),
+    "eval.sampler": set(SAMPLERS),
     "precision": {"fp32", "bf16"},
 }
 

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from trainer.config import SAMPLER_KEYS
+from trainer.config import SAMPLER_KEYS, SAMPLERS
 from trainer.errors import UsageError
 from trainer.runs import generate, load_pipeline, override_sampler
 from trainer.runtime import resolve_device
@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=positive_int, default=8, help="images per class or prompt (default 8)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=("ddim", "dpmpp_2m"),
+    p.add_argument("--sampler", choices=SAMPLERS,
                    help="override sample.sampler: ddim, or dpmpp_2m (DPM-Solver++(2M): deterministic, eta 0, "
                         "close to the ODE's solution in fewer steps)")
     p.add_argument("--ddim-steps", type=positive_int, help="override sample.ddim_steps (the steps of either sampler)")
