@@ -6,6 +6,7 @@
 #      (engine vs non-private vs Opacus hooks and ghost clipping, time and memory, the noise's share)
 #   4. the pretraining benchmark on every visible GPU (runtime vs DDP) -> docs/bench-pretrain-<gpu>.md
 #   5. `dpldm demo --quick` with device=cuda, in fp32 then precision=bf16 -> docs/demo-quick-<gpu>.md
+#   6. `dpldm sample` on the GPU from that fine-tune, DDIM and DPM-Solver++(2M) (exit codes only)
 # Installs nothing: the checkout is put on PYTHONPATH; its dependencies must be importable.
 # A failing step does not stop the later ones (a GPU lease is short): each step's exit code and
 # wall time are listed at the end, and the script exits 1 if any step failed.
@@ -86,6 +87,13 @@ for precision in fp32 bf16; do
     [[ $rc -eq 0 ]] || failed=1
 done
 cat "$demo_md"
+
+# the fp32 quick demo's fine-tune, sampled on the GPU by both samplers (the solver's grid and update on CUDA)
+for sampler in ddim dpmpp_2m; do
+    step "6. dpldm sample --sampler $sampler on the GPU" \
+        timeout "$BENCH_TIMEOUT" "$PYTHON" -m trainer.cli sample --checkpoint "$work/runs-fp32/demo-quick/finetune" \
+        --num 4 --sampler "$sampler" --out "$work/samples-$sampler" --device cuda
+done
 rm -rf "$work"
 echo "gpu_check: tables in $OUT_DIR"
 printf 'gpu_check: %s\n' "${summary[@]}"
