@@ -4,6 +4,8 @@ import argparse
 import mlflow
 import pytest
 
+from trainer.cli import main
+from trainer.errors import RunError
 from trainer.stages import evaluate
 
 
@@ -63,5 +65,26 @@ def test_compare_prints_every_run_and_writes_the_plot(store, capsys):
     assert "compare/fid_vs_epsilon.png" in artifacts
     table, _ = evaluate.compare_runs("mnist-dp", "accuracy", out, log=False)
     assert "compare" not in [line.split()[0] for line in table.splitlines()]
-    with pytest.raises(ValueError, match="no-such-experiment"):
+    with pytest.raises(RunError, match="no-such-experiment"):
         evaluate.compare_runs("no-such-experiment")
+
+
+def test_compare_refuses_an_unknown_experiment_in_one_line(store, capsys):
+    assert main(["compare", "--experiment", "no-such-experiment", "--out", str(store / "report")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dpldm compare: error: --experiment: no MLflow experiment named 'no-such-experiment'")
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert not (store / "report").exists()
+
+
+def test_compare_without_a_store_refuses_and_creates_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)  # MLflow's default: sqlite ./mlflow.db
+    try:
+        assert main(["compare", "--out", str(tmp_path / "report")]) == 1
+    finally:
+        mlflow.set_tracking_uri(None)
+    err = capsys.readouterr().err
+    assert err.startswith("dpldm compare: error: no MLflow store at ") and "mlflow.db" in err
+    assert list(tmp_path.iterdir()) == []  # neither an empty store nor the report folder

@@ -36,6 +36,44 @@ def test_bad_metrics_and_missing_labels_are_reported():
         evaluate.evaluate_samples(images_from_array(x[:20]), metrics=["accuracy"], num_real=20)
 
 
+def test_unlabelled_samples_and_bad_metrics_are_refused_in_one_line_before_any_features(tmp_path, monkeypatch,
+                                                                                       capsys):
+    from trainer.cli import main
+    x, _ = load_mnist("test")
+    for i in range(4):  # a flat folder: no class labels
+        Image.fromarray(x[i]).save(tmp_path / f"{i}.png")
+    monkeypatch.setattr(evaluate, "InceptionFeatures", lambda *a, **k: pytest.fail("features before the check"))
+    assert main(["evaluate", "--samples", str(tmp_path), "--metrics", "fid,accuracy", "--num-real", "4"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dpldm evaluate: error: accuracy needs labelled samples") and err.count("\n") == 1
+    assert main(["evaluate", "--samples", str(tmp_path), "--metrics", "ssim"]) == 2
+    assert capsys.readouterr().err.startswith("dpldm evaluate: error: metrics: ['ssim']; choose from")
+
+
+def test_evaluate_checks_run_before_any_work(tmp_path, monkeypatch, capsys):
+    """A --run that is not in the store (or no store at all) is refused before sampling or scoring,
+    in one line, and no store is created; --samples and --checkpoint exclude each other."""
+    from trainer.cli import main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)  # MLflow's default: sqlite ./mlflow.db, not there yet
+    monkeypatch.setattr(evaluate, "evaluate_samples", lambda *a, **k: pytest.fail("scored before checking --run"))
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", lambda *a, **k: pytest.fail("sampled before checking --run"))
+    try:
+        assert main(["evaluate", "--checkpoint", "runs/x/finetune", "--run", "0123abcd"]) == 1
+        assert capsys.readouterr().err == (f"dpldm evaluate: error: --run: no MLflow store at {tmp_path}/mlflow.db "
+                                           f"(set MLFLOW_TRACKING_URI to the store that holds the run)\n")
+        assert list(tmp_path.iterdir()) == []
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+        mlflow.create_experiment("some")  # a store without that run
+        assert main(["evaluate", "--samples", str(tmp_path), "--run", "0123abcd"]) == 1
+        assert "--run: no MLflow run '0123abcd' in sqlite:///" in capsys.readouterr().err
+        assert main(["evaluate", "--samples", str(tmp_path), "--checkpoint", "runs/x/finetune"]) == 2
+        assert "give either --samples DIR or --checkpoint RUN_DIR" in capsys.readouterr().err
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 @pytest.mark.slow
 def test_evaluate_cli_logs_metrics_and_grid_to_the_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

