@@ -61,6 +61,15 @@ def test_demo_config_loads_with_compvis_names():
     ("sample.sampler=dpmpp_2m", "sample.eta"),  # the demo's sample.eta is 1: the deterministic sampler has none
     ("eval.sampler=dpmpp_2m|eval.eta=0.5", "eval.eta"),
     ("eval.sampler=dpmpp_2m|eval.eta=null", "eval.eta"),  # eval.eta null takes sample.eta (1)
+    ("autoencoder.train.steps=-5", "autoencoder.train.steps"),  # a resumed stage would call itself finished
+    ("ldm.train.batch_size=0", "ldm.train.batch_size"),
+    ("ldm.train.checkpoint_every=0", "ldm.train.checkpoint_every"),
+    ("finetune.log_every=0", "finetune.log_every"),
+    ("ldm.unet.model_channels=0", "ldm.unet.model_channels"),
+    ("ldm.unet.image_size=4.5", "ldm.unet.image_size"),
+    ("autoencoder.ddconfig.ch=0", "autoencoder.ddconfig.ch"),
+    ("eval.epochs=0", "eval.epochs"),
+    ("eval.num_per_class=-1", "eval.num_per_class"),
 ])
 def test_bad_values_name_file_and_key(override, key):
     with pytest.raises(ConfigError) as err:

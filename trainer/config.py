@@ -323,7 +323,22 @@ def _validate(cfg: Config) -> None:
     for key, lr in (("autoencoder.train.lr", cfg.autoencoder.train.lr), ("ldm.train.lr", cfg.ldm.train.lr),
                     ("finetune.lr", cfg.finetune.lr)):
         check(0 < lr < float("inf"), key, f"must be a finite number > 0, got {lr}")
+    for key, train in (("autoencoder.train", cfg.autoencoder.train), ("ldm.train", cfg.ldm.train)):
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
+            value = getattr(train, name)
+            check(value > 0, f"{key}.{name}", f"must be > 0, got {value}")
+    for key, section, names in (("ldm.unet", cfg.ldm.unet, ("image_size", "in_channels", "out_channels",
+                                                            "model_channels", "context_dim", "transformer_depth")),
+                                ("autoencoder.ddconfig", cfg.autoencoder.ddconfig,
+                                 ("ch", "z_channels", "resolution", "in_channels", "out_ch", "num_res_blocks"))):
+        for name in names:  # sizes a model is built from: a 0 fails deep inside it, or trains nothing
+            value = section.get(name)
+            check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
+                  f"{key}.{name}", f"must be an integer > 0, got {value!r}")
+    check(cfg.autoencoder.embed_dim > 0, "autoencoder.embed_dim", f"must be > 0, got {cfg.autoencoder.embed_dim}")
     ft = cfg.finetune
+    for name in ("log_every", "checkpoint_every"):
+        check(getattr(ft, name) > 0, f"finetune.{name}", f"must be > 0, got {getattr(ft, name)}")
     check(ft.max_grad_norm > 0, "finetune.max_grad_norm", f"must be > 0, got {ft.max_grad_norm}")
     check(0 < ft.delta < 1, "finetune.delta", f"must be in (0, 1), got {ft.delta}")
     check(ft.physical_batch_size > 0, "finetune.physical_batch_size", f"must be > 0, got {ft.physical_batch_size}")
@@ -383,6 +398,8 @@ def _validate(cfg: Config) -> None:
               "a class conditioner needs n_classes > 0")
     for name in ("ddim_steps", "num_per_class", "batch_size"):
         check(getattr(cfg.sample, name) > 0, f"sample.{name}", "must be > 0")
+    check(cfg.eval.epochs > 0, "eval.epochs", f"must be > 0, got {cfg.eval.epochs}")
+    check(cfg.eval.num_per_class >= 0, "eval.num_per_class", f"must be >= 0, got {cfg.eval.num_per_class}")
     check(cfg.eval.ddim_steps is None or cfg.eval.ddim_steps > 0, "eval.ddim_steps",
           f"must be > 0 or null (sample.ddim_steps), got {cfg.eval.ddim_steps}")
     # above 1 the DDIM update's deterministic share sqrt(1 - abar_prev - sigma^2) turns imaginary
