@@ -65,6 +65,7 @@ def test_the_demo_sweep_gives_each_budget_its_own_steps_and_batch_size():
     own = ["sweep=[{epsilon: 1, steps: 30, expected_batch_size: 70}, {epsilon: 2}]"]
     assert runs(own) == [("eps1", 1.0, 30, 70), ("eps2", 2.0, steps, batch)]
     assert runs(own, [1.0, 3.0]) == [("eps1", 1.0, 30, 70), ("eps3", 3.0, steps, batch)]
+    assert runs(own, [3.0, 1.0, 3.0]) == [("eps3", 3.0, steps, batch), ("eps1", 1.0, 30, 70)]  # once each
     assert runs(own, []) == []
     assert runs(QUICK_DEMO + own) == [("eps1", 1.0, 4, 64), ("eps2", 2.0, 4, 64)]
     assert runs(["finetune.epsilon=1"]) == []  # the main run is that budget already

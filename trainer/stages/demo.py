@@ -89,7 +89,7 @@ def sweep_configs(cfg: Config, name: str, overrides: list[str], epsilons: Sequen
     """
     entries = {float(entry["epsilon"]): entry for entry in cfg.sweep}
     out = []
-    for eps in (list(entries) if epsilons is None else epsilons):
+    for eps in dict.fromkeys(entries if epsilons is None else epsilons):  # a budget given twice runs once
         if eps == cfg.finetune.epsilon:  # the main run is that budget already
             continue
         entry = entries.get(eps, {})
