@@ -127,3 +127,16 @@ def test_config_choices_match_the_modules_that_implement_them():
     assert CHOICES["eval.classifier"] == set(CLASSIFIERS)
     assert CHOICES["finetune.policy"] == set(POLICIES)
     assert CHOICES["precision"] == set(PRECISIONS)
+
+
+def test_yaml_syntax_errors_are_one_line_naming_file_or_override(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("finetune:\n  epsilon: [1,\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(broken))
+    assert str(err.value).startswith(f"{broken}: not valid YAML at line 3, column 1: ")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", ["finetune.t_range=[1,"])
+    assert str(err.value).startswith("override finetune.t_range: not valid YAML at line 1, column 4: ")
+    assert "\n" not in str(err.value)

@@ -415,6 +415,17 @@ def _validate(cfg: Config) -> None:
     check(not bad, "eval.metrics", f"unknown metrics {bad}; choose from fid, accuracy, pr")
 
 
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML; a syntax error is a one-line ConfigError naming ``where`` and the position."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw config mapping."""
     for item in overrides:
@@ -427,7 +438,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
+        node[parts[-1]] = parse_yaml(text, f"override {key}")
     return raw
 
 
@@ -444,10 +455,7 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
     path = resolve_config_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return config_from_dict(apply_overrides(raw, overrides or []), source=str(path))

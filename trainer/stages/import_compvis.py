@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from trainer.config import Config, ConfigError, config_from_dict, dump_config
+from trainer.config import Config, ConfigError, config_from_dict, dump_config, parse_yaml
 from trainer.errors import RunError, UsageError
 from trainer.models.checkpoint import EMA_PREFIX, load_ldm_checkpoint, read_state_dict
 from trainer.io import save_safetensors, write_json
@@ -108,10 +107,7 @@ def import_compvis(config_path: str | Path, checkpoint: str | Path, out: str | P
         raise RunError(f"{out}: exists and is not empty; choose a new folder")
     if not config_path.is_file():
         raise RunError(f"{config_path}: no such config file")
-    try:
-        raw = yaml.safe_load(config_path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{config_path}: not valid YAML: {err}") from None
+    raw = parse_yaml(config_path.read_text(), str(config_path))
     cfg = config_from_compvis(raw, str(config_path), experiment=out.name)
     state = read_state_dict(checkpoint)
     has_ema = any(k.startswith(EMA_PREFIX) for k in state)
