@@ -186,11 +186,12 @@ def _check_run_exists(run_id: str) -> None:
     import mlflow
 
     from trainer.tracking import missing_store, store_has_run
+    hint = "(set MLFLOW_TRACKING_URI to the store that holds the run)"
     store = missing_store()
-    if store is not None or not store_has_run(run_id):
-        where = f"no MLflow store at {store}" if store is not None else \
-            f"no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}"
-        raise RunError(f"--run: {where} (set MLFLOW_TRACKING_URI to the store that holds the run)")
+    if store is not None:  # checked first: asking a missing store for the run would create it
+        raise RunError(f"--run: no MLflow store at {store} {hint}")
+    if not store_has_run(run_id):
+        raise RunError(f"--run: no MLflow run {run_id!r} in {mlflow.get_tracking_uri()} {hint}")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
