@@ -347,7 +347,8 @@ def test_non_finite_or_absurd_budgets_are_refused(override, key):
 
 
 def test_a_noise_multiplier_that_spends_an_absurd_epsilon_is_refused():
-    cfg = load_config("demo", ["finetune.epsilon=null", "finetune.noise_multiplier=0.3", "finetune.steps=2000"])
+    cfg = load_config("demo", ["finetune.epsilon=null", "finetune.noise_multiplier=0.3", "finetune.steps=2000",
+                               "finetune.expected_batch_size=1000"])
     with pytest.raises(ConfigError, match="finetune.noise_multiplier"):
         finetune.plan_privacy(cfg, num_private=1000)
 

@@ -154,7 +154,8 @@ def test_dp_finetune_on_an_imported_base(compvis, tmp_path, monkeypatch, capsys)
     assert main(["import-compvis", str(root / "config.yaml"), str(root / "model.ckpt"), str(base)]) == 0
     overrides = [f"finetune.base={base}", "experiment=on-imported", "data.private.num_examples=200",
                  "finetune.steps=2", "finetune.expected_batch_size=20", "finetune.physical_batch_size=20",
-                 "finetune.checkpoint_every=1", "sample.ddim_steps=2", "sample.num_per_class=1"]
+                 "finetune.checkpoint_every=1", "sample.ddim_steps=2", "sample.num_per_class=1",
+                 "finetune.attention_from=4"]  # this UNet has 4 SpatialTransformers (the demo's from its 5th of 7)
     # the demo's digit rows start from letters; this base's classes are 0-3
     argv = ["finetune", "--config", "demo", "--output-dir", str(tmp_path / "runs"), *overrides]
     assert main(argv) == 2
