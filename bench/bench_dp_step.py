@@ -5,11 +5,13 @@ On ONE UNet (the ``--config``'s, demo by default), ONE trainable set (the config
 measures in this process:
 
 1. ``non-private``: ``loss.mean().backward()`` + AdamW step;
-2. ``engine fast``: ``DPGradientEngine`` mode=fast (book-keeping) + AdamW step;
-3. ``engine reference``: ``DPGradientEngine`` mode=reference (batched autograd) + AdamW step;
-4. ``opacus hooks``: ``GradSampleModule`` (per-example gradients instantiated by layer hooks)
+2. ``forward only``: the losses under ``torch.no_grad()``, no backward and no step: the floor that
+   every method pays, so the table shows how much of a step the backward and the DP work add;
+3. ``engine fast``: ``DPGradientEngine`` mode=fast (book-keeping) + AdamW step;
+4. ``engine reference``: ``DPGradientEngine`` mode=reference (batched autograd) + AdamW step;
+5. ``opacus hooks``: ``GradSampleModule`` (per-example gradients instantiated by layer hooks)
    + ``DPOptimizer`` over AdamW, the engine DP-LDM used;
-5. ``opacus ghost``: ``GradSampleModuleFastGradientClipping`` + ``DPOptimizerFastGradientClipping``
+6. ``opacus ghost``: ``GradSampleModuleFastGradientClipping`` + ``DPOptimizerFastGradientClipping``
    with the per-example losses wrapped in ``DPTensorFastGradientClipping`` (two backwards).
 
 Every DP row clips each example's gradient over all trainable parameters to C, adds
@@ -131,7 +133,7 @@ def build_workload(cfg: Config, batch_size: int, device: torch.device, seed: int
     return workload, what
 
 
-# --------------------------------------------------------------------------- the five methods
+# --------------------------------------------------------------------------- the methods
 @dataclass
 class Stepper:
     """One method bound to its own model copy.
@@ -154,6 +156,16 @@ def nonprivate_step(w: Workload, model: FixedDrawLoss, noise_multiplier: float) 
         optimizer.zero_grad(set_to_none=True)
         model(w.z0, w.labels).mean().backward()
         optimizer.step()
+
+    return Stepper(step, optimizer)
+
+
+def forward_only_step(w: Workload, model: FixedDrawLoss, noise_multiplier: float) -> Stepper:
+    optimizer = w.optimizer(model)  # never stepped: timed_step clears its (absent) grads
+
+    def step() -> None:
+        with torch.no_grad():
+            model(w.z0, w.labels)
 
     return Stepper(step, optimizer)
 
@@ -220,16 +232,18 @@ class Method:
     name: str
     make: Callable[[Workload, FixedDrawLoss, float], Stepper]
     third_party: bool = False  # its failures are reported as "unsupported" instead of raised
+    gradient: bool = True      # False: the method computes no gradient (nothing to check)
 
 
 METHODS = [
     Method("non-private", nonprivate_step),
+    Method("forward only", forward_only_step, gradient=False),
     Method("engine fast", engine_step("fast")),
     Method("engine reference", engine_step("reference")),
     Method("opacus hooks", opacus_hooks_step, third_party=True),
     Method("opacus ghost", opacus_ghost_step, third_party=True),
 ]
-NONPRIVATE, REFERENCE = "non-private", "engine reference"
+NONPRIVATE, FORWARD_ONLY, REFERENCE = "non-private", "forward only", "engine reference"
 
 
 # --------------------------------------------------------------------------- measuring
@@ -318,15 +332,16 @@ def clip_norm_at_median(w: Workload) -> tuple[float, Tensor]:
     return float(norms.median()), norms
 
 
-def check_and_warm_up(w: Workload, method: Method) -> tuple[Stepper, Tensor]:
-    """The method on fresh weights takes one step with noise off -> (stepper, noise-free gradient).
+def check_and_warm_up(w: Workload, method: Method) -> tuple[Stepper, Tensor | None]:
+    """The method on fresh weights takes one step with noise off -> (stepper, noise-free gradient,
+    None for a method without one).
 
     That step also warms the method up; the stepper is then switched to ``w.noise_multiplier``.
     """
     model = w.fresh_model()
     stepper = method.make(w, model, 0.0)
     stepper.step()
-    grad = trainable_grads(model)
+    grad = trainable_grads(model) if method.gradient else None
     stepper.set_noise(w.noise_multiplier)
     return stepper, grad
 
@@ -353,7 +368,7 @@ def run_benchmark(w: Workload, repeats: int, methods: list[Method] = METHODS) ->
     memory = StepMemory(device)
     results = {m.name: Result(m.name) for m in methods}
     steppers: dict[str, Stepper] = {}
-    grads: dict[str, Tensor] = {}
+    grads: dict[str, Tensor | None] = {}
 
     def give_up(method: Method, err: Exception) -> None:
         if not method.third_party:
@@ -386,7 +401,7 @@ def run_benchmark(w: Workload, repeats: int, methods: list[Method] = METHODS) ->
     ref = grads.get(REFERENCE)
     if ref is not None and float(ref.abs().max()) > 0:
         for name, g in grads.items():
-            if name != NONPRIVATE and results[name].error is None:
+            if name != NONPRIVATE and g is not None and results[name].error is None:
                 results[name].grad_diff = float((g - ref).abs().max() / ref.abs().max())
     return list(results.values())
 
@@ -445,7 +460,7 @@ def device_name(device: torch.device) -> str:
 
 
 def format_table(results: list[Result]) -> list[str]:
-    base = next(r for r in results if r.name == "non-private")
+    base = next(r for r in results if r.name == NONPRIVATE)
     lines = ["| method | median step (s) | time vs non-private | peak step memory (MiB) | memory vs non-private "
              "| clipped-gradient max rel. diff vs reference |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -456,8 +471,9 @@ def format_table(results: list[Result]) -> list[str]:
         mem = r.peak_bytes
         mem_text = f"{mem / 2**20:.1f}" if mem is not None else "n/a"
         mem_ratio = f"{mem / base.peak_bytes:.2f}x" if mem is not None and base.peak_bytes else "n/a"
-        diff = "(unclipped, not compared)" if r.name == "non-private" else (
-            f"{r.grad_diff:.1e}" if r.grad_diff is not None else "n/a")
+        diff = ("(unclipped, not compared)" if r.name == NONPRIVATE else
+                "(no gradient)" if r.name == FORWARD_ONLY else
+                f"{r.grad_diff:.1e}" if r.grad_diff is not None else "n/a")
         lines.append(f"| {r.name} | {r.median_s:.3f} | {r.median_s / base.median_s:.2f}x | {mem_text} | "
                      f"{mem_ratio} | {diff} |")
     return lines
@@ -498,7 +514,8 @@ def report(results: list[Result], w: Workload, what: str, args: argparse.Namespa
         "weights are redrawn at random (std 0.02) so that every trainable parameter gets a gradient.",
         f"- Every DP row clips each example's gradient over all trainable parameters to C = "
         f"{w.max_grad_norm:.4g} (the median per-example norm of the batch), adds Gaussian noise with "
-        f"sigma = {w.noise_multiplier:g} and divides by the batch size; every row ends with an AdamW step.",
+        f"sigma = {w.noise_multiplier:g} and divides by the batch size; every row ends with an AdamW step but `forward only` (the losses "
+        "under `torch.no_grad()`: no backward, no step).",
         f"- Time: median over {args.repeats} step{'s' if args.repeats > 1 else ''} per method, taken in interleaved rounds (each round: one "
         "step of every method) after a warm-up step each (the gradient-check step). Memory: peak added by a step, "
         f"{memory_how}; the largest over the timed steps.",
