@@ -514,8 +514,8 @@ def report(results: list[Result], w: Workload, what: str, args: argparse.Namespa
         "weights are redrawn at random (std 0.02) so that every trainable parameter gets a gradient.",
         f"- Every DP row clips each example's gradient over all trainable parameters to C = "
         f"{w.max_grad_norm:.4g} (the median per-example norm of the batch), adds Gaussian noise with "
-        f"sigma = {w.noise_multiplier:g} and divides by the batch size; every row ends with an AdamW step but `forward only` (the losses "
-        "under `torch.no_grad()`: no backward, no step).",
+        f"sigma = {w.noise_multiplier:g} and divides by the batch size; every row ends with an AdamW step "
+        "but `forward only` (the losses under `torch.no_grad()`: no backward, no step).",
         f"- Time: median over {args.repeats} step{'s' if args.repeats > 1 else ''} per method, taken in interleaved rounds (each round: one "
         "step of every method) after a warm-up step each (the gradient-check step). Memory: peak added by a step, "
         f"{memory_how}; the largest over the timed steps.",
