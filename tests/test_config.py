@@ -68,6 +68,13 @@ def test_demo_config_loads_with_compvis_names():
     ("ldm.unet.model_channels=0", "ldm.unet.model_channels"),
     ("ldm.unet.image_size=4.5", "ldm.unet.image_size"),
     ("autoencoder.ddconfig.ch=0", "autoencoder.ddconfig.ch"),
+    # every block normalises in 32 groups: each width a multiple of 32
+    ("ldm.unet.model_channels=48", "ldm.unet.model_channels"),
+    ("ldm.unet.channel_mult=[1,1.5]", "ldm.unet.model_channels"),
+    ("autoencoder.ddconfig.ch=48", "autoencoder.ddconfig.ch"),
+    # what only the model code knows, found by building it on the meta device
+    ("ldm.unet.num_heads=-1|ldm.unet.num_head_channels=-1", "ldm.unet: the model cannot be built"),
+    ("autoencoder.ddconfig.attn_type=linear", "autoencoder.ddconfig: the model cannot be built"),
     ("eval.epochs=0", "eval.epochs"),
     ("eval.num_per_class=-1", "eval.num_per_class"),
 ])

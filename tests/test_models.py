@@ -173,6 +173,15 @@ def test_attention_block_projections_are_kernel1_conv1d():
         AttentionBlock(64, num_head_channels=24)
 
 
+def test_unet_runs_with_a_first_channel_mult_above_one():
+    """The output convs take the last output block's width (CompVis' take model_channels and fail here)."""
+    unet = UNetModel(**{**TINY_UNET, "channel_mult": [2, 2]}, num_heads=2).eval()
+    with torch.no_grad():
+        out = unet(torch.randn(2, 4, 8, 8), torch.tensor([3, 500]))
+    assert out.shape == (2, 4, 8, 8)
+    assert unet.out[2].in_channels == 64
+
+
 def test_unet_rejects_inconsistent_arguments():
     with pytest.raises(ValueError, match="context_dim"):
         UNetModel(**TINY_UNET, num_heads=2, use_spatial_transformer=True)

@@ -395,6 +395,17 @@ def test_cli_reports_config_errors_with_the_key(capsys, tmp_path):
     assert "autoencoder.train.stepz" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("overrides, key", [(["ldm.unet.model_channels=48"], "ldm.unet.model_channels"),
+                                            (["ldm.unet.num_heads=-1", "ldm.unet.num_head_channels=-1"], "ldm.unet")])
+def test_an_unbuildable_unet_is_refused_before_any_work(capsys, tmp_path, overrides, key):
+    """One line naming the key, exit 2, nothing written: not a traceback after encoding the letters."""
+    runs = tmp_path / "runs"
+    assert cli.main(["pretrain-ldm", "--output-dir", str(runs), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dpldm pretrain-ldm: config error:") and key in err and len(err.strip().splitlines()) == 1
+    assert not runs.exists()
+
+
 def test_help_lists_every_stage(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])

@@ -10,6 +10,8 @@ Overrides from the command line are ``dotted.key=value`` strings; values are par
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -233,6 +235,38 @@ CHOICES = {
 }
 
 
+NORM_GROUPS = 32  # GroupNorm(32, channels) in every UNet and autoencoder block
+
+
+def _check_models_build(cfg: Config) -> None:
+    """Build the UNet and the autoencoder on the meta device (no memory, no weights), so that an
+    architecture the model code refuses is reported here, naming its section, before a stage has
+    written or computed anything."""
+    for key, section in (("ldm.unet", cfg.ldm.unet), ("autoencoder.ddconfig", cfg.autoencoder.ddconfig)):
+        if section:  # a config without that model leaves it empty (its stages refuse it)
+            error = _model_build_error(key, json.dumps(section, sort_keys=True, default=repr), cfg.autoencoder.embed_dim)
+            if error:
+                raise ConfigError(f"{key}: the model cannot be built from it: {error}")
+
+
+@functools.lru_cache(maxsize=64)  # ~0.1-0.3 s per build; a run loads the same config several times
+def _model_build_error(key: str, section_json: str, embed_dim: int) -> str | None:
+    import torch
+
+    from trainer.models import AutoencoderKL, UNetModel
+
+    section = json.loads(section_json)
+    try:
+        with torch.device("meta"):
+            if key == "ldm.unet":
+                UNetModel(**section)
+            else:
+                AutoencoderKL(ddconfig=section, embed_dim=embed_dim)
+    except (ValueError, TypeError, AssertionError, ZeroDivisionError, RuntimeError) as err:
+        return str(err)
+    return None
+
+
 # --- loading ----------------------------------------------------------------------------------
 
 def _type_name(tp: Any) -> str:
@@ -336,6 +370,15 @@ def _validate(cfg: Config) -> None:
             check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
                   f"{key}.{name}", f"must be an integer > 0, got {value!r}")
     check(cfg.autoencoder.embed_dim > 0, "autoencoder.embed_dim", f"must be > 0, got {cfg.autoencoder.embed_dim}")
+    for key, section, width, mult in (("ldm.unet", cfg.ldm.unet, "model_channels", "channel_mult"),
+                                      ("autoencoder.ddconfig", cfg.autoencoder.ddconfig, "ch", "ch_mult")):
+        base, mults = section.get(width), section.get(mult)
+        if isinstance(base, int) and isinstance(mults, (list, tuple)):
+            widths = [base * m for m in mults]
+            check(all(isinstance(w, int) and w % NORM_GROUPS == 0 for w in widths), f"{key}.{width}",
+                  f"{width} x {mult} = {widths}: every width must be a multiple of {NORM_GROUPS} (each block "
+                  f"normalises its channels in {NORM_GROUPS} groups, as CompVis)")
+    _check_models_build(cfg)
     ft = cfg.finetune
     for name in ("log_every", "checkpoint_every"):
         check(getattr(ft, name) > 0, f"finetune.{name}", f"must be > 0, got {getattr(ft, name)}")

@@ -297,13 +297,15 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
+        # ch = model_channels * channel_mult[0]; CompVis passes model_channels to these convs, the same
+        # width unless channel_mult[0] != 1, where its forward fails on the width mismatch
         self.out = nn.Sequential(
             GroupNorm32(32, ch),
             nn.SiLU(),
-            zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)),
+            zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)),
         )
         if self.predict_codebook_ids:
-            self.id_predictor = nn.Sequential(GroupNorm32(32, ch), conv_nd(dims, model_channels, n_embed, 1))
+            self.id_predictor = nn.Sequential(GroupNorm32(32, ch), conv_nd(dims, ch, n_embed, 1))
 
     def forward(
         self,
