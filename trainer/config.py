@@ -244,7 +244,8 @@ def _check_models_build(cfg: Config) -> None:
     written or computed anything."""
     for key, section in (("ldm.unet", cfg.ldm.unet), ("autoencoder.ddconfig", cfg.autoencoder.ddconfig)):
         if section:  # a config without that model leaves it empty (its stages refuse it)
-            error = _model_build_error(key, json.dumps(section, sort_keys=True, default=repr), cfg.autoencoder.embed_dim)
+            section_json = json.dumps(section, sort_keys=True, default=repr)
+            error = _model_build_error(key, section_json, cfg.autoencoder.embed_dim)
             if error:
                 raise ConfigError(f"{key}: the model cannot be built from it: {error}")
 
@@ -378,7 +379,6 @@ def _validate(cfg: Config) -> None:
             check(all(isinstance(w, int) and w % NORM_GROUPS == 0 for w in widths), f"{key}.{width}",
                   f"{width} x {mult} = {widths}: every width must be a multiple of {NORM_GROUPS} (each block "
                   f"normalises its channels in {NORM_GROUPS} groups, as CompVis)")
-    _check_models_build(cfg)
     ft = cfg.finetune
     for name in ("log_every", "checkpoint_every"):
         check(getattr(ft, name) > 0, f"finetune.{name}", f"must be > 0, got {getattr(ft, name)}")
@@ -456,6 +456,7 @@ def _validate(cfg: Config) -> None:
         check(scale is None or scale >= 0, key, f"must be >= 0 (1: no guidance), got {scale}")
     bad = sorted(set(cfg.eval.metrics) - {"fid", "accuracy", "pr"})
     check(not bad, "eval.metrics", f"unknown metrics {bad}; choose from fid, accuracy, pr")
+    _check_models_build(cfg)  # last: the checks above name a key more precisely
 
 
 def parse_yaml(text: str, where: str) -> Any:
