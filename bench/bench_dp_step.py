@@ -243,7 +243,8 @@ METHODS = [
     Method("opacus hooks", opacus_hooks_step, third_party=True),
     Method("opacus ghost", opacus_ghost_step, third_party=True),
 ]
-NONPRIVATE, FORWARD_ONLY, REFERENCE = "non-private", "forward only", "engine reference"
+NONPRIVATE, REFERENCE = "non-private", "engine reference"
+WITHOUT_GRADIENT = {m.name for m in METHODS if not m.gradient}
 
 
 # --------------------------------------------------------------------------- measuring
@@ -472,7 +473,7 @@ def format_table(results: list[Result]) -> list[str]:
         mem_text = f"{mem / 2**20:.1f}" if mem is not None else "n/a"
         mem_ratio = f"{mem / base.peak_bytes:.2f}x" if mem is not None and base.peak_bytes else "n/a"
         diff = ("(unclipped, not compared)" if r.name == NONPRIVATE else
-                "(no gradient)" if r.name == FORWARD_ONLY else
+                "(no gradient)" if r.name in WITHOUT_GRADIENT else
                 f"{r.grad_diff:.1e}" if r.grad_diff is not None else "n/a")
         lines.append(f"| {r.name} | {r.median_s:.3f} | {r.median_s / base.median_s:.2f}x | {mem_text} | "
                      f"{mem_ratio} | {diff} |")
