@@ -156,7 +156,10 @@ def test_context_grad_trainable_stops_the_conditioning_gradient_at_frozen_transf
     assert torch.allclose(stopped, by_hand, rtol=1e-5, atol=1e-7)
     n_embedder = ldm.cond_stage_model.embedding.weight.numel()
     assert not torch.allclose(stopped[-n_embedder:], exact[-n_embedder:], rtol=1e-3)  # the embedder's rows differ
-    assert torch.equal(stopped[:-n_embedder], exact[:-n_embedder])  # the transformers' own gradients do not
+    # the transformers' own gradients do not (up to rounding: without a gradient to record, the frozen
+    # blocks take the CPU's small-map paths, trainer/models/small_maps.py)
+    own, own_exact = stopped[:-n_embedder], exact[:-n_embedder]
+    assert (own - own_exact).abs().max() <= 1e-5 * own_exact.abs().max()
     needs_grad = []  # the backward never enters the encoder: its output needs no gradient
     handle = ldm.unet.middle_block.register_forward_hook(lambda m, args, out: needs_grad.append(out.requires_grad))
     loss()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import AttentionBlock, GroupNorm32, SpatialTransformer, zero_module
+from .small_maps import SmallMapConv2d
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: int = 10000) -> Tensor:
@@ -33,8 +34,8 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: int = 10000) -> 
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
-    """A 1-, 2- or 3-d convolution."""
-    convs = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    """A 1-, 2- or 3-d convolution (2-d: `SmallMapConv2d`, an `nn.Conv2d` fast on maps below 3x3)."""
+    convs = {1: nn.Conv1d, 2: SmallMapConv2d, 3: nn.Conv3d}
     if dims not in convs:
         raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
     return convs[dims](*args, **kwargs)
