@@ -8,6 +8,10 @@ measures in this process:
 2. ``forward only``: the losses under ``torch.no_grad()``, no backward and no step: the floor that
    every method pays, so the table shows how much of a step the backward and the DP work add;
 3. ``engine fast``: ``DPGradientEngine`` mode=fast (book-keeping) + AdamW step;
+   ``forward only, plain maps`` and ``engine fast, plain maps``: the same inside
+   ``trainer.models.small_maps.plain_paths()`` (no dense convolution on maps below 3x3, no
+   short-sequence attention: ``F.conv2d`` and ``scaled_dot_product_attention`` throughout), what
+   those CPU paths save;
 4. ``engine reference``: ``DPGradientEngine`` mode=reference (batched autograd) + AdamW step;
 5. ``opacus hooks``: ``GradSampleModule`` (per-example gradients instantiated by layer hooks)
    + ``DPOptimizer`` over AdamW, the engine DP-LDM used;
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import dataclasses
 import gc
 import os
 import platform
@@ -49,6 +54,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.config import Config, load_config  # noqa: E402
+from trainer.models.small_maps import plain_paths  # noqa: E402
 from trainer.pipeline import LatentDiffusion  # noqa: E402
 from trainer.privacy import DPGradientEngine  # noqa: E402
 from trainer.selection import select_trainable  # noqa: E402
@@ -227,6 +233,20 @@ def opacus_ghost_step(w: Workload, model: FixedDrawLoss, noise_multiplier: float
     return Stepper(step, optimizer, lambda sigma: setattr(optimizer, "noise_multiplier", float(sigma)))
 
 
+def with_plain_maps(make: Callable[[Workload, FixedDrawLoss, float], Stepper]):
+    """``make``'s method with the model's small-map paths off (plain convolutions and attention)."""
+    def make_plain(w: Workload, model: FixedDrawLoss, noise_multiplier: float) -> Stepper:
+        stepper = make(w, model, noise_multiplier)
+
+        def step() -> None:
+            with plain_paths():
+                stepper.step()
+
+        return dataclasses.replace(stepper, step=step)
+
+    return make_plain
+
+
 @dataclass
 class Method:
     name: str
@@ -238,7 +258,9 @@ class Method:
 METHODS = [
     Method("non-private", nonprivate_step),
     Method("forward only", forward_only_step, gradient=False),
+    Method("forward only, plain maps", with_plain_maps(forward_only_step), gradient=False),
     Method("engine fast", engine_step("fast")),
+    Method("engine fast, plain maps", with_plain_maps(engine_step("fast"))),
     Method("engine reference", engine_step("reference")),
     Method("opacus hooks", opacus_hooks_step, third_party=True),
     Method("opacus ghost", opacus_ghost_step, third_party=True),

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_dp_step.py"
-ROWS = ("non-private", "forward only", "engine fast", "engine reference", "opacus hooks", "opacus ghost")
+ROWS = ("non-private", "forward only", "forward only, plain maps", "engine fast", "engine fast, plain maps",
+        "engine reference", "opacus hooks", "opacus ghost")
 TINY_UNET = [
     "ldm.unet.image_size=4",
     "ldm.unet.model_channels=32",
@@ -46,10 +47,11 @@ def test_bench_writes_a_row_per_method_with_matching_gradients(tmp_path: Path):
         assert r.error is None, f"{r.name}: {r.error}"
         assert len(r.times) == 1 and r.times[0] > 0
     # fast mode and both Opacus engines give the reference mode's clipped gradient (noise off)
-    for name in ("engine fast", "opacus hooks", "opacus ghost"):
+    for name in ("engine fast", "engine fast, plain maps", "opacus hooks", "opacus ghost"):
         assert by_name[name].grad_diff is not None and by_name[name].grad_diff < 1e-3, name
     assert by_name["engine reference"].grad_diff == 0.0
     assert by_name["forward only"].grad_diff is None  # no gradient to compare
+    assert by_name["forward only, plain maps"].grad_diff is None
 
     text = out.read_text()
     assert f"torch {torch.__version__}" in text
@@ -63,7 +65,7 @@ def test_bench_writes_a_row_per_method_with_matching_gradients(tmp_path: Path):
         assert re.fullmatch(r"\d+\.\d{3}", cells[1]), line  # median step time
         assert re.fullmatch(r"\d+\.\d\dx", cells[2]), line  # ratio to non-private
     assert rows[0].split("|")[3].strip() == "1.00x"
-    assert rows[1].split("|")[-2].strip() == "(no gradient)"
+    assert rows[1].split("|")[-2].strip() == rows[2].split("|")[-2].strip() == "(no gradient)"
     # the noise's share of the step: finalize timed with noise on and off, over every trainable coordinate
     noise = re.search(r"Noise: `engine.finalize\(\)` over the ([\d,]+) trainable coordinates takes ([\d.]+) ms "
                       r"with noise and ([\d.]+) ms without", text)

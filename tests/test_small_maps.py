@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainer.models.attention import SMALL_ATTENTION_SCORES, dot_product_attention
-from trainer.models.small_maps import SmallMapConv2d, dense_conv_matrix
+from trainer.models.small_maps import SmallMapConv2d, dense_conv_matrix, plain_paths
 from trainer.models.unet import UNetModel, conv_nd
 from trainer.privacy.layer_rules import ConvRule, make_rule
 
@@ -136,3 +136,18 @@ def test_attention_under_autograd_or_long_is_sdpa(monkeypatch):
     with torch.no_grad():
         dot_product_attention(long, long, long)
     assert len(calls) == 2
+
+
+def test_plain_paths_turns_both_off_inside_the_block_only(monkeypatch):
+    calls = []
+    real_conv, real_sdpa = F.conv2d, F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: calls.append("conv") or real_conv(*a, **k))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a: calls.append("sdpa") or real_sdpa(*a))
+    conv, x, q = _conv(), torch.randn(2, 6, 2, 2), torch.randn(2, 2, 4, 8)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError), plain_paths():
+            conv(x), dot_product_attention(q, q, q)
+            assert calls == ["conv", "sdpa"]
+            raise RuntimeError("leaves the block")
+        conv(x), dot_product_attention(q, q, q)
+    assert calls == ["conv", "sdpa"]

@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import small_maps
+
 try:  # optional: only used on CUDA tensors
     import xformers.ops as _xformers_ops
 except Exception:  # ImportError, or a broken build without CUDA kernels
@@ -46,7 +48,7 @@ def dot_product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # xformers takes [B, T, H, d]
         return _xformers_ops.memory_efficient_attention(q, k, v).transpose(1, 2)
     records_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if q.device.type == "cpu" and q.shape[-2] * k.shape[-2] <= SMALL_ATTENTION_SCORES and not records_grad:
+    if small_maps.enabled(q, k, v) and q.shape[-2] * k.shape[-2] <= SMALL_ATTENTION_SCORES and not records_grad:
         return attention_reference(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 

@@ -11,9 +11,13 @@ faster on a CPU. The result equals `F.conv2d`'s up to float rounding.
 only where nothing differentiates its weight (frozen layers, sampling) and the tensors are on the
 CPU (the path is measured there only); everywhere else it is `F.conv2d`. Its dense matrix is
 cached and rebuilt whenever the weight's values differ from the cached copy, however they were
-changed.
+changed. `dot_product_attention` (attention.py) has the same kind of path for short sequences.
+`plain_paths()` turns both off, for benchmarks to compare against.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -21,6 +25,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 TAPS = 9  # a 3x3 kernel
+_enabled = True
+
+
+@contextmanager
+def plain_paths() -> Iterator[None]:
+    """Inside the block every layer takes its plain path (`F.conv2d`, `scaled_dot_product_attention`)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def enabled(*tensors: Tensor) -> bool:
+    """Whether a small-map path may run on ``tensors``: on the CPU, outside `plain_paths()`."""
+    return _enabled and all(t.device.type == "cpu" for t in tensors)
 
 
 def tap_index(h: int, w: int, device: torch.device) -> Tensor:
@@ -53,7 +74,7 @@ class SmallMapConv2d(nn.Conv2d):
     """
 
     def _dense_path(self, x: Tensor, weight: Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dim() in (3, 4) and x.shape[-2] * x.shape[-1] < TAPS
+        return (enabled(x, weight) and x.dim() in (3, 4) and x.shape[-2] * x.shape[-1] < TAPS
                 and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
                 and not (torch.is_grad_enabled() and weight.requires_grad))
