@@ -94,6 +94,15 @@ def test_cached_matrix_follows_every_weight_change():
         torch.testing.assert_close(conv(xd), F.conv2d(xd, conv.weight, conv.bias, padding=1))
 
 
+def test_a_matrix_cached_under_inference_mode_serves_autograd_afterwards():
+    conv = _conv().requires_grad_(False)
+    with torch.inference_mode():
+        conv(torch.randn(2, 6, 2, 2))
+    x = torch.randn(2, 6, 2, 2, requires_grad=True)
+    conv(x).sum().backward()  # the input's gradient through a frozen layer
+    assert x.grad is not None
+
+
 def test_unet_uses_it_with_unchanged_keys_and_the_engines_conv_rule():
     conv = conv_nd(2, 4, 8, 3, padding=1)
     assert isinstance(conv, SmallMapConv2d) and type(conv).forward is nn.Conv2d.forward

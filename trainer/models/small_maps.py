@@ -82,7 +82,9 @@ class SmallMapConv2d(nn.Conv2d):
     def _matrix(self, weight: Tensor, h: int, w: int) -> Tensor:
         cached = getattr(self, "_dense_cache", None)
         if (cached is None or cached[0] != (h, w) or cached[1].dtype != weight.dtype
-                or cached[1].device != weight.device or not torch.equal(cached[1], weight)):
+                or cached[1].device != weight.device or not torch.equal(cached[1], weight)
+                # a matrix made under inference_mode cannot be saved for a backward outside it
+                or (cached[2].is_inference() and not torch.is_inference_mode_enabled())):
             with torch.no_grad():
                 cached = ((h, w), weight.detach().clone(), dense_conv_matrix(weight.detach(), h, w))
             self._dense_cache = cached
