@@ -538,7 +538,9 @@ def report(results: list[Result], w: Workload, what: str, args: argparse.Namespa
         f"- Every DP row clips each example's gradient over all trainable parameters to C = "
         f"{w.max_grad_norm:.4g} (the median per-example norm of the batch), adds Gaussian noise with "
         f"sigma = {w.noise_multiplier:g} and divides by the batch size; every row ends with an AdamW step "
-        "but `forward only` (the losses under `torch.no_grad()`: no backward, no step).",
+        "but the `forward only` rows (the losses under `torch.no_grad()`: no backward, no step). The `plain maps` "
+        "rows run inside `trainer.models.small_maps.plain_paths()`: `F.conv2d` and `scaled_dot_product_attention` "
+        "where the other rows take the CPU's paths for maps below 3x3 and short sequences.",
         f"- Time: median over {args.repeats} step{'s' if args.repeats > 1 else ''} per method, taken in interleaved rounds (each round: one "
         "step of every method) after a warm-up step each (the gradient-check step). Memory: peak added by a step, "
         f"{memory_how}; the largest over the timed steps.",
