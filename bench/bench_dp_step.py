@@ -57,6 +57,7 @@ from trainer.config import Config, load_config  # noqa: E402
 from trainer.models.small_maps import plain_paths  # noqa: E402
 from trainer.pipeline import LatentDiffusion  # noqa: E402
 from trainer.privacy import DPGradientEngine  # noqa: E402
+from trainer.runtime import adamw  # noqa: E402
 from trainer.selection import select_trainable  # noqa: E402
 from trainer.stages.common import build_ldm  # noqa: E402
 
@@ -105,7 +106,7 @@ class Workload:
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return adamw(params, self.lr, self.weight_decay)
 
 
 def build_workload(cfg: Config, batch_size: int, device: torch.device, seed: int = 0) -> tuple[Workload, str]:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.config import Config, load_config  # noqa: E402
 from trainer.distributed import _free_port  # noqa: E402
-from trainer.runtime import Placement, Runtime  # noqa: E402
+from trainer.runtime import Placement, Runtime, adamw  # noqa: E402
 from trainer.stages.common import build_ldm  # noqa: E402
 
 ROWS = ("runtime", "DDP")
@@ -74,7 +74,7 @@ def _worker(rank: int, world: int, port: int, cfg: Config, args: argparse.Namesp
     ddp = torch.nn.parallel.DistributedDataParallel(ddp_inner, device_ids=[rank] if device.type == "cuda" else None)
 
     def stepper(loss_fn, params: list, average: bool):
-        opt = torch.optim.AdamW(params, lr=cfg.ldm.train.lr)
+        opt = adamw(params, cfg.ldm.train.lr, cfg.ldm.train.weight_decay)
 
         def step() -> None:
             loss = loss_fn(z, labels, torch.Generator().manual_seed(7)).mean()  # same draws in both rows

@@ -47,6 +47,7 @@ from trainer.eval.fid import fid  # noqa: E402
 from trainer.eval.images import images_from_array  # noqa: E402
 from trainer.pipeline import encode_images  # noqa: E402
 from trainer.runs import generate, load_pipeline, override_sampler  # noqa: E402
+from trainer.runtime import adamw  # noqa: E402
 from trainer.stages.common import (conditions, load_autoencoder, load_image_source, resolve_recorded,  # noqa: E402
                                    to_uint8)
 
@@ -104,7 +105,7 @@ def nonprivate_finetune(run: str | Path, seed: int = 0):
     select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers, ft.lora_rank, ft.lora_alpha,
                      ft.context_grad)
     params = [p for p in ldm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=ft.lr, weight_decay=ft.weight_decay)
+    optimizer = adamw(params, ft.lr, ft.weight_decay)
     private = load_image_source(cfg.data.private, "data.private")
     mean, std = encode_images(autoencoder, private.images, desc="encode private set")
     g = torch.Generator().manual_seed(seed)

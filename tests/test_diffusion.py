@@ -93,6 +93,22 @@ def test_ema_tracks_weights():
     assert torch.allclose(ema.shadow["weight"], w0 + 1.0)
 
 
+def test_ema_updates_every_float_parameter_and_buffer_and_skips_integer_ones():
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = EMA(m, decay=0.9)
+    start = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p))
+    m.train()(torch.randn(8, 3))  # moves the running statistics and the integer batch count
+    ema.update(m)
+    now = m.state_dict()
+    assert "1.num_batches_tracked" not in ema.shadow
+    assert set(ema.shadow) == {k for k, v in now.items() if v.is_floating_point()}
+    for k, v in ema.shadow.items():
+        torch.testing.assert_close(v, 0.9 * start[k] + 0.1 * now[k], msg=k)
+
+
 def test_ema_of_named_parameters_restores_in_place_and_copies_back():
     m = torch.nn.Linear(2, 2)
     params = dict(m.named_parameters())

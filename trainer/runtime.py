@@ -20,6 +20,18 @@ from trainer.config import ConfigError
 PRECISIONS = ("fp32", "bf16")
 
 
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over ``params``, its fused kernel where torch has one (CPU and CUDA).
+
+    The same update as the per-tensor loop that torch picks on the CPU by default (to float
+    rounding); on the demo's 4.2M-parameter UNet a step takes ~6 ms instead of ~20-30 ms on two
+    CPU cores, ~8 % of a pretraining step of batch 64. The optimizer's state loads either way.
+    """
+    params = list(params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def resolve_device(spec: str) -> torch.device:
     """The config's ``device`` -> a torch device; a CUDA request without CUDA is a ConfigError."""
     if spec == "auto":

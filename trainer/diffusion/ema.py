@@ -26,9 +26,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: Weights) -> None:
-        for k, v in _tensors(model).items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v.detach(), 1 - self.decay)
+        tensors = _tensors(model)
+        keys = [k for k in self.shadow if k in tensors]
+        # one multi-tensor kernel instead of a lerp per tensor (~300 in the demo's UNet)
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [tensors[k].detach() for k in keys], 1 - self.decay)
 
     def state_dict(self) -> dict:
         return dict(self.shadow)

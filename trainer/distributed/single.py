@@ -12,7 +12,7 @@ from trainer.distributed.checkpoint import (CHECKPOINTS, EMA_FILE, STATE_FILE, W
 from trainer.errors import RunError
 from trainer.io import load_state, save_safetensors, save_state
 from trainer.pipeline import encode_images
-from trainer.runtime import Runtime
+from trainer.runtime import Runtime, adamw
 
 
 class SingleProcess(Runtime):
@@ -39,7 +39,7 @@ class SingleProcess(Runtime):
         return mean.to(self.device), std.to(self.device), labels.to(self.device)
 
     def make_optimizer(self, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return adamw(params, lr, weight_decay)
 
     def train_step(self, engine, optimizer, micro_batches: list[torch.Tensor],
                    example_losses: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import Config
-from trainer.runtime import Runtime
+from trainer.runtime import Runtime, adamw
 from trainer.stages.common import (build_autoencoder, public_batches, save_grid, seed_everything, stage_dir,
                                    start_public_stage)
 from trainer.stages.loop import Trainer
@@ -36,7 +36,7 @@ def _train(cfg: Config, rt: Runtime, run_dir: Path, batch_size: int) -> Path:
     model = build_autoencoder(cfg).to(rt.device)
     rt.broadcast_parameters(model)
     gen.manual_seed(rt.data_seed(cfg.seed))
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = adamw(model.parameters(), tc.lr, tc.weight_decay)
     trainer = Trainer(run_dir, {"autoencoder": model}, opt, tc, gen, desc="pretrain-ae", runtime=rt)
     batches = public_batches(cfg, batch_size, gen, rt.rank, rt.world_size)
     params = list(model.parameters())

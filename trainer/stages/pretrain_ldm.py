@@ -12,7 +12,7 @@ from trainer.config import Config
 from trainer.io import write_json
 from trainer.pipeline import encode_images
 from trainer.runs import class_grid
-from trainer.runtime import Runtime
+from trainer.runtime import Runtime, adamw
 from trainer.stages.common import (build_ldm, conditions, earlier_stage, load_autoencoder,
                                    load_image_source, public_batches, public_label_names, recorded_path,
                                    seed_everything, stage_dir, start_public_stage, to_device)
@@ -69,7 +69,7 @@ def _train(cfg: Config, rt: Runtime, run_dir: Path, ae_dir: Path, batch_size: in
                     "autoencoder": recorded_path(ae_dir, run_dir), "autoencoder_sha256": ae_hash},
                    run_dir / "ldm.json")
     params = [p for p in ldm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = adamw(params, tc.lr, tc.weight_decay)
     if rt.world_size > 1:
         gen = data_gen
     trainer = Trainer(run_dir, {"unet": ldm.unet, "cond_stage_model": ldm.cond_stage_model}, opt, tc, gen,
