@@ -1,15 +1,16 @@
 """Smoke test of bench/bench_dp_step.py on a tiny UNet: every row measured, gradients agree."""
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_dp_step.py"
+from conftest import load_bench
+
+pytestmark = pytest.mark.usefixtures("torch_threads_restored")
+
 ROWS = ("non-private", "forward only", "forward only, plain maps", "engine fast", "engine fast, plain maps",
         "engine reference", "opacus hooks", "opacus ghost")
 TINY_UNET = [
@@ -21,23 +22,8 @@ TINY_UNET = [
 ]
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_dp_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_bench_writes_a_row_per_method_with_matching_gradients(tmp_path: Path):
-    bench = _load_bench()
+    bench = load_bench("bench_dp_step")
     out = tmp_path / "bench.md"
     results = bench.main(["--batch", "4", "--repeats", "1", "--device", "cpu", "--out", str(out), *TINY_UNET])
 
@@ -76,7 +62,7 @@ def test_bench_writes_a_row_per_method_with_matching_gradients(tmp_path: Path):
 
 
 def test_bench_rejects_a_config_without_class_labels():
-    bench = _load_bench()
+    bench = load_bench("bench_dp_step")
     with pytest.raises(ValueError, match="ldm.conditioner.type"):
         bench.main(["--batch", "4", "--repeats", "1", "--device", "cpu", "--out", "/dev/null",
                     *TINY_UNET, "ldm.conditioner.type=none", "ldm.unet.use_spatial_transformer=false",

@@ -1,35 +1,21 @@
 """bench/bench_flops.py on a tiny UNet: the stage rows follow the config's sizes and the per-example counts."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_flops.py"
+from conftest import load_bench
+
+pytestmark = pytest.mark.usefixtures("torch_threads_restored")
+
 TINY = ["ldm.unet.model_channels=32", "ldm.unet.channel_mult=[1,1]", "ldm.unet.context_dim=16",
         "ldm.conditioner.embed_dim=16"]
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_flops", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_rows_are_the_config_sizes_times_the_per_example_counts(tmp_path: Path, capsys):
-    bench = _load_bench()
+    bench = load_bench("bench_flops")
     out = tmp_path / "flops.md"
     overrides = TINY + ["finetune.steps=7", "finetune.expected_batch_size=300", "eval.num_per_class=5",
                         "eval.guidance_scale=1.0", "eval.ddim_steps=4", "sample.guidance_scale=3.0",
@@ -54,7 +40,7 @@ def test_rows_are_the_config_sizes_times_the_per_example_counts(tmp_path: Path, 
 
 def test_counts_are_linear_in_the_batch():
     """The bench counts at a small batch and scales: FLOPs per example must not depend on the batch."""
-    bench = _load_bench()
+    bench = load_bench("bench_flops")
     cfg = bench.load_config("demo", TINY)
     torch.manual_seed(0)
     small = bench.count_per_example(cfg)
@@ -66,7 +52,7 @@ def test_counts_are_linear_in_the_batch():
 
 
 def test_a_text_conditioned_config_is_refused_with_the_key(capsys):
-    bench = _load_bench()
+    bench = load_bench("bench_flops")
     with pytest.raises(SystemExit) as err:
         bench.main(["--config", "demo", "ldm.conditioner.type=text", "--private-examples", "10"])
     assert err.value.code == 2 and "ldm.conditioner.type" in capsys.readouterr().err

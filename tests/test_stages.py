@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import mlflow_store
+from conftest import load_bench, mlflow_store
 
 from trainer import cli
 from trainer.config import ConfigError, dump_config, load_config
@@ -191,17 +191,10 @@ def test_sample_command_writes_images_per_class(workdir):
 @pytest.mark.slow
 def test_utility_benchmark_scores_ceilings_and_a_run(workdir, tmp_path, monkeypatch, capsys):
     """bench/bench_utility.py: real, autoencoder and fine-tuned rows under one protocol."""
-    import importlib.util
-    import sys
-    from pathlib import Path
     runs = workdir / "runs" / "demo-quick"
     if not (runs / "finetune").is_dir():
         assert cli.main(["demo", "--quick", "--output-dir", str(workdir / "runs")]) == 0
-    path = Path(__file__).resolve().parent.parent / "bench" / "bench_utility.py"
-    spec = importlib.util.spec_from_file_location("bench_utility", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_utility")
     out = tmp_path / "utility.md"
     seen = []  # the FID network is tested elsewhere; here: which sets each row compares
 
