@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dp_step import build_workload, device_name, engine_step  # noqa: E402
 from trainer.config import Config, ConfigError, load_config  # noqa: E402
-from trainer.stages.common import build_autoencoder, build_ldm, load_image_source  # noqa: E402
+from trainer.stages.common import build_autoencoder, build_ldm, image_channels, load_image_source  # noqa: E402
 from trainer.stages.demo import sweep_configs  # noqa: E402
 from trainer.stages.pretrain_ae import reconstruction_loss  # noqa: E402
 
@@ -71,8 +71,8 @@ def count_per_example(cfg: Config) -> PerExample:
     from trainer.models.autoencoder import kl_divergence
     b = COUNT_BATCH
     ae = build_autoencoder(cfg)
-    dd = cfg.autoencoder.ddconfig
-    x = torch.randn(b, int(dd.get("in_channels", 3)), int(dd["resolution"]), int(dd["resolution"]))
+    size = int(cfg.autoencoder.ddconfig["resolution"])
+    x = torch.randn(b, image_channels(cfg), size, size)
 
     def ae_step() -> None:
         rec, mean, std = ae(x)

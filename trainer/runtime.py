@@ -28,7 +28,7 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     CPU cores, ~8 % of a pretraining step of batch 64. The optimizer's state loads either way.
     """
     params = list(params)
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 

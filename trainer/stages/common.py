@@ -200,9 +200,8 @@ def public_batches(cfg: Config, batch_size: int, generator: torch.Generator, ran
     if not src.path:
         raise ConfigError("data.public.path: a shard pattern is needed for source=shards")
     from trainer.data.reader import make_loader
-    channels = int(cfg.autoencoder.ddconfig.get("in_channels", 3))
     loader = make_loader(src.path, src.resolution, batch_size, num_workers=src.num_workers,
-                         seed=int(torch.randint(0, 2**31, (1,), generator=generator)), channels=channels,
+                         seed=int(torch.randint(0, 2**31, (1,), generator=generator)), channels=image_channels(cfg),
                          partial=False, pad_small=True,
                          **({"rank": rank, "world_size": world_size} if world_size > 1 else {}))
     epoch = 0
@@ -231,6 +230,11 @@ def public_label_names(cfg: Config) -> list[str]:
 def build_autoencoder(cfg: Config):
     from trainer.models import AutoencoderKL
     return AutoencoderKL(ddconfig=dict(cfg.autoencoder.ddconfig), embed_dim=cfg.autoencoder.embed_dim)
+
+
+def image_channels(cfg: Config) -> int:
+    """Channels of the images the autoencoder takes (``autoencoder.ddconfig.in_channels``, CompVis' default 3)."""
+    return int(cfg.autoencoder.ddconfig.get("in_channels", 3))
 
 
 def build_unet(cfg: Config):

@@ -31,8 +31,8 @@ from trainer.io import write_json
 from trainer.pipeline import autoencoder_encode_fn
 from trainer.runtime import Placement
 from trainer.selection import select_trainable
-from trainer.stages.common import (PRIVACY_REPORT, check_finished, conditions, earlier_stage, load_image_source,
-                                   recorded_path, save_run_config, stage_dir)
+from trainer.stages.common import (PRIVACY_REPORT, check_finished, conditions, earlier_stage, image_channels,
+                                   load_image_source, recorded_path, save_run_config, stage_dir)
 from trainer.tracking import start_run
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def private_latent_cache(cfg: Config, autoencoder, encoder_hash: str, run_dir: P
         raise ConfigError("data.private.path: a shard pattern is needed for source=shards")
     if rt.is_main:
         build_latent_cache(autoencoder_encode_fn(autoencoder, rt.device), src.path, out, encoder_hash, src.resolution,
-                           batch_size=64, channels=int(cfg.autoencoder.ddconfig.get("in_channels", 3)),
+                           batch_size=64, channels=image_channels(cfg),
                            pad_small=True)
     rt.barrier()
     cache = LatentCache(out, expected_encoder_hash=encoder_hash, in_memory=True)
