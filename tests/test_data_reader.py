@@ -10,7 +10,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from trainer.data.reader import decode_image, expand_urls, make_dataset, make_loader, resize_center_crop
+from trainer.data.reader import (count_distinct_samples, decode_image, expand_urls, make_dataset, make_loader,
+                                 resize_center_crop)
 from trainer.data.shards import write_shard
 
 
@@ -118,6 +119,21 @@ def test_url_forms_brace_pipe_folder_and_list(tmp_path: Path):
         expand_urls(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="shardshuffle"):
         make_dataset(brace, 8, 4, shardshuffle=True)
+
+
+def test_count_distinct_samples_counts_what_the_reader_reads_and_refuses_a_shard_twice(tmp_path: Path):
+    """N of a private set: the reader's sample count, without decoding; the same shard listed twice (by
+    path, by a copy elsewhere, or as the same pipe command) would count its examples twice."""
+    write_set(tmp_path / "set", 3, 4)
+    urls = expand_urls(str(tmp_path / "set"))
+    assert count_distinct_samples(urls) == len(keys_of(make_dataset(urls, 8, 5, shuffle_buffer=0))) == 12
+    assert count_distinct_samples([f"pipe:cat {u}" for u in urls]) == 12
+    copy = tmp_path / "elsewhere" / "shard-000009.tar"
+    copy.parent.mkdir()
+    copy.write_bytes(Path(urls[1]).read_bytes())
+    for twice in (urls + urls[:1], urls + [str(copy)], [f"pipe:cat {u}" for u in urls + urls[2:]]):
+        with pytest.raises(ValueError, match="the same shard as .*shard-00000[012].tar.*count twice"):
+            count_distinct_samples(twice)
 
 
 def test_corrupt_sample_raises_with_url_and_key_or_is_skipped(tmp_path: Path):

@@ -84,6 +84,20 @@ def test_the_stage_refuses_a_bad_config_before_any_work(tmp_path, capsys):
     assert "gradient_clipping" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("var", ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"])
+def test_a_process_started_by_mpirun_or_srun_without_world_size_is_refused(tmp_path, capsys, monkeypatch, var):
+    """Each of the N processes would otherwise fine-tune on the whole private set alone (N releases)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv(var, "4")
+    assert cli.main(["finetune", "--output-dir", str(tmp_path / "runs")]) == 2
+    assert f"launched as one of 4 processes ({var}=4) without WORLD_SIZE" in capsys.readouterr().err
+    assert cli.main(["audit", "--output-dir", str(tmp_path / "runs")]) == 2
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setenv(var, "1")  # one process: on to the next check (no base here)
+    assert cli.main(["finetune", "--output-dir", str(tmp_path / "runs")]) == 1
+    assert "pretrain-ldm" in capsys.readouterr().err
+
+
 def test_deepspeed_config_key_is_validated():
     with pytest.raises(ConfigError, match="finetune.deepspeed_config"):
         load_config("demo", ["finetune.deepspeed_config=''"])

@@ -164,6 +164,62 @@ def test_input_broadcast_over_the_batch_is_shared_and_exact():
         assert torch.allclose(p.grad.double(), w, rtol=1e-5, atol=1e-7)
 
 
+class SharedTable(SharedInput):
+    """A per-example input and a table of K rows shared by every example (the vmap fallback's rule)."""
+
+    def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x * self.w + (table * self.v).sum(0))
+
+
+@pytest.mark.parametrize("rows", [3, 1])
+def test_a_shared_table_stays_shared_in_a_micro_batch_of_its_length(rows):
+    """Poisson micro-batches vary in size: one of exactly K examples must not take the K-row table as
+    per-example (each example would get one row: wrong norms, a clipped sum moving by more than C)."""
+    torch.manual_seed(0)
+    model, table, x = SharedTable(), torch.randn(rows, D) * 3, torch.randn(16, D) * 3
+
+    def losses_of(s):
+        return model(x[s], table).pow(2).sum(dim=1)
+
+    C = 1.0
+    engine = DPGradientEngine(model, C, 0.0, 1.0)
+    engine.check(losses_of, B)  # a batch of B != K rows: the table shows itself shared
+    batch = torch.arange(8, 8 + rows)  # then a micro-batch of exactly K examples
+    engine.accumulate(losses_of(batch))
+    engine.finalize()
+    engine.detach()
+    want = brute_force_clipped_sum(model, lambda s: losses_of(batch[s]), rows, C)
+    for p, w in zip(model.parameters(), want):
+        assert torch.allclose(p.grad.double(), w, rtol=1e-5, atol=1e-7)
+
+
+def test_a_shared_table_as_long_as_the_check_batch_is_refused():
+    torch.manual_seed(0)
+    model, table, x = SharedTable(), torch.randn(B, D) * 3, torch.randn(B, D) * 3
+    engine = DPGradientEngine(model, 1.0, 0.0, 1.0)
+    with pytest.raises(EngineSelfCheckError):
+        engine.check(lambda s: model(x[s], table).pow(2).sum(dim=1), B)
+
+
+@pytest.mark.parametrize("bug", ["ignores the factors", "swaps two examples' factors"])
+def test_a_clipped_sum_that_misapplies_the_clip_factors_is_refused(monkeypatch, bug):
+    """The check weights the examples as clipping does (distinct factors in (0, 1]): a kernel that sums
+    the per-example gradients right but applies the factors wrong cannot pass it."""
+    from trainer.privacy.layer_rules import LinearRule
+    real = LinearRule.clipped_sums
+
+    def clipped_sums(self, factors):
+        wrong = torch.ones_like(factors) if bug == "ignores the factors" else factors[[1, 0, *range(2, len(factors))]]
+        return real(self, wrong)
+
+    monkeypatch.setattr(LinearRule, "clipped_sums", clipped_sums)
+    model = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Linear(D, 1))
+    x = torch.randn(B, D)
+    engine = DPGradientEngine(model, 1.0, 0.0, 1.0)
+    with pytest.raises(EngineSelfCheckError, match="weighted by clip factors do not sum to the batch gradient"):
+        engine.check(lambda rows: model(x[rows]).squeeze(1), B)
+
+
 def test_an_embedding_on_broadcast_ids_is_refused_before_anything_is_added():
     """BERT-style position ids [1, L] give an output gradient summed over the batch: not attributable."""
     emb, proj = nn.Embedding(V, D), nn.Linear(D, 1)

@@ -187,7 +187,7 @@ def test_lora_policy_fine_tunes_and_its_run_samples(base):
     assert images.shape[0] == 2 and torch.isfinite(images).all()
 
 
-def test_new_classes_start_from_the_named_base_classes(base, tmp_path):
+def test_new_classes_start_from_the_named_base_classes(base):
     """finetune.new_class_from: each fresh class row starts as the named public class's row (public
     weights only), the null row as the base's; an unknown name is refused before any private data is read."""
     from trainer.distributed import SingleProcess
@@ -196,13 +196,13 @@ def test_new_classes_start_from_the_named_base_classes(base, tmp_path):
     rows, public = ldm.cond_stage_model.embedding.weight.detach(), meta["label_names"]
     picked = ["o", "l", "z", "e", "y", "s", "b", "t", "g", "q"]
     overrides = [f"finetune.new_class_from=[{','.join(picked)}]"]
-    session = finetune._prepare(tiny(base, "from", *overrides), SingleProcess(), tmp_path, seed=0)
+    session = finetune._prepare(tiny(base, "from", *overrides), SingleProcess(), seed=0)
     new = session.ldm.cond_stage_model.embedding.weight
     torch.testing.assert_close(new.detach(), rows[[public.index(c) for c in picked] + [len(public)]])
     assert new.requires_grad
     with pytest.raises(ConfigError, match=r"finetune.new_class_from: '7' not among the classes of the base"):
         finetune._prepare(tiny(base, "from", "finetune.new_class_from=[o,l,z,e,y,s,b,7,g,q]"), SingleProcess(),
-                          tmp_path, seed=0)
+                          seed=0)
 
 
 def test_ema_of_the_dp_steps_is_the_sampled_result_and_its_setting_cannot_change(base, monkeypatch):

@@ -61,6 +61,8 @@ def test_demo_quick_runs_the_whole_pipeline(workdir, capsys, monkeypatch):
     assert (workdir / "runs" / "demo-quick" / "accuracy_vs_epsilon.png").is_file()
     table = out.split("dpldm compare --experiment demo-quick")[1]
     assert "finetune-eps1" in table and "\nfinetune " in table
+    eps, delta = report["epsilon"] + report1["epsilon"], report["delta"] + report1["delta"]
+    assert f"released together they are ({eps:.3g}, {delta:g})-DP" in out
 
 
 @pytest.mark.parametrize("value, error", [("1,0", "finetune.epsilon"), ("1;3", "--also-epsilon")])
@@ -437,7 +439,11 @@ def test_pretraining_streams_shards_with_labels_or_captions(tmp_path, workdir, c
 
 
 @pytest.mark.slow
-def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir):
+def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir, monkeypatch):
+    """Private shards are counted for the plan, then encoded once into a latent cache kept apart from the
+    run folders (results only) and shared by the experiment's fine-tunes; a refused plan writes nothing,
+    and a shard listed twice is refused (its examples would count twice in N)."""
+    from trainer.data import latent_cache
     from trainer.data.shards import WriteOptions, write_shards
     from trainer.data.sources import mnist_source
     from trainer.stages import pretrain_ae, pretrain_ldm
@@ -449,9 +455,27 @@ def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir):
     cfg = load_config("demo", overrides)
     pretrain_ae.run(cfg)
     pretrain_ldm.run(cfg)
+    experiment = tmp_path / "runs" / "private-shards"
+    with pytest.raises(ConfigError, match=r"finetune.delta: 0.5 must be < 1/N .*N = 300"):
+        finetune.run(load_config("demo", overrides + ["finetune.delta=0.5"]))
+    assert not (experiment / "private").exists() and not (experiment / "finetune").exists()
+    twice = f"data.private.path={shards}/shard-{{000000..000002}}.tar::{shards}/shard-000001.tar"
+    with pytest.raises(ConfigError, match=r"data.private.path: .*shard-000001.tar: the same shard as"):
+        finetune.run(load_config("demo", overrides + [twice]))
+    assert not (experiment / "private").exists()
+
     run_dir = finetune.run(cfg)
     report = json.loads((run_dir / "privacy-report.json").read_text())
-    manifest = json.loads((run_dir / "latents" / "manifest.json").read_text())
+    [cache] = (experiment / "private").iterdir()
+    manifest = json.loads((cache / "manifest.json").read_text())
     assert report["N"] == 300 == manifest["count"] and report["steps"] == 2
     assert report["data"].startswith("shards:")
     assert manifest["complete"] and manifest["latent_shape"] == [4, 4, 4]
+    assert not list(run_dir.rglob("*.npy")), "private latents in the run folder"
+
+    def encode_again(*a, **kw):
+        raise AssertionError("the private shards were encoded again")
+    monkeypatch.setattr(latent_cache, "_encode_shard", encode_again)
+    second = finetune.run(load_config("demo", overrides + ["finetune.name=again"]))
+    assert json.loads((second / "privacy-report.json").read_text())["N"] == 300
+    assert [cache] == list((experiment / "private").iterdir())

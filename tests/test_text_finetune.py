@@ -113,7 +113,8 @@ def test_demo_text_quick_then_sampling_from_public_prompts(store, capsys):
     assert 0 < report["epsilon"] <= 10 and report["data"].startswith("shards:")
     assert "cond_stage_model.proj.weight" in report["trainable_names"]
     assert not any(n.startswith("cond_stage_model.backbone.") for n in report["trainable_names"])
-    assert (ft / "latents" / "manifest.json").is_file()
+    assert len(list((runs / "demo-text-quick" / "private").glob("latents-*/manifest.json"))) == 1
+    assert not list(ft.rglob("*.npy")), "private latents in the run folder"
     finetune_runs = mlflow.search_runs(experiment_names=["demo-text-quick"])
     ft_run = finetune_runs[finetune_runs["tags.mlflow.runName"] == "finetune"].iloc[0]
     assert ft_run["metrics.eval.accuracy"] >= 0

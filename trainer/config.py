@@ -352,6 +352,11 @@ def _validate(cfg: Config) -> None:
             from trainer.data.mnist import SPLIT_NAMES
             check(src.split in SPLIT_NAMES, f"data.{key}.split",
                   f"must be one of {', '.join(SPLIT_NAMES)} for mnist, got {src.split!r}")
+    if cfg.data.private is not None:
+        from trainer.data.provenance import shared_examples
+        shared = shared_examples(cfg.data.public, cfg.data.private)
+        check(not shared, "data.private", f"shares examples with data.public ({'; '.join(shared)}), on which the "
+              "autoencoder and the LDM are pretrained without DP: the private set must be disjoint from it")
     for key, decay in (("autoencoder.train.ema_decay", cfg.autoencoder.train.ema_decay),
                        ("ldm.train.ema_decay", cfg.ldm.train.ema_decay), ("finetune.ema_decay", cfg.finetune.ema_decay)):
         check(decay is None or 0 < decay < 1, key, f"must be in (0, 1) or null (off), got {decay}")

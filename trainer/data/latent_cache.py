@@ -76,7 +76,7 @@ def source_hash(urls: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _label_names(urls: Sequence[str]) -> Optional[list]:
+def shard_label_names(urls: Sequence[str]) -> Optional[list]:
     """Label names from the meta.json that ``dpldm prepare`` wrote beside the shards, if any."""
     first = Path(urls[0])
     meta = first.parent / "meta.json"
@@ -209,7 +209,7 @@ def build_latent_cache(encode_fn: EncodeFn, urls: str | Sequence[str], out_dir: 
     wanted = {"format": FORMAT, "version": 1, "complete": False, "encoder_hash": encoder_hash,
               "source_hash": source_hash(shards), "source_shards": shards, "dtype": dtype,
               "resolution": resolution, "channels": channels, "pad_small": pad_small,
-              "label_names": _label_names(shards), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "label_names": shard_label_names(shards), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     manifest = read_manifest(out)
     if manifest is not None:
         _check_same(manifest, wanted, out)

@@ -21,6 +21,7 @@ epoch (``set_epoch``), so a run is reproducible for a seed with any number of wo
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import random
 from pathlib import Path
@@ -74,6 +75,33 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
     if not out:
         raise ValueError(f"urls: {urls!r} names no shards")
     return out
+
+
+def count_distinct_samples(urls: Sequence[str]) -> int:
+    """The number of samples in the shards ``urls`` (as the reader groups a tar's members), read
+    without decoding; refuses (ValueError) a shard listed twice or a copy of another.
+
+    For a private set, where N sets the sampling rate q = B / N: a shard read twice would put its
+    examples in the set twice, each with two chances per step to be drawn, and the accountant
+    would under-state epsilon. Local shards are compared by content (sha256), ``pipe:`` and remote
+    ones by URL.
+    """
+    seen: dict[str, str] = {}
+    total = 0
+    for url in urls:
+        identity = url
+        if not url.startswith("pipe:") and "://" not in url:
+            digest = hashlib.sha256()
+            with open(url, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            identity = digest.hexdigest()
+        if identity in seen:
+            raise ValueError(f"{url}: the same shard as {seen[identity]} (same content): its samples would count "
+                             "twice in the set; list each shard once")
+        seen[identity] = url
+        total += sum(1 for _ in wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception))
+    return total
 
 
 # --- images -----------------------------------------------------------------------------------

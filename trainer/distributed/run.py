@@ -28,8 +28,27 @@ if TYPE_CHECKING:
     from trainer.privacy import DPGradientEngine
 
 
+# process counts that MPI and Slurm launchers set for each process they start (torchrun and the deepspeed
+# launcher set WORLD_SIZE)
+FOREIGN_WORLD_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+
+
+def refuse_foreign_launch() -> None:
+    """Refuse a process that an MPI or Slurm launcher started as one of several without ``WORLD_SIZE``:
+    each would fine-tune on the whole private set on its own, and the releases compose."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    for var in FOREIGN_WORLD_SIZES:
+        value = os.environ.get(var, "1")
+        if value.isdigit() and int(value) > 1:
+            raise ConfigError(f"launched as one of {value} processes ({var}={value}) without WORLD_SIZE: each would "
+                              "train on the whole private set alone; launch with torchrun or deepspeed (which set "
+                              "WORLD_SIZE, RANK and MASTER_ADDR), or run one process")
+
+
 def launch(cfg: Config) -> Optional["DistributedRun"]:
     """The distributed runtime when launched on several processes or with a DeepSpeed config, else None."""
+    refuse_foreign_launch()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     name = cfg.finetune.deepspeed_config
     if world_size == 1 and name is None:

@@ -205,8 +205,8 @@ class DPGradientEngine:
             if self.mode == "reference":
                 norms, clipped = self._reference(losses)
             elif self._check_pending:  # the same single backward also gives the batch gradient
-                norms, clipped, plain, batch = self._book_keeping(losses, check=True)
-                self._verify_sums(plain, batch)
+                norms, clipped, summed, batch = self._book_keeping(losses, check=True)
+                self._verify_sums(summed(torch.ones_like(norms)), batch)
                 self._check_pending = False
             else:
                 norms, clipped, _, _ = self._book_keeping(losses)
@@ -253,21 +253,35 @@ class DPGradientEngine:
         (int64 indices into one fixed batch of ``batch_size`` >= 2 examples) and returns their
         losses; it must be deterministic (the same example gives the same loss in any batch).
         Checks (1) that the per-example gradients sum to the batch gradient of every trainable
-        parameter and (2) that the first and last example's gradient norm in the batch equals
-        the norm of its gradient computed alone (examples mixed by a sequence-first input or an
-        input broadcast over the batch fail this). Each pass is one forward and one backward.
+        parameter, (2) that weighted by distinct factors in (0, 1], as clipping weights them,
+        they sum to autograd's gradient of the weighted losses (a clipped sum that applies the
+        factors wrong cannot pass), and (3) that the first and last example's gradient norm in
+        the batch equals the norm of its gradient computed alone (examples mixed by a
+        sequence-first input or an input broadcast over the batch fail this). Each pass is one
+        forward and one backward.
         Run it on public stand-in data before training, so that a model the engine cannot
         handle is refused before any step is charged.
         """
         if self.mode != "fast":
             return
+        weights = torch.linspace(1.0, 0.25, batch_size)  # public, distinct, in (0, 1] as clip factors are
         try:
-            norms, _, plain, batch = self._book_keeping(loss_fn(torch.arange(batch_size)), check=True)
-            self._verify_sums(plain, batch)
+            norms, _, summed, batch = self._book_keeping(loss_fn(torch.arange(batch_size)), check=True)
+            self._verify_sums(summed(torch.ones_like(norms)), batch)
+            weighted = summed(weights.to(norms.device))
         finally:
             for rule in self._rules:
                 rule.clear()
         params = [p for _, p in self.params]
+        self._recording = False  # autograd's weighted sum, in a forward of its own (nothing recorded)
+        try:
+            losses = loss_fn(torch.arange(batch_size))
+            reference = torch.autograd.grad((losses * weights.to(losses.device, losses.dtype)).sum(), params,
+                                            allow_unused=True)
+        finally:
+            self._recording = True
+        self._verify_sums(weighted, [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
+                                     for g, p in zip(reference, params)], "weighted by clip factors ")
         for i in sorted({0, batch_size - 1}):
             self._recording = False
             try:
@@ -281,8 +295,9 @@ class DPGradientEngine:
                              "sequence-first [T, B, D] input, or an input broadcast over the batch whose output "
                              "is per-example). Make its inputs batch-first, or use finetune.engine_mode=reference")
 
-    def _verify_sums(self, plain: dict[int, Tensor], batch: list[Tensor]) -> None:
-        """Refuse unless the unclipped per-example gradients sum to the batch gradient, parameter by parameter."""
+    def _verify_sums(self, plain: dict[int, Tensor], batch: list[Tensor], how: str = "") -> None:
+        """Refuse unless the engine's sums of per-example gradients ``plain`` equal autograd's ``batch``,
+        parameter by parameter; ``how`` says how both were weighted ("" for not at all)."""
         atol = 1e-6 * float(torch.sqrt(sum(g.double().pow(2).sum() for g in batch)))
         wrong = []
         for (name, p), g in zip(self.params, batch):
@@ -292,10 +307,10 @@ class DPGradientEngine:
                 owners = [rule.name for rule in self._rules if any(q is p for q in rule.params.values())]
                 wrong.append(f"{name} (module {', '.join(map(repr, owners))}: off by {rel:.1%})")
         if wrong:
-            self._refuse(f"the per-example gradients do not sum to the batch gradient for {'; '.join(wrong)}. The "
-                         "parameter is probably used outside the module that registers it (e.g. a tied weight "
-                         "passed to F.linear), or its module mixes examples. Call the module itself, or use "
-                         "finetune.engine_mode=reference")
+            self._refuse(f"the per-example gradients {how}do not sum to the batch gradient for "
+                         f"{'; '.join(wrong)}. The parameter is probably used outside the module that registers "
+                         "it (e.g. a tied weight passed to F.linear), or its module mixes examples. Call the module "
+                         "itself, or use finetune.engine_mode=reference")
 
     def _refuse(self, why: str) -> None:
         self.detach()  # unusable on this model; frees the module for another engine (e.g. reference mode)
@@ -318,12 +333,14 @@ class DPGradientEngine:
         c = self._clip_factors(norms)
         return norms, {id(p): torch.tensordot(c, g, dims=1) for g, p in zip(grads, params)}
 
-    def _book_keeping(self, losses: Tensor, check: bool = False) -> tuple[Tensor, dict[int, Tensor], dict | None,
-                                                                            list[Tensor] | None]:
+    def _book_keeping(self, losses: Tensor, check: bool = False
+                      ) -> tuple[Tensor, dict[int, Tensor], Callable[[Tensor], dict[int, Tensor]] | None,
+                                 list[Tensor] | None]:
         """One backward to the layer outputs, per-layer norms, then one clipped GEMM per layer.
 
-        Returns (norms [b], clipped sums, and with ``check`` the unclipped sums and the batch
-        gradient of every trainable parameter, taken in the same backward, for the self-check).
+        Returns (norms [b], clipped sums, and with ``check`` the function from factors [b] to the
+        sums they weight, and the batch gradient of every trainable parameter, taken in the same
+        backward, for the self-check).
         """
         b = losses.shape[0]
         edges = [e for rule in self._rules for e in rule.edges()]
@@ -363,8 +380,7 @@ class DPGradientEngine:
                         out[pid] = out[pid] + g if pid in out else g
                 return out
 
-            plain = summed(torch.ones_like(norms)) if check else None
-            return norms, summed(self._clip_factors(norms)), plain, batch
+            return norms, summed(self._clip_factors(norms)), summed if check else None, batch
         finally:
             self._recording = True
 

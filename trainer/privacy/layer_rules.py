@@ -375,14 +375,26 @@ class FunctionalRule(_InstantiatingRule):
     """Fallback for any other module: per-example gradients by ``vmap(grad(...))``.
 
     For each recorded call, example i's gradient is ``d/dp <f(p, inputs_i), G_i>`` with
-    ``f`` the module run through ``functional_call`` on its stored inputs. Every tensor
-    input whose leading dimension equals the micro-batch size is treated as batched, the
-    rest as shared. The forward must be deterministic (vmap refuses random ops such as
-    dropout); the engine disables its hooks while this recomputation runs.
+    ``f`` the module run through ``functional_call`` on its stored inputs. A tensor input
+    whose leading dimension equals the micro-batch size is taken as batched, the rest as
+    shared, and an input once seen with another leading dimension stays shared: a shared
+    table of K rows is never split among the examples of a micro-batch that happens to
+    hold K (the engine's self-check, on a batch of its own size, sees it first). The
+    forward must be deterministic (vmap refuses random ops such as dropout); the engine
+    disables its hooks while this recomputation runs.
     """
+
+    def __init__(self, name: str, module: nn.Module, params: dict[str, nn.Parameter], kernel_backend: str):
+        super().__init__(name, module, params, kernel_backend)
+        self._shared: set[tuple[str, int]] = set()  # (input structure, leaf index) seen not batched
 
     def keep_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return _detach(args), _detach(kwargs)
+
+    def _batched_leaves(self, leaves: list, structure: str, batch_size: int) -> list[int]:
+        tensors = [k for k, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.dim() > 0]
+        self._shared.update((structure, k) for k in tensors if leaves[k].shape[0] != batch_size)
+        return [k for k in tensors if (structure, k) not in self._shared]
 
     def all_per_example_grads(self, batch_size: int) -> dict[str, Tensor]:
         params = {n: p.detach() for n, p in self.params.items()}
@@ -394,10 +406,7 @@ class FunctionalRule(_InstantiatingRule):
             for _, g in used:
                 _check_batch_first(g, batch_size, self, "an output")
             leaves, spec = tree_flatten((args, kwargs))
-            batched = [
-                k for k, leaf in enumerate(leaves)
-                if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch_size
-            ]
+            batched = self._batched_leaves(leaves, str(spec), batch_size)
             out_index = [k for k, _ in used]
 
             def inner_product(p: dict[str, Tensor], batched_leaves: list[Tensor], out_grads: list[Tensor]) -> Tensor:

@@ -14,12 +14,14 @@ the quality-vs-epsilon table and plot (``dpldm compare``).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Sequence
 
 from trainer.config import QUICK_DEMO as QUICK
 from trainer.config import SWEEP_KEYS, Config, load_config
+from trainer.stages.common import PRIVACY_REPORT
 from trainer.tracking import tracking_hint
 
 
@@ -99,6 +101,13 @@ def sweep_configs(cfg: Config, name: str, overrides: list[str], epsilons: Sequen
     return out
 
 
+def composed_guarantee(run_dirs: Sequence[Path]) -> tuple[float, float]:
+    """(epsilon, delta) of releasing every fine-tuned model of ``run_dirs`` (all on one private set):
+    the sums of their reports' (basic composition, an upper bound that holds for any mechanisms)."""
+    reports = [json.loads((Path(d) / PRIVACY_REPORT).read_text()) for d in run_dirs]
+    return sum(r["epsilon"] for r in reports), sum(r["delta"] for r in reports)
+
+
 def epsilon_list(text: str) -> list[float]:
     """argparse type: ``1`` or ``1,3.5`` (comma-separated budgets), or ``none``."""
     if text.strip().lower() == "none":
@@ -137,6 +146,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"\nThe runs of experiment '{cfg.experiment}' (`dpldm compare --experiment {cfg.experiment}`):")
         print(table)
         print(f"accuracy vs epsilon: {plot}")
+        eps, delta = composed_guarantee([out["finetune"], *(run_dir for run_dir, _ in out["sweep"])])
+        print(f"These {1 + len(out['sweep'])} models are fine-tuned on the same private set: each report holds for "
+              f"that model alone; released together they are ({eps:.3g}, {delta:g})-DP (basic composition: the "
+              "epsilons and deltas add up).")
     print(f"MLflow runs (experiment '{cfg.experiment}'): {tracking_hint()}")
     return 0
 

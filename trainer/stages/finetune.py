@@ -12,6 +12,7 @@ over the batch and labelled ``nonprivate/``; per-example values never leave the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Union
 import torch
 from tqdm import tqdm
 
-from trainer.config import MAX_EPSILON, Config, ConfigError, FinetuneConfig
+from trainer.config import MAX_EPSILON, Config, ConfigError, FinetuneConfig, load_config
 from trainer.distributed import CHECKPOINTS, EMA_FILE, STATE_FILE, WEIGHTS_FILE, Checkpoint, SingleProcess, TrainState
 from trainer.errors import RunError
 from trainer.io import write_json
@@ -32,7 +33,7 @@ from trainer.pipeline import autoencoder_encode_fn
 from trainer.runtime import Placement
 from trainer.selection import select_trainable
 from trainer.stages.common import (PRIVACY_REPORT, check_finished, conditions, earlier_stage, image_channels,
-                                   load_image_source, recorded_path, save_run_config, stage_dir)
+                                   load_image_source, recorded_path, resolve_recorded, save_run_config, stage_dir)
 from trainer.tracking import start_run
 
 if TYPE_CHECKING:
@@ -100,16 +101,12 @@ def _pick(options: list[str], generator: torch.Generator) -> str:
 
 
 @dataclass
-class EncodedPrivateSet:
-    """A private set already encoded: posterior mean/std [N, c, h, w], labels [N], captions, class names."""
-    mean: torch.Tensor
-    std: torch.Tensor
-    labels: torch.Tensor
-    captions: list[list[str]]
+class PrivateShards:
+    """A private shard set, counted (``count`` samples) but not read yet; ``names``: the class names
+    ``dpldm prepare`` recorded beside the shards (public: the source's schema), or []."""
+    urls: list[str]
+    count: int
     names: list[str]
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
 def label_names(cfg: Config, declared: list[str]) -> tuple[list[str], str]:
@@ -129,23 +126,46 @@ def label_names(cfg: Config, declared: list[str]) -> tuple[list[str], str]:
     return [str(i) for i in range(cond.n_classes or 0)], "ldm.conditioner.n_classes (a count)"
 
 
-def private_latent_cache(cfg: Config, autoencoder, encoder_hash: str, run_dir: Path, rt) -> EncodedPrivateSet:
-    """Encode the private shards once into ``run_dir/latents`` (rank 0; the others wait) and load it.
-
-    Resumable, and refused if it was made by another encoder or from other shards.
-    """
-    from trainer.data.latent_cache import LatentCache, build_latent_cache
-    src, out = cfg.data.private, run_dir / "latents"
-    if not src.path:
+def private_shards(cfg: Config) -> PrivateShards:
+    """Count ``data.private``'s shards without encoding them (N for the plan, before anything is written)."""
+    from trainer.data.latent_cache import shard_label_names
+    from trainer.data.reader import count_distinct_samples, expand_urls
+    if not cfg.data.private.path:
         raise ConfigError("data.private.path: a shard pattern is needed for source=shards")
+    try:
+        urls = expand_urls(cfg.data.private.path)
+        return PrivateShards(urls, count_distinct_samples(urls), list(shard_label_names(urls) or []))
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"data.private.path: {err}") from None
+
+
+def private_cache_dir(cfg: Config, encoder_hash: str, shards: PrivateShards) -> Path:
+    """``<output_dir>/<experiment>/private/latents-<key>``: private data, kept apart from the run folders
+    (which hold results only) and shared by the experiment's fine-tunes of the same encoder and shards."""
+    from trainer.data.latent_cache import source_hash
+    src = cfg.data.private
+    key = hashlib.sha256(f"{encoder_hash}\0{source_hash(shards.urls)}\0{src.resolution}\0{image_channels(cfg)}"
+                         .encode()).hexdigest()[:16]
+    return Path(cfg.output_dir) / cfg.experiment / "private" / f"latents-{key}"
+
+
+def encode_private_shards(cfg: Config, autoencoder, encoder_hash: str, shards: PrivateShards,
+                          rt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[str]]]:
+    """Encode the private shards once into their latent cache (rank 0; the others wait) and load it:
+    posterior mean and std [N, c, h, w], labels [N], captions. Resumable; refused (RunError) when the
+    cache does not hold the ``shards.count`` examples the plan was made for."""
+    from trainer.data.latent_cache import LatentCache, build_latent_cache
+    out = private_cache_dir(cfg, encoder_hash, shards)
     if rt.is_main:
-        build_latent_cache(autoencoder_encode_fn(autoencoder, rt.device), src.path, out, encoder_hash, src.resolution,
-                           batch_size=64, channels=image_channels(cfg),
-                           pad_small=True)
+        build_latent_cache(autoencoder_encode_fn(autoencoder, rt.device), shards.urls, out, encoder_hash,
+                           cfg.data.private.resolution, batch_size=64, channels=image_channels(cfg), pad_small=True)
     rt.barrier()
     cache = LatentCache(out, expected_encoder_hash=encoder_hash, in_memory=True)
-    return EncodedPrivateSet(torch.from_numpy(cache.mean).float(), torch.from_numpy(cache.std).float(),
-                             cache.labels, cache.captions, list(cache.label_names or []))
+    if len(cache.labels) != shards.count:
+        raise RunError(f"{out}: holds {len(cache.labels)} examples, but the shards held {shards.count} when the "
+                       "privacy plan was made (did they change?); nothing was charged")
+    return (torch.from_numpy(cache.mean).float(), torch.from_numpy(cache.std).float(), cache.labels,
+            cache.captions)
 
 
 def run(cfg: Config, encodings: "EncodingMemo | None" = None) -> Path:
@@ -205,7 +225,7 @@ class DPSession:
     latent_shape: tuple[int, ...]
     loss_gen: torch.Generator            # timesteps, diffusion noise, posterior samples: never saved
     autocast: Callable[[], ContextManager]  # the forward's precision
-    source: object                       # an EncodedPrivateSet (shards) or an ImageSet (in memory)
+    source: object                       # PrivateShards (encoded into a latent cache) or an ImageSet (in memory)
     encoder_hash: str                    # sha256 of the frozen autoencoder's weights
     private: PrivateRows | None = None
 
@@ -213,9 +233,10 @@ class DPSession:
         """Hold (latent cache) or encode (in-memory images; found in ``encodings`` when already
         encoded there) this process's private rows."""
         src = self.source
-        if isinstance(src, EncodedPrivateSet):
-            mean, std, labels = rt.hold(src.mean, src.std, src.labels)
-            captions = src.captions[rt.rank::rt.world_size] + [[""]]  # + the padding row of DistributedRun
+        if isinstance(src, PrivateShards):
+            mean, std, labels, captions = encode_private_shards(self.cfg, self.autoencoder, self.encoder_hash, src, rt)
+            mean, std, labels = rt.hold(mean, std, labels)
+            captions = captions[rt.rank::rt.world_size] + [[""]]  # + the padding row of DistributedRun
         else:
             key = EncodingMemo.key(self.encoder_hash, self.cfg, rt)
             if encodings is not None and key in encodings:
@@ -292,13 +313,12 @@ def base_rows(names: list | None, meta: dict, base_dir: Path) -> list[int] | Non
     return [public.index(str(x)) for x in names]
 
 
-def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: Path,
-             seed: int | None = None) -> DPSession:
+def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], seed: int | None = None) -> DPSession:
     """Load the base and the plan; build engine, sampler, ledger and optimizer.
 
-    Refuses (ConfigError, RunError) a bad plan or a missing base before anything is charged. The
-    only thing written is the latent cache of a private shard set (``run_dir/latents``). The
-    private rows are loaded later (:meth:`DPSession.load_private`). The sampler, the DP noise and
+    Refuses (ConfigError, RunError) a bad plan or a missing base before anything is charged or
+    written; a private shard set is only counted here. The private rows are loaded (and shards
+    encoded) later, by :meth:`DPSession.load_private`. The sampler, the DP noise and
     the loss draws use generators seeded from OS entropy, or from ``seed`` when a test asks for it.
     """
     from trainer.diffusion import EMA
@@ -312,15 +332,16 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         raise ConfigError("data.private: the fine-tuning stage needs a private data source")
     base_dir = _base_dir(cfg)
     ldm, autoencoder, meta, base_cfg = load_pipeline(base_dir)
+    refuse_public_overlap(cfg, base_dir, meta)
     for key in ("ldm", "autoencoder"):  # the architecture is the base's
         if getattr(cfg, key) != getattr(base_cfg, key) and rt.is_main:
             print(f"dpldm finetune: note: the config's `{key}` section differs from the base's ({base_dir}/"
                   "config.yaml); the base's is used", file=sys.stderr)
         setattr(cfg, key, getattr(base_cfg, key))
-    source: Union[EncodedPrivateSet, "ImageSet"]
-    if cfg.data.private.source == "shards":  # encoded once into a latent cache, before any partitioning
-        source = private_latent_cache(cfg, autoencoder, meta["autoencoder_sha256"], run_dir, rt)
-        n, declared = len(source), source.names
+    source: Union[PrivateShards, "ImageSet"]
+    if cfg.data.private.source == "shards":  # counted now, encoded into a latent cache by load_private
+        source = private_shards(cfg)
+        n, declared = source.count, source.names
     else:
         source = load_image_source(cfg.data.private, "data.private")
         n, declared = len(source.images), source.names
@@ -367,6 +388,24 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
                      meta["autoencoder_sha256"])
 
 
+def refuse_public_overlap(cfg: Config, base_dir: Path, meta: dict) -> None:
+    """Refuse a private set that shares examples with the public data the base's LDM or autoencoder was
+    pretrained on (their recorded ``config.yaml``): those examples are in the released model without DP."""
+    from trainer.data.provenance import shared_examples
+    folders = [("LDM", base_dir)]
+    if meta.get("autoencoder"):
+        folders.append(("autoencoder", resolve_recorded(meta["autoencoder"], base_dir)))
+    for what, folder in folders:
+        path = folder / "config.yaml"
+        if not path.is_file():
+            continue
+        shared = shared_examples(load_config(str(path)).data.public, cfg.data.private)
+        if shared:
+            raise ConfigError(f"data.private: shares examples with the public data the base's {what} was pretrained "
+                              f"on without DP ({path}: {'; '.join(shared)}): the private set must be disjoint "
+                              "from it")
+
+
 def _base_dir(cfg: Config) -> Path:
     """The pretrained LDM to fine-tune: ``finetune.base``, else this experiment's ``pretrain-ldm`` folder."""
     if cfg.finetune.base:
@@ -407,7 +446,7 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
 
     ft = cfg.finetune
     run_dir = stage_dir(cfg, "finetune")
-    session = _prepare(cfg, rt, run_dir)
+    session = _prepare(cfg, rt)
     ldm, engine, state = session.ldm, session.engine, session.state
     ledger = state.ledger
     checkpoint = rt.resume(run_dir, state)  # weights and optimizer; the sampler continues at the step
@@ -519,8 +558,10 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
     resolved config and ``audit-report.json``. The audit is itself a DP computation on
     ``data.private`` with the plan's (epsilon, delta). Returns a ``trainer.privacy.audit.AuditResult``.
     """
+    from trainer.distributed import refuse_foreign_launch
     from trainer.privacy import entropy_generator
     from trainer.privacy.audit import CANARY_NORM, GradientCanaries, audit, scores
+    refuse_foreign_launch()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.finetune.deepspeed_config:
         raise ConfigError("finetune.deepspeed_config: dpldm audit runs in one process; unset it and run it "
                           "without a launcher")
@@ -528,7 +569,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
         raise ConfigError(f"--confidence: must be in [0.5, 1), got {confidence}")
     ft, rt = cfg.finetune, SingleProcess(Placement.from_config(cfg))
     run_dir = stage_dir(cfg, "audit")
-    session = _prepare(cfg, rt, run_dir, seed)
+    session = _prepare(cfg, rt, seed)
     session.load_private(rt)
     engine, ledger, optimizer = session.engine, session.state.ledger, session.state.optimizer
     params = [p for _, p in engine.params]

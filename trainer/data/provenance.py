@@ -1,0 +1,82 @@
+"""Which examples a data source holds, as far as its settings and its shards' ``meta.json`` tell.
+
+Enough to refuse a private set that shares examples with public data a model saw without DP
+(the autoencoder's and the LDM's pretraining): those examples would be in a released model with
+no guarantee at all. Two sources share examples when their tokens meet:
+
+- ``("mnist", part)`` for each part of MNIST they hold (the offline set's train / val / test; its
+  60,000 training digits are train + val, as torchvision's MNIST ``train``);
+- ``("shard", path)`` for each shard file (its real path; ``pipe:`` and remote URLs as written),
+  or ``("pattern", text)`` for a pattern that names no file yet;
+- ``("source", description)`` for shards ``dpldm prepare`` wrote from a described source (an image
+  folder, a torchvision or hub dataset): the same description means the same examples.
+
+Rendered letters hold nothing private. A source these rules cannot see into (shards without
+``meta.json`` copied elsewhere) is not caught: the check refuses the overlaps it can prove.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from trainer.data.mnist import COMBINED
+
+MNIST_TRAINING_DIGITS = ("train", "val")  # the offline set's parts of MNIST's 60,000 training digits
+
+
+def _mnist_parts(split: str) -> tuple[str, ...]:
+    return COMBINED.get(split, (split,))
+
+
+def _described(meta: dict) -> set[tuple[str, str]]:
+    """Tokens for the source a shard folder's ``meta.json`` describes."""
+    source = meta.get("source")
+    if not isinstance(source, dict):
+        return set()
+    kind = source.get("type")
+    if kind == "mnist":
+        return {("mnist", part) for part in _mnist_parts(str(source.get("split")))}
+    if kind == "torchvision" and source.get("name") == "mnist":
+        return {("mnist", part) for part in (MNIST_TRAINING_DIGITS if source.get("split") == "train" else ("test",))}
+    if kind == "letters":
+        return set()
+    return {("source", json.dumps(source, sort_keys=True))}
+
+
+def holdings(src: Any) -> set[tuple[str, str]]:
+    """The tokens of a ``DataSource`` (``trainer.config``); see the module docstring."""
+    from trainer.data.reader import expand_urls
+    if src is None:
+        return set()
+    if src.source == "mnist":
+        return {("mnist", part) for part in _mnist_parts(src.split)}
+    if src.source != "shards" or not src.path:
+        return set()
+    try:
+        urls = expand_urls(src.path)
+    except (ValueError, OSError):
+        return {("pattern", str(src.path))}
+    tokens = {("shard", url if url.startswith("pipe:") or "://" in url else os.path.realpath(url)) for url in urls}
+    for folder in {Path(u).parent for u in urls if not u.startswith("pipe:") and "://" not in u}:
+        meta = folder / "meta.json"
+        if meta.is_file():
+            try:
+                tokens |= _described(json.loads(meta.read_text()))
+            except ValueError:
+                pass
+    return tokens
+
+
+def shared_examples(a: Any, b: Any) -> list[str]:
+    """What ``DataSource`` ``a`` and ``b`` both hold, in words (empty: nothing this module can prove)."""
+    words = []
+    for kind, what in sorted(holdings(a) & holdings(b)):
+        if kind == "mnist":
+            words.append(f"MNIST's {what} split")
+        elif kind == "source":
+            words.append(f"shards prepared from the same source {what}")
+        else:
+            words.append(f"the {kind} {what}")
+    return words
