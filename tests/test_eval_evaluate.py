@@ -106,3 +106,44 @@ def test_evaluate_cli_logs_metrics_and_grid_to_the_run(tmp_path, monkeypatch, ca
     classes_used = np.unique(open_images(samples, max_images=16).labels)  # the subset evaluated (seed 0)
     assert grid.shape[:2] == (len(classes_used) * 30 + 2, 8 * 30 + 2)  # a row of up to 8 per class
     mlflow.set_tracking_uri(None)
+
+
+def test_scores_against_the_runs_private_set_are_logged_as_nonprivate(tmp_path, monkeypatch, capsys):
+    """`--real` holding examples of the run's private set (here: shards prepared from MNIST's train split,
+    the run private on trainval): the scores are not DP, so they go to nonprivate/eval.*, and the real
+    images' features are not cached; against the test split they stay eval.*."""
+    from trainer.data.shards import WriteOptions, write_shards
+    from trainer.data.sources import mnist_source
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(None)
+    experiment_id = mlflow.create_experiment("evaluate-private")
+    with mlflow.start_run(run_name="finetune", experiment_id=experiment_id) as run:
+        mlflow.log_params({"data.private.source": "mnist", "data.private.split": "trainval",
+                           "data.private.path": "None"})
+    write_shards(mnist_source("train"), tmp_path / "real", WriteOptions(limit=40), progress_bar=False)
+    x, y = load_mnist("val")
+    samples = tmp_path / "samples"
+    for i in range(40):
+        (samples / str(y[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).save(samples / str(y[i]) / f"{i:05d}.png")
+    class Features:  # a stand-in network: this test is about where the scores and features go
+        def __init__(self, *a):
+            pass
+
+        def __call__(self, images, *a):
+            return np.random.default_rng(len(images)).normal(size=(len(images), 8))
+
+    def no_cache(*a, **kw):
+        raise AssertionError("features of private images cached")
+    monkeypatch.setattr(evaluate, "InceptionFeatures", Features)
+    monkeypatch.setattr(evaluate, "cached_features", no_cache)
+    common = ["evaluate", "--samples", str(samples), "--classifier", "logreg", "--epochs", "1", "--run",
+              run.info.run_id]
+    assert _run(common + ["--metrics", "accuracy,fid", "--real", str(tmp_path / "real" / "shard-000000.tar")]) == 0
+    assert "shares examples with the private set of run" in capsys.readouterr().err
+    logged = mlflow.get_run(run.info.run_id).data.metrics
+    assert {"nonprivate/eval.accuracy", "nonprivate/eval.fid"} <= set(logged) and "eval.accuracy" not in logged
+    assert _run(common + ["--metrics", "accuracy", "--real", "mnist-test", "--num-real", "40"]) == 0
+    assert "eval.accuracy" in mlflow.get_run(run.info.run_id).data.metrics
+    assert "shares examples" not in capsys.readouterr().err
+    mlflow.set_tracking_uri(None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -41,7 +42,7 @@ def evaluate_samples(images, labels=None, real: str | ImageCollection = MNIST_TE
                      num_real: Optional[int] = None, class_names: Optional[list[str]] = None,
                      classifier: str = "cnn", epochs: int = 10, seed: int = 0,
                      inception: Optional[str | Path] = None, cache_dir: Optional[str | Path] = None,
-                     batch_size: int = 32, progress: bool = True) -> dict[str, float]:
+                     batch_size: int = 32, progress: bool = True, cache_real: bool = True) -> dict[str, float]:
     """Score labelled synthetic images against a real test set.
 
     ``images``: an :class:`ImageCollection`, a folder / shard path, or a uint8 array (see
@@ -73,7 +74,8 @@ def evaluate_samples(images, labels=None, real: str | ImageCollection = MNIST_TE
 
     if "fid" in metrics or "pr" in metrics:
         network = InceptionFeatures(inception)
-        real_feats = cached_features(reference, network, cache_dir, batch_size, progress)
+        real_feats = cached_features(reference, network, cache_dir, batch_size, progress) if cache_real else \
+            network(reference, batch_size, progress)
         fake_feats = network(samples, batch_size, progress)
         if "fid" in metrics:
             results["eval.fid"] = fid_from_features(real_feats, fake_feats)
@@ -194,6 +196,26 @@ def _check_run_exists(run_id: str) -> None:
         raise RunError(f"--run: no MLflow run {run_id!r} in {mlflow.get_tracking_uri()} {hint}")
 
 
+def real_shares_private_examples(run_id: str, real: str) -> list[str]:
+    """What the reference set ``real`` (``mnist-test``, shards or a folder) shares with the private set of the
+    MLflow run ``run_id`` (its logged config), in words; [] for a run without one or nothing provable."""
+    from mlflow import MlflowClient
+
+    from trainer.config import DataSource
+    from trainer.data.provenance import shared_examples
+    params = MlflowClient().get_run(run_id).data.params
+
+    def given(key: str) -> Optional[str]:
+        value = params.get(f"data.private.{key}")
+        return None if value in (None, "None") else value
+    if given("source") is None:
+        return []
+    private = DataSource(source=given("source"), split=given("split") or "train", path=given("path"))
+    reference = DataSource(source="mnist", split="test") if real == MNIST_TEST else \
+        DataSource(source="shards", path=str(real))
+    return shared_examples(reference, private)
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     if bool(args.samples) == bool(args.checkpoint):
@@ -204,12 +226,19 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print_results(evaluate_checkpoint(args.checkpoint, metrics, args.num, device=args.device, run_id=args.run))
         return 0
     samples = open_images(args.samples)
-    results = evaluate_samples(samples, real=args.real, metrics=metrics or ["fid", "accuracy"], num=args.num, num_real=args.num_real,
-                               classifier=args.classifier, epochs=args.epochs, seed=args.seed,
-                               inception=args.inception, cache_dir=args.cache_dir, batch_size=args.batch_size)
+    private = real_shares_private_examples(args.run, args.real) if args.run else []
+    if private:
+        print(f"dpldm evaluate: note: --real shares examples with the private set of run {args.run} "
+              f"({'; '.join(private)}): its scores are not DP; they are logged as nonprivate/eval.* and the real "
+              "images' features are not cached", file=sys.stderr)
+    results = evaluate_samples(samples, real=args.real, metrics=metrics or ["fid", "accuracy"], num=args.num,
+                               num_real=args.num_real, classifier=args.classifier, epochs=args.epochs, seed=args.seed,
+                               inception=args.inception, cache_dir=args.cache_dir, batch_size=args.batch_size,
+                               cache_real=not private)
     print_results(results)
     if args.run:
-        log_evaluation(args.run, results, samples.sample(args.num, args.seed))
+        logged = {f"nonprivate/{k}": v for k, v in results.items()} if private else results
+        log_evaluation(args.run, logged, samples.sample(args.num, args.seed))
         print(f"logged to MLflow run {args.run}")
     return 0
 
