@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -115,13 +117,30 @@ def test_mismatched_encoder_or_source_is_refused_naming_both_hashes(tmp_path: Pa
                            dtype="float32", progress_bar=False)
 
 
+def test_two_processes_encoding_one_shard_both_finish(tmp_path: Path, monkeypatch):
+    """Fine-tunes of one experiment share a cache: a shard another process renamed into place first is kept."""
+    from trainer.data import latent_cache
+    shards = write_private_set(tmp_path / "shards", 1, 4)
+    real_replace = os.replace
+
+    def other_process_first(src, dst):
+        if Path(src).name.startswith("part-"):  # the other process's copy lands first
+            shutil.copytree(src, dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(latent_cache.os, "replace", other_process_first)
+    build_latent_cache(FixedConvEncoder(), str(shards), tmp_path / "cache", "h", 16, 4, progress_bar=False)
+    assert len(LatentCache(tmp_path / "cache").labels) == 4
+
+
 def test_interrupted_build_is_refused_then_completed_on_the_next_build(tmp_path: Path):
     shards = write_private_set(tmp_path / "shards", 3, 5)
     crashing = FixedConvEncoder(fail_on_call=4)  # batch size 3: shard 0 is calls 1-2, shard 1 is 3-4
     with pytest.raises(RuntimeError, match="simulated crash"):
         build_latent_cache(crashing, str(shards), tmp_path / "cache", "h", 16, 3, progress_bar=False)
     assert read_manifest(tmp_path / "cache")["complete"] is False
-    assert [p.name for p in sorted((tmp_path / "cache" / "parts").iterdir())] == ["part-000000", "part-000001.tmp"]
+    assert [p.name for p in sorted((tmp_path / "cache" / "parts").iterdir())] == ["part-000000",
+                                                                                 f"part-000001.{os.getpid()}.tmp"]
     with pytest.raises(IncompleteCacheError, match="partial"):
         LatentCache(tmp_path / "cache")
 

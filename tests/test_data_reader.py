@@ -12,6 +12,7 @@ from PIL import Image
 
 from trainer.data.reader import (count_distinct_samples, decode_image, expand_urls, make_dataset, make_loader,
                                  resize_center_crop)
+from trainer.data.latent_cache import source_hash
 from trainer.data.shards import write_shard
 
 
@@ -126,8 +127,17 @@ def test_count_distinct_samples_counts_what_the_reader_reads_and_refuses_a_shard
     path, by a copy elsewhere, or as the same pipe command) would count its examples twice."""
     write_set(tmp_path / "set", 3, 4)
     urls = expand_urls(str(tmp_path / "set"))
-    assert count_distinct_samples(urls) == len(keys_of(make_dataset(urls, 8, 5, shuffle_buffer=0))) == 12
-    assert count_distinct_samples([f"pipe:cat {u}" for u in urls]) == 12
+    count, digest = count_distinct_samples(urls)
+    assert count == len(keys_of(make_dataset(urls, 8, 5, shuffle_buffer=0))) == 12
+    assert count_distinct_samples([f"pipe:cat {u}" for u in urls])[0] == 12
+    other = tmp_path / "other"  # the same file names and sizes, other images: another digest
+    other.mkdir()
+    for shard, u in enumerate(urls):
+        write_shard(other / Path(u).name, [{"__key__": f"{i:08d}", "png": png(np.full((8, 8), 255 - i, np.uint8)),
+                                            "txt": f"a {i}\nb {i}\nc {i}".encode(), "cls": str(i % 5).encode()}
+                                           for i in range(4 * shard, 4 * shard + 4)])
+    assert source_hash(expand_urls(str(other))) == source_hash(urls)  # names and sizes cannot tell them apart
+    assert count_distinct_samples(expand_urls(str(other)))[1] != digest
     copy = tmp_path / "elsewhere" / "shard-000009.tar"
     copy.parent.mkdir()
     copy.write_bytes(Path(urls[1]).read_bytes())

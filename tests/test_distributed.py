@@ -381,6 +381,28 @@ def test_zero3_finetune_interrupted_and_resumed_on_another_world_size(pretrained
     assert (run_dir / "samples.png").is_file()
 
 
+def test_zero3_finetune_on_private_shards_encodes_them_once_before_partitioning(pretrained):
+    """Two ranks under ZeRO-3 on private shards: each rank encodes its share with the whole encoder (before
+    its weights are partitioned), the cache is completed once and lives outside the run folder."""
+    from trainer.data.shards import WriteOptions, write_shards
+    from trainer.data.sources import mnist_source
+    tmp = pretrained
+    shards = tmp / "private-shards"
+    write_shards(mnist_source("train"), shards, WriteOptions(samples_per_shard=50, limit=150), progress_bar=False)
+    overrides = TINY + [f"output_dir={tmp / 'runs'}", "finetune.deepspeed_config=zero3", "finetune.name=shards",
+                        "finetune.steps=2", "data.private.source=shards", f"data.private.path={shards}"]
+    hostfile = tmp / "hostfile-shards"
+    hostfile.write_text("localhost slots=2\n")
+    _run(_deepspeed(hostfile, "finetune", "0", *overrides), tmp)
+    run_dir = tmp / "runs" / "dist" / "finetune-shards"
+    report = json.loads((run_dir / "privacy-report.json").read_text())
+    assert report["N"] == 150 and report["steps"] == 2
+    assert json.loads((run_dir / "distributed.json").read_text())["zero_stage"] == 3
+    [cache] = (tmp / "runs" / "dist" / "private").iterdir()
+    assert json.loads((cache / "manifest.json").read_text())["count"] == 150 and not (cache / "parts").exists()
+    assert not list(run_dir.rglob("*.npy"))
+
+
 if __name__ == "__main__":  # worker entry: python tests/test_distributed.py <scenario> <args...>
     scenario, *rest = sys.argv[1:]
     if scenario == "update":

@@ -90,8 +90,9 @@ def test_a_process_started_by_mpirun_or_srun_without_world_size_is_refused(tmp_p
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv(var, "4")
     assert cli.main(["finetune", "--output-dir", str(tmp_path / "runs")]) == 2
-    assert f"launched as one of 4 processes ({var}=4) without WORLD_SIZE" in capsys.readouterr().err
+    assert f"launched as one of several processes ({var}=4) without WORLD_SIZE" in capsys.readouterr().err
     assert cli.main(["audit", "--output-dir", str(tmp_path / "runs")]) == 2
+    assert f"({var}=4): dpldm audit runs in one process" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
     monkeypatch.setenv(var, "1")  # one process: on to the next check (no base here)
     assert cli.main(["finetune", "--output-dir", str(tmp_path / "runs")]) == 1

@@ -58,8 +58,29 @@ def test_finetune_refuses_a_base_pretrained_on_the_private_set(tmp_path):
         folder.mkdir()
         dump_config(load_config("demo", ["data.private=null", "data.public.source=mnist",
                                          f"data.public.split={public}"]), folder / "config.yaml")
-    refuse_public_overlap(load_config("demo", ["data.private.split=train"]), ldm, {"autoencoder": "../ae"})
+    base_cfg = load_config(str(ldm / "config.yaml"))
+    refuse_public_overlap(load_config("demo", ["data.private.split=train"]), ldm, base_cfg, {"autoencoder": "../ae"})
     with pytest.raises(ConfigError, match=r"data.private: .* base's autoencoder was pretrained on without DP "
                                           rf"\({ae / 'config.yaml'}: MNIST's val split\)"):
-        refuse_public_overlap(cfg, ldm, {"autoencoder": "../ae"})
-    refuse_public_overlap(cfg, ldm, {})  # an imported base records no autoencoder folder of ours
+        refuse_public_overlap(cfg, ldm, base_cfg, {"autoencoder": "../ae"})
+    refuse_public_overlap(cfg, ldm, base_cfg, {})  # an imported base records no autoencoder folder of ours
+    with pytest.raises(ConfigError, match=r"base's LDM was pretrained on without DP .*MNIST's test split"):
+        refuse_public_overlap(load_config("demo", ["data.private.split=test", "data.test=null"]), ldm, base_cfg, {})
+
+
+def test_disjoint_shard_ranges_of_one_prepared_folder_are_disjoint(tmp_path):
+    """Splitting one `dpldm prepare` output by shard range is a split, not an overlap; a shared shard is."""
+    for i in range(4):
+        write_shard(tmp_path / f"shard-{i:06d}.tar", [{"__key__": f"{i}", "png": b""}])
+    (tmp_path / "meta.json").write_text(json.dumps({"source": {"type": "mnist", "split": "train"}}))
+    public = source(source="shards", path=f"{tmp_path}/shard-{{000000..000001}}.tar")
+    assert shared_examples(public, source(source="shards", path=f"{tmp_path}/shard-{{000002..000003}}.tar")) == []
+    assert shared_examples(public, source(source="shards", path=f"{tmp_path}/shard-{{000001..000002}}.tar")) == [
+        f"the shard {tmp_path / 'shard-000001.tar'}"]
+    assert shared_examples(public, source(source="mnist", split="train")) == ["MNIST's train split"]
+
+
+def test_the_config_refuses_a_test_set_inside_the_private_one():
+    """The evaluation logs eval.* scores of the test set: on private examples they would not be DP."""
+    with pytest.raises(ConfigError, match=r"data.test: shares examples with data.private \(MNIST's test split\)"):
+        load_config("demo", ["data.private.split=test"])

@@ -357,6 +357,9 @@ def _validate(cfg: Config) -> None:
         shared = shared_examples(cfg.data.public, cfg.data.private)
         check(not shared, "data.private", f"shares examples with data.public ({'; '.join(shared)}), on which the "
               "autoencoder and the LDM are pretrained without DP: the private set must be disjoint from it")
+        shared = shared_examples(cfg.data.test, cfg.data.private)
+        check(not shared, "data.test", f"shares examples with data.private ({'; '.join(shared)}): the evaluation's "
+              "scores would not be DP (and would test on training data); test on a held-out set")
     for key, decay in (("autoencoder.train.ema_decay", cfg.autoencoder.train.ema_decay),
                        ("ldm.train.ema_decay", cfg.ldm.train.ema_decay), ("finetune.ema_decay", cfg.finetune.ema_decay)):
         check(decay is None or 0 < decay < 1, key, f"must be in (0, 1) or null (off), got {decay}")

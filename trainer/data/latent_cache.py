@@ -109,8 +109,9 @@ def _check_same(manifest: dict, wanted: dict, out_dir: Path) -> None:
 
 
 def _encode_shard(encode_fn: EncodeFn, url: str, part_dir: Path, settings: dict, batch_size: int) -> int:
-    """Encode one shard in storage order into ``part_dir`` (atomic: ``.tmp`` folder, then rename)."""
-    tmp = part_dir.with_name(part_dir.name + ".tmp")
+    """Encode one shard in storage order into ``part_dir`` (atomic: a folder of this process, then
+    rename; two processes encoding the same shard both finish, the first rename wins)."""
+    tmp = part_dir.with_name(f"{part_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dataset = make_dataset(url, settings["resolution"], batch_size, shuffle_buffer=0, shardshuffle=False,
@@ -135,7 +136,12 @@ def _encode_shard(encode_fn: EncodeFn, url: str, part_dir: Path, settings: dict,
     _save_npy(np.concatenate(labels).astype(np.int64) if labels else np.zeros((0,), np.int64), tmp / "labels.npy")
     write_json(captions, tmp / "captions.json")
     write_json(keys, tmp / "keys.json")
-    os.replace(tmp, part_dir)
+    try:
+        os.replace(tmp, part_dir)
+    except OSError:
+        if not part_dir.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process encoded this shard meanwhile: the same rows
     return count
 
 

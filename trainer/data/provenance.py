@@ -9,7 +9,10 @@ no guarantee at all. Two sources share examples when their tokens meet:
 - ``("shard", path)`` for each shard file (its real path; ``pipe:`` and remote URLs as written),
   or ``("pattern", text)`` for a pattern that names no file yet;
 - ``("source", description)`` for shards ``dpldm prepare`` wrote from a described source (an image
-  folder, a torchvision or hub dataset): the same description means the same examples.
+  folder, a torchvision or hub dataset): the same description means the same examples. These
+  tokens (and the MNIST ones read from a ``meta.json``) come from a folder, and two sources
+  whose shards lie in the same folder are compared by their shard files only (disjoint shard
+  ranges of one prepared set are disjoint sets).
 
 Rendered letters hold nothing private. A source these rules cannot see into (shards without
 ``meta.json`` copied elsewhere) is not caught: the check refuses the overlaps it can prove.
@@ -30,8 +33,11 @@ def _mnist_parts(split: str) -> tuple[str, ...]:
     return COMBINED.get(split, (split,))
 
 
+Token = tuple[str, str, str]  # (kind, what, the folder whose meta.json said so, or "")
+
+
 def _described(meta: dict) -> set[tuple[str, str]]:
-    """Tokens for the source a shard folder's ``meta.json`` describes."""
+    """(kind, what) for the source a shard folder's ``meta.json`` describes."""
     source = meta.get("source")
     if not isinstance(source, dict):
         return set()
@@ -45,25 +51,26 @@ def _described(meta: dict) -> set[tuple[str, str]]:
     return {("source", json.dumps(source, sort_keys=True))}
 
 
-def holdings(src: Any) -> set[tuple[str, str]]:
+def holdings(src: Any) -> set[Token]:
     """The tokens of a ``DataSource`` (``trainer.config``); see the module docstring."""
     from trainer.data.reader import expand_urls
     if src is None:
         return set()
     if src.source == "mnist":
-        return {("mnist", part) for part in _mnist_parts(src.split)}
+        return {("mnist", part, "") for part in _mnist_parts(src.split)}
     if src.source != "shards" or not src.path:
         return set()
     try:
         urls = expand_urls(src.path)
     except (ValueError, OSError):
-        return {("pattern", str(src.path))}
-    tokens = {("shard", url if url.startswith("pipe:") or "://" in url else os.path.realpath(url)) for url in urls}
-    for folder in {Path(u).parent for u in urls if not u.startswith("pipe:") and "://" not in u}:
-        meta = folder / "meta.json"
+        return {("pattern", str(src.path), "")}
+    tokens = {("shard", url if url.startswith("pipe:") or "://" in url else os.path.realpath(url), "")
+              for url in urls}
+    for folder in {os.path.realpath(Path(u).parent) for u in urls if not u.startswith("pipe:") and "://" not in u}:
+        meta = Path(folder) / "meta.json"
         if meta.is_file():
             try:
-                tokens |= _described(json.loads(meta.read_text()))
+                tokens |= {(kind, what, folder) for kind, what in _described(json.loads(meta.read_text()))}
             except ValueError:
                 pass
     return tokens
@@ -71,8 +78,11 @@ def holdings(src: Any) -> set[tuple[str, str]]:
 
 def shared_examples(a: Any, b: Any) -> list[str]:
     """What ``DataSource`` ``a`` and ``b`` both hold, in words (empty: nothing this module can prove)."""
+    ours, theirs = holdings(a), holdings(b)
+    shared = {(kind, what) for kind, what, folder in ours for kind2, what2, folder2 in theirs
+              if (kind, what) == (kind2, what2) and not (folder and folder == folder2)}
     words = []
-    for kind, what in sorted(holdings(a) & holdings(b)):
+    for kind, what in sorted(shared):
         if kind == "mnist":
             words.append(f"MNIST's {what} split")
         elif kind == "source":

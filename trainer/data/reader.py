@@ -77,31 +77,33 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
     return out
 
 
-def count_distinct_samples(urls: Sequence[str]) -> int:
+def count_distinct_samples(urls: Sequence[str]) -> tuple[int, str]:
     """The number of samples in the shards ``urls`` (as the reader groups a tar's members), read
-    without decoding; refuses (ValueError) a shard listed twice or a copy of another.
+    without decoding, and a sha256 over the shards' contents in order; refuses (ValueError) a shard
+    listed twice or a copy of another.
 
     For a private set, where N sets the sampling rate q = B / N: a shard read twice would put its
     examples in the set twice, each with two chances per step to be drawn, and the accountant
-    would under-state epsilon. Local shards are compared by content (sha256), ``pipe:`` and remote
-    ones by URL.
+    would under-state epsilon. Local shards are compared by content; ``pipe:`` and remote ones by
+    URL only (a local file and a ``pipe:cat`` of it are not recognised as one).
     """
     seen: dict[str, str] = {}
-    total = 0
+    total, digest = 0, hashlib.sha256()
     for url in urls:
         identity = url
         if not url.startswith("pipe:") and "://" not in url:
-            digest = hashlib.sha256()
+            content = hashlib.sha256()
             with open(url, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-            identity = digest.hexdigest()
+                    content.update(block)
+            identity = content.hexdigest()
         if identity in seen:
             raise ValueError(f"{url}: the same shard as {seen[identity]} (same content): its samples would count "
                              "twice in the set; list each shard once")
         seen[identity] = url
+        digest.update(f"{identity}\n".encode())
         total += sum(1 for _ in wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception))
-    return total
+    return total, digest.hexdigest()
 
 
 # --- images -----------------------------------------------------------------------------------

@@ -42,11 +42,11 @@ from trainer.distributed.deepspeed_config import (DEEPSPEED_CONFIGS, DEFAULT_DEE
                                                   check_deepspeed_config, load_deepspeed_config,
                                                   resolve_deepspeed_config)
 from trainer.distributed.partition import FrozenPartition, frozen_subtrees
-from trainer.distributed.run import DistributedRun, _free_port, launch, refuse_foreign_launch
+from trainer.distributed.run import DistributedRun, _free_port, foreign_launch, launch
 from trainer.distributed.single import SingleProcess
 from trainer.distributed.sharded_adamw import ShardedAdamW
 
 __all__ = ["CHECKPOINTS", "DEEPSPEED_CONFIGS", "DEFAULT_DEEPSPEED_CONFIG", "EMA_FILE", "LATEST", "STATE_FILE", "WEIGHTS_FILE",
            "Checkpoint", "DeepSpeedSettings", "DistributedRun", "FrozenPartition", "ShardedAdamW", "SingleProcess", "TrainState",
            "_free_port", "check_deepspeed_config", "frozen_subtrees", "launch", "load_deepspeed_config",
-           "load_trainable", "refuse_foreign_launch", "resolve_deepspeed_config"]
+           "foreign_launch", "load_trainable", "resolve_deepspeed_config"]

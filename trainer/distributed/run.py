@@ -33,25 +33,33 @@ if TYPE_CHECKING:
 FOREIGN_WORLD_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
 
 
-def refuse_foreign_launch() -> None:
-    """Refuse a process that an MPI or Slurm launcher started as one of several without ``WORLD_SIZE``:
-    each would fine-tune on the whole private set on its own, and the releases compose."""
+def foreign_launch() -> Optional[str]:
+    """``VAR=N`` when an MPI or Slurm launcher started this process as one of N > 1 and ``WORLD_SIZE``
+    is unset, else None."""
     if "WORLD_SIZE" in os.environ:
-        return
+        return None
     for var in FOREIGN_WORLD_SIZES:
         value = os.environ.get(var, "1")
         if value.isdigit() and int(value) > 1:
-            raise ConfigError(f"launched as one of {value} processes ({var}={value}) without WORLD_SIZE: each would "
-                              "train on the whole private set alone; launch with torchrun or deepspeed (which set "
-                              "WORLD_SIZE, RANK and MASTER_ADDR), or run one process")
+            return f"{var}={value}"
+    return None
 
 
 def launch(cfg: Config) -> Optional["DistributedRun"]:
-    """The distributed runtime when launched on several processes or with a DeepSpeed config, else None."""
-    refuse_foreign_launch()
+    """The distributed runtime when launched on several processes or with a DeepSpeed config, else None.
+
+    A process that an MPI or Slurm launcher started as one of several, with neither ``WORLD_SIZE``
+    nor a DeepSpeed config (whose initialisation finds MPI ranks itself), is refused: each would
+    fine-tune on the whole private set alone, and their releases would compose.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     name = cfg.finetune.deepspeed_config
     if world_size == 1 and name is None:
+        foreign = foreign_launch()
+        if foreign:
+            raise ConfigError(f"launched as one of several processes ({foreign}) without WORLD_SIZE: each would "
+                              "train on the whole private set alone; launch with torchrun, set "
+                              "finetune.deepspeed_config (DeepSpeed finds MPI ranks itself), or run one process")
         return None
     placement = Placement.from_config(cfg)  # device "auto"/"cuda": this rank's GPU (LOCAL_RANK)
     if name is None:

@@ -268,7 +268,7 @@ class DPGradientEngine:
         try:
             norms, _, summed, batch = self._book_keeping(loss_fn(torch.arange(batch_size)), check=True)
             self._verify_sums(summed(torch.ones_like(norms)), batch)
-            weighted = summed(weights.to(norms.device))
+            weighted = summed(weights.to(norms.device))  # a GEMM over recorded tensors, or cached grads: no forward
         finally:
             for rule in self._rules:
                 rule.clear()

@@ -102,11 +102,22 @@ def _pick(options: list[str], generator: torch.Generator) -> str:
 
 @dataclass
 class PrivateShards:
-    """A private shard set, counted (``count`` samples) but not read yet; ``names``: the class names
-    ``dpldm prepare`` recorded beside the shards (public: the source's schema), or []."""
+    """A private shard set, counted (``count`` samples) but not encoded yet; ``digest``: sha256 over
+    the shards' contents; ``names``: the class names ``dpldm prepare`` recorded beside the shards
+    (public: the source's schema), or []."""
     urls: list[str]
     count: int
+    digest: str
     names: list[str]
+
+
+@dataclass
+class EncodedPrivateSet:
+    """A private set already encoded: posterior mean/std [N, c, h, w], labels [N], captions."""
+    mean: torch.Tensor
+    std: torch.Tensor
+    labels: torch.Tensor
+    captions: list[list[str]]
 
 
 def label_names(cfg: Config, declared: list[str]) -> tuple[list[str], str]:
@@ -134,38 +145,37 @@ def private_shards(cfg: Config) -> PrivateShards:
         raise ConfigError("data.private.path: a shard pattern is needed for source=shards")
     try:
         urls = expand_urls(cfg.data.private.path)
-        return PrivateShards(urls, count_distinct_samples(urls), list(shard_label_names(urls) or []))
+        count, digest = count_distinct_samples(urls)
+        return PrivateShards(urls, count, digest, list(shard_label_names(urls) or []))
     except (ValueError, OSError) as err:
         raise ConfigError(f"data.private.path: {err}") from None
 
 
 def private_cache_dir(cfg: Config, encoder_hash: str, shards: PrivateShards) -> Path:
     """``<output_dir>/<experiment>/private/latents-<key>``: private data, kept apart from the run folders
-    (which hold results only) and shared by the experiment's fine-tunes of the same encoder and shards."""
-    from trainer.data.latent_cache import source_hash
-    src = cfg.data.private
-    key = hashlib.sha256(f"{encoder_hash}\0{source_hash(shards.urls)}\0{src.resolution}\0{image_channels(cfg)}"
+    (which hold results only) and shared by the experiment's fine-tunes of the same encoder and shards
+    (their contents: two sets never share a cache)."""
+    key = hashlib.sha256(f"{encoder_hash}\0{shards.digest}\0{cfg.data.private.resolution}\0{image_channels(cfg)}"
                          .encode()).hexdigest()[:16]
     return Path(cfg.output_dir) / cfg.experiment / "private" / f"latents-{key}"
 
 
 def encode_private_shards(cfg: Config, autoencoder, encoder_hash: str, shards: PrivateShards,
-                          rt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[str]]]:
-    """Encode the private shards once into their latent cache (rank 0; the others wait) and load it:
-    posterior mean and std [N, c, h, w], labels [N], captions. Resumable; refused (RunError) when the
+                          rt) -> EncodedPrivateSet:
+    """Encode the private shards once into their latent cache and load it. Every rank encodes its share
+    of the shards with the whole (not yet partitioned) encoder; resumable. Refused (RunError) when the
     cache does not hold the ``shards.count`` examples the plan was made for."""
     from trainer.data.latent_cache import LatentCache, build_latent_cache
     out = private_cache_dir(cfg, encoder_hash, shards)
-    if rt.is_main:
-        build_latent_cache(autoencoder_encode_fn(autoencoder, rt.device), shards.urls, out, encoder_hash,
-                           cfg.data.private.resolution, batch_size=64, channels=image_channels(cfg), pad_small=True)
-    rt.barrier()
+    build_latent_cache(autoencoder_encode_fn(autoencoder, rt.device), shards.urls, out, encoder_hash,
+                       cfg.data.private.resolution, batch_size=64, rank=rt.rank, world_size=rt.world_size,
+                       channels=image_channels(cfg), pad_small=True, progress_bar=rt.is_main)
     cache = LatentCache(out, expected_encoder_hash=encoder_hash, in_memory=True)
     if len(cache.labels) != shards.count:
         raise RunError(f"{out}: holds {len(cache.labels)} examples, but the shards held {shards.count} when the "
-                       "privacy plan was made (did they change?); nothing was charged")
-    return (torch.from_numpy(cache.mean).float(), torch.from_numpy(cache.std).float(), cache.labels,
-            cache.captions)
+                       "privacy plan was made (did they change?); refused before this session's first step")
+    return EncodedPrivateSet(torch.from_numpy(cache.mean).float(), torch.from_numpy(cache.std).float(),
+                             cache.labels, cache.captions)
 
 
 def run(cfg: Config, encodings: "EncodingMemo | None" = None) -> Path:
@@ -206,8 +216,10 @@ class PrivateRows:
 class DPSession:
     """One DP fine-tuning run, built from the config with nothing written yet (see :func:`_prepare`).
 
-    The private rows are loaded by :meth:`load_private`, after the run's ledger and checkpoint
-    have been checked, so a refused or finished run never encodes the private set.
+    A refused plan never reads the private set: private shards are counted for the plan, then
+    encoded into their latent cache before the models are placed (ZeRO-3 partitions the
+    encoder); in-memory images are encoded by :meth:`load_private`, after the run's ledger and
+    checkpoint have been checked, so a refused or finished run never encodes them.
     """
     cfg: Config
     base_dir: Path
@@ -225,7 +237,7 @@ class DPSession:
     latent_shape: tuple[int, ...]
     loss_gen: torch.Generator            # timesteps, diffusion noise, posterior samples: never saved
     autocast: Callable[[], ContextManager]  # the forward's precision
-    source: object                       # PrivateShards (encoded into a latent cache) or an ImageSet (in memory)
+    source: object                       # an EncodedPrivateSet (shards) or an ImageSet (in memory)
     encoder_hash: str                    # sha256 of the frozen autoencoder's weights
     private: PrivateRows | None = None
 
@@ -233,10 +245,9 @@ class DPSession:
         """Hold (latent cache) or encode (in-memory images; found in ``encodings`` when already
         encoded there) this process's private rows."""
         src = self.source
-        if isinstance(src, PrivateShards):
-            mean, std, labels, captions = encode_private_shards(self.cfg, self.autoencoder, self.encoder_hash, src, rt)
-            mean, std, labels = rt.hold(mean, std, labels)
-            captions = captions[rt.rank::rt.world_size] + [[""]]  # + the padding row of DistributedRun
+        if isinstance(src, EncodedPrivateSet):
+            mean, std, labels = rt.hold(src.mean, src.std, src.labels)
+            captions = src.captions[rt.rank::rt.world_size] + [[""]]  # + the padding row of DistributedRun
         else:
             key = EncodingMemo.key(self.encoder_hash, self.cfg, rt)
             if encodings is not None and key in encodings:
@@ -317,8 +328,9 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], seed: in
     """Load the base and the plan; build engine, sampler, ledger and optimizer.
 
     Refuses (ConfigError, RunError) a bad plan or a missing base before anything is charged or
-    written; a private shard set is only counted here. The private rows are loaded (and shards
-    encoded) later, by :meth:`DPSession.load_private`. The sampler, the DP noise and
+    written; a private shard set is counted for the plan, and encoded into its latent cache only
+    once the plan and the trainable set are accepted. In-memory private images are encoded later
+    (:meth:`DPSession.load_private`). The sampler, the DP noise and
     the loss draws use generators seeded from OS entropy, or from ``seed`` when a test asks for it.
     """
     from trainer.diffusion import EMA
@@ -332,14 +344,14 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], seed: in
         raise ConfigError("data.private: the fine-tuning stage needs a private data source")
     base_dir = _base_dir(cfg)
     ldm, autoencoder, meta, base_cfg = load_pipeline(base_dir)
-    refuse_public_overlap(cfg, base_dir, meta)
+    refuse_public_overlap(cfg, base_dir, base_cfg, meta)
     for key in ("ldm", "autoencoder"):  # the architecture is the base's
         if getattr(cfg, key) != getattr(base_cfg, key) and rt.is_main:
             print(f"dpldm finetune: note: the config's `{key}` section differs from the base's ({base_dir}/"
                   "config.yaml); the base's is used", file=sys.stderr)
         setattr(cfg, key, getattr(base_cfg, key))
-    source: Union[PrivateShards, "ImageSet"]
-    if cfg.data.private.source == "shards":  # counted now, encoded into a latent cache by load_private
+    source: Union[PrivateShards, EncodedPrivateSet, "ImageSet"]
+    if cfg.data.private.source == "shards":  # counted now, encoded below once the plan is accepted
         source = private_shards(cfg)
         n, declared = source.count, source.names
     else:
@@ -365,6 +377,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], seed: in
     trainable = {name: p for name, p in ldm.named_parameters() if p.requires_grad}
     snr = warn_if_noise_drowns_signal(sigma, ft.expected_batch_size, ft.steps, selection.trainable_count) \
         if rt.is_main else float("nan")
+    if isinstance(source, PrivateShards):  # before place: ZeRO-3 partitions the encoder
+        source = encode_private_shards(cfg, autoencoder, meta["autoencoder_sha256"], source, rt)
     rt.place(ldm, autoencoder)
 
     ledger = PrivacyLedger(sigma, q, ft.delta, planned_steps=ft.steps,
@@ -388,18 +402,17 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], seed: in
                      meta["autoencoder_sha256"])
 
 
-def refuse_public_overlap(cfg: Config, base_dir: Path, meta: dict) -> None:
-    """Refuse a private set that shares examples with the public data the base's LDM or autoencoder was
-    pretrained on (their recorded ``config.yaml``): those examples are in the released model without DP."""
+def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: dict) -> None:
+    """Refuse a private set that shares examples with the public data the base's LDM (``base_cfg``) or
+    its autoencoder (the ``config.yaml`` it recorded) was pretrained on: those examples are in the
+    released model without DP."""
     from trainer.data.provenance import shared_examples
-    folders = [("LDM", base_dir)]
-    if meta.get("autoencoder"):
-        folders.append(("autoencoder", resolve_recorded(meta["autoencoder"], base_dir)))
-    for what, folder in folders:
-        path = folder / "config.yaml"
-        if not path.is_file():
-            continue
-        shared = shared_examples(load_config(str(path)).data.public, cfg.data.private)
+    sources = [("LDM", base_dir / "config.yaml", base_cfg.data.public)]
+    ae_config = resolve_recorded(meta["autoencoder"], base_dir) / "config.yaml" if meta.get("autoencoder") else None
+    if ae_config is not None and ae_config.is_file():
+        sources.append(("autoencoder", ae_config, load_config(str(ae_config)).data.public))
+    for what, path, public in sources:
+        shared = shared_examples(public, cfg.data.private)
         if shared:
             raise ConfigError(f"data.private: shares examples with the public data the base's {what} was pretrained "
                               f"on without DP ({path}: {'; '.join(shared)}): the private set must be disjoint "
@@ -458,6 +471,10 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
             print(f"{run_dir}: already finished ({step} of {ft.steps} steps, epsilon = {report['epsilon']:.3f}); "
                   f"nothing to do. Report: {run_dir / PRIVACY_REPORT}")
         return run_dir
+    if rt.is_main and (run_dir / "latents").is_dir():
+        print(f"dpldm finetune: warning: {run_dir / 'latents'} holds private latents written into the run folder by "
+              "an earlier version (the cache now lives in private/); delete it before sharing the folder",
+              file=sys.stderr)
     session.load_private(rt, encodings)  # private data from here on
     rt.check_engine(engine, session.probe_losses, PROBE_SIZE)  # refuses a model it cannot handle, uncharged
     rt.barrier()  # every rank has read the ledger before rank 0 journals the next step
@@ -558,13 +575,16 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
     resolved config and ``audit-report.json``. The audit is itself a DP computation on
     ``data.private`` with the plan's (epsilon, delta). Returns a ``trainer.privacy.audit.AuditResult``.
     """
-    from trainer.distributed import refuse_foreign_launch
+    from trainer.distributed import foreign_launch
     from trainer.privacy import entropy_generator
     from trainer.privacy.audit import CANARY_NORM, GradientCanaries, audit, scores
-    refuse_foreign_launch()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.finetune.deepspeed_config:
-        raise ConfigError("finetune.deepspeed_config: dpldm audit runs in one process; unset it and run it "
-                          "without a launcher")
+    if cfg.finetune.deepspeed_config:
+        raise ConfigError("finetune.deepspeed_config: dpldm audit runs in one process; unset it")
+    several = foreign_launch() or (f"WORLD_SIZE={os.environ['WORLD_SIZE']}"
+                                   if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
+    if several:
+        raise ConfigError(f"launched as one of several processes ({several}): dpldm audit runs in one process; "
+                          "run it without a launcher")
     if not 0.5 <= confidence < 1:
         raise ConfigError(f"--confidence: must be in [0.5, 1), got {confidence}")
     ft, rt = cfg.finetune, SingleProcess(Placement.from_config(cfg))
