@@ -216,7 +216,7 @@ class PrivateRows:
 class DPSession:
     """One DP fine-tuning run, built from the config with nothing written yet (see :func:`_prepare`).
 
-    A refused plan never reads the private set: private shards are counted for the plan, then
+    A refused plan never encodes the private set: private shards are counted for the plan, then
     encoded into their latent cache before the models are placed (ZeRO-3 partitions the
     encoder); in-memory images are encoded by :meth:`load_private`, after the run's ledger and
     checkpoint have been checked, so a refused or finished run never encodes them.
