@@ -124,7 +124,7 @@ def test_url_forms_brace_pipe_folder_and_list(tmp_path: Path):
 
 def test_count_distinct_samples_counts_what_the_reader_reads_and_refuses_a_shard_twice(tmp_path: Path):
     """N of a private set: the reader's sample count, without decoding; the same shard listed twice (by
-    path, by a copy elsewhere, or as the same pipe command) would count its examples twice."""
+    path, by a copy elsewhere, or streamed by a pipe command) would count its examples twice."""
     write_set(tmp_path / "set", 3, 4)
     urls = expand_urls(str(tmp_path / "set"))
     count, digest = count_distinct_samples(urls)
@@ -141,8 +141,9 @@ def test_count_distinct_samples_counts_what_the_reader_reads_and_refuses_a_shard
     copy = tmp_path / "elsewhere" / "shard-000009.tar"
     copy.parent.mkdir()
     copy.write_bytes(Path(urls[1]).read_bytes())
-    for twice in (urls + urls[:1], urls + [str(copy)], [f"pipe:cat {u}" for u in urls + urls[2:]]):
-        with pytest.raises(ValueError, match="the same shard as .*shard-00000[012].tar.*count twice"):
+    for twice in (urls + urls[:1], urls + [str(copy)], [f"pipe:cat {u}" for u in urls + urls[2:]],
+                  urls + [f"pipe:cat {urls[0]}"]):
+        with pytest.raises(ValueError, match="the same samples as shard .*shard-00000[012].tar.*count twice"):
             count_distinct_samples(twice)
 
 

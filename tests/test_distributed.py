@@ -381,9 +381,11 @@ def test_zero3_finetune_interrupted_and_resumed_on_another_world_size(pretrained
     assert (run_dir / "samples.png").is_file()
 
 
-def test_zero3_finetune_on_private_shards_encodes_them_once_before_partitioning(pretrained):
-    """Two ranks under ZeRO-3 on private shards: each rank encodes its share with the whole encoder (before
-    its weights are partitioned), the cache is completed once and lives outside the run folder."""
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_zero3_finetune_on_private_shards_encodes_them_before_partitioning(pretrained):
+    """Two ranks under ZeRO-3 on private shards: they encode the cache with the whole encoder (after
+    partitioning it would fail), complete it (no parts left) outside the run folder, and train on its N."""
     from trainer.data.shards import WriteOptions, write_shards
     from trainer.data.sources import mnist_source
     tmp = pretrained

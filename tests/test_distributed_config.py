@@ -94,6 +94,9 @@ def test_a_process_started_by_mpirun_or_srun_without_world_size_is_refused(tmp_p
     assert cli.main(["audit", "--output-dir", str(tmp_path / "runs")]) == 2
     assert f"({var}=4): dpldm audit runs in one process" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+    if var == "SLURM_STEP_NUM_TASKS":  # srun is refused with a DeepSpeed config too (nothing discovers its ranks)
+        assert cli.main(["finetune", "--output-dir", str(tmp_path / "runs"), "finetune.deepspeed_config=zero3"]) == 2
+        assert f"({var}=4) without WORLD_SIZE" in capsys.readouterr().err
     monkeypatch.setenv(var, "1")  # one process: on to the next check (no base here)
     assert cli.main(["finetune", "--output-dir", str(tmp_path / "runs")]) == 1
     assert "pretrain-ldm" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """End-to-end stages on tiny settings: demo --quick, resume, sampling, CLI errors, privacy plan checks."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -460,7 +461,7 @@ def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir, monke
         finetune.run(load_config("demo", overrides + ["finetune.delta=0.5"]))
     assert not (experiment / "private").exists() and not (experiment / "finetune").exists()
     twice = f"data.private.path={shards}/shard-{{000000..000002}}.tar::{shards}/shard-000001.tar"
-    with pytest.raises(ConfigError, match=r"data.private.path: .*shard-000001.tar: the same shard as"):
+    with pytest.raises(ConfigError, match=r"data.private.path: .*shard-000001.tar: the same samples as shard"):
         finetune.run(load_config("demo", overrides + [twice]))
     assert not (experiment / "private").exists()
 
@@ -479,3 +480,8 @@ def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir, monke
     second = finetune.run(load_config("demo", overrides + ["finetune.name=again"]))
     assert json.loads((second / "privacy-report.json").read_text())["N"] == 300
     assert [cache] == list((experiment / "private").iterdir())
+    shutil.rmtree(experiment / "private")  # deleted when done: a finished run, or a changed plan, encodes nothing
+    assert finetune.run(cfg) == run_dir
+    with pytest.raises(ConfigError, match="the privacy plan of a run cannot change"):
+        finetune.run(load_config("demo", overrides + ["finetune.steps=3"]))
+    assert not (experiment / "private").exists()

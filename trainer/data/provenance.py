@@ -78,9 +78,11 @@ def holdings(src: Any) -> set[Token]:
 
 def shared_examples(a: Any, b: Any) -> list[str]:
     """What ``DataSource`` ``a`` and ``b`` both hold, in words (empty: nothing this module can prove)."""
-    ours, theirs = holdings(a), holdings(b)
-    shared = {(kind, what) for kind, what, folder in ours for kind2, what2, folder2 in theirs
-              if (kind, what) == (kind2, what2) and not (folder and folder == folder2)}
+    theirs: dict[tuple[str, str], set[str]] = {}
+    for kind, what, folder in holdings(b):
+        theirs.setdefault((kind, what), set()).add(folder)
+    shared = {(kind, what) for kind, what, folder in holdings(a)
+              if theirs.get((kind, what), set()) - ({folder} if folder else set())}
     words = []
     for kind, what in sorted(shared):
         if kind == "mnist":

@@ -79,30 +79,30 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
 
 def count_distinct_samples(urls: Sequence[str]) -> tuple[int, str]:
     """The number of samples in the shards ``urls`` (as the reader groups a tar's members), read
-    without decoding, and a sha256 over the shards' contents in order; refuses (ValueError) a shard
-    listed twice or a copy of another.
+    without decoding, and a sha256 over their contents in order; refuses (ValueError) a shard whose
+    samples are those of another (the same file twice, a copy, a ``pipe:cat`` of it).
 
     For a private set, where N sets the sampling rate q = B / N: a shard read twice would put its
     examples in the set twice, each with two chances per step to be drawn, and the accountant
-    would under-state epsilon. Local shards are compared by content; ``pipe:`` and remote ones by
-    URL only (a local file and a ``pipe:cat`` of it are not recognised as one).
+    would under-state epsilon. A shard's identity is the hash of its samples' members (names and
+    bytes; not their keys or URL), so streamed and remote shards are compared by content too.
     """
     seen: dict[str, str] = {}
     total, digest = 0, hashlib.sha256()
     for url in urls:
-        identity = url
-        if not url.startswith("pipe:") and "://" not in url:
-            content = hashlib.sha256()
-            with open(url, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    content.update(block)
-            identity = content.hexdigest()
+        content, count = hashlib.sha256(), 0
+        for sample in wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception):
+            count += 1
+            for name in sorted(k for k in sample if not k.startswith("__")):
+                content.update(f"{name}\0{len(sample[name])}\0".encode())
+                content.update(sample[name])
+        identity = content.hexdigest()
         if identity in seen:
-            raise ValueError(f"{url}: the same shard as {seen[identity]} (same content): its samples would count "
-                             "twice in the set; list each shard once")
+            raise ValueError(f"{url}: the same samples as shard {seen[identity]}: they would count twice in the "
+                             "set; list each shard once")
         seen[identity] = url
         digest.update(f"{identity}\n".encode())
-        total += sum(1 for _ in wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception))
+        total += count
     return total, digest.hexdigest()
 
 

@@ -29,16 +29,17 @@ if TYPE_CHECKING:
 
 
 # process counts that MPI and Slurm launchers set for each process they start (torchrun and the deepspeed
-# launcher set WORLD_SIZE)
-FOREIGN_WORLD_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+# launcher set WORLD_SIZE); DistributedRun discovers the MPI ones (through DeepSpeed), not Slurm's
+MPI_WORLD_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+FOREIGN_WORLD_SIZES = (*MPI_WORLD_SIZES, "SLURM_STEP_NUM_TASKS")
 
 
-def foreign_launch() -> Optional[str]:
-    """``VAR=N`` when an MPI or Slurm launcher started this process as one of N > 1 and ``WORLD_SIZE``
-    is unset, else None."""
+def foreign_launch(variables: tuple[str, ...] = FOREIGN_WORLD_SIZES) -> Optional[str]:
+    """``VAR=N`` when a launcher setting one of ``variables`` started this process as one of N > 1 and
+    ``WORLD_SIZE`` is unset, else None."""
     if "WORLD_SIZE" in os.environ:
         return None
-    for var in FOREIGN_WORLD_SIZES:
+    for var in variables:
         value = os.environ.get(var, "1")
         if value.isdigit() and int(value) > 1:
             return f"{var}={value}"
@@ -48,18 +49,18 @@ def foreign_launch() -> Optional[str]:
 def launch(cfg: Config) -> Optional["DistributedRun"]:
     """The distributed runtime when launched on several processes or with a DeepSpeed config, else None.
 
-    A process that an MPI or Slurm launcher started as one of several, with neither ``WORLD_SIZE``
-    nor a DeepSpeed config (whose initialisation finds MPI ranks itself), is refused: each would
+    A process that srun, or an MPI launcher without a DeepSpeed config (whose initialisation finds
+    MPI ranks itself), started as one of several without ``WORLD_SIZE`` is refused: each would
     fine-tune on the whole private set alone, and their releases would compose.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     name = cfg.finetune.deepspeed_config
+    foreign = foreign_launch(FOREIGN_WORLD_SIZES if name is None else ("SLURM_STEP_NUM_TASKS",))
+    if foreign:
+        raise ConfigError(f"launched as one of several processes ({foreign}) without WORLD_SIZE: each would "
+                          "train on the whole private set alone; launch with torchrun (under srun: one torchrun "
+                          "per node), with mpirun and finetune.deepspeed_config set, or as one process")
     if world_size == 1 and name is None:
-        foreign = foreign_launch()
-        if foreign:
-            raise ConfigError(f"launched as one of several processes ({foreign}) without WORLD_SIZE: each would "
-                              "train on the whole private set alone; launch with torchrun, set "
-                              "finetune.deepspeed_config (DeepSpeed finds MPI ranks itself), or run one process")
         return None
     placement = Placement.from_config(cfg)  # device "auto"/"cuda": this rank's GPU (LOCAL_RANK)
     if name is None:

@@ -154,7 +154,7 @@ def private_shards(cfg: Config) -> PrivateShards:
 def private_cache_dir(cfg: Config, encoder_hash: str, shards: PrivateShards) -> Path:
     """``<output_dir>/<experiment>/private/latents-<key>``: private data, kept apart from the run folders
     (which hold results only) and shared by the experiment's fine-tunes of the same encoder and shards
-    (their contents: two sets never share a cache)."""
+    (by their contents: two sets never share a cache)."""
     key = hashlib.sha256(f"{encoder_hash}\0{shards.digest}\0{cfg.data.private.resolution}\0{image_channels(cfg)}"
                          .encode()).hexdigest()[:16]
     return Path(cfg.output_dir) / cfg.experiment / "private" / f"latents-{key}"
@@ -216,10 +216,11 @@ class PrivateRows:
 class DPSession:
     """One DP fine-tuning run, built from the config with nothing written yet (see :func:`_prepare`).
 
-    A refused plan never encodes the private set: private shards are counted for the plan, then
-    encoded into their latent cache before the models are placed (ZeRO-3 partitions the
-    encoder); in-memory images are encoded by :meth:`load_private`, after the run's ledger and
-    checkpoint have been checked, so a refused or finished run never encodes them.
+    A refused or finished run never encodes the private set. Private shards are counted for the
+    plan and, once the plan, the run's journal and the trainable set are accepted and the run is
+    not finished, encoded into their latent cache before the models are placed (ZeRO-3 partitions
+    the encoder); in-memory images are encoded by :meth:`load_private`, after the run's
+    checkpoint has been checked too.
     """
     cfg: Config
     base_dir: Path
@@ -245,6 +246,9 @@ class DPSession:
         """Hold (latent cache) or encode (in-memory images; found in ``encodings`` when already
         encoded there) this process's private rows."""
         src = self.source
+        if isinstance(src, PrivateShards):
+            raise RunError("data.private: the private shards were not encoded (the journal says the run is finished, "
+                           "its checkpoint does not); restore the run folder, or start another run")
         if isinstance(src, EncodedPrivateSet):
             mean, std, labels = rt.hold(src.mean, src.std, src.labels)
             captions = src.captions[rt.rank::rt.world_size] + [[""]]  # + the padding row of DistributedRun
@@ -324,13 +328,15 @@ def base_rows(names: list | None, meta: dict, base_dir: Path) -> list[int] | Non
     return [public.index(str(x)) for x in names]
 
 
-def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], seed: int | None = None) -> DPSession:
+def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: Path | None = None,
+             seed: int | None = None) -> DPSession:
     """Load the base and the plan; build engine, sampler, ledger and optimizer.
 
-    Refuses (ConfigError, RunError) a bad plan or a missing base before anything is charged or
-    written; a private shard set is counted for the plan, and encoded into its latent cache only
-    once the plan and the trainable set are accepted. In-memory private images are encoded later
-    (:meth:`DPSession.load_private`). The sampler, the DP noise and
+    Refuses (ConfigError, RunError) a bad plan, a missing base or a plan that differs from the
+    journal of ``run_dir`` before anything is charged or written; a private shard set is counted
+    for the plan, and encoded into its latent cache only once all of that is accepted and the run
+    is not finished. In-memory private images are encoded later (:meth:`DPSession.load_private`).
+    The sampler, the DP noise and
     the loss draws use generators seeded from OS entropy, or from ``seed`` when a test asks for it.
     """
     from trainer.diffusion import EMA
@@ -377,12 +383,15 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], seed: in
     trainable = {name: p for name, p in ldm.named_parameters() if p.requires_grad}
     snr = warn_if_noise_drowns_signal(sigma, ft.expected_batch_size, ft.steps, selection.trainable_count) \
         if rt.is_main else float("nan")
-    if isinstance(source, PrivateShards):  # before place: ZeRO-3 partitions the encoder
-        source = encode_private_shards(cfg, autoencoder, meta["autoencoder_sha256"], source, rt)
-    rt.place(ldm, autoencoder)
-
     ledger = PrivacyLedger(sigma, q, ft.delta, planned_steps=ft.steps,
                            epsilon_budget=ft.epsilon or epsilon(sigma, q, ft.steps, ft.delta))
+    finished = False
+    if run_dir is not None:
+        _load_journal(run_dir, ledger)
+        finished = ledger.steps_taken >= ft.steps and (run_dir / PRIVACY_REPORT).is_file()
+    if isinstance(source, PrivateShards) and not finished:  # before place: ZeRO-3 partitions the encoder
+        source = encode_private_shards(cfg, autoencoder, meta["autoencoder_sha256"], source, rt)
+    rt.place(ldm, autoencoder)
 
     def generator(k: int) -> torch.Generator:
         return entropy_generator() if seed is None else torch.Generator().manual_seed(seed + k)
@@ -431,8 +440,9 @@ def _base_dir(cfg: Config) -> Path:
     return earlier_stage(cfg, "pretrain-ldm")
 
 
-def _restore_ledger(run_dir: Path, ledger, checkpoint: Checkpoint) -> None:
-    """Load the run's ledger journal; refuse when it is missing or behind what the folder holds."""
+def _load_journal(run_dir: Path, ledger) -> None:
+    """Load the run's ledger journal into ``ledger``; refuse when it is missing from a started run
+    or records another plan."""
     path = run_dir / LEDGER_FILE
     traces = [name for name in (WEIGHTS_FILE, EMA_FILE, STATE_FILE, CHECKPOINTS, PRIVACY_REPORT)
               if (run_dir / name).exists()]
@@ -447,6 +457,11 @@ def _restore_ledger(run_dir: Path, ledger, checkpoint: Checkpoint) -> None:
     except (ValueError, KeyError) as err:
         raise ConfigError(f"{path}: {err}: the privacy plan of a run cannot change once it has started "
                           "(start another run with finetune.name=..., or restore the run's settings)") from None
+
+
+def _check_journal_covers(run_dir: Path, ledger, checkpoint: Checkpoint) -> None:
+    """Refuse a journal (loaded by :func:`_load_journal`) that counts fewer steps than the checkpoint."""
+    path = run_dir / LEDGER_FILE
     charged = max(checkpoint.step, checkpoint.steps_charged)
     if ledger.steps_taken < charged:
         raise RunError(f"{path}: counts {ledger.steps_taken} steps, but the checkpoint is at step {checkpoint.step} "
@@ -459,22 +474,22 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
 
     ft = cfg.finetune
     run_dir = stage_dir(cfg, "finetune")
-    session = _prepare(cfg, rt)
+    session = _prepare(cfg, rt, run_dir)
     ldm, engine, state = session.ldm, session.engine, session.state
     ledger = state.ledger
     checkpoint = rt.resume(run_dir, state)  # weights and optimizer; the sampler continues at the step
-    _restore_ledger(run_dir, ledger, checkpoint)  # ... and the ledger from its journal, which counts every step
+    _check_journal_covers(run_dir, ledger, checkpoint)  # the journal (loaded by _prepare) counts every step
     step = checkpoint.step
+    if rt.is_main and (run_dir / "latents").is_dir():
+        print(f"dpldm finetune: warning: {run_dir / 'latents'} holds private latents written into the run folder by "
+              "an earlier version (the cache now lives in private/); delete it before sharing the folder",
+              file=sys.stderr)
     if step >= ft.steps and (run_dir / PRIVACY_REPORT).is_file():
         if rt.is_main:
             report = json.loads((run_dir / PRIVACY_REPORT).read_text())
             print(f"{run_dir}: already finished ({step} of {ft.steps} steps, epsilon = {report['epsilon']:.3f}); "
                   f"nothing to do. Report: {run_dir / PRIVACY_REPORT}")
         return run_dir
-    if rt.is_main and (run_dir / "latents").is_dir():
-        print(f"dpldm finetune: warning: {run_dir / 'latents'} holds private latents written into the run folder by "
-              "an earlier version (the cache now lives in private/); delete it before sharing the folder",
-              file=sys.stderr)
     session.load_private(rt, encodings)  # private data from here on
     rt.check_engine(engine, session.probe_losses, PROBE_SIZE)  # refuses a model it cannot handle, uncharged
     rt.barrier()  # every rank has read the ledger before rank 0 journals the next step
@@ -589,7 +604,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
         raise ConfigError(f"--confidence: must be in [0.5, 1), got {confidence}")
     ft, rt = cfg.finetune, SingleProcess(Placement.from_config(cfg))
     run_dir = stage_dir(cfg, "audit")
-    session = _prepare(cfg, rt, seed)
+    session = _prepare(cfg, rt, seed=seed)
     session.load_private(rt)
     engine, ledger, optimizer = session.engine, session.state.ledger, session.state.optimizer
     params = [p for _, p in engine.params]
