@@ -336,8 +336,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     journal of ``run_dir`` before anything is charged or written; a private shard set is counted
     for the plan, and encoded into its latent cache only once all of that is accepted and the run
     is not finished. In-memory private images are encoded later (:meth:`DPSession.load_private`).
-    The sampler, the DP noise and
-    the loss draws use generators seeded from OS entropy, or from ``seed`` when a test asks for it.
+    The sampler, the DP noise and the loss draws use generators seeded from OS entropy, or from
+    ``seed`` when a test asks for it.
     """
     from trainer.diffusion import EMA
     from trainer.models import ClassEmbedder, new_class_embedder
