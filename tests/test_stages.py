@@ -63,7 +63,7 @@ def test_demo_quick_runs_the_whole_pipeline(workdir, capsys, monkeypatch):
     table = out.split("dpldm compare --experiment demo-quick")[1]
     assert "finetune-eps1" in table and "\nfinetune " in table
     eps, delta = report["epsilon"] + report1["epsilon"], report["delta"] + report1["delta"]
-    assert f"released together they are ({eps:.3g}, {delta:g})-DP" in out
+    assert f"released together they are ({eps:.4g}, {delta:g})-DP" in out
 
 
 @pytest.mark.parametrize("value, error", [("1,0", "finetune.epsilon"), ("1;3", "--also-epsilon")])

@@ -148,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"accuracy vs epsilon: {plot}")
         eps, delta = composed_guarantee([out["finetune"], *(run_dir for run_dir, _ in out["sweep"])])
         print(f"These {1 + len(out['sweep'])} models are fine-tuned on the same private set: each report holds for "
-              f"that model alone; released together they are ({eps:.3g}, {delta:g})-DP (basic composition: the "
+              f"that model alone; released together they are ({eps:.4g}, {delta:g})-DP (basic composition: the "
               "epsilons and deltas add up).")
     print(f"MLflow runs (experiment '{cfg.experiment}'): {tracking_hint()}")
     return 0
