@@ -45,7 +45,8 @@ def test_shards_by_file_and_by_the_source_they_were_prepared_from(tmp_path):
 
 
 def test_the_config_refuses_a_private_set_inside_the_public_one():
-    with pytest.raises(ConfigError, match=r"demo.yaml: data.private: shares examples with data.public \(MNIST's train split\)"):
+    with pytest.raises(ConfigError,
+                       match=r"demo.yaml: data.private: shares examples with data.public \(MNIST's train split\)"):
         load_config("demo", ["data.public.source=mnist", "data.public.split=train"])
     load_config("demo", ["data.public.source=mnist", "data.public.split=test"])  # disjoint: accepted
 

@@ -36,8 +36,8 @@ FOREIGN_WORLD_SIZES = (*MPI_WORLD_SIZES, "SLURM_STEP_NUM_TASKS")
 
 def foreign_launch(variables: tuple[str, ...] = FOREIGN_WORLD_SIZES) -> Optional[str]:
     """``VAR=N`` when a launcher setting one of ``variables`` started this process as one of N > 1 and
-    ``WORLD_SIZE`` is unset, else None."""
-    if "WORLD_SIZE" in os.environ:
+    ``WORLD_SIZE`` does not say it has company (unset, or 1 as a container may export), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return None
     for var in variables:
         value = os.environ.get(var, "1")
@@ -50,16 +50,16 @@ def launch(cfg: Config) -> Optional["DistributedRun"]:
     """The distributed runtime when launched on several processes or with a DeepSpeed config, else None.
 
     A process that srun, or an MPI launcher without a DeepSpeed config (whose initialisation finds
-    MPI ranks itself), started as one of several without ``WORLD_SIZE`` is refused: each would
+    MPI ranks itself), started as one of several with no ``WORLD_SIZE`` above 1 is refused: each would
     fine-tune on the whole private set alone, and their releases would compose.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     name = cfg.finetune.deepspeed_config
     foreign = foreign_launch(FOREIGN_WORLD_SIZES if name is None else ("SLURM_STEP_NUM_TASKS",))
     if foreign:
-        raise ConfigError(f"launched as one of several processes ({foreign}) without WORLD_SIZE: each would "
-                          "train on the whole private set alone; launch with torchrun (under srun: one torchrun "
-                          "per node), with mpirun and finetune.deepspeed_config set, or as one process")
+        raise ConfigError(f"launched as one of several processes ({foreign}) and WORLD_SIZE is not above 1: each "
+                          "would train on the whole private set alone; launch with torchrun (under srun: one "
+                          "torchrun per node), with mpirun and finetune.deepspeed_config set, or as one process")
     if world_size == 1 and name is None:
         return None
     placement = Placement.from_config(cfg)  # device "auto"/"cuda": this rank's GPU (LOCAL_RANK)
