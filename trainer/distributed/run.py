@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 # process counts that MPI and Slurm launchers set for each process they start (torchrun and the deepspeed
 # launcher set WORLD_SIZE); DistributedRun discovers the MPI ones (through DeepSpeed), not Slurm's
 MPI_WORLD_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-FOREIGN_WORLD_SIZES = (*MPI_WORLD_SIZES, "SLURM_STEP_NUM_TASKS")
+SLURM_WORLD_SIZES = ("SLURM_STEP_NUM_TASKS",)
+FOREIGN_WORLD_SIZES = (*MPI_WORLD_SIZES, *SLURM_WORLD_SIZES)
 
 
 def foreign_launch(variables: tuple[str, ...] = FOREIGN_WORLD_SIZES) -> Optional[str]:
@@ -55,7 +56,7 @@ def launch(cfg: Config) -> Optional["DistributedRun"]:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     name = cfg.finetune.deepspeed_config
-    foreign = foreign_launch(FOREIGN_WORLD_SIZES if name is None else ("SLURM_STEP_NUM_TASKS",))
+    foreign = foreign_launch(FOREIGN_WORLD_SIZES if name is None else SLURM_WORLD_SIZES)
     if foreign:
         raise ConfigError(f"launched as one of several processes ({foreign}) and WORLD_SIZE is not above 1: each "
                           "would train on the whole private set alone; launch with torchrun (under srun: one "
@@ -86,7 +87,7 @@ class DistributedRun(Runtime):
     def __init__(self, settings: DeepSpeedSettings, placement: Optional[Placement] = None):
         import deepspeed
 
-        launched = any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
+        launched = any(k in os.environ for k in ("RANK", *MPI_WORLD_SIZES))
         if not launched:  # a plain process with a DeepSpeed config: a world of one
             os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})

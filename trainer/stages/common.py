@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 from dataclasses import dataclass
@@ -160,14 +159,6 @@ def load_image_source(src: DataSource, key: str = "data") -> ImageSet:
     return ImageSet(_to_resolution(x, src.resolution), torch.from_numpy(y).long(), list(names))
 
 
-def _names_beside(pattern: str) -> list[str]:
-    """Label names from ``meta.json`` beside the shards (written by ``dpldm prepare``), if any."""
-    from trainer.data.reader import expand_urls
-    first = Path(expand_urls(pattern)[0])
-    meta = first.parent / "meta.json"
-    return list(json.loads(meta.read_text()).get("label_names") or []) if meta.is_file() else []
-
-
 def conditions(cond_type: str, labels: torch.Tensor, captions: Optional[list[str]]):
     """The conditioner's input for a batch: class labels, captions, or None (unconditional)."""
     if cond_type == "class":
@@ -221,7 +212,9 @@ def public_label_names(cfg: Config) -> list[str]:
     if src.source == "mnist":
         from trainer.data.mnist import DIGIT_NAMES
         return list(DIGIT_NAMES)
-    names = _names_beside(src.path) if src.path else []
+    from trainer.data.latent_cache import shard_label_names
+    from trainer.data.reader import expand_urls
+    names = list(shard_label_names(expand_urls(src.path)) or []) if src.path else []
     return names or [str(i) for i in range(cfg.ldm.conditioner.n_classes or 0)]
 
 
