@@ -5,16 +5,21 @@ import pytest
 from opacus.accountants import PRVAccountant as OpacusPRV
 from opacus.accountants import RDPAccountant as OpacusRDP
 
-from trainer.privacy import PrivacyBudgetExceeded, PrivacyLedger, calibrate_noise, epsilon, rdp_epsilon
-from trainer.privacy.accounting import EPS_ERROR
+from trainer.privacy import (Mechanism, PrivacyBudgetExceeded, PrivacyLedger, calibrate_noise, composed_epsilon, epsilon,
+                             rdp_epsilon)
+from trainer.privacy.accounting import EPS_ERROR, composed_rdp_epsilon
 
 DELTA = 1e-5
 
 
-def opacus_epsilon(accountant_cls, sigma: float, q: float, steps: int) -> float:
+def opacus_epsilon(accountant_cls, sigma: float, q: float, steps: int, delta: float = DELTA) -> float:
+    return opacus_composed(accountant_cls, [(sigma, q, steps)], delta)
+
+
+def opacus_composed(accountant_cls, history: list, delta: float) -> float:
     accountant = accountant_cls()
-    accountant.history = [(sigma, q, steps)]
-    return accountant.get_epsilon(DELTA)
+    accountant.history = list(history)
+    return accountant.get_epsilon(delta)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -102,3 +107,30 @@ def test_huge_epsilon_falls_back_to_rdp_instead_of_exhausting_memory():
     assert eps == rdp_epsilon(0.3, 0.5, 2000, 1e-5) > PRV_RDP_LIMIT
     with pytest.raises(ValueError, match="target_epsilon"):
         calibrate_noise(float("inf"), 1e-5, 0.01, 10)
+
+
+# two runs on one private set: the demo's two budgets, and a run continued under another plan
+RUNS = [[Mechanism(0.7, 0.05, 800), Mechanism(1.5, 0.025, 600)], [Mechanism(1.0, 0.01, 300), Mechanism(2.0, 0.1, 50)]]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("runs", RUNS)
+def test_composed_epsilon_agrees_with_opacus_and_beats_adding_epsilons(runs):
+    delta = 2 * DELTA
+    eps = composed_epsilon(runs, delta)
+    assert abs(eps - opacus_composed(OpacusPRV, [tuple(m) for m in runs], delta)) <= 2 * EPS_ERROR
+    rdp = composed_rdp_epsilon(runs, delta)
+    assert rdp == pytest.approx(opacus_composed(OpacusRDP, [tuple(m) for m in runs], delta))
+    assert eps < rdp
+    each = [epsilon(*m, DELTA) for m in runs]
+    assert max(epsilon(*m, delta) for m in runs) <= eps < sum(each)
+
+
+def test_composing_one_plan_in_pieces_is_running_it_whole():
+    whole = epsilon(0.8, 0.02, 500, DELTA)
+    assert composed_epsilon([Mechanism(0.8, 0.02, 200), Mechanism(0.8, 0.02, 300)], DELTA) == \
+        pytest.approx(whole, abs=EPS_ERROR)
+    assert composed_epsilon([Mechanism(0.8, 0.02, 500), Mechanism(3.0, 0.5, 0)], DELTA) == pytest.approx(whole)
+    assert composed_epsilon([], DELTA) == 0.0
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        composed_epsilon([Mechanism(0.0, 0.02, 5)], DELTA)

@@ -70,6 +70,16 @@ def fixed_losses(ldm, mean, labels, t, noise):
     return example_losses
 
 
+NAN_EXAMPLE = 5  # in BATCHES[1], on rank 1 of 2
+
+
+def with_nan(noise: torch.Tensor) -> torch.Tensor:
+    """The fixed noise draws with NAN_EXAMPLE's made NaN (its loss and gradient are then NaN)."""
+    out = noise.clone()
+    out[NAN_EXAMPLE] = float("nan")
+    return out
+
+
 def micro_batches(indices: list[int], size: int = 4) -> list[torch.Tensor]:
     idx = torch.tensor(indices, dtype=torch.int64)
     return list(torch.split(idx, size)) if len(idx) else [idx]
@@ -131,6 +141,15 @@ def update_worker(out: Path, deepspeed_config: str) -> None:
     with torch.no_grad():
         for p, p0 in zip(params, start):
             p.copy_(p0)
+    # (e) BATCHES[1] again, example NAN_EXAMPLE's loss NaN: every rank redoes the step, that example left out
+    nan_losses = fixed_losses(ldm, mean, local_labels, torch.cat([t[rank::world], pad_t]),
+                              torch.cat([with_nan(noise)[rank::world], pad_noise]))
+    mine = [i for i in BATCHES[1] if i % world == rank]
+    nan_step = {"metrics": rt.train_step(engine, sharded_sgd(SGD_LR), micro_batches(mine), nan_losses),
+                "params": flat_trainable(ldm)}
+    with torch.no_grad():
+        for p, p0 in zip(params, start):
+            p.copy_(p0)
     engine.detach()
 
     optimizer = rt.make_optimizer(params, ADAMW_LR, 0.01)
@@ -147,7 +166,7 @@ def update_worker(out: Path, deepspeed_config: str) -> None:
     noisy_update = before - flat_trainable(ldm)
     if rt.is_main:
         torch.save({"layout": layout, "steps": steps, "bf16_vs_fp32": updates, "adamw": adamw,
-                    "noisy_update": noisy_update}, out)
+                    "noisy_update": noisy_update, "nan_step": nan_step}, out)
     rt.close(finished=True)
 
 
@@ -244,6 +263,13 @@ def updates(tmp_path_factory):
     for batch in BATCHES:
         metrics = rt.train_step(engine, optimizer, micro_batches(batch), fixed_losses(ldm, mean, labels, t, noise))
         reference["steps"].append({"metrics": metrics, "params": flat_trainable(ldm)})
+    start = [p.detach().clone() for p in params]  # (e): BATCHES[1] without NAN_EXAMPLE, then back
+    rt.train_step(engine, torch.optim.SGD(params, lr=SGD_LR),
+                  micro_batches([i for i in BATCHES[1] if i != NAN_EXAMPLE]), fixed_losses(ldm, mean, labels, t, noise))
+    reference["nan_step"] = flat_trainable(ldm)
+    with torch.no_grad():
+        for p, p0 in zip(params, start):
+            p.copy_(p0)
     engine.detach()
     optimizer = rt.make_optimizer(params, ADAMW_LR, 0.01)  # torch.optim.AdamW
     for k in range(2):
@@ -287,6 +313,18 @@ def test_two_ranks_update_like_one_process_without_noise(updates):
     for world in (1, 2):  # the sharded AdamW is AdamW (up to float32 rounding of the weights)
         update = updates[world]["adamw"] - updates[world]["steps"][-1]["params"]
         torch.testing.assert_close(update, ref_update, rtol=0, atol=3e-7)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_an_example_with_a_nan_loss_is_left_out_of_the_step_on_every_rank(updates):
+    """Its NaN would spread to the whole released gradient: every rank redoes the step (ZeRO-3's
+    gathers need the same forwards on all), and the update is the one without that example."""
+    for world in (1, 2):
+        got = updates[world]["nan_step"]
+        assert got["metrics"]["nonfinite"] == 1 and got["metrics"]["batch_size"] == len(BATCHES[1]) - 1
+        torch.testing.assert_close(got["params"], updates["reference"]["nan_step"], rtol=0, atol=5e-7)
+    assert (updates["reference"]["nan_step"] - updates["reference"]["steps"][-1]["params"]).abs().max() > 1e-3
 
 
 @pytest.mark.multiprocess

@@ -89,6 +89,17 @@ def test_the_first_micro_batch_is_checked_too():
         engine.accumulate(model(torch.randn(B, T, D)).pow(2).sum(dim=(1, 2)))
 
 
+def test_a_padding_micro_batch_does_not_use_up_the_check_of_the_first_private_one():
+    """A rank with no example of its own first runs the public padding example with loss x 0:
+    nothing to compare there, so the check waits for the rank's first real micro-batch."""
+    torch.manual_seed(0)
+    model = SequenceFirstNet()
+    engine = DPGradientEngine(model, 1.0, 0.0, float(B))
+    engine.accumulate(model(torch.randn(1, T, D)).pow(2).sum(dim=(1, 2)) * 0.0)
+    with pytest.raises(EngineSelfCheckError, match="'mix'"):
+        engine.accumulate(model(torch.randn(B, T, D)).pow(2).sum(dim=(1, 2)))
+
+
 def test_removing_one_example_moves_the_clipped_sum_by_at_most_C_once_checked():
     """Why the check matters: without it the mixed 'per-example' gradients break the sensitivity bound."""
     torch.manual_seed(0)
@@ -258,3 +269,53 @@ def test_secure_noise_in_the_engine_has_the_calibrated_std():
     noise = (grads[0] - grads[1]) / (sigma * C / expected)
     n = noise.numel()
     assert abs(float(noise.pow(2).sum()) - n) < 5 * (2 * n) ** 0.5
+
+
+class Recorder:
+    """An optimizer that keeps the ``.grad`` each step released."""
+
+    def __init__(self, params):
+        self.params, self.released = list(params), []
+
+    def step(self):
+        self.released.append([p.grad.clone() for p in self.params])
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_an_example_with_a_non_finite_gradient_is_left_out_of_the_step(mode):
+    """A NaN or inf example would make the released step NaN (unbounded sensitivity): the step is
+    accumulated again without it, and equals the brute-force clipped sum of the others."""
+    from trainer.distributed import SingleProcess
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 8), nn.GELU(), nn.Linear(8, 3))
+    x = torch.randn(12, D) * 3
+    x[2, 1] = float("nan")  # in the first micro-batch (the fast engine's first private check)
+    x[9, 0] = float("inf")
+    losses_of = lambda rows: model(x[rows]).pow(2).sum(dim=1)  # noqa: E731
+    engine = DPGradientEngine(model, 1.0, 0.0, 6.0, mode=mode)
+    recorder = Recorder(model.parameters())
+    metrics = SingleProcess().train_step(engine, recorder, [torch.arange(0, 6), torch.arange(6, 12)], losses_of)
+    assert metrics["nonfinite"] == 2 and metrics["batch_size"] == 10
+    finite = [i for i in range(12) if i not in (2, 9)]
+    expected = brute_force_clipped_sum(model, lambda s: losses_of(torch.tensor(finite)[s]), len(finite), 1.0)
+    for got, want in zip(recorder.released[0], expected):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want / 6.0, rtol=1e-4, atol=1e-6)
+    assert not engine._check_pending, "the redone first micro-batch was checked"
+
+
+def test_a_step_whose_every_example_is_non_finite_releases_noise_only():
+    from trainer.distributed import SingleProcess
+    model = nn.Linear(D, 2)
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))  # a diverged model
+    engine = DPGradientEngine(model, 1.0, 1.0, 4.0, generator=torch.Generator().manual_seed(0))
+    recorder = Recorder(model.parameters())
+    metrics = SingleProcess().train_step(engine, recorder, [torch.arange(4)],
+                                         lambda rows: model(torch.randn(len(rows), D)).pow(2).sum(dim=1))
+    assert metrics["nonfinite"] == 4 and metrics["batch_size"] == 0
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in recorder.released[0])

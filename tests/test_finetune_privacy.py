@@ -338,7 +338,60 @@ def test_secure_noise_and_a_drowning_plan_warns(base, capsys):
     assert "noise drowns the signal" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override,key", [("finetune.epsilon=.inf", "finetune.epsilon"),
+def test_runs_on_one_private_set_are_reported_together_and_held_to_the_total_budget(base, monkeypatch, capsys):
+    from trainer.privacy import Mechanism, composed_epsilon
+
+    def cfg(name, *extra):  # an experiment of its own over the shared base: only these runs count
+        return tiny(base, name, "experiment=spend", f"finetune.base={base / 'runs' / 'ledger' / 'ldm'}", *extra)
+    first = json.loads((finetune.run(cfg("a", "finetune.epsilon=2")) / "privacy-report.json").read_text())
+    assert "private_set_spend" not in first
+    folder = base / "runs" / "spend" / "finetune-b"
+    with monkeypatch.context() as patch:
+        never_encode(patch)
+        cap = round(first["epsilon"] + 0.2, 2)  # a second run of epsilon 2 adds more than that
+        with pytest.raises(ConfigError, match=rf"finetune.total_epsilon: {cap:g} would be exceeded: .*\(finetune-a, "
+                                              r"finetune-b \(planned 3 steps\)\)"):
+            finetune.run(cfg("b", "finetune.epsilon=2", f"finetune.total_epsilon={cap}"))
+    assert not folder.exists(), "a refused run writes nothing"
+    capsys.readouterr()
+    second = json.loads((finetune.run(cfg("b", "finetune.epsilon=2", "finetune.total_epsilon=4"))
+                         / "privacy-report.json").read_text())
+    spend = second["private_set_spend"]
+    runs = [Mechanism(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in (first, second)]
+    assert [r["run"] for r in spend["runs"]] == ["finetune-a", "finetune-b"] and all(r["ended"] for r in spend["runs"])
+    assert spend["delta"] == first["delta"] == second["delta"]
+    assert spend["epsilon"] == pytest.approx(composed_epsilon(runs, spend["delta"]))
+    assert max(first["epsilon"], second["epsilon"]) < spend["epsilon"] < first["epsilon"] + second["epsilon"]
+    assert f"({spend['epsilon']:.4g}, 1e-05)-DP together" in capsys.readouterr().out
+
+
+def test_a_second_session_on_a_run_is_refused_before_any_step(base, monkeypatch):
+    """Two sessions on one run would each journal only their own steps: the run folder is held by
+    one session, and a journal that moved since this session read it is refused."""
+    from trainer.io import try_lock
+    cfg, folder = tiny(base, "twice"), run_dir(base, "twice")
+    folder.mkdir(parents=True)
+    holder = try_lock(folder / ".session.lock")
+    with pytest.raises(RunError, match=rf"{folder}: another session is running this run \(pid \d+ on "):
+        finetune.run(cfg)
+    holder.close()
+    assert sorted(p.name for p in folder.iterdir()) == [".session.lock"], "nothing charged or written"
+    real = finetune.DPSession.load_private
+
+    def load_private(self, *a, **kw):  # meanwhile another session charges a step
+        real(self, *a, **kw)
+        (folder / "ledger.json").write_text(json.dumps({**self.state.ledger.state_dict(), "steps_taken": 1}))
+    monkeypatch.setattr(finetune.DPSession, "load_private", load_private)
+    with pytest.raises(RunError, match=r"ledger.json: another session charged steps since this one read it"):
+        finetune.run(cfg)
+    assert json.loads((folder / "ledger.json").read_text())["steps_taken"] == 1
+    assert not (folder / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("override,key", [("finetune.max_grad_norm=.inf", "finetune.max_grad_norm"),
+                                          ("finetune.max_grad_norm=.nan", "finetune.max_grad_norm"),
+                                          ("finetune.total_epsilon=.inf", "finetune.total_epsilon"),
+                                          ("finetune.epsilon=.inf", "finetune.epsilon"),
                                           ("finetune.epsilon=1000", "finetune.epsilon"),
                                           ("finetune.epsilon=.nan", "finetune.epsilon")])
 def test_non_finite_or_absurd_budgets_are_refused(override, key):
@@ -390,7 +443,8 @@ def no_noise(monkeypatch):
 def test_audit_catches_a_run_without_noise_or_clipping_and_passes_a_correct_one(base, monkeypatch, bug):
     if bug is not None:
         bug(monkeypatch)
-    result = finetune.run_audit(tiny(base, "audit", *AUDIT), canaries=500, seed=11)
+    name = "audit" if bug is None else f"audit-{bug.__name__}"  # each audit's record stays in its folder
+    result = finetune.run_audit(tiny(base, name, *AUDIT), canaries=500, seed=11)
     assert result.claimed <= 1.0
     if bug is None:
         assert result.lower_bound <= result.claimed
@@ -415,9 +469,17 @@ def test_audit_bound_against_direct_binomial_tails():
 
 def test_audit_last_line_on_the_cli(base, capsys):
     argv = ["audit", "--output-dir", str(base / "runs"), "--canaries", "50", *TINY, "finetune.name=cli"]
+    earlier = list((base / "runs" / "ledger").glob("*/ledger.json"))
     assert cli.main(argv) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"epsilon lower bound: \d+\.\d{3} at 95% confidence; claimed epsilon: \d+\.\d{3}", last)
+    # with the module's earlier runs (when they ran first), the audit reports the private set's total
+    assert ("The audit is a DP run on the private set too: the experiment's " in out) == bool(earlier)
+    journal = base / "runs" / "ledger" / "audit-cli" / "ledger.json"
+    assert json.loads(journal.read_text())["steps_taken"] == 3
+    assert cli.main(argv) == 1, "a second audit in the folder would overwrite the first one's record"
+    assert f"{journal}: an earlier run here charged the private set" in capsys.readouterr().err
 
 
 def test_an_encoding_memo_encodes_the_private_set_once_per_encoder_and_source(base, monkeypatch):

@@ -85,3 +85,15 @@ def test_the_config_refuses_a_test_set_inside_the_private_one():
     """The evaluation logs eval.* scores of the test set: on private examples they would not be DP."""
     with pytest.raises(ConfigError, match=r"data.test: shares examples with data.private \(MNIST's test split\)"):
         load_config("demo", ["data.private.split=test"])
+
+
+def test_a_recorded_private_path_names_the_same_shards_from_any_folder(tmp_path, monkeypatch):
+    from trainer.data.provenance import absolute_source
+    (tmp_path / "a").mkdir()
+    write_shard(tmp_path / "a" / "shard-000000.tar", [{"__key__": "x", "png": b""}])
+    monkeypatch.chdir(tmp_path)
+    recorded = absolute_source(source(source="shards", path="a/shard-{000000..000000}.tar::pipe:cat b.tar"))
+    assert recorded.path == f"{tmp_path}/a/shard-{{000000..000000}}.tar::pipe:cat b.tar"
+    monkeypatch.chdir("a")  # another working folder: the relative path names nothing, the recorded one the shard
+    assert shared_examples(recorded, source(source="shards", path=str(tmp_path / "a"))) != []
+    assert absolute_source(source(source="mnist", split="test")) == source(source="mnist", split="test")

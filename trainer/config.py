@@ -128,6 +128,9 @@ class FinetuneConfig:
     new_class_from: Optional[list] = None  # base class names the new classes start from (public prior), or random
     epsilon: Optional[float] = 10.0
     delta: float = 1e-5
+    # the most epsilon the private set may spend over every DP run of the experiment on it, this one included
+    # (composed at their summed delta; trainer.stages.spend); None: no cap, the total is still reported
+    total_epsilon: Optional[float] = None
     noise_multiplier: Optional[float] = None
     max_grad_norm: float = 1.0
     expected_batch_size: int = 256       # q = expected_batch_size / N
@@ -390,7 +393,8 @@ def _validate(cfg: Config) -> None:
     ft = cfg.finetune
     for name in ("log_every", "checkpoint_every"):
         check(getattr(ft, name) > 0, f"finetune.{name}", f"must be > 0, got {getattr(ft, name)}")
-    check(ft.max_grad_norm > 0, "finetune.max_grad_norm", f"must be > 0, got {ft.max_grad_norm}")
+    check(0 < ft.max_grad_norm < float("inf"), "finetune.max_grad_norm",
+          f"must be a finite number > 0 (the clipping bound), got {ft.max_grad_norm}")
     check(0 < ft.delta < 1, "finetune.delta", f"must be in (0, 1), got {ft.delta}")
     check(ft.physical_batch_size > 0, "finetune.physical_batch_size", f"must be > 0, got {ft.physical_batch_size}")
     check(ft.expected_batch_size > 0, "finetune.expected_batch_size", f"must be > 0, got {ft.expected_batch_size}")
@@ -422,6 +426,8 @@ def _validate(cfg: Config) -> None:
 
     if ft.epsilon is not None:
         check_epsilon(ft.epsilon, "finetune.epsilon")
+    if ft.total_epsilon is not None:
+        check_epsilon(ft.total_epsilon, "finetune.total_epsilon")
     if ft.noise_multiplier is not None:
         check(0 < ft.noise_multiplier < float("inf"), "finetune.noise_multiplier",
               f"must be a finite number > 0, got {ft.noise_multiplier}")

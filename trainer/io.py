@@ -9,7 +9,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import IO, Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,24 @@ def replace_atomically(tmp: Path, final: Path) -> None:
 def _tmp(path: Path) -> Path:
     """A temporary name beside ``path``, per process (ranks may write the same file at once)."""
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def try_lock(path: str | Path) -> Optional[IO[str]]:
+    """An exclusive advisory lock on the file ``path`` (created, with this process's pid and host),
+    held while the returned handle stays open; None when another process holds it."""
+    import fcntl
+    import socket
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
 
 
 def write_text(text: str, path: str | Path) -> Path:

@@ -32,6 +32,28 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+def isolate_nonfinite(micro_batches: list[torch.Tensor], bad: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+    """The micro-batches of a step to accumulate again after ``DPGradientEngine.nonfinite_examples``
+    flagged the positions ``bad`` (one tensor per micro-batch) -> (micro-batches, examples left out).
+
+    A flagged example alone in its micro-batch is left out (its contribution 0 is within the clipping
+    bound, and depends on it alone). A micro-batch of several with a flag is split into single
+    examples: in a batched backward one non-finite example can make every row's gradient NaN
+    (0 * NaN in a weight gradient), so only alone is an example's gradient its own.
+    """
+    if len(bad) != len(micro_batches):
+        raise RuntimeError(f"{len(bad)} sets of flagged rows for {len(micro_batches)} micro-batches")
+    out, removed = [], 0
+    for idx, flagged in zip(micro_batches, bad):
+        if not len(flagged):
+            out.append(idx)
+        elif len(idx) == 1:
+            removed += 1
+        else:
+            out.extend(idx[i:i + 1] for i in range(len(idx)))
+    return out, removed
+
+
 def resolve_device(spec: str) -> torch.device:
     """The config's ``device`` -> a torch device; a CUDA request without CUDA is a ConfigError."""
     if spec == "auto":

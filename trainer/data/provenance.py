@@ -19,6 +19,7 @@ Rendered letters hold nothing private. A source these rules cannot see into (sha
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -74,6 +75,18 @@ def holdings(src: Any) -> set[Token]:
             except ValueError:
                 pass
     return tokens
+
+
+def absolute_source(src: Any) -> Any:
+    """``src`` (a ``DataSource``) with its local shard paths made absolute, so that a run's recorded
+    config names the same files from any working folder (``pipe:`` and URLs as written)."""
+    if src is None or not src.path:
+        return src
+
+    def absolute(part: str) -> str:
+        local = not part.startswith("pipe:") and "://" not in part
+        return os.path.abspath(os.path.expanduser(part)) if local else part
+    return dataclasses.replace(src, path="::".join(absolute(part) for part in str(src.path).split("::")))
 
 
 def shared_examples(a: Any, b: Any) -> list[str]:

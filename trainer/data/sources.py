@@ -153,7 +153,10 @@ def imagefolder_source(root: str | Path, captions_file: Optional[str | Path] = N
     """Images under ``root`` (recursive, sorted by relative path).
 
     Labels: the name of the first sub-folder (sorted names -> 0, 1, ...) when images sit in
-    sub-folders; images directly in ``root`` get no label. Captions: a sidecar ``STEM.txt`` next to
+    sub-folders; images directly in ``root`` get no label. The classes are every sub-folder of
+    ``root`` (but hidden ones), images or not: the folder layout, not the images, sets the names
+    and indices, so adding or removing one image never changes another's label or the names that
+    reports and models carry. Captions: a sidecar ``STEM.txt`` next to
     the image (one caption per line), else the mapping file (``captions_file``, or ``captions.jsonl``
     / ``captions.csv`` in ``root``) looked up by relative path, then by file name.
     """
@@ -166,7 +169,7 @@ def imagefolder_source(root: str | Path, captions_file: Optional[str | Path] = N
             raise SourceError(f"{root}: both captions.jsonl and captions.csv exist; pass --captions-file")
         captions_file = found[0] if found else None
     mapping = load_caption_mapping(Path(captions_file)) if captions_file is not None else {}
-    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     class_index = {name: i for i, name in enumerate(classes)}
     name_counts: dict[str, int] = {}
     for p in files:

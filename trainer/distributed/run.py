@@ -22,7 +22,7 @@ from trainer.distributed.deepspeed_config import (DEFAULT_DEEPSPEED_CONFIG, Deep
 from trainer.distributed.partition import FrozenPartition
 from trainer.distributed.sharded_adamw import ShardedAdamW
 from trainer.io import load_state, save_safetensors, save_state, write_json
-from trainer.runtime import Placement, Runtime
+from trainer.runtime import Placement, Runtime, isolate_nonfinite
 
 if TYPE_CHECKING:
     from trainer.privacy import DPGradientEngine
@@ -187,23 +187,37 @@ class DistributedRun(Runtime):
         if self._padding_rows is None:
             raise RuntimeError("DistributedRun.encode must run before train_step (it builds the local rows)")
         real = [idx for idx in micro_batches if idx.numel() > 0]
-        rounds = self.max_over_ranks(len(real))
-        loss_sum, count = 0.0, 0
-        for k in range(rounds):
-            if k < len(real):
-                rows = (real[k] // self.world_size).to(self.device)
-                losses = self._model(example_losses, rows)
-                engine.accumulate(losses)
-                loss_sum += float(losses.detach().sum())
-                count += len(rows)
-            else:  # the public padding example: forward and backward run, its gradient is exactly 0
-                engine.accumulate(self._model(example_losses, self._padding_rows) * 0.0)
+        dropped = 0
+        while True:
+            rounds = self.max_over_ranks(len(real))  # every rank runs as many forwards (ZeRO-3 gathers in them)
+            loss_sum, count = 0.0, 0
+            for k in range(rounds):
+                if k < len(real):
+                    rows = (real[k] // self.world_size).to(self.device)
+                    losses = self._model(example_losses, rows)
+                    engine.accumulate(losses)
+                    loss_sum += float(losses.detach().sum())
+                    count += len(rows)
+                else:  # the public padding example: forward and backward run, its gradient is exactly 0
+                    engine.accumulate(self._model(example_losses, self._padding_rows) * 0.0)
+            bad = engine.nonfinite_examples()  # an example with a non-finite gradient: every rank redoes the step
+            padding_bad = any(len(b) for b in bad[len(real):])
+            verdict = self.max_over_ranks(2 if padding_bad else int(bool(bad)))
+            if verdict == 2:
+                raise RuntimeError("DP engine: the public padding example's gradient is not finite (the model is "
+                                   "broken: NaN weights?); refusing the step")
+            if verdict == 0:
+                break
+            engine.discard()
+            if bad:
+                real, removed = isolate_nonfinite(real, bad[:len(real)])
+                dropped += removed
         stats = engine.finalize(add_noise=self.rank == 0)
         optimizer.step()
         clipped = stats["nonprivate_clip_fraction"] * stats["nonprivate_batch_size"]  # padding is never clipped
-        loss_sum, count, clipped = self.sum_over_ranks([loss_sum, float(count), clipped])
+        loss_sum, count, clipped, dropped = self.sum_over_ranks([loss_sum, float(count), clipped, float(dropped)])
         return {"loss": loss_sum / max(1.0, count), "batch_size": count,
-                "clip_fraction": clipped / count if count else 0.0}
+                "clip_fraction": clipped / count if count else 0.0, "nonfinite": dropped}
 
     def check_engine(self, engine: "DPGradientEngine", probe_losses: Callable[[Tensor], Tensor], size: int) -> None:
         """The engine's self-check on ``size`` public stand-in examples, on every rank (raises EngineSelfCheckError)."""

@@ -12,7 +12,7 @@ from trainer.distributed.checkpoint import (CHECKPOINTS, EMA_FILE, STATE_FILE, W
 from trainer.errors import RunError
 from trainer.io import load_state, save_safetensors, save_state
 from trainer.pipeline import encode_images
-from trainer.runtime import Runtime, adamw
+from trainer.runtime import Runtime, adamw, isolate_nonfinite
 
 
 class SingleProcess(Runtime):
@@ -43,18 +43,30 @@ class SingleProcess(Runtime):
 
     def train_step(self, engine, optimizer, micro_batches: list[torch.Tensor],
                    example_losses: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
-        """One logical DP-SGD step: clip every example, noise once, step; non-private metrics."""
-        loss_sum, count = 0.0, 0
-        for idx in micro_batches:
-            losses = example_losses(idx)
-            engine.accumulate(losses)
-            loss_sum += float(losses.detach().sum())
-            count += len(idx)
+        """One logical DP-SGD step: clip every example, noise once, step; non-private metrics.
+
+        An example whose gradient is not finite is left out (the step is accumulated again:
+        :func:`trainer.runtime.isolate_nonfinite`); ``nonfinite`` counts them.
+        """
+        dropped = 0
+        while True:
+            loss_sum, count = 0.0, 0
+            for idx in micro_batches:
+                losses = example_losses(idx)
+                engine.accumulate(losses)
+                loss_sum += float(losses.detach().sum())
+                count += len(idx)
+            bad = engine.nonfinite_examples()
+            if not bad:
+                break
+            engine.discard()
+            micro_batches, removed = isolate_nonfinite(micro_batches, bad)
+            dropped += removed
         stats = engine.finalize()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_sum / max(1, count), "batch_size": count,
-                "clip_fraction": stats["nonprivate_clip_fraction"]}
+                "clip_fraction": stats["nonprivate_clip_fraction"], "nonfinite": dropped}
 
     def check_engine(self, engine, probe_losses: Callable[[torch.Tensor], torch.Tensor], size: int) -> None:
         """The engine's self-check on ``size`` public stand-in examples (raises EngineSelfCheckError)."""

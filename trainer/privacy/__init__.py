@@ -3,8 +3,8 @@
 Knows nothing about diffusion: the engine works for any ``nn.Module`` whose loss is
 given per example.
 """
-from trainer.privacy.accounting import (PrivacyBudgetExceeded, PrivacyLedger, calibrate_noise, epsilon, rdp_epsilon,
-                                        signal_to_noise_bound)
+from trainer.privacy.accounting import (Mechanism, PrivacyBudgetExceeded, PrivacyLedger, calibrate_noise,
+                                        composed_epsilon, epsilon, rdp_epsilon, signal_to_noise_bound)
 from trainer.privacy.engine import DPGradientEngine, EngineSelfCheckError
 from trainer.privacy.noise import entropy_generator, secure_standard_normal
 from trainer.privacy.sampling import PoissonBatchSampler
@@ -19,6 +19,8 @@ __all__ = [
     "epsilon",
     "rdp_epsilon",
     "calibrate_noise",
+    "Mechanism",
+    "composed_epsilon",
     "PrivacyLedger",
     "PrivacyBudgetExceeded",
 ]

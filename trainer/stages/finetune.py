@@ -18,9 +18,10 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ContextManager, Union
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Union
 
 import torch
 from tqdm import tqdm
@@ -28,12 +29,13 @@ from tqdm import tqdm
 from trainer.config import MAX_EPSILON, Config, ConfigError, FinetuneConfig, load_config
 from trainer.distributed import CHECKPOINTS, EMA_FILE, STATE_FILE, WEIGHTS_FILE, Checkpoint, SingleProcess, TrainState
 from trainer.errors import RunError
-from trainer.io import write_json
+from trainer.io import try_lock, write_json
 from trainer.pipeline import autoencoder_encode_fn
 from trainer.runtime import Placement
 from trainer.selection import select_trainable
 from trainer.stages.common import (PRIVACY_REPORT, check_finished, conditions, earlier_stage, image_channels,
                                    load_image_source, recorded_path, resolve_recorded, save_run_config, stage_dir)
+from trainer.stages.spend import AUDIT_REPORT, LEDGER_FILE, LOCK_FILE, experiment_spend
 from trainer.tracking import start_run
 
 if TYPE_CHECKING:
@@ -42,7 +44,6 @@ if TYPE_CHECKING:
     from trainer.selection import Selection
     from trainer.stages.common import ImageSet
 
-LEDGER_FILE = "ledger.json"
 PROBE_SIZE = 4  # public stand-in examples of the engine's self-check
 
 
@@ -329,16 +330,20 @@ def base_rows(names: list | None, meta: dict, base_dir: Path) -> list[int] | Non
 
 
 def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: Path | None = None,
-             seed: int | None = None) -> DPSession:
+             seed: int | None = None, resumes: bool = True) -> DPSession:
     """Load the base and the plan; build engine, sampler, ledger and optimizer.
 
-    Refuses (ConfigError, RunError) a bad plan, a missing base or a plan that differs from the
-    journal of ``run_dir`` before anything is charged or written; a private shard set is counted
-    for the plan, and encoded into its latent cache only once all of that is accepted and the run
-    is not finished. In-memory private images are encoded later (:meth:`DPSession.load_private`).
+    Refuses (ConfigError, RunError) a bad plan, a missing base, a plan that differs from the
+    journal of ``run_dir`` (``resumes``; else any journal there) or that would take the private
+    set past ``finetune.total_epsilon``, before anything is charged or written; a private shard
+    set is counted for the plan, and encoded into its latent cache only once all of that is
+    accepted and the run is not finished. Without ``run_dir`` (a session that charges nothing on
+    disk) there is no journal to check. In-memory private images are encoded later
+    (:meth:`DPSession.load_private`).
     The sampler, the DP noise and the loss draws use generators seeded from OS entropy, or from
     ``seed`` when a test asks for it.
     """
+    from trainer.data.provenance import absolute_source
     from trainer.diffusion import EMA
     from trainer.models import ClassEmbedder, new_class_embedder
     from trainer.privacy import DPGradientEngine, PoissonBatchSampler, PrivacyLedger, entropy_generator, epsilon
@@ -348,6 +353,7 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     ft = cfg.finetune
     if cfg.data.private is None:
         raise ConfigError("data.private: the fine-tuning stage needs a private data source")
+    cfg.data.private = absolute_source(cfg.data.private)  # the run's records name it from any folder
     base_dir = _base_dir(cfg)
     ldm, autoencoder, meta, base_cfg = load_pipeline(base_dir)
     refuse_public_overlap(cfg, base_dir, base_cfg, meta)
@@ -387,8 +393,16 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
                            epsilon_budget=ft.epsilon or epsilon(sigma, q, ft.steps, ft.delta))
     finished = False
     if run_dir is not None:
-        _load_journal(run_dir, ledger)
-        finished = ledger.steps_taken >= ft.steps and (run_dir / PRIVACY_REPORT).is_file()
+        if resumes:
+            _load_journal(run_dir, ledger)
+            finished = ledger.steps_taken >= ft.steps and (run_dir / PRIVACY_REPORT).is_file()
+        elif (run_dir / LEDGER_FILE).exists():
+            raise RunError(f"{run_dir / LEDGER_FILE}: an earlier run here charged the private set, and that record "
+                           "stays: give another finetune.name=NAME")
+        if ft.total_epsilon is not None and not finished:
+            spend = experiment_spend(cfg, run_dir.name, ledger)
+            if spend.epsilon > ft.total_epsilon:
+                raise ConfigError(f"finetune.total_epsilon: {ft.total_epsilon:g} would be exceeded: {spend.line()}")
     if isinstance(source, PrivateShards) and not finished:  # before place: ZeRO-3 partitions the encoder
         source = encode_private_shards(cfg, autoencoder, meta["autoencoder_sha256"], source, rt)
     rt.place(ldm, autoencoder)
@@ -459,6 +473,31 @@ def _load_journal(run_dir: Path, ledger) -> None:
                           "(start another run with finetune.name=..., or restore the run's settings)") from None
 
 
+@contextmanager
+def _session_lock(run_dir: Path, ledger, rt: Union["SingleProcess", "DistributedRun"]) -> Iterator[None]:
+    """Hold the run folder for this session (rank 0 locks it, creating the folder): another session
+    on it, or one that charged steps since this one loaded the journal, is refused on every rank
+    (RunError) before any step; two sessions would each count only their own steps."""
+    handle, problem = None, None
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = try_lock(run_dir / LOCK_FILE)
+        journal = run_dir / LEDGER_FILE
+        if handle is None:
+            holder = (run_dir / LOCK_FILE).read_text().strip()
+            problem = f"{run_dir}: another session is running this run ({holder}); wait for it to end or stop it"
+        elif (json.loads(journal.read_text())["steps_taken"] if journal.is_file() else 0) != ledger.steps_taken:
+            problem = (f"{journal}: another session charged steps since this one read it ({ledger.steps_taken} "
+                       "then); start again to go on from there")
+    try:
+        if rt.any_rank(problem is not None):
+            raise RunError(problem or "refused on rank 0 (its message says why)")
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
+
+
 def _check_journal_covers(run_dir: Path, ledger, checkpoint: Checkpoint) -> None:
     """Refuse a journal (loaded by :func:`_load_journal`) that counts fewer steps than the checkpoint."""
     path = run_dir / LEDGER_FILE
@@ -493,102 +532,118 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
     session.load_private(rt, encodings)  # private data from here on
     rt.check_engine(engine, session.probe_losses, PROBE_SIZE)  # refuses a model it cannot handle, uncharged
     rt.barrier()  # every rank has read the ledger before rank 0 journals the next step
-    if rt.is_main:
-        print(session.selection.summary())
-        if step:
-            print(f"resuming at step {step}: {ledger.steps_taken} steps already charged")
-        save_run_config(cfg, run_dir)
-        write_json({"base": recorded_path(session.base_dir, run_dir), "n_classes": ft.new_class_embedder,
-                    "label_names": session.names, "trainable": session.selection.trainable, "policy": ft.policy,
-                    "lora": session.selection.lora},
-                   run_dir / "finetune.json")
-    n, q, sigma = session.n, session.q, session.sigma
-
-    t0 = time.time()
-    tags = {"stage": "finetune", "privacy": "dp-sgd"}
-    with start_run(cfg.experiment, run_dir.name, cfg.to_dict(), tags, run_id=checkpoint.mlflow_run_id) as mlrun, \
-            StopRequest() as stop:
-        mlrun.log_params({"privacy": {"sigma": sigma, "q": q, "N": n, "planned_epsilon": ledger.planned_epsilon},
-                          "params": {"trainable": session.selection.trainable_count,
-                                     "total": session.selection.total_count}})
-        layout = rt.layout()  # None in one process
-        if layout is not None:  # tags, not params: a resumed run may have another world size
-            mlrun.set_tags({f"distributed.{k}": str(layout[k]) for k in ("world_size", "zero_stage")})
-            if rt.is_main:
-                write_json(layout, run_dir / "distributed.json")
-
-        def checkpoint_now(mlrun_id: str | None) -> None:
-            rt.save_checkpoint(run_dir, step, mlrun_id, state)
-
-        ldm.train()
-        bar = tqdm(total=ft.steps, initial=step, desc="finetune (DP)", dynamic_ncols=True, disable=not rt.is_main)
-        batches = iter(state.sampler)
-        while step < ft.steps:
-            try:
-                ledger.record_step()  # raises before a step past the plan or the budget
-            except Exception as err:  # noqa: BLE001 - the ledger says why
-                if rt.is_main:
-                    print(f"stopping at step {step}: {err}")
-                break
-            if rt.is_main:
-                write_json(ledger.state_dict(), run_dir / LEDGER_FILE)
-            set_learning_rate(state.optimizer, learning_rate(ft, step))
-            metrics = rt.train_step(engine, state.optimizer, next(batches), session.example_losses)
-            if state.ema is not None:
-                state.ema.update(state.trainable)
-            step += 1
-            bar.update(1)
-            if step % ft.log_every == 0 or step == ft.steps:
-                # the accountant takes ~0.1-0.3 s per call on a CPU: at log steps only, not every step
-                spent = ledger.spent_epsilon()
-                bar.set_postfix(eps=f"{spent:.2f}", batch=int(metrics["batch_size"]))
-                mlrun.log_metrics({"privacy.epsilon_spent": spent,
-                                   "nonprivate/loss": metrics["loss"],
-                                   "nonprivate/batch_size": metrics["batch_size"],
-                                   "nonprivate/clip_fraction": metrics["clip_fraction"]},
-                                  step=step)
-            stopping = rt.any_rank(stop.requested)
-            if stopping or step % ft.checkpoint_every == 0 or step == ft.steps:
-                checkpoint_now(mlrun.run_id)
-            if stopping:
-                bar.close()
-                raise KeyboardInterrupt
-        bar.close()
-        checkpoint_now(mlrun.run_id)
-        engine.detach()
-        ldm.eval()
-        if state.ema is not None:  # the result is the average (the last step's weights stay in WEIGHTS_FILE)
-            state.ema.copy_to(state.trainable)
-
-        report = {**ledger.report(), "max_grad_norm": ft.max_grad_norm, "N": n, "N_is_public": N_IS_PUBLIC,
-                  "expected_batch_size": ft.expected_batch_size, "noise_multiplicity": ft.noise_multiplicity,
-                  "secure_noise": ft.secure_noise, "signal_to_noise_bound": session.signal_to_noise,
-                  "policy": ft.policy, "trainable_parameters": session.selection.trainable_count,
-                  "total_parameters": session.selection.total_count, "trainable_names": session.selection.trainable,
-                  "label_names": session.names, "label_names_from": session.names_source,
-                  "neighbouring": "add/remove one example", "data": _describe(cfg.data.private)}
+    with _session_lock(run_dir, ledger, rt):  # one session charges this run at a time
         if rt.is_main:
-            write_json(report, run_dir / PRIVACY_REPORT)
-        grid = rt.sample_grid(lambda path: class_grid(ldm, session.autoencoder, session.latent_shape, cfg,
-                                                      session.names, path, torch.Generator().manual_seed(cfg.seed)),
-                              run_dir / "samples.png")
-        mlrun.log_metrics({"privacy.epsilon": report["epsilon"], "privacy.delta": ft.delta,
-                           "privacy.steps": ledger.steps_taken, "params.trainable": session.selection.trainable_count,
-                           "wall_time_s": time.time() - t0})
-        mlrun.log_result(run_dir, grid, run_dir / PRIVACY_REPORT)
-        mlrun.log_pipeline(run_dir, [WEIGHTS_FILE, *([EMA_FILE] if state.ema else []), "finetune.json", PRIVACY_REPORT])
-    if rt.is_main:
-        print(f"DP fine-tuning: epsilon = {report['epsilon']:.3f}, delta = {ft.delta:g} after {ledger.steps_taken} "
-              f"steps (sigma = {sigma:.4f}, q = {q:.5f}); samples: {grid}; report: {run_dir / PRIVACY_REPORT}")
-    return run_dir
+            print(session.selection.summary())
+            if step:
+                print(f"resuming at step {step}: {ledger.steps_taken} steps already charged")
+            save_run_config(cfg, run_dir)
+            write_json({"base": recorded_path(session.base_dir, run_dir), "n_classes": ft.new_class_embedder,
+                        "label_names": session.names, "trainable": session.selection.trainable, "policy": ft.policy,
+                        "lora": session.selection.lora},
+                       run_dir / "finetune.json")
+        n, q, sigma = session.n, session.q, session.sigma
+
+        t0 = time.time()
+        tags = {"stage": "finetune", "privacy": "dp-sgd"}
+        with start_run(cfg.experiment, run_dir.name, cfg.to_dict(), tags, run_id=checkpoint.mlflow_run_id) as mlrun, \
+                StopRequest() as stop:
+            mlrun.log_params({"privacy": {"sigma": sigma, "q": q, "N": n, "planned_epsilon": ledger.planned_epsilon},
+                              "params": {"trainable": session.selection.trainable_count,
+                                         "total": session.selection.total_count}})
+            layout = rt.layout()  # None in one process
+            if layout is not None:  # tags, not params: a resumed run may have another world size
+                mlrun.set_tags({f"distributed.{k}": str(layout[k]) for k in ("world_size", "zero_stage")})
+                if rt.is_main:
+                    write_json(layout, run_dir / "distributed.json")
+
+            def checkpoint_now(mlrun_id: str | None) -> None:
+                rt.save_checkpoint(run_dir, step, mlrun_id, state)
+
+            ldm.train()
+            bar = tqdm(total=ft.steps, initial=step, desc="finetune (DP)", dynamic_ncols=True, disable=not rt.is_main)
+            batches = iter(state.sampler)
+            nonfinite = 0  # examples left out of their steps for a non-finite gradient (this session)
+            while step < ft.steps:
+                try:
+                    ledger.record_step()  # raises before a step past the plan or the budget
+                except Exception as err:  # noqa: BLE001 - the ledger says why
+                    if rt.is_main:
+                        print(f"stopping at step {step}: {err}")
+                    break
+                if rt.is_main:
+                    write_json(ledger.state_dict(), run_dir / LEDGER_FILE)
+                set_learning_rate(state.optimizer, learning_rate(ft, step))
+                metrics = rt.train_step(engine, state.optimizer, next(batches), session.example_losses)
+                if metrics["nonfinite"] and not nonfinite and rt.is_main:
+                    print(f"dpldm finetune: warning (non-private diagnostic): at step {step + 1} some examples' "
+                          "gradients were not finite and were left out of the step (the model may be diverging: "
+                          "lower finetune.lr); their count is logged as nonprivate/nonfinite_examples",
+                          file=sys.stderr)
+                nonfinite += int(metrics["nonfinite"])
+                if state.ema is not None:
+                    state.ema.update(state.trainable)
+                step += 1
+                bar.update(1)
+                if step % ft.log_every == 0 or step == ft.steps:
+                    # the accountant takes ~0.1-0.3 s per call on a CPU: at log steps only, not every step
+                    spent = ledger.spent_epsilon()
+                    bar.set_postfix(eps=f"{spent:.2f}", batch=int(metrics["batch_size"]))
+                    mlrun.log_metrics({"privacy.epsilon_spent": spent,
+                                       "nonprivate/loss": metrics["loss"],
+                                       "nonprivate/batch_size": metrics["batch_size"],
+                                       "nonprivate/clip_fraction": metrics["clip_fraction"],
+                                       "nonprivate/nonfinite_examples": nonfinite},
+                                      step=step)
+                stopping = rt.any_rank(stop.requested)
+                if stopping or step % ft.checkpoint_every == 0 or step == ft.steps:
+                    checkpoint_now(mlrun.run_id)
+                if stopping:
+                    bar.close()
+                    raise KeyboardInterrupt
+            bar.close()
+            checkpoint_now(mlrun.run_id)
+            engine.detach()
+            ldm.eval()
+            if state.ema is not None:  # the result is the average (the last step's weights stay in WEIGHTS_FILE)
+                state.ema.copy_to(state.trainable)
+
+            report = {**ledger.report(), "max_grad_norm": ft.max_grad_norm, "N": n, "N_is_public": N_IS_PUBLIC,
+                      "expected_batch_size": ft.expected_batch_size, "noise_multiplicity": ft.noise_multiplicity,
+                      "secure_noise": ft.secure_noise, "signal_to_noise_bound": session.signal_to_noise,
+                      "policy": ft.policy, "trainable_parameters": session.selection.trainable_count,
+                      "total_parameters": session.selection.total_count, "trainable_names": session.selection.trainable,
+                      "label_names": session.names, "label_names_from": session.names_source,
+                      "neighbouring": "add/remove one example", "data": _describe(cfg.data.private)}
+            spend = experiment_spend(cfg, run_dir.name, ledger) if rt.is_main else None
+            if spend is not None and len(spend.charges) > 1:  # other runs of the experiment used these people too
+                report["private_set_spend"] = spend.to_dict()
+                mlrun.log_metrics({"privacy.private_set_epsilon": spend.epsilon})
+            if rt.is_main:
+                write_json(report, run_dir / PRIVACY_REPORT)
+            grid = rt.sample_grid(lambda path: class_grid(ldm, session.autoencoder, session.latent_shape, cfg,
+                                                          session.names, path, torch.Generator().manual_seed(cfg.seed)),
+                                  run_dir / "samples.png")
+            mlrun.log_metrics({"privacy.epsilon": report["epsilon"], "privacy.delta": ft.delta,
+                               "privacy.steps": ledger.steps_taken, "params.trainable": session.selection.trainable_count,
+                               "wall_time_s": time.time() - t0})
+            mlrun.log_result(run_dir, grid, run_dir / PRIVACY_REPORT)
+            mlrun.log_pipeline(run_dir, [WEIGHTS_FILE, *([EMA_FILE] if state.ema else []), "finetune.json", PRIVACY_REPORT])
+        if rt.is_main:
+            print(f"DP fine-tuning: epsilon = {report['epsilon']:.3f}, delta = {ft.delta:g} after {ledger.steps_taken} "
+                  f"steps (sigma = {sigma:.4f}, q = {q:.5f}); samples: {grid}; report: {run_dir / PRIVACY_REPORT}")
+            if "private_set_spend" in report:
+                print(f"Released with the others: {spend.line()}")
+        return run_dir
 
 
 def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed: int | None = None):
     """Train the fine-tuning plan of ``cfg`` with gradient-space canaries and bound epsilon from below.
 
     One process. Nothing of the model is kept: the run folder ``<experiment>/audit`` gets the
-    resolved config and ``audit-report.json``. The audit is itself a DP computation on
-    ``data.private`` with the plan's (epsilon, delta). Returns a ``trainer.privacy.audit.AuditResult``.
+    resolved config, the ledger journal and ``audit-report.json``. The audit is itself a DP
+    computation on ``data.private`` with the plan's (epsilon, delta); its journal keeps it in the
+    experiment's record of what the private set has spent, so a second audit needs another name. Returns a ``trainer.privacy.audit.AuditResult``.
     """
     from trainer.distributed import foreign_launch
     from trainer.privacy import entropy_generator
@@ -604,7 +659,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
         raise ConfigError(f"--confidence: must be in [0.5, 1), got {confidence}")
     ft, rt = cfg.finetune, SingleProcess(Placement.from_config(cfg))
     run_dir = stage_dir(cfg, "audit")
-    session = _prepare(cfg, rt, seed=seed)
+    session = _prepare(cfg, rt, run_dir, seed=seed, resumes=False)
     session.load_private(rt)
     engine, ledger, optimizer = session.engine, session.state.ledger, session.state.optimizer
     params = [p for _, p in engine.params]
@@ -612,25 +667,31 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
     if not 1 <= canaries <= dim:
         raise ConfigError(f"--canaries: must be in [1, {dim}] (one trainable coordinate each), got {canaries}")
     rt.check_engine(engine, session.probe_losses, PROBE_SIZE)
-    save_run_config(cfg, run_dir)
-    marks = GradientCanaries(canaries, dim, CANARY_NORM * ft.max_grad_norm,
-                             entropy_generator() if seed is None else torch.Generator().manual_seed(seed))
-    session.ldm.train()
-    batches = iter(session.state.sampler)
-    for step in tqdm(range(ft.steps), desc="audit (DP + canaries)", dynamic_ncols=True):
-        ledger.record_step()
-        set_learning_rate(optimizer, learning_rate(ft, step))
-        for idx in next(batches):
-            engine.accumulate(session.example_losses(idx))
-        for rows in marks.sample(session.q).split(8):  # chunks: each canary gradient is dense [dim]
-            engine.accumulate_per_example_gradients(marks.gradients(rows))
-        engine.finalize()
-        marks.observe(torch.cat([p.grad.detach().flatten() for p in params]))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    engine.detach()
+    with _session_lock(run_dir, ledger, rt):  # another audit here now is refused
+        save_run_config(cfg, run_dir)
+        marks = GradientCanaries(canaries, dim, CANARY_NORM * ft.max_grad_norm,
+                                 entropy_generator() if seed is None else torch.Generator().manual_seed(seed))
+        session.ldm.train()
+        batches = iter(session.state.sampler)
+        for step in tqdm(range(ft.steps), desc="audit (DP + canaries)", dynamic_ncols=True):
+            ledger.record_step()
+            write_json(ledger.state_dict(), run_dir / LEDGER_FILE)  # the experiment's record of the private set's use
+            set_learning_rate(optimizer, learning_rate(ft, step))
+            for idx in next(batches):
+                engine.accumulate(session.example_losses(idx))
+            for rows in marks.sample(session.q).split(8):  # chunks: each canary gradient is dense [dim]
+                engine.accumulate_per_example_gradients(marks.gradients(rows))
+            if engine.nonfinite_examples():
+                raise RunError(f"step {step + 1}: an example's gradient is not finite; the audit measures the "
+                               "step as it is and stops here (fine-tuning leaves such examples out)")
+            engine.finalize()
+            marks.observe(torch.cat([p.grad.detach().flatten() for p in params]))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        engine.detach()
     result = audit(scores(torch.stack(marks.observed), session.sigma, session.q, ft.max_grad_norm,
                           session.q * session.n), marks.included, ft.delta, ledger.spent_epsilon(), confidence)
+    spend = experiment_spend(cfg, run_dir.name, ledger)
     write_json({"epsilon_lower_bound": result.lower_bound, "claimed_epsilon": result.claimed, "delta": ft.delta,
                 "confidence": result.confidence, "canaries": result.canaries, "included": result.included,
                 "guesses": result.guesses, "correct": result.correct, "ceiling": result.ceiling,
@@ -638,10 +699,13 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
                 "steps": ledger.steps_taken, "noise_multiplier": session.sigma, "sample_rate": session.q,
                 "canary_norm": CANARY_NORM * ft.max_grad_norm,
                 "method": "one-run audit (Steinke, Nasr, Jagielski 2023), Dirac gradient canaries, white-box "
-                          "scores of the released noisy gradients"}, run_dir / "audit-report.json")
+                          "scores of the released noisy gradients",
+                **({"private_set_spend": spend.to_dict()} if len(spend.charges) > 1 else {})}, run_dir / AUDIT_REPORT)
     print(f"canaries: {result.canaries} ({result.included} included); best plan: {result.correct} of "
           f"{result.guesses} guesses right; ceiling with {result.canaries} canaries: {result.ceiling:.2f}; "
-          f"report: {run_dir / 'audit-report.json'}")
+          f"report: {run_dir / AUDIT_REPORT}")
+    if len(spend.charges) > 1:
+        print(f"The audit is a DP run on the private set too: {spend.line()}")
     print(result.line())
     return result
 
@@ -662,6 +726,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                               "  finetune.base=DIR         the pretrained LDM (a pretrain-ldm or import-compvis "
                               "folder; default: EXPERIMENT/ldm)\n"
                               "  finetune.epsilon=10       the budget, with finetune.delta=1e-5 (< 1/N)\n"
+                              "  finetune.total_epsilon=12 cap on the private set's epsilon over the experiment's "
+                              "DP runs on it, composed\n"
                               "  finetune.policy=attention attention | attention_blocks | embedder_only | full | lora (finetune.lora_rank=4)\n"
                               "  finetune.steps=200 finetune.expected_batch_size=500 finetune.max_grad_norm=1")
     add_config_args(p)
@@ -674,7 +740,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "is 'epsilon lower bound: X at 95% confidence; claimed epsilon: Y'. A bound "
                                    "above the claim means the DP-SGD step is broken. The bound cannot exceed a "
                                    "ceiling set by the number of canaries (4.6 for 1000). The audit is itself a DP "
-                                   "computation on data.private; no model is kept.")
+                                   "computation on data.private: no model is kept, its steps count in the private "
+                                   "set's total, and another audit needs another finetune.name.")
     add_config_args(p)
     p.add_argument("--quick", action="store_true", help="on the quick demo settings (as `dpldm demo --quick`)")
     p.add_argument("--canaries", type=positive_int, default=1000, help="number of canaries m (default: 1000)")

@@ -1,0 +1,76 @@
+"""What a private set has spent over an experiment's runs: which runs count, and their composition."""
+import json
+
+import pytest
+
+from trainer.config import DataSource, dump_config, load_config
+from trainer.errors import RunError
+from trainer.privacy import Mechanism, composed_epsilon, epsilon
+from trainer.stages.spend import charges, compose
+
+DELTA = 1e-5
+
+
+def fake_run(experiment, name, split, sigma=1.0, q=0.01, taken=100, planned=100, report=None):
+    """A run folder as a DP run leaves it: its config (private MNIST ``split``) and its ledger journal."""
+    run_dir = experiment / name
+    run_dir.mkdir(parents=True)
+    dump_config(load_config("demo", [f"data.private.split={split}"]), run_dir / "config.yaml")
+    (run_dir / "ledger.json").write_text(json.dumps(
+        {"noise_multiplier": sigma, "sample_rate": q, "delta": DELTA, "epsilon_budget": 50.0,
+         "planned_steps": planned, "steps_taken": taken}))
+    if report:
+        (run_dir / report).write_text("{}")
+    return run_dir
+
+
+def test_the_runs_whose_private_sets_share_examples_count_each_for_what_it_may_spend(tmp_path):
+    exp = tmp_path / "exp"
+    fake_run(exp, "finetune", "train", taken=100, report="privacy-report.json")
+    fake_run(exp, "finetune-val", "val", sigma=2.0)
+    fake_run(exp, "finetune-all", "trainval", taken=40, planned=300)  # unfinished: it may take all 300
+    fake_run(exp, "audit", "train", sigma=3.0, q=0.1, taken=7, planned=9, report="audit-report.json")
+    (exp / "ldm").mkdir()  # pretraining folders have no journal
+    (exp / "ldm" / "config.yaml").write_text("{}")
+
+    train = {c.run: c for c in charges(exp, DataSource(source="mnist", split="train"))}
+    assert sorted(train) == ["audit", "finetune", "finetune-all"]
+    assert (train["finetune"].steps, train["finetune-all"].steps, train["audit"].steps) == (100, 300, 7)
+    assert train["finetune"].ended and train["audit"].ended and not train["finetune-all"].ended
+    assert "MNIST's train split" in train["finetune-all"].why
+    assert sorted(c.run for c in charges(exp, DataSource(source="mnist", split="val"))) == \
+        ["finetune-all", "finetune-val"]
+    assert charges(exp, DataSource(source="mnist", split="test")) == []
+
+    spend = compose(list(train.values()), DELTA)
+    mechanisms = [Mechanism(1.0, 0.01, 100), Mechanism(1.0, 0.01, 300), Mechanism(3.0, 0.1, 7)]
+    assert spend.delta == DELTA and spend.epsilon == pytest.approx(composed_epsilon(mechanisms, DELTA))
+    assert max(epsilon(*m, DELTA) for m in mechanisms) < spend.epsilon < sum(epsilon(*m, DELTA) for m in mechanisms)
+    assert "finetune-all (planned 300 steps)" in spend.line() and f"({spend.epsilon:.4g}, 1e-05)-DP together" \
+        in spend.line()
+    assert [r["run"] for r in spend.to_dict()["runs"]] == ["audit", "finetune", "finetune-all"]
+
+
+def test_a_run_whose_set_cannot_be_read_counts_and_a_broken_journal_is_refused(tmp_path):
+    exp = tmp_path / "exp"
+    fake_run(exp, "finetune-lost", "val")
+    (exp / "finetune-lost" / "config.yaml").unlink()
+    (found,) = charges(exp, DataSource(source="mnist", split="test"))
+    assert found.run == "finetune-lost" and "cannot be read" in found.why
+    fake_run(exp, "finetune-moved", "val")  # its shards are gone (or named relative to another folder)
+    recorded = load_config(str(exp / "finetune-moved" / "config.yaml"))
+    recorded.data.private = DataSource(source="shards", path="elsewhere/shard-{000000..000003}.tar")
+    dump_config(recorded, exp / "finetune-moved" / "config.yaml")
+    assert {c.run: c.why for c in charges(exp, DataSource(source="mnist", split="test"))}["finetune-moved"] == \
+        "its private shards elsewhere/shard-{000000..000003}.tar name no file from here"
+    fake_run(exp, "finetune-torn", "train")
+    (exp / "finetune-torn" / "ledger.json").write_text('{"noise_multiplier": 1.0')
+    with pytest.raises(RunError, match=r"finetune-torn/ledger.json: unreadable"):
+        charges(exp, DataSource(source="mnist", split="test"))
+
+
+def test_one_run_alone_is_its_own_epsilon(tmp_path):
+    exp = tmp_path / "exp"
+    fake_run(exp, "finetune", "trainval", report="privacy-report.json")
+    spend = compose(charges(exp, DataSource(source="mnist", split="trainval")), DELTA)
+    assert spend.epsilon == pytest.approx(epsilon(1.0, 0.01, 100, DELTA))

@@ -1,0 +1,116 @@
+"""What a private set has spent over the DP runs of one experiment, together.
+
+Each fine-tune or audit on private data journals its plan and its steps in its folder's
+``ledger.json`` before every step, and its private source in ``config.yaml``. Someone in the
+private sets of several runs is in all of their releases, so their guarantees compose. The
+runs that count for a private set are the experiment's runs whose sets share examples with it
+(``trainer.data.provenance``; a run whose set cannot be read counts, to stay on the safe side),
+each for its steps taken once it has ended (a report is written) and for its planned steps
+while it may still resume.
+
+Only the experiment's folder is searched: runs on the same people under another experiment or
+output folder, and runs started at the same moment, are not seen.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from trainer.errors import RunError
+from trainer.stages.common import PRIVACY_REPORT
+
+LEDGER_FILE = "ledger.json"  # a DP run's plan and steps taken, written before each step
+LOCK_FILE = ".session.lock"  # held by the session charging the run (trainer.io.try_lock)
+AUDIT_REPORT = "audit-report.json"
+ENDED = (PRIVACY_REPORT, AUDIT_REPORT)  # a run folder holding one of these has ended
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One run's DP-SGD steps on the private set."""
+    run: str                 # the run's folder name
+    noise_multiplier: float
+    sample_rate: float
+    steps: int               # steps taken once ended, else planned
+    delta: float
+    ended: bool
+    why: str                 # why it counts: what its set shares with this one, in words
+
+
+@dataclass(frozen=True)
+class Spend:
+    """The runs together: ``(epsilon, delta)``-DP for anyone in the private set."""
+    charges: tuple[Charge, ...]
+    epsilon: float
+    delta: float
+
+    def line(self) -> str:
+        runs = ", ".join(c.run + ("" if c.ended else f" (planned {c.steps} steps)") for c in self.charges)
+        return (f"the experiment's {len(self.charges)} DP run(s) on this private set ({runs}) are "
+                f"({self.epsilon:.4g}, {self.delta:g})-DP together")
+
+    def to_dict(self) -> dict:
+        return {"epsilon": self.epsilon, "delta": self.delta,
+                "runs": [{"run": c.run, "noise_multiplier": c.noise_multiplier, "sample_rate": c.sample_rate,
+                          "steps": c.steps, "delta": c.delta, "ended": c.ended, "counts_because": c.why}
+                         for c in self.charges],
+                "composition": "PRV accountant over all the runs' Poisson-subsampled Gaussian steps (adaptive "
+                               "composition) at this delta"}
+
+
+def _shares(private: Any, run_dir: Path) -> str:
+    """Why the run in ``run_dir`` counts for ``private`` ('' when its set provably shares nothing)."""
+    from trainer.config import ConfigError, load_config
+    from trainer.data.provenance import holdings, shared_examples
+    path = run_dir / "config.yaml"
+    try:
+        theirs = load_config(str(path)).data.private
+    except (ConfigError, OSError, ValueError) as err:
+        return f"its private set cannot be read ({path}: {err})"
+    if theirs is None:
+        return f"its private set cannot be read ({path} names none)"
+    if any(kind == "pattern" for kind, _, _ in holdings(theirs)):  # moved, deleted, or relative to another folder
+        return f"its private shards {theirs.path} name no file from here"
+    return "; ".join(shared_examples(private, theirs))
+
+
+def charges(experiment_dir: Path, private: Any) -> list[Charge]:
+    """The runs of ``experiment_dir`` that count for the private set ``private`` (a ``DataSource``).
+
+    Raises RunError for a ``ledger.json`` that cannot be read (its steps would go uncounted).
+    """
+    out = []
+    for journal in sorted(Path(experiment_dir).glob(f"*/{LEDGER_FILE}")):
+        run_dir = journal.parent
+        try:
+            state = json.loads(journal.read_text())
+            noise, rate, delta = float(state["noise_multiplier"]), float(state["sample_rate"]), float(state["delta"])
+            taken, planned = int(state["steps_taken"]), int(state["planned_steps"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise RunError(f"{journal}: unreadable ({err}): the privacy this run spent on the experiment's private "
+                           "data cannot be counted; restore the file") from None
+        why = _shares(private, run_dir)
+        if why:
+            ended = any((run_dir / name).is_file() for name in ENDED)
+            out.append(Charge(run_dir.name, noise, rate, taken if ended else max(taken, planned), delta, ended, why))
+    return out
+
+
+def compose(charges_: Sequence[Charge], delta: float) -> Spend:
+    """Bound the runs together at ``delta``: the PRV composition of all their steps. (Adding up
+    their epsilons would hold only at the sum of their deltas, which for a few runs passes 1/N.)"""
+    from trainer.privacy import Mechanism, composed_epsilon
+    mechanisms = [Mechanism(c.noise_multiplier, c.sample_rate, c.steps) for c in charges_]
+    return Spend(tuple(charges_), composed_epsilon(mechanisms, delta), delta)
+
+
+def experiment_spend(cfg: Any, run: str, ledger: Any) -> Spend:
+    """The private set ``cfg.data.private`` over the runs of ``cfg``'s experiment at the delta of
+    ``ledger`` (a ``PrivacyLedger``), the run in folder ``run`` counted from it (its plan) rather
+    than from its journal."""
+    own = Charge(run, ledger.noise_multiplier, ledger.sample_rate, ledger.planned_steps, ledger.delta,
+                 ledger.steps_taken >= ledger.planned_steps, "this run")
+    others = [c for c in charges(Path(cfg.output_dir) / cfg.experiment, cfg.data.private) if c.run != run]
+    return compose([*others, own], ledger.delta)
