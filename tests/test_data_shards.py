@@ -87,20 +87,27 @@ def test_imagefolder_round_trip_png_is_exact(folder: Path, tmp_path: Path):
         np.testing.assert_array_equal(s["image"].numpy(), to_unit(Image.open(folder / rel)))
 
 
-def test_imagefolder_classes_come_from_the_folders_not_from_the_images(tmp_path: Path):
+def test_imagefolder_classes_come_from_the_folders_not_from_the_images(tmp_path: Path, capsys):
     """Removing the one image of a class keeps the class: its name and every other label are
     the folder layout's, not the private images' (neighbouring sets differ in one example)."""
     root = tmp_path / "images"
     for i, rel in enumerate(["alice/a.png", "bob/b.png", "carol/c.png"]):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         smooth_image(i).save(root / rel)
-    (root / ".cache").mkdir()
+    (root / ".thumbs").mkdir()  # hidden: neither a class nor images
+    smooth_image(3).save(root / ".thumbs" / "t.png")
+    elsewhere = tmp_path / "dave"  # a class folder given as a link
+    elsewhere.mkdir()
+    smooth_image(4).save(elsewhere / "d.png")
+    (root / "dave").symlink_to(elsewhere, target_is_directory=True)
     with_alice = imagefolder_source(root)
+    assert with_alice.count == 4
     (root / "alice" / "a.png").unlink()
     without = imagefolder_source(root)
-    assert with_alice.label_names == without.label_names == ["alice", "bob", "carol"]
+    assert with_alice.label_names == without.label_names == ["alice", "bob", "carol", "dave"]
     labels = [item.read_label() for item in without.items()]
-    assert without.count == 2 and labels == [1, 2]
+    assert without.count == 3 and labels == [1, 2, 3]
+    assert "the folder(s) alice hold no images; every sub-folder is a class" in capsys.readouterr().err
 
 
 def test_imagefolder_round_trip_jpeg_within_codec_tolerance(folder: Path, tmp_path: Path):

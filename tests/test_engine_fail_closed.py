@@ -288,34 +288,43 @@ class Recorder:
 @pytest.mark.parametrize("mode", ["fast", "reference"])
 def test_an_example_with_a_non_finite_gradient_is_left_out_of_the_step(mode):
     """A NaN or inf example would make the released step NaN (unbounded sensitivity): the step is
-    accumulated again without it, and equals the brute-force clipped sum of the others."""
+    accumulated again with the same draws, that example replaced by the padding row at weight 0,
+    and equals the brute-force clipped sum of the others under their draws of the first pass."""
     from trainer.distributed import SingleProcess
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, 8), nn.GELU(), nn.Linear(8, 3))
-    x = torch.randn(12, D) * 3
+    x = torch.cat([torch.randn(12, D) * 3, torch.zeros(1, D)])  # row 12: the public padding row
     x[2, 1] = float("nan")  # in the first micro-batch (the fast engine's first private check)
     x[9, 0] = float("inf")
-    losses_of = lambda rows: model(x[rows]).pow(2).sum(dim=1)  # noqa: E731
+    g = torch.Generator().manual_seed(5)
+
+    def losses_of(rows):  # draws noise from g, as the diffusion loss draws timesteps and noise
+        return model(x[rows] + 0.1 * torch.randn(len(rows), D, generator=g)).pow(2).sum(dim=1)
     engine = DPGradientEngine(model, 1.0, 0.0, 6.0, mode=mode)
-    recorder = Recorder(model.parameters())
-    metrics = SingleProcess().train_step(engine, recorder, [torch.arange(0, 6), torch.arange(6, 12)], losses_of)
+    recorder, rt = Recorder(model.parameters()), SingleProcess()
+    rt.padding_row = 12
+    metrics = rt.train_step(engine, recorder, [torch.arange(0, 6), torch.arange(6, 12)], losses_of, g)
     assert metrics["nonfinite"] == 2 and metrics["batch_size"] == 10
-    finite = [i for i in range(12) if i not in (2, 9)]
-    expected = brute_force_clipped_sum(model, lambda s: losses_of(torch.tensor(finite)[s]), len(finite), 1.0)
+    replay = torch.Generator().manual_seed(5)
+    drawn = x[:12] + 0.1 * torch.cat([torch.randn(6, D, generator=replay) for _ in range(2)])  # the first pass's
+    finite = torch.tensor([i for i in range(12) if i not in (2, 9)])
+    expected = brute_force_clipped_sum(model, lambda s: model(drawn[finite][s]).pow(2).sum(dim=1), len(finite), 1.0)
     for got, want in zip(recorder.released[0], expected):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), want / 6.0, rtol=1e-4, atol=1e-6)
-    assert not engine._check_pending, "the redone first micro-batch was checked"
+    assert not engine._check_pending, "the first micro-batch was checked on the second pass"
 
 
-def test_a_step_whose_every_example_is_non_finite_releases_noise_only():
+def test_a_broken_model_is_refused_not_trained_on_noise():
+    """NaN weights make every example and the public padding row non-finite: the step is refused."""
     from trainer.distributed import SingleProcess
-    model = nn.Linear(D, 2)
+    from trainer.errors import RunError
+    model = nn.Sequential(nn.Linear(D, 3), nn.GELU(), nn.Linear(3, 2))
     with torch.no_grad():
-        model.weight.fill_(float("nan"))  # a diverged model
+        model[0].weight.fill_(float("nan"))
     engine = DPGradientEngine(model, 1.0, 1.0, 4.0, generator=torch.Generator().manual_seed(0))
-    recorder = Recorder(model.parameters())
-    metrics = SingleProcess().train_step(engine, recorder, [torch.arange(4)],
-                                         lambda rows: model(torch.randn(len(rows), D)).pow(2).sum(dim=1))
-    assert metrics["nonfinite"] == 4 and metrics["batch_size"] == 0
-    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in recorder.released[0])
+    recorder, rt = Recorder(model.parameters()), SingleProcess()
+    rt.padding_row = 4
+    with pytest.raises(RunError, match="padding example's gradient is not finite: the model is broken"):
+        rt.train_step(engine, recorder, [torch.arange(4)], lambda rows: model(torch.randn(len(rows), D)).sum(dim=1))
+    assert recorder.released == [], "nothing released"

@@ -8,7 +8,7 @@ import torch
 from conftest import mlflow_store
 
 from trainer import cli
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, dump_config, load_config
 from trainer.errors import RunError
 from trainer.stages import finetune
 from trainer.stages.demo import QUICK
@@ -363,6 +363,26 @@ def test_runs_on_one_private_set_are_reported_together_and_held_to_the_total_bud
     assert spend["epsilon"] == pytest.approx(composed_epsilon(runs, spend["delta"]))
     assert max(first["epsilon"], second["epsilon"]) < spend["epsilon"] < first["epsilon"] + second["epsilon"]
     assert f"({spend['epsilon']:.4g}, 1e-05)-DP together" in capsys.readouterr().out
+
+
+def test_a_run_started_meanwhile_counts_against_the_total_budget(base, monkeypatch):
+    """The cap is checked again under the experiment's lock when the run journals its plan: a run
+    of the experiment that journaled its plan after this one's first check still counts."""
+    cfg = tiny(base, "late", "experiment=race", f"finetune.base={base / 'runs' / 'ledger' / 'ldm'}",
+               "finetune.epsilon=2", "finetune.total_epsilon=2.1")
+    other = base / "runs" / "race" / "finetune-early"
+    real = finetune.DPSession.load_private
+
+    def load_private(self, *a, **kw):  # meanwhile another run on the same set journals an epsilon-2 plan
+        real(self, *a, **kw)
+        other.mkdir(parents=True)
+        dump_config(cfg, other / "config.yaml")
+        (other / "ledger.json").write_text(json.dumps({**self.state.ledger.state_dict(), "steps_taken": 0}))
+    monkeypatch.setattr(finetune.DPSession, "load_private", load_private)
+    with pytest.raises(RunError, match=r"finetune.total_epsilon: 2.1 would be exceeded: .*\(finetune-early "
+                                       r"\(planned 3 steps\), finetune-late \(planned 3 steps\)\)"):
+        finetune.run(cfg)
+    assert not (base / "runs" / "race" / "finetune-late" / "ledger.json").exists()
 
 
 def test_a_second_session_on_a_run_is_refused_before_any_step(base, monkeypatch):

@@ -1,9 +1,11 @@
 """What a private set has spent over an experiment's runs: which runs count, and their composition."""
 import json
+from pathlib import Path
 
 import pytest
 
 from trainer.config import DataSource, dump_config, load_config
+from trainer.data.shards import write_shard
 from trainer.errors import RunError
 from trainer.privacy import Mechanism, composed_epsilon, epsilon
 from trainer.stages.spend import charges, compose
@@ -62,7 +64,7 @@ def test_a_run_whose_set_cannot_be_read_counts_and_a_broken_journal_is_refused(t
     recorded.data.private = DataSource(source="shards", path="elsewhere/shard-{000000..000003}.tar")
     dump_config(recorded, exp / "finetune-moved" / "config.yaml")
     assert {c.run: c.why for c in charges(exp, DataSource(source="mnist", split="test"))}["finetune-moved"] == \
-        "its private shards elsewhere/shard-{000000..000003}.tar name no file from here"
+        "its private set (shards elsewhere/shard-{000000..000003}.tar) cannot be shown disjoint from this one"
     fake_run(exp, "finetune-torn", "train")
     (exp / "finetune-torn" / "ledger.json").write_text('{"noise_multiplier": 1.0')
     with pytest.raises(RunError, match=r"finetune-torn/ledger.json: unreadable"):
@@ -74,3 +76,44 @@ def test_one_run_alone_is_its_own_epsilon(tmp_path):
     fake_run(exp, "finetune", "trainval", report="privacy-report.json")
     spend = compose(charges(exp, DataSource(source="mnist", split="trainval")), DELTA)
     assert spend.epsilon == pytest.approx(epsilon(1.0, 0.01, 100, DELTA))
+
+
+def prepared(folder: Path, source: dict | None) -> DataSource:
+    """One shard in ``folder``, with a ``meta.json`` naming the prepared ``source`` (None: no meta.json)."""
+    folder.mkdir(parents=True)
+    write_shard(folder / "shard-000000.tar", [{"__key__": "x", "png": b""}])
+    if source is not None:
+        (folder / "meta.json").write_text(json.dumps({"source": source}))
+    return DataSource(source="shards", path=str(folder))
+
+
+def test_runs_count_unless_their_sets_are_provably_disjoint(tmp_path):
+    exp = tmp_path / "exp"
+    faces = prepared(tmp_path / "faces", {"type": "imagefolder", "root": "/data/faces"})
+    scans = prepared(tmp_path / "scans", {"type": "imagefolder", "root": "/data/scans"})
+    copy = prepared(tmp_path / "copy", None)  # a copy of some set, nothing says which
+    for name, private in (("finetune-scans", scans), ("finetune-copy", copy)):
+        run_dir = fake_run(exp, name, "train")
+        recorded = load_config(str(run_dir / "config.yaml"))
+        recorded.data.private = private
+        dump_config(recorded, run_dir / "config.yaml")
+    found = {c.run: c.why for c in charges(exp, faces)}
+    assert sorted(found) == ["finetune-copy"], "finetune-scans: prepared from another source, disjoint"
+    assert "cannot be shown disjoint" in found["finetune-copy"]
+    assert sorted(c.run for c in charges(exp, DataSource(source="mnist", split="test"))) == ["finetune-copy"]
+
+
+def test_a_run_without_a_journal_counts_from_its_report(tmp_path):
+    exp = tmp_path / "exp"
+    old_audit = exp / "audit"  # an audit from before audits journaled their steps
+    old_audit.mkdir(parents=True)
+    dump_config(load_config("demo"), old_audit / "config.yaml")
+    (old_audit / "audit-report.json").write_text(json.dumps(
+        {"noise_multiplier": 2.0, "sample_rate": 0.05, "steps": 40, "delta": DELTA}))
+    run = fake_run(exp, "finetune", "trainval", sigma=1.5, taken=30, planned=30, report="privacy-report.json")
+    (run / "privacy-report.json").write_text(json.dumps(
+        {"noise_multiplier": 1.5, "sample_rate": 0.01, "steps": 30, "planned_steps": 30, "delta": DELTA}))
+    (run / "ledger.json").unlink()  # lost: the report still says what was spent
+    found = {c.run: (c.noise_multiplier, c.sample_rate, c.steps, c.ended) for c in
+             charges(exp, DataSource(source="mnist", split="trainval"))}
+    assert found == {"audit": (2.0, 0.05, 40, True), "finetune": (1.5, 0.01, 30, True)}

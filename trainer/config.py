@@ -129,7 +129,7 @@ class FinetuneConfig:
     epsilon: Optional[float] = 10.0
     delta: float = 1e-5
     # the most epsilon the private set may spend over every DP run of the experiment on it, this one included
-    # (composed at their summed delta; trainer.stages.spend); None: no cap, the total is still reported
+    # (all their steps composed at finetune.delta; trainer.stages.spend); None: no cap, the total is still reported
     total_epsilon: Optional[float] = None
     noise_multiplier: Optional[float] = None
     max_grad_norm: float = 1.0

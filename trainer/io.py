@@ -27,17 +27,23 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
-def try_lock(path: str | Path) -> Optional[IO[str]]:
+def try_lock(path: str | Path, wait_s: float = 0.0) -> Optional[IO[str]]:
     """An exclusive advisory lock on the file ``path`` (created, with this process's pid and host),
-    held while the returned handle stays open; None when another process holds it."""
+    held while the returned handle stays open; None when another process holds it for ``wait_s``."""
     import fcntl
     import socket
+    import time
     handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.close()
+                return None
+            time.sleep(0.1)
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

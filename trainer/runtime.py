@@ -32,26 +32,72 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def isolate_nonfinite(micro_batches: list[torch.Tensor], bad: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
-    """The micro-batches of a step to accumulate again after ``DPGradientEngine.nonfinite_examples``
-    flagged the positions ``bad`` (one tensor per micro-batch) -> (micro-batches, examples left out).
+def with_padding_row(mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Private rows plus one last row, the public padding example (a zero latent, label 0): a
+    stand-in a step runs at loss weight 0 (a rank with no example of its own, an example left out)."""
+    return (torch.cat([mean, torch.zeros_like(mean[:1])]), torch.cat([std, torch.zeros_like(std[:1])]),
+            torch.cat([labels, labels[:1] * 0]))
 
-    A flagged example alone in its micro-batch is left out (its contribution 0 is within the clipping
-    bound, and depends on it alone). A micro-batch of several with a flag is split into single
-    examples: in a batched backward one non-finite example can make every row's gradient NaN
-    (0 * NaN in a weight gradient), so only alone is an example's gradient its own.
+
+class LeftOut:
+    """The examples of one logical step left out for a non-finite gradient (NaN or inf: it would make
+    the whole released step NaN), and how the step is accumulated again without them.
+
+    Every pass runs the same micro-batches of local rows with the same draws (``generator``, the
+    one the losses draw timesteps and noise from, rewound to the step's start), a left-out example
+    replaced by the padding row at loss weight 0. So every other example contributes what it did,
+    and a left-out one contributes 0 (within the clipping bound), decided by its own gradient alone.
     """
-    if len(bad) != len(micro_batches):
-        raise RuntimeError(f"{len(bad)} sets of flagged rows for {len(micro_batches)} micro-batches")
-    out, removed = [], 0
-    for idx, flagged in zip(micro_batches, bad):
-        if not len(flagged):
-            out.append(idx)
-        elif len(idx) == 1:
-            removed += 1
-        else:
-            out.extend(idx[i:i + 1] for i in range(len(idx)))
-    return out, removed
+
+    BROKEN = 2  # :meth:`update`'s verdict when the step cannot be released (``problem`` says why)
+
+    def __init__(self, micro_batches: list[torch.Tensor], padding_row: int | None,
+                 generator: torch.Generator | None):
+        self.micro_batches, self.padding_row, self.generator = micro_batches, padding_row, generator
+        self.out = [torch.zeros(len(idx), dtype=torch.bool) for idx in micro_batches]
+        self.start = generator.get_state() if generator is not None else None
+        self.problem = ""
+
+    def begin_pass(self) -> None:
+        if self.generator is not None:
+            self.generator.set_state(self.start)
+
+    def losses(self, k: int, example_losses) -> torch.Tensor:
+        """Per-example losses of micro-batch ``k``, left-out examples replaced and weighted 0."""
+        idx, out = self.micro_batches[k], self.out[k]
+        if not out.any():
+            return example_losses(idx)
+        out = out.to(idx.device)
+        losses = example_losses(torch.where(out, torch.full_like(idx, self.padding_row), idx))
+        return losses * (~out).to(losses.device, losses.dtype)
+
+    def kept(self, k: int) -> int:
+        return int((~self.out[k]).sum())
+
+    @property
+    def count(self) -> int:
+        return sum(int(out.sum()) for out in self.out)
+
+    def update(self, engine) -> int:
+        """After a pass: 0 (release it), 1 (examples newly left out: ``engine.discard()`` and run the
+        pass again) or ``BROKEN``. Micro-batches past ``micro_batches`` are padding ones."""
+        try:
+            bad = engine.nonfinite_examples()
+        except RuntimeError as err:
+            self.problem = str(err)
+            return self.BROKEN
+        for k, flagged in enumerate(bad):
+            if len(flagged) and (k >= len(self.out) or bool(self.out[k][flagged].any())):
+                self.problem = ("the public padding example's gradient is not finite: the model is broken "
+                                "(NaN weights?)")
+                return self.BROKEN
+        if bad and self.padding_row is None:
+            self.problem = "an example's gradient is not finite, and there is no padding row to leave it out with"
+            return self.BROKEN
+        for out, flagged in zip(self.out, bad):
+            out[flagged] = True
+        return int(bool(bad))
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -77,6 +77,38 @@ def holdings(src: Any) -> set[Token]:
     return tokens
 
 
+def _fully_described(src: Any) -> bool:
+    """Whether ``holdings`` says all that ``src`` holds: MNIST parts, or local shards every one of
+    which lies in a folder whose ``meta.json`` names the source ``dpldm prepare`` read."""
+    from trainer.data.reader import expand_urls
+    if src.source == "mnist":
+        return True
+    if src.source != "shards" or not src.path:
+        return False
+    try:
+        urls = expand_urls(src.path)
+    except (ValueError, OSError):
+        return False
+    for url in urls:
+        if url.startswith("pipe:") or "://" in url:
+            return False
+        meta = Path(os.path.realpath(url)).parent / "meta.json"
+        try:
+            source = json.loads(meta.read_text()).get("source") if meta.is_file() else None
+        except ValueError:
+            return False
+        if not isinstance(source, dict) or not source.get("type"):
+            return False
+    return True
+
+
+def provably_disjoint(a: Any, b: Any) -> bool:
+    """Whether ``DataSource`` ``a`` and ``b`` cannot share an example: neither shares anything with
+    the other (``shared_examples``) and this module sees all that each holds (MNIST parts, shards
+    whose folders' ``meta.json`` name their source). The safe answer where it cannot tell: False."""
+    return not shared_examples(a, b) and _fully_described(a) and _fully_described(b)
+
+
 def absolute_source(src: Any) -> Any:
     """``src`` (a ``DataSource``) with its local shard paths made absolute, so that a run's recorded
     config names the same files from any working folder (``pipe:`` and URLs as written)."""

@@ -16,6 +16,7 @@ import importlib
 import io
 import json
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -150,7 +151,7 @@ def load_caption_mapping(path: Path) -> dict[str, list[str]]:
 
 
 def imagefolder_source(root: str | Path, captions_file: Optional[str | Path] = None) -> Source:
-    """Images under ``root`` (recursive, sorted by relative path).
+    """Images under ``root`` (recursive, sorted by relative path; hidden files and folders skipped).
 
     Labels: the name of the first sub-folder (sorted names -> 0, 1, ...) when images sit in
     sub-folders; images directly in ``root`` get no label. The classes are every sub-folder of
@@ -161,15 +162,27 @@ def imagefolder_source(root: str | Path, captions_file: Optional[str | Path] = N
     / ``captions.csv`` in ``root``) looked up by relative path, then by file name.
     """
     root = _require_dir(Path(root), "imagefolder DIR")
-    files = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def images(folder: Path, recursive: bool) -> list[Path]:
+        found = folder.rglob("*") if recursive else folder.iterdir()
+        return [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    # a class folder given as a symlink is searched too (rglob from the root would not enter it)
+    files = sorted(images(root, False) + [p for name in classes for p in images(root / name, True)],
                    key=lambda p: p.relative_to(root).as_posix())
+    holding = {p.relative_to(root).parts[0] for p in files}
+    empty = [name for name in classes if name not in holding]
+    if empty:
+        print(f"dpldm prepare: note: {root}: the folder(s) {', '.join(empty)} hold no images; every sub-folder "
+              "is a class (its name released with the models), so move folders that are not classes out of it",
+              file=sys.stderr)
     if captions_file is None:
         found = [root / n for n in ("captions.jsonl", "captions.csv") if (root / n).is_file()]
         if len(found) > 1:
             raise SourceError(f"{root}: both captions.jsonl and captions.csv exist; pass --captions-file")
         captions_file = found[0] if found else None
     mapping = load_caption_mapping(Path(captions_file)) if captions_file is not None else {}
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     class_index = {name: i for i, name in enumerate(classes)}
     name_counts: dict[str, int] = {}
     for p in files:

@@ -21,8 +21,9 @@ from trainer.distributed.deepspeed_config import (DEFAULT_DEEPSPEED_CONFIG, Deep
                                                   load_deepspeed_config)
 from trainer.distributed.partition import FrozenPartition
 from trainer.distributed.sharded_adamw import ShardedAdamW
+from trainer.errors import RunError
 from trainer.io import load_state, save_safetensors, save_state, write_json
-from trainer.runtime import Placement, Runtime, isolate_nonfinite
+from trainer.runtime import LeftOut, Placement, Runtime, with_padding_row
 
 if TYPE_CHECKING:
     from trainer.privacy import DPGradientEngine
@@ -99,6 +100,7 @@ class DistributedRun(Runtime):
         self.ldm_partition: Optional[FrozenPartition] = None  # set by place()
         self.ae_partition: Optional[FrozenPartition] = None
         self._padding_rows: Optional[Tensor] = None  # set by encode()
+        self.padding_row: Optional[int] = None  # its row, as SingleProcess.padding_row
 
     # ------------------------------------------------------------------ models and data
     def place(self, ldm: nn.Module, autoencoder: nn.Module) -> None:
@@ -165,11 +167,10 @@ class DistributedRun(Runtime):
         return self._with_padding(mean[sl].to(self.device), std[sl].to(self.device), labels[sl])
 
     def _with_padding(self, mean: Tensor, std: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mean = torch.cat([mean, torch.zeros_like(mean[:1])])
-        std = torch.cat([std, torch.zeros_like(std[:1])])
-        local_labels = torch.cat([labels, labels[:1] * 0]).to(self.device)
-        self._padding_rows = torch.tensor([len(mean) - 1], device=self.device)
-        return mean, std, local_labels
+        mean, std, local_labels = with_padding_row(mean, std, labels.to(mean.device))
+        self.padding_row = len(mean) - 1
+        self._padding_rows = torch.tensor([self.padding_row], device=self.device)
+        return mean, std, local_labels.to(self.device)
 
     def make_optimizer(self, params: list[nn.Parameter], lr: float, weight_decay: float) -> ShardedAdamW:
         return ShardedAdamW(params, lr, weight_decay, self.rank, self.world_size,
@@ -177,45 +178,44 @@ class DistributedRun(Runtime):
 
     # ------------------------------------------------------------------ one logical step
     def train_step(self, engine: "DPGradientEngine", optimizer: ShardedAdamW, micro_batches: list[Tensor],
-                   example_losses: Callable[[Tensor], Tensor]) -> dict[str, float]:
+                   example_losses: Callable[[Tensor], Tensor],
+                   generator: Optional[torch.Generator] = None) -> dict[str, float]:
         """Clip, noise (rank 0), sum over ranks and step; returns metrics summed over ranks.
 
         ``micro_batches`` are global indices of this rank's Poisson batch;
-        ``example_losses(rows)`` gives the per-example losses of local rows (see :meth:`encode`).
-        The metrics are non-private diagnostics (loss, realised batch size, clip fraction).
+        ``example_losses(rows)`` gives the per-example losses of local rows (see :meth:`encode`),
+        drawing from ``generator``. The metrics are non-private diagnostics (loss, realised batch
+        size, clip fraction, examples left out for a non-finite gradient: every rank then runs the
+        step again, see :class:`trainer.runtime.LeftOut`).
         """
         if self._padding_rows is None:
             raise RuntimeError("DistributedRun.encode must run before train_step (it builds the local rows)")
-        real = [idx for idx in micro_batches if idx.numel() > 0]
-        dropped = 0
+        real = [(idx // self.world_size).to(self.device) for idx in micro_batches if idx.numel() > 0]
+        rounds = self.max_over_ranks(len(real))  # every rank runs as many forwards (ZeRO-3 gathers in them)
+        left_out = LeftOut(real, self.padding_row, generator)
         while True:
-            rounds = self.max_over_ranks(len(real))  # every rank runs as many forwards (ZeRO-3 gathers in them)
+            left_out.begin_pass()
             loss_sum, count = 0.0, 0
             for k in range(rounds):
                 if k < len(real):
-                    rows = (real[k] // self.world_size).to(self.device)
-                    losses = self._model(example_losses, rows)
+                    losses = self._model(left_out.losses, k, example_losses)
                     engine.accumulate(losses)
                     loss_sum += float(losses.detach().sum())
-                    count += len(rows)
+                    count += left_out.kept(k)
                 else:  # the public padding example: forward and backward run, its gradient is exactly 0
                     engine.accumulate(self._model(example_losses, self._padding_rows) * 0.0)
-            bad = engine.nonfinite_examples()  # an example with a non-finite gradient: every rank redoes the step
-            padding_bad = any(len(b) for b in bad[len(real):])
-            verdict = self.max_over_ranks(2 if padding_bad else int(bool(bad)))
-            if verdict == 2:
-                raise RuntimeError("DP engine: the public padding example's gradient is not finite (the model is "
-                                   "broken: NaN weights?); refusing the step")
+            verdict = self.max_over_ranks(left_out.update(engine))  # the same on every rank
+            if verdict == LeftOut.BROKEN:
+                engine.discard()
+                raise RunError("DP step refused" + (f": {left_out.problem}" if left_out.problem else " on another rank"))
             if verdict == 0:
                 break
             engine.discard()
-            if bad:
-                real, removed = isolate_nonfinite(real, bad[:len(real)])
-                dropped += removed
         stats = engine.finalize(add_noise=self.rank == 0)
         optimizer.step()
         clipped = stats["nonprivate_clip_fraction"] * stats["nonprivate_batch_size"]  # padding is never clipped
-        loss_sum, count, clipped, dropped = self.sum_over_ranks([loss_sum, float(count), clipped, float(dropped)])
+        loss_sum, count, clipped, dropped = self.sum_over_ranks([loss_sum, float(count), clipped,
+                                                                 float(left_out.count)])
         return {"loss": loss_sum / max(1.0, count), "batch_size": count,
                 "clip_fraction": clipped / count if count else 0.0, "nonfinite": dropped}
 

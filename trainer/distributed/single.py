@@ -12,7 +12,7 @@ from trainer.distributed.checkpoint import (CHECKPOINTS, EMA_FILE, STATE_FILE, W
 from trainer.errors import RunError
 from trainer.io import load_state, save_safetensors, save_state
 from trainer.pipeline import encode_images
-from trainer.runtime import Runtime, adamw, isolate_nonfinite
+from trainer.runtime import LeftOut, Runtime, adamw, with_padding_row
 
 
 class SingleProcess(Runtime):
@@ -20,6 +20,7 @@ class SingleProcess(Runtime):
 
     :class:`trainer.distributed.run.DistributedRun` has the same methods for several processes.
     """
+    padding_row: int | None = None  # the row of the public padding example, once encode/hold has run
 
     def place(self, ldm, autoencoder) -> None:
         """Both models on this process's device."""
@@ -30,43 +31,50 @@ class SingleProcess(Runtime):
         """No partitioning to describe."""
 
     def encode(self, autoencoder, images: torch.Tensor, labels: torch.Tensor):
-        """Posterior (mean, std) and labels of every private example, on the device; row i is example i."""
+        """Posterior (mean, std) and labels of every private example, on the device; row i is example i,
+        and one more row is the public padding example (:func:`trainer.runtime.with_padding_row`)."""
         mean, std = encode_images(autoencoder, images, desc="encode private set", device=self.device)
-        return mean, std, labels.to(self.device)
+        return self.hold(mean, std, labels)
 
     def hold(self, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor):
-        """An already encoded private set (a latent cache): every row on the device, row i is example i."""
-        return mean.to(self.device), std.to(self.device), labels.to(self.device)
+        """An already encoded private set (a latent cache): every row on the device, row i is example i,
+        and one more row is the public padding example."""
+        mean, std, labels = with_padding_row(mean.to(self.device), std.to(self.device), labels.to(self.device))
+        self.padding_row = len(mean) - 1
+        return mean, std, labels
 
     def make_optimizer(self, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return adamw(params, lr, weight_decay)
 
     def train_step(self, engine, optimizer, micro_batches: list[torch.Tensor],
-                   example_losses: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+                   example_losses: Callable[[torch.Tensor], torch.Tensor],
+                   generator: torch.Generator | None = None) -> dict[str, float]:
         """One logical DP-SGD step: clip every example, noise once, step; non-private metrics.
 
-        An example whose gradient is not finite is left out (the step is accumulated again:
-        :func:`trainer.runtime.isolate_nonfinite`); ``nonfinite`` counts them.
+        An example whose gradient is not finite is left out (:class:`trainer.runtime.LeftOut`; its
+        redo replays ``generator``, the one ``example_losses`` draws from); ``nonfinite`` counts them.
         """
-        dropped = 0
+        left_out = LeftOut(micro_batches, self.padding_row, generator)
         while True:
+            left_out.begin_pass()
             loss_sum, count = 0.0, 0
-            for idx in micro_batches:
-                losses = example_losses(idx)
+            for k in range(len(micro_batches)):
+                losses = left_out.losses(k, example_losses)
                 engine.accumulate(losses)
                 loss_sum += float(losses.detach().sum())
-                count += len(idx)
-            bad = engine.nonfinite_examples()
-            if not bad:
+                count += left_out.kept(k)
+            verdict = left_out.update(engine)
+            if verdict == LeftOut.BROKEN:
+                engine.discard()
+                raise RunError(f"DP step refused: {left_out.problem}")
+            if verdict == 0:
                 break
             engine.discard()
-            micro_batches, removed = isolate_nonfinite(micro_batches, bad)
-            dropped += removed
         stats = engine.finalize()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_sum / max(1, count), "batch_size": count,
-                "clip_fraction": stats["nonprivate_clip_fraction"], "nonfinite": dropped}
+                "clip_fraction": stats["nonprivate_clip_fraction"], "nonfinite": left_out.count}
 
     def check_engine(self, engine, probe_losses: Callable[[torch.Tensor], torch.Tensor], size: int) -> None:
         """The engine's self-check on ``size`` public stand-in examples (raises EngineSelfCheckError)."""

@@ -24,6 +24,13 @@ RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 256))
 PRV_RDP_LIMIT = 200.0
 
 
+class Mechanism(NamedTuple):
+    """``steps`` DP-SGD steps of Poisson rate ``sample_rate`` and noise multiplier ``noise_multiplier``."""
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
 def _validate(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> None:
     if not noise_multiplier > 0 or not math.isfinite(noise_multiplier):
         raise ValueError(f"noise_multiplier must be a positive finite number, got {noise_multiplier}")
@@ -36,17 +43,24 @@ def _validate(noise_multiplier: float, sample_rate: float, steps: int, delta: fl
 
 
 def _prv_accountant(noise_multiplier: float, sample_rate: float, max_steps: int, delta: float) -> PRVAccountant:
+    return _prv_accountant_of([Mechanism(noise_multiplier, sample_rate, max_steps)], delta)
+
+
+def _prv_accountant_of(mechanisms: Sequence[Mechanism], delta: float) -> PRVAccountant:
+    """The PRV accountant of the mechanisms, each up to its ``steps`` (ValueError if it cannot be built)."""
     try:
         return PRVAccountant(
-            prvs=[PoissonSubsampledGaussianMechanism(sampling_probability=sample_rate, noise_multiplier=noise_multiplier)],
+            prvs=[PoissonSubsampledGaussianMechanism(sampling_probability=m.sample_rate,
+                                                     noise_multiplier=m.noise_multiplier) for m in mechanisms],
             eps_error=EPS_ERROR,
             delta_error=delta / 1000,
-            max_self_compositions=[max_steps],
+            max_self_compositions=[m.steps for m in mechanisms],
         )
     except (RuntimeError, OverflowError, FloatingPointError) as err:
+        plans = ", ".join(f"sigma={m.noise_multiplier}, q={m.sample_rate}, steps={m.steps}" for m in mechanisms)
         raise ValueError(
-            f"the PRV accountant cannot evaluate sigma={noise_multiplier}, q={sample_rate}, steps={max_steps}, "
-            f"delta={delta} (noise too small for its discretisation; epsilon is very large): {err}"
+            f"the PRV accountant cannot evaluate {plans}, delta={delta} (noise too small for its discretisation; "
+            f"epsilon is very large): {err}"
         ) from err
 
 
@@ -80,19 +94,13 @@ def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: 
     return float(eps)
 
 
-class Mechanism(NamedTuple):
-    """``steps`` DP-SGD steps of Poisson rate ``sample_rate`` and noise multiplier ``noise_multiplier``."""
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-
-
 def composed_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
     """Upper bound on epsilon at ``delta`` of running every mechanism on one data set (adaptively).
 
     The PRV accountant composes their privacy loss distributions (tighter than adding epsilons);
     when the RDP composition exceeds ``PRV_RDP_LIMIT`` that bound is returned instead, as in
-    :func:`epsilon`. Mechanisms of zero steps spend nothing.
+    :func:`epsilon` (and, as there, ValueError where the PRV accountant cannot be built). Mechanisms
+    of zero steps spend nothing.
     """
     active = [Mechanism(float(m.noise_multiplier), float(m.sample_rate), int(m.steps)) for m in mechanisms]
     for m in active:
@@ -103,14 +111,8 @@ def composed_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
     rdp = composed_rdp_epsilon(active, delta)
     if rdp > PRV_RDP_LIMIT:
         return rdp
-    try:
-        accountant = PRVAccountant(
-            prvs=[PoissonSubsampledGaussianMechanism(sampling_probability=m.sample_rate,
-                                                     noise_multiplier=m.noise_multiplier) for m in active],
-            eps_error=EPS_ERROR, delta_error=delta / 1000, max_self_compositions=[m.steps for m in active])
-        _, _, upper = accountant.compute_epsilon(delta=delta, num_self_compositions=[m.steps for m in active])
-    except (RuntimeError, OverflowError, FloatingPointError):
-        return rdp  # the PRV discretisation failed; the RDP bound still holds
+    accountant = _prv_accountant_of(active, delta)
+    _, _, upper = accountant.compute_epsilon(delta=delta, num_self_compositions=[m.steps for m in active])
     return max(0.0, float(upper))
 
 

@@ -200,21 +200,24 @@ class DPGradientEngine:
             if b == 0:
                 self.last_per_sample_norms = torch.zeros(0)
                 self._step_norms.append(self.last_per_sample_norms)
+                self._step_finite_losses.append(None)
                 return
             if not losses.requires_grad:
                 raise ValueError("per_example_losses does not require grad: run the forward with grad enabled")
+            finite_losses = None  # the fast mode's norms are each example's own
             if self.mode == "reference":
                 norms, clipped = self._reference(losses)
+                finite_losses = torch.isfinite(losses.detach())
             elif self._check_pending:  # the same single backward also gives the batch gradient
                 norms, clipped, summed, batch = self._book_keeping(losses, check=True)
-                # not on a batch with nothing to compare (all gradients 0: a rank's padding example) or with a
-                # non-finite example (the step is redone): the check waits for a micro-batch that tests something
-                if bool(torch.isfinite(norms).all() & norms.gt(0).any()):
+                # not on a batch with nothing to compare (one example: nothing to mix; all gradients 0: a rank's
+                # padding example) or with a non-finite example (the step is redone): it waits for one that tests
+                if b > 1 and bool(torch.isfinite(norms).all() & norms.gt(0).any()):
                     self._verify_sums(summed(torch.ones_like(norms)), batch)
                     self._check_pending = False
             else:
                 norms, clipped, _, _ = self._book_keeping(losses)
-            self._add(norms, clipped)
+            self._add(norms, clipped, finite_losses)
         finally:
             for rule in self._rules:
                 rule.clear()
@@ -241,35 +244,49 @@ class DPGradientEngine:
 
     def nonfinite_examples(self) -> list[Tensor]:
         """For each micro-batch accumulated since the last ``finalize``, the positions of the examples
-        whose gradient is not finite (NaN or inf: so is their norm). One device sync.
+        whose gradient is not finite (NaN or inf: so is their norm); [] when there is none. One device sync.
 
         Such an example would make the whole step NaN: the caller :meth:`discard`s the step and
-        accumulates it again without it (``trainer.runtime.isolate_nonfinite``: in a batched
-        backward it can spoil its neighbours' rows too, so they are redone one by one). Raises
-        RuntimeError when a sum is not finite though every norm is (no step may be released then).
+        accumulates it again with the example left out (``trainer.runtime.LeftOut``). The fast mode
+        tells each example's own norm; the reference mode's batched backward spreads one example's
+        NaN to every row (0 * NaN), so there the examples whose loss is not finite are named.
+        Raises RuntimeError when no example can be named (no step may be released then).
         """
-        norms, device = self._step_norms, self.params[0][1].device
-        flat = torch.cat([n.to(device) for n in norms]) if norms else torch.zeros(0, device=device)
+        device = self.params[0][1].device
+        norms = [n.to(device) for n in self._step_norms]
+        flat = torch.cat(norms) if norms else torch.zeros(0, device=device)
+        blame = [torch.zeros(0, dtype=torch.bool, device=device) if f is None else ~f.to(device)
+                 for f in self._step_finite_losses]
         sums_finite = [torch.isfinite(t).all().reshape(1).to(device) for t in self._sums.values()]
-        flags = torch.cat([torch.isfinite(flat), *sums_finite]).cpu()
-        if bool(flags.all()):
+        flags = torch.cat([torch.isfinite(flat), *sums_finite, *blame]).cpu()
+        if bool(flags[:len(flat) + len(sums_finite)].all()):
             return []
-        bad = ~flags[:len(flat)]
-        if not bool(bad.any()):
+        sizes = [len(n) for n in norms]
+        bad = (~flags[:len(flat)]).split(sizes)
+        named = flags[len(flat) + len(sums_finite):].split([len(b) for b in blame])
+        out = []
+        for k, (rows, losses_bad) in enumerate(zip(bad, named)):
+            culprits = rows if self._step_finite_losses[k] is None else losses_bad
+            if bool(rows.any()) and not bool(culprits.any()):
+                raise RuntimeError("DP engine: a per-example gradient is not finite, and no example's loss is (the "
+                                   "reference mode cannot tell which example it is); refusing to release the step")
+            out.append(torch.nonzero(culprits).flatten())
+        if not any(len(o) for o in out):
             raise RuntimeError("DP engine: a clipped sum is not finite though every per-example norm is; "
                                "refusing to release the step")
-        return [torch.nonzero(part).flatten() for part in bad.split([len(n) for n in norms])]
+        return out
 
     def discard(self) -> None:
         """Forget everything accumulated since the last ``finalize`` (to redo the step)."""
         self._sums = {}
         self._reset_stats()
 
-    def _add(self, norms: Tensor, clipped: dict[int, Tensor]) -> None:
+    def _add(self, norms: Tensor, clipped: dict[int, Tensor], finite_losses: Tensor | None = None) -> None:
         for pid, g in clipped.items():
             self._sums[pid] = self._sums[pid] + g if pid in self._sums else g
         self.last_per_sample_norms = norms.detach()
         self._step_norms.append(self.last_per_sample_norms)
+        self._step_finite_losses.append(finite_losses)
         # kept as tensors: no device sync per micro-batch
         self._count += norms.shape[0]
         self._clipped = self._clipped + (self._clip_factors(norms) < 1).sum()
@@ -452,6 +469,7 @@ class DPGradientEngine:
 
     def _reset_stats(self) -> None:
         self._step_norms: list[Tensor] = []  # per micro-batch, for nonfinite_examples
+        self._step_finite_losses: list[Tensor | None] = []  # the same, reference mode: which losses are finite
         self._count = 0
         self._clipped: Tensor | int = 0
         self._norm_sum: Tensor | float = 0.0

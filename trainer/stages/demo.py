@@ -139,8 +139,8 @@ def main(args: argparse.Namespace) -> int:
         print(table)
         print(f"accuracy vs epsilon: {plot}")
         spend = compose(charges(Path(cfg.output_dir) / cfg.experiment, cfg.data.private), cfg.finetune.delta)
-        print(f"These {1 + len(out['sweep'])} models are fine-tuned on the same private set: each report holds for "
-              f"that model alone; {spend.line()}.")
+        print(f"These models are fine-tuned on the same private set: each report holds for that model alone; "
+              f"{spend.line()}.")
     print(f"MLflow runs (experiment '{cfg.experiment}'): {tracking_hint()}")
     return 0
 

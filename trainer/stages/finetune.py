@@ -35,7 +35,7 @@ from trainer.runtime import Placement
 from trainer.selection import select_trainable
 from trainer.stages.common import (PRIVACY_REPORT, check_finished, conditions, earlier_stage, image_channels,
                                    load_image_source, recorded_path, resolve_recorded, save_run_config, stage_dir)
-from trainer.stages.spend import AUDIT_REPORT, LEDGER_FILE, LOCK_FILE, experiment_spend
+from trainer.stages.spend import AUDIT_REPORT, EXPERIMENT_LOCK_FILE, LEDGER_FILE, LOCK_FILE, experiment_spend
 from trainer.tracking import start_run
 
 if TYPE_CHECKING:
@@ -474,21 +474,15 @@ def _load_journal(run_dir: Path, ledger) -> None:
 
 
 @contextmanager
-def _session_lock(run_dir: Path, ledger, rt: Union["SingleProcess", "DistributedRun"]) -> Iterator[None]:
-    """Hold the run folder for this session (rank 0 locks it, creating the folder): another session
-    on it, or one that charged steps since this one loaded the journal, is refused on every rank
-    (RunError) before any step; two sessions would each count only their own steps."""
+def _session_lock(cfg: Config, run_dir: Path, ledger, rt: Union["SingleProcess", "DistributedRun"]) -> Iterator[None]:
+    """Hold the run folder for this session (rank 0 decides, see :func:`_claim`); a refusal is
+    raised on every rank (RunError) before any step."""
     handle, problem = None, None
     if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handle = try_lock(run_dir / LOCK_FILE)
-        journal = run_dir / LEDGER_FILE
-        if handle is None:
-            holder = (run_dir / LOCK_FILE).read_text().strip()
-            problem = f"{run_dir}: another session is running this run ({holder}); wait for it to end or stop it"
-        elif (json.loads(journal.read_text())["steps_taken"] if journal.is_file() else 0) != ledger.steps_taken:
-            problem = (f"{journal}: another session charged steps since this one read it ({ledger.steps_taken} "
-                       "then); start again to go on from there")
+        try:
+            handle, problem = _claim(cfg, run_dir, ledger)
+        except (ConfigError, RunError, OSError, ValueError, KeyError) as err:
+            problem = str(err)
     try:
         if rt.any_rank(problem is not None):
             raise RunError(problem or "refused on rank 0 (its message says why)")
@@ -496,6 +490,61 @@ def _session_lock(run_dir: Path, ledger, rt: Union["SingleProcess", "Distributed
     finally:
         if handle is not None:
             handle.close()
+
+
+def _claim(cfg: Config, run_dir: Path, ledger) -> tuple[object | None, str | None]:
+    """Lock the run folder (creating it) and admit the session (:func:`_admit`) -> (lock handle,
+    None), or (None, why not)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = try_lock(run_dir / LOCK_FILE)
+    if handle is None:
+        return None, (f"{run_dir}: another session is running this run ({(run_dir / LOCK_FILE).read_text().strip()}); "
+                      "wait for it to end or stop it")
+    try:
+        problem = _admit(cfg, run_dir, ledger)
+    except BaseException:
+        handle.close()
+        raise
+    if problem:
+        handle.close()
+        return None, problem
+    return handle, None
+
+
+def _admit(cfg: Config, run_dir: Path, ledger) -> str | None:
+    """Why this session may not charge the run (None: it may, and its plan is journaled): another
+    session charged steps since this one read the journal (two would each count only their own),
+    or the plan would now take the private set past ``finetune.total_epsilon`` (a run of the
+    experiment started meanwhile). The cap check and the journal happen under the experiment's
+    lock, so runs starting together see each other."""
+    journal = run_dir / LEDGER_FILE
+    if (json.loads(journal.read_text())["steps_taken"] if journal.is_file() else 0) != ledger.steps_taken:
+        return (f"{journal}: another session charged steps since this one read it ({ledger.steps_taken} then); "
+                "start again to go on from there")
+    experiment = try_lock(run_dir.parent / EXPERIMENT_LOCK_FILE, wait_s=120)
+    if experiment is None:
+        return f"{run_dir.parent / EXPERIMENT_LOCK_FILE}: held by another session for 2 minutes; try again"
+    try:
+        cap = cfg.finetune.total_epsilon
+        spend = experiment_spend(cfg, run_dir.name, ledger) if cap is not None else None
+        if spend is not None and spend.epsilon > cap:
+            return f"finetune.total_epsilon: {cap:g} would be exceeded: {spend.line()}"
+        write_json(ledger.state_dict(), journal)  # visible to the experiment's other runs from now on
+    finally:
+        experiment.close()
+    return None
+
+
+def _spend_or_warn(cfg: Config, run: str, ledger):
+    """The private set's total over the experiment's runs (``experiment_spend``) for the report of
+    a run that has ended, or None with a warning when another run's record cannot be read (the
+    run's own report does not depend on it)."""
+    try:
+        return experiment_spend(cfg, run, ledger)
+    except (RunError, ValueError) as err:
+        print(f"dpldm finetune: warning: the private set's total over the experiment's runs is not reported: {err}",
+              file=sys.stderr)
+        return None
 
 
 def _check_journal_covers(run_dir: Path, ledger, checkpoint: Checkpoint) -> None:
@@ -532,7 +581,7 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
     session.load_private(rt, encodings)  # private data from here on
     rt.check_engine(engine, session.probe_losses, PROBE_SIZE)  # refuses a model it cannot handle, uncharged
     rt.barrier()  # every rank has read the ledger before rank 0 journals the next step
-    with _session_lock(run_dir, ledger, rt):  # one session charges this run at a time
+    with _session_lock(cfg, run_dir, ledger, rt):  # one session charges this run at a time
         if rt.is_main:
             print(session.selection.summary())
             if step:
@@ -574,7 +623,8 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
                 if rt.is_main:
                     write_json(ledger.state_dict(), run_dir / LEDGER_FILE)
                 set_learning_rate(state.optimizer, learning_rate(ft, step))
-                metrics = rt.train_step(engine, state.optimizer, next(batches), session.example_losses)
+                metrics = rt.train_step(engine, state.optimizer, next(batches), session.example_losses,
+                                        session.loss_gen)
                 if metrics["nonfinite"] and not nonfinite and rt.is_main:
                     print(f"dpldm finetune: warning (non-private diagnostic): at step {step + 1} some examples' "
                           "gradients were not finite and were left out of the step (the model may be diverging: "
@@ -615,7 +665,7 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
                       "total_parameters": session.selection.total_count, "trainable_names": session.selection.trainable,
                       "label_names": session.names, "label_names_from": session.names_source,
                       "neighbouring": "add/remove one example", "data": _describe(cfg.data.private)}
-            spend = experiment_spend(cfg, run_dir.name, ledger) if rt.is_main else None
+            spend = _spend_or_warn(cfg, run_dir.name, ledger) if rt.is_main else None
             if spend is not None and len(spend.charges) > 1:  # other runs of the experiment used these people too
                 report["private_set_spend"] = spend.to_dict()
                 mlrun.log_metrics({"privacy.private_set_epsilon": spend.epsilon})
@@ -667,7 +717,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
     if not 1 <= canaries <= dim:
         raise ConfigError(f"--canaries: must be in [1, {dim}] (one trainable coordinate each), got {canaries}")
     rt.check_engine(engine, session.probe_losses, PROBE_SIZE)
-    with _session_lock(run_dir, ledger, rt):  # another audit here now is refused
+    with _session_lock(cfg, run_dir, ledger, rt):  # another audit here now is refused
         save_run_config(cfg, run_dir)
         marks = GradientCanaries(canaries, dim, CANARY_NORM * ft.max_grad_norm,
                                  entropy_generator() if seed is None else torch.Generator().manual_seed(seed))
@@ -681,7 +731,11 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
                 engine.accumulate(session.example_losses(idx))
             for rows in marks.sample(session.q).split(8):  # chunks: each canary gradient is dense [dim]
                 engine.accumulate_per_example_gradients(marks.gradients(rows))
-            if engine.nonfinite_examples():
+            try:
+                nonfinite = bool(engine.nonfinite_examples())
+            except RuntimeError:
+                nonfinite = True
+            if nonfinite:
                 raise RunError(f"step {step + 1}: an example's gradient is not finite; the audit measures the "
                                "step as it is and stops here (fine-tuning leaves such examples out)")
             engine.finalize()
@@ -691,7 +745,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
         engine.detach()
     result = audit(scores(torch.stack(marks.observed), session.sigma, session.q, ft.max_grad_norm,
                           session.q * session.n), marks.included, ft.delta, ledger.spent_epsilon(), confidence)
-    spend = experiment_spend(cfg, run_dir.name, ledger)
+    spend = _spend_or_warn(cfg, run_dir.name, ledger)
     write_json({"epsilon_lower_bound": result.lower_bound, "claimed_epsilon": result.claimed, "delta": ft.delta,
                 "confidence": result.confidence, "canaries": result.canaries, "included": result.included,
                 "guesses": result.guesses, "correct": result.correct, "ceiling": result.ceiling,
@@ -700,11 +754,12 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
                 "canary_norm": CANARY_NORM * ft.max_grad_norm,
                 "method": "one-run audit (Steinke, Nasr, Jagielski 2023), Dirac gradient canaries, white-box "
                           "scores of the released noisy gradients",
-                **({"private_set_spend": spend.to_dict()} if len(spend.charges) > 1 else {})}, run_dir / AUDIT_REPORT)
+                **({"private_set_spend": spend.to_dict()} if spend and len(spend.charges) > 1 else {})},
+               run_dir / AUDIT_REPORT)
     print(f"canaries: {result.canaries} ({result.included} included); best plan: {result.correct} of "
           f"{result.guesses} guesses right; ceiling with {result.canaries} canaries: {result.ceiling:.2f}; "
           f"report: {run_dir / AUDIT_REPORT}")
-    if len(spend.charges) > 1:
+    if spend and len(spend.charges) > 1:
         print(f"The audit is a DP run on the private set too: {spend.line()}")
     print(result.line())
     return result

@@ -1,12 +1,13 @@
 """What a private set has spent over the DP runs of one experiment, together.
 
 Each fine-tune or audit on private data journals its plan and its steps in its folder's
-``ledger.json`` before every step, and its private source in ``config.yaml``. Someone in the
-private sets of several runs is in all of their releases, so their guarantees compose. The
-runs that count for a private set are the experiment's runs whose sets share examples with it
-(``trainer.data.provenance``; a run whose set cannot be read counts, to stay on the safe side),
-each for its steps taken once it has ended (a report is written) and for its planned steps
-while it may still resume.
+``ledger.json`` before every step (its report has them too), and its private source in
+``config.yaml``. Someone in the private sets of several runs is in all of their releases, so
+their guarantees compose. The runs that count for a private set are the experiment's runs whose
+sets are not provably disjoint from it (``trainer.data.provenance``: MNIST parts that do not
+meet, shards prepared from different sources or disjoint ranges of one prepared set; anything
+it cannot see into counts), each for its steps taken once it has ended (a report is written)
+and for its planned steps while it may still resume.
 
 Only the experiment's folder is searched: runs on the same people under another experiment or
 output folder, and runs started at the same moment, are not seen.
@@ -23,6 +24,7 @@ from trainer.stages.common import PRIVACY_REPORT
 
 LEDGER_FILE = "ledger.json"  # a DP run's plan and steps taken, written before each step
 LOCK_FILE = ".session.lock"  # held by the session charging the run (trainer.io.try_lock)
+EXPERIMENT_LOCK_FILE = ".experiment.lock"  # held while a run checks the total and journals its plan
 AUDIT_REPORT = "audit-report.json"
 ENDED = (PRIVACY_REPORT, AUDIT_REPORT)  # a run folder holding one of these has ended
 
@@ -61,9 +63,9 @@ class Spend:
 
 
 def _shares(private: Any, run_dir: Path) -> str:
-    """Why the run in ``run_dir`` counts for ``private`` ('' when its set provably shares nothing)."""
+    """Why the run in ``run_dir`` counts for ``private`` ('' only when its set provably shares nothing)."""
     from trainer.config import ConfigError, load_config
-    from trainer.data.provenance import holdings, shared_examples
+    from trainer.data.provenance import provably_disjoint, shared_examples
     path = run_dir / "config.yaml"
     try:
         theirs = load_config(str(path)).data.private
@@ -71,30 +73,48 @@ def _shares(private: Any, run_dir: Path) -> str:
         return f"its private set cannot be read ({path}: {err})"
     if theirs is None:
         return f"its private set cannot be read ({path} names none)"
-    if any(kind == "pattern" for kind, _, _ in holdings(theirs)):  # moved, deleted, or relative to another folder
-        return f"its private shards {theirs.path} name no file from here"
-    return "; ".join(shared_examples(private, theirs))
+    shared = shared_examples(private, theirs)
+    if shared:
+        return "; ".join(shared)
+    if provably_disjoint(private, theirs):
+        return ""
+    return f"its private set ({theirs.source} {theirs.path or theirs.split}) cannot be shown disjoint from this one"
+
+
+def _journal(run_dir: Path) -> tuple[Path, dict]:
+    """The run's record of its DP steps: its ledger journal, else (an older run, a lost journal) its
+    report; raises RunError when it cannot be read."""
+    for name in (LEDGER_FILE, PRIVACY_REPORT, AUDIT_REPORT):
+        path = run_dir / name
+        if path.is_file():
+            try:
+                state = json.loads(path.read_text())
+                steps = int(state["steps"] if name != LEDGER_FILE else state["steps_taken"])
+                return path, {"noise_multiplier": float(state["noise_multiplier"]),
+                              "sample_rate": float(state["sample_rate"]), "delta": float(state["delta"]),
+                              "taken": steps, "planned": int(state.get("planned_steps", steps))}
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise RunError(f"{path}: unreadable ({err}): the privacy this run spent on the experiment's "
+                               "private data cannot be counted; restore the file") from None
+    raise RunError(f"{run_dir}: no record of its DP steps")
 
 
 def charges(experiment_dir: Path, private: Any) -> list[Charge]:
-    """The runs of ``experiment_dir`` that count for the private set ``private`` (a ``DataSource``).
+    """The runs of ``experiment_dir`` that count for the private set ``private`` (a ``DataSource``):
+    every folder with a ledger journal or a privacy or audit report.
 
-    Raises RunError for a ``ledger.json`` that cannot be read (its steps would go uncounted).
+    Raises RunError for a record that cannot be read (its steps would go uncounted).
     """
     out = []
-    for journal in sorted(Path(experiment_dir).glob(f"*/{LEDGER_FILE}")):
-        run_dir = journal.parent
-        try:
-            state = json.loads(journal.read_text())
-            noise, rate, delta = float(state["noise_multiplier"]), float(state["sample_rate"]), float(state["delta"])
-            taken, planned = int(state["steps_taken"]), int(state["planned_steps"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise RunError(f"{journal}: unreadable ({err}): the privacy this run spent on the experiment's private "
-                           "data cannot be counted; restore the file") from None
+    folders = {p.parent for name in (LEDGER_FILE, *ENDED) for p in Path(experiment_dir).glob(f"*/{name}")}
+    for run_dir in sorted(folders):
+        path, state = _journal(run_dir)
         why = _shares(private, run_dir)
         if why:
             ended = any((run_dir / name).is_file() for name in ENDED)
-            out.append(Charge(run_dir.name, noise, rate, taken if ended else max(taken, planned), delta, ended, why))
+            steps = state["taken"] if ended else max(state["taken"], state["planned"])
+            out.append(Charge(run_dir.name, state["noise_multiplier"], state["sample_rate"], steps, state["delta"],
+                              ended, why))
     return out
 
 
