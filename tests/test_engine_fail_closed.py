@@ -298,15 +298,19 @@ def test_an_example_with_a_non_finite_gradient_is_left_out_of_the_step(mode):
     x[9, 0] = float("inf")
     g = torch.Generator().manual_seed(5)
 
-    def losses_of(rows):  # draws noise from g, as the diffusion loss draws timesteps and noise
-        return model(x[rows] + 0.1 * torch.randn(len(rows), D, generator=g)).pow(2).sum(dim=1)
+    def losses_of(rows):  # draws from g (as the diffusion loss) and from torch's default generator (as dropout)
+        noise = 0.1 * torch.randn(len(rows), D, generator=g)
+        return model(x[rows] + noise + 0.1 * torch.randn(len(rows), D)).pow(2).sum(dim=1)
     engine = DPGradientEngine(model, 1.0, 0.0, 6.0, mode=mode)
     recorder, rt = Recorder(model.parameters()), SingleProcess()
     rt.padding_row = 12
+    torch.manual_seed(7)
     metrics = rt.train_step(engine, recorder, [torch.arange(0, 6), torch.arange(6, 12)], losses_of, g)
     assert metrics["nonfinite"] == 2 and metrics["batch_size"] == 10
     replay = torch.Generator().manual_seed(5)
-    drawn = x[:12] + 0.1 * torch.cat([torch.randn(6, D, generator=replay) for _ in range(2)])  # the first pass's
+    torch.manual_seed(7)
+    drawn = x[:12] + torch.cat([0.1 * torch.randn(6, D, generator=replay) + 0.1 * torch.randn(6, D)
+                                for _ in range(2)])  # the first pass's draws
     finite = torch.tensor([i for i in range(12) if i not in (2, 9)])
     expected = brute_force_clipped_sum(model, lambda s: model(drawn[finite][s]).pow(2).sum(dim=1), len(finite), 1.0)
     for got, want in zip(recorder.released[0], expected):

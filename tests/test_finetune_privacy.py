@@ -512,17 +512,23 @@ def test_an_encoding_memo_encodes_the_private_set_once_per_encoder_and_source(ba
         encoded.append(rows)
         return rows
     monkeypatch.setattr(finetune.SingleProcess, "encode", encode)
+    real_step, padding = finetune.SingleProcess.train_step, []
+
+    def train_step(self, *a, **kw):  # every run knows its padding row (an example may be left out)
+        padding.append(self.padding_row)
+        return real_step(self, *a, **kw)
+    monkeypatch.setattr(finetune.SingleProcess, "train_step", train_step)
     memo = finetune.EncodingMemo()
     with mlflow_store(base):
         finetune.run(tiny(base, "memo-a"), memo)
         finetune.run(tiny(base, "memo-b", "finetune.epsilon=1"), memo)
         assert len(encoded) == 1 and len(memo) == 1
         (mean, std, labels), = memo.values()
-        assert mean.shape[0] == 1000
+        assert mean.shape[0] == 1000 + 1 and padding == [1000] * 6  # the private rows and the padding row
         finetune.run(tiny(base, "memo-c"))  # no memo: encoded again, identically
         assert len(encoded) == 2
         assert torch.equal(encoded[1][0], mean) and torch.equal(encoded[1][1], std)
         assert torch.equal(encoded[1][2], labels)
         finetune.run(tiny(base, "memo-d", "data.private.num_examples=800"), memo)  # another private set
     assert len(encoded) == 3 and len(memo) == 1
-    assert next(iter(memo.values()))[0].shape[0] == 800
+    assert next(iter(memo.values()))[0].shape[0] == 800 + 1

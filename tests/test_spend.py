@@ -88,19 +88,29 @@ def prepared(folder: Path, source: dict | None) -> DataSource:
 
 
 def test_runs_count_unless_their_sets_are_provably_disjoint(tmp_path):
+    """Disjoint: MNIST parts that do not meet, or other shard files of one folder. Two folders
+    prepared from differently described sources may still hold the same images: they count."""
     exp = tmp_path / "exp"
     faces = prepared(tmp_path / "faces", {"type": "imagefolder", "root": "/data/faces"})
-    scans = prepared(tmp_path / "scans", {"type": "imagefolder", "root": "/data/scans"})
+    scans = prepared(tmp_path / "scans", {"type": "imagefolder", "root": "/data/faces/alice"})
     copy = prepared(tmp_path / "copy", None)  # a copy of some set, nothing says which
-    for name, private in (("finetune-scans", scans), ("finetune-copy", copy)):
+    digits = prepared(tmp_path / "digits", {"type": "mnist", "split": "train"})
+    write_shard(tmp_path / "faces" / "shard-000001.tar", [{"__key__": "y", "png": b""}])
+    other_range = DataSource(source="shards", path=str(tmp_path / "faces" / "shard-000001.tar"))
+    faces = DataSource(source="shards", path=str(tmp_path / "faces" / "shard-000000.tar"))
+    for name, private in (("finetune-scans", scans), ("finetune-copy", copy), ("finetune-digits", digits),
+                          ("finetune-range", other_range)):
         run_dir = fake_run(exp, name, "train")
         recorded = load_config(str(run_dir / "config.yaml"))
         recorded.data.private = private
         dump_config(recorded, run_dir / "config.yaml")
     found = {c.run: c.why for c in charges(exp, faces)}
-    assert sorted(found) == ["finetune-copy"], "finetune-scans: prepared from another source, disjoint"
-    assert "cannot be shown disjoint" in found["finetune-copy"]
-    assert sorted(c.run for c in charges(exp, DataSource(source="mnist", split="test"))) == ["finetune-copy"]
+    assert sorted(found) == ["finetune-copy", "finetune-digits", "finetune-scans"], "the other range is disjoint"
+    assert all("cannot be shown disjoint" in why for why in found.values())
+    assert {c.run: c.why for c in charges(exp, DataSource(source="mnist", split="trainval"))}["finetune-digits"] == \
+        "MNIST's train split"
+    assert sorted(c.run for c in charges(exp, DataSource(source="mnist", split="test"))) == \
+        ["finetune-copy", "finetune-range", "finetune-scans"], "digits prepared from MNIST's train split: disjoint"
 
 
 def test_a_run_without_a_journal_counts_from_its_report(tmp_path):

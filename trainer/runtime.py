@@ -45,8 +45,8 @@ class LeftOut:
     the whole released step NaN), and how the step is accumulated again without them.
 
     Every pass runs the same micro-batches of local rows with the same draws (``generator``, the
-    one the losses draw timesteps and noise from, rewound to the step's start), a left-out example
-    replaced by the padding row at loss weight 0. So every other example contributes what it did,
+    one the losses draw timesteps and noise from, and torch's default generators, rewound to the
+    step's start), a left-out example replaced by the padding row at loss weight 0. So every other example contributes what it did,
     and a left-out one contributes 0 (within the clipping bound), decided by its own gradient alone.
     """
 
@@ -57,11 +57,18 @@ class LeftOut:
         self.micro_batches, self.padding_row, self.generator = micro_batches, padding_row, generator
         self.out = [torch.zeros(len(idx), dtype=torch.bool) for idx in micro_batches]
         self.start = generator.get_state() if generator is not None else None
+        # the default generators too: dropout in a trainable text encoder or UNet draws from them
+        self.cpu_start = torch.get_rng_state()
+        self.cuda_start = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         self.problem = ""
 
     def begin_pass(self) -> None:
+        """Rewind every generator the losses may draw from to where the step began."""
         if self.generator is not None:
             self.generator.set_state(self.start)
+        torch.set_rng_state(self.cpu_start)
+        if self.cuda_start is not None:
+            torch.cuda.set_rng_state_all(self.cuda_start)
 
     def losses(self, k: int, example_losses) -> torch.Tensor:
         """Per-example losses of micro-batch ``k``, left-out examples replaced and weighted 0."""
@@ -166,6 +173,12 @@ class Runtime:
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
         self._joined = False  # this object initialised the process group (close() leaves it)
+
+    padding_row: int | None = None  # the row of the public padding example among the private rows held
+
+    def mark_padding_row(self, rows: int) -> None:
+        """The last of the ``rows`` private rows held (:func:`with_padding_row`) is the padding example."""
+        self.padding_row = rows - 1
 
     @classmethod
     def start(cls, cfg) -> "Runtime":

@@ -77,36 +77,39 @@ def holdings(src: Any) -> set[Token]:
     return tokens
 
 
-def _fully_described(src: Any) -> bool:
-    """Whether ``holdings`` says all that ``src`` holds: MNIST parts, or local shards every one of
-    which lies in a folder whose ``meta.json`` names the source ``dpldm prepare`` read."""
+def _closed_kind(src: Any) -> str | None:
+    """"mnist" when ``src`` holds MNIST digits only (the offline set, or shards whose folders'
+    ``meta.json`` say MNIST), "folder:PATH" when its shards all lie in one folder, else None."""
     from trainer.data.reader import expand_urls
     if src.source == "mnist":
-        return True
+        return "mnist"
     if src.source != "shards" or not src.path:
-        return False
+        return None
     try:
         urls = expand_urls(src.path)
     except (ValueError, OSError):
-        return False
-    for url in urls:
-        if url.startswith("pipe:") or "://" in url:
-            return False
-        meta = Path(os.path.realpath(url)).parent / "meta.json"
+        return None
+    if any(url.startswith("pipe:") or "://" in url for url in urls):
+        return None
+    folders = {os.path.realpath(Path(url).parent) for url in urls}
+    kinds = set()
+    for folder in folders:
+        meta = Path(folder) / "meta.json"
         try:
-            source = json.loads(meta.read_text()).get("source") if meta.is_file() else None
+            described = _described(json.loads(meta.read_text())) if meta.is_file() else set()
         except ValueError:
-            return False
-        if not isinstance(source, dict) or not source.get("type"):
-            return False
-    return True
+            described = set()
+        kinds.add("mnist" if described and all(kind == "mnist" for kind, _ in described) else f"folder:{folder}")
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def provably_disjoint(a: Any, b: Any) -> bool:
-    """Whether ``DataSource`` ``a`` and ``b`` cannot share an example: neither shares anything with
-    the other (``shared_examples``) and this module sees all that each holds (MNIST parts, shards
-    whose folders' ``meta.json`` name their source). The safe answer where it cannot tell: False."""
-    return not shared_examples(a, b) and _fully_described(a) and _fully_described(b)
+    """Whether ``DataSource`` ``a`` and ``b`` cannot share an example: both hold MNIST digits only, in
+    parts (or shard files of one prepared folder) that do not meet, or both are shards of one
+    folder with no shard file in common. Anything else (sets prepared from differently described
+    sources may still hold the same images) is not provably disjoint: False."""
+    kind = _closed_kind(a)
+    return kind is not None and kind == _closed_kind(b) and not shared_examples(a, b)
 
 
 def absolute_source(src: Any) -> Any:

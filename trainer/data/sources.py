@@ -15,6 +15,7 @@ import gzip
 import importlib
 import io
 import json
+import os
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -169,8 +170,13 @@ def imagefolder_source(root: str | Path, captions_file: Optional[str | Path] = N
         return [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                 and not any(part.startswith(".") for part in p.relative_to(root).parts)]
     # a class folder given as a symlink is searched too (rglob from the root would not enter it)
-    files = sorted(images(root, False) + [p for name in classes for p in images(root / name, True)],
-                   key=lambda p: p.relative_to(root).as_posix())
+    found, seen = [], set()
+    for p in sorted(images(root, False) + [p for name in classes for p in images(root / name, True)],
+                    key=lambda p: p.relative_to(root).as_posix()):
+        if os.path.realpath(p) not in seen:  # a file reached twice (a link) is one example, not two
+            seen.add(os.path.realpath(p))
+            found.append(p)
+    files = found
     holding = {p.relative_to(root).parts[0] for p in files}
     empty = [name for name in classes if name not in holding]
     if empty:

@@ -100,7 +100,6 @@ class DistributedRun(Runtime):
         self.ldm_partition: Optional[FrozenPartition] = None  # set by place()
         self.ae_partition: Optional[FrozenPartition] = None
         self._padding_rows: Optional[Tensor] = None  # set by encode()
-        self.padding_row: Optional[int] = None  # its row, as SingleProcess.padding_row
 
     # ------------------------------------------------------------------ models and data
     def place(self, ldm: nn.Module, autoencoder: nn.Module) -> None:
@@ -168,9 +167,12 @@ class DistributedRun(Runtime):
 
     def _with_padding(self, mean: Tensor, std: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mean, std, local_labels = with_padding_row(mean, std, labels.to(mean.device))
-        self.padding_row = len(mean) - 1
-        self._padding_rows = torch.tensor([self.padding_row], device=self.device)
+        self.mark_padding_row(len(mean))
         return mean, std, local_labels.to(self.device)
+
+    def mark_padding_row(self, rows: int) -> None:
+        super().mark_padding_row(rows)
+        self._padding_rows = torch.tensor([self.padding_row], device=self.device)
 
     def make_optimizer(self, params: list[nn.Parameter], lr: float, weight_decay: float) -> ShardedAdamW:
         return ShardedAdamW(params, lr, weight_decay, self.rank, self.world_size,

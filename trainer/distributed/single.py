@@ -20,7 +20,6 @@ class SingleProcess(Runtime):
 
     :class:`trainer.distributed.run.DistributedRun` has the same methods for several processes.
     """
-    padding_row: int | None = None  # the row of the public padding example, once encode/hold has run
 
     def place(self, ldm, autoencoder) -> None:
         """Both models on this process's device."""
@@ -40,7 +39,7 @@ class SingleProcess(Runtime):
         """An already encoded private set (a latent cache): every row on the device, row i is example i,
         and one more row is the public padding example."""
         mean, std, labels = with_padding_row(mean.to(self.device), std.to(self.device), labels.to(self.device))
-        self.padding_row = len(mean) - 1
+        self.mark_padding_row(len(mean))
         return mean, std, labels
 
     def make_optimizer(self, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -99,8 +99,7 @@ def composed_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
 
     The PRV accountant composes their privacy loss distributions (tighter than adding epsilons);
     when the RDP composition exceeds ``PRV_RDP_LIMIT`` that bound is returned instead, as in
-    :func:`epsilon` (and, as there, ValueError where the PRV accountant cannot be built). Mechanisms
-    of zero steps spend nothing.
+    :func:`epsilon`, and where the PRV accountant fails. Mechanisms of zero steps spend nothing.
     """
     active = [Mechanism(float(m.noise_multiplier), float(m.sample_rate), int(m.steps)) for m in mechanisms]
     for m in active:
@@ -111,8 +110,11 @@ def composed_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
     rdp = composed_rdp_epsilon(active, delta)
     if rdp > PRV_RDP_LIMIT:
         return rdp
-    accountant = _prv_accountant_of(active, delta)
-    _, _, upper = accountant.compute_epsilon(delta=delta, num_self_compositions=[m.steps for m in active])
+    try:
+        accountant = _prv_accountant_of(active, delta)
+        _, _, upper = accountant.compute_epsilon(delta=delta, num_self_compositions=[m.steps for m in active])
+    except (ValueError, RuntimeError):  # the PRV discretisation cannot take it: the RDP bound still holds
+        return rdp
     return max(0.0, float(upper))
 
 

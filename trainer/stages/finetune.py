@@ -97,8 +97,10 @@ def _describe(src) -> str:
 
 
 def _pick(options: list[str], generator: torch.Generator) -> str:
-    """One of an example's captions at random ("" if it has none)."""
-    return options[int(torch.randint(len(options), (1,), generator=generator))] if options else ""
+    """One of an example's captions at random ("" if it has none). Always one draw, whatever the
+    example: a step replayed with another row in its place keeps every other row's draws."""
+    k = int(torch.randint(max(1, len(options)), (1,), generator=generator))
+    return options[k] if options else ""
 
 
 @dataclass
@@ -257,6 +259,7 @@ class DPSession:
             key = EncodingMemo.key(self.encoder_hash, self.cfg, rt)
             if encodings is not None and key in encodings:
                 mean, std, labels = encodings[key]
+                rt.mark_padding_row(len(mean))  # the memo holds what rt.encode returned, its padding row last
             else:
                 mean, std, labels = rt.encode(self.autoencoder, src.images, src.labels)
                 if encodings is not None:
@@ -399,10 +402,10 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         elif (run_dir / LEDGER_FILE).exists():
             raise RunError(f"{run_dir / LEDGER_FILE}: an earlier run here charged the private set, and that record "
                            "stays: give another finetune.name=NAME")
-        if ft.total_epsilon is not None and not finished:
-            spend = experiment_spend(cfg, run_dir.name, ledger)
-            if spend.epsilon > ft.total_epsilon:
-                raise ConfigError(f"finetune.total_epsilon: {ft.total_epsilon:g} would be exceeded: {spend.line()}")
+        if ft.total_epsilon is not None and not finished:  # rank 0 decides: the runs' records may be changing
+            problem = _over_total(cfg, run_dir, ledger) if rt.is_main else None
+            if rt.any_rank(problem is not None):
+                raise ConfigError(problem or "finetune.total_epsilon: refused on rank 0 (its message says why)")
     if isinstance(source, PrivateShards) and not finished:  # before place: ZeRO-3 partitions the encoder
         source = encode_private_shards(cfg, autoencoder, meta["autoencoder_sha256"], source, rt)
     rt.place(ldm, autoencoder)
@@ -481,8 +484,8 @@ def _session_lock(cfg: Config, run_dir: Path, ledger, rt: Union["SingleProcess",
     if rt.is_main:
         try:
             handle, problem = _claim(cfg, run_dir, ledger)
-        except (ConfigError, RunError, OSError, ValueError, KeyError) as err:
-            problem = str(err)
+        except Exception as err:  # noqa: BLE001 - the other ranks wait in the collective below
+            problem = f"{run_dir}: {err}"
     try:
         if rt.any_rank(problem is not None):
             raise RunError(problem or "refused on rank 0 (its message says why)")
@@ -525,14 +528,23 @@ def _admit(cfg: Config, run_dir: Path, ledger) -> str | None:
     if experiment is None:
         return f"{run_dir.parent / EXPERIMENT_LOCK_FILE}: held by another session for 2 minutes; try again"
     try:
-        cap = cfg.finetune.total_epsilon
-        spend = experiment_spend(cfg, run_dir.name, ledger) if cap is not None else None
-        if spend is not None and spend.epsilon > cap:
-            return f"finetune.total_epsilon: {cap:g} would be exceeded: {spend.line()}"
+        problem = _over_total(cfg, run_dir, ledger) if cfg.finetune.total_epsilon is not None else None
+        if problem:
+            return problem
         write_json(ledger.state_dict(), journal)  # visible to the experiment's other runs from now on
     finally:
         experiment.close()
     return None
+
+
+def _over_total(cfg: Config, run_dir: Path, ledger) -> str | None:
+    """Why this run's plan may not start under ``finetune.total_epsilon`` (None: it may)."""
+    cap = cfg.finetune.total_epsilon
+    try:
+        spend = experiment_spend(cfg, run_dir.name, ledger)
+    except Exception as err:  # noqa: BLE001 - a cap that cannot be checked refuses
+        return f"finetune.total_epsilon: the private set's total over the experiment's runs cannot be computed: {err}"
+    return f"finetune.total_epsilon: {cap:g} would be exceeded: {spend.line()}" if spend.epsilon > cap else None
 
 
 def _spend_or_warn(cfg: Config, run: str, ledger):
