@@ -5,8 +5,8 @@ import pytest
 from opacus.accountants import PRVAccountant as OpacusPRV
 from opacus.accountants import RDPAccountant as OpacusRDP
 
-from trainer.privacy import (Mechanism, PrivacyBudgetExceeded, PrivacyLedger, calibrate_noise, composed_epsilon, epsilon,
-                             rdp_epsilon)
+from trainer.privacy import (Mechanism, PrivacyBudgetExceeded, PrivacyLedger, calibrate_noise, composed_epsilon,
+                             epsilon, rdp_epsilon)
 from trainer.privacy.accounting import EPS_ERROR, composed_rdp_epsilon
 
 DELTA = 1e-5

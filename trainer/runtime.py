@@ -46,8 +46,9 @@ class LeftOut:
 
     Every pass runs the same micro-batches of local rows with the same draws (``generator``, the
     one the losses draw timesteps and noise from, and torch's default generators, rewound to the
-    step's start), a left-out example replaced by the padding row at loss weight 0. So every other example contributes what it did,
-    and a left-out one contributes 0 (within the clipping bound), decided by its own gradient alone.
+    step's start), a left-out example replaced by the padding row at loss weight 0. So every other
+    example contributes what it did, and a left-out one contributes 0 (within the clipping bound),
+    decided by its own gradient alone.
     """
 
     BROKEN = 2  # :meth:`update`'s verdict when the step cannot be released (``problem`` says why)

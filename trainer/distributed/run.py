@@ -209,7 +209,7 @@ class DistributedRun(Runtime):
             verdict = self.max_over_ranks(left_out.update(engine))  # the same on every rank
             if verdict == LeftOut.BROKEN:
                 engine.discard()
-                raise RunError("DP step refused" + (f": {left_out.problem}" if left_out.problem else " on another rank"))
+                raise RunError(f"DP step refused: {left_out.problem or 'on another rank'}")
             if verdict == 0:
                 break
             engine.discard()

@@ -5,9 +5,9 @@ Each fine-tune or audit on private data journals its plan and its steps in its f
 ``config.yaml``. Someone in the private sets of several runs is in all of their releases, so
 their guarantees compose. The runs that count for a private set are the experiment's runs whose
 sets are not provably disjoint from it (``trainer.data.provenance``: MNIST parts that do not
-meet, shards prepared from different sources or disjoint ranges of one prepared set; anything
-it cannot see into counts), each for its steps taken once it has ended (a report is written)
-and for its planned steps while it may still resume.
+meet, or other shard files of one prepared folder; anything else counts), each for its steps
+taken once it has ended (a report is written) and for its planned steps while it may still
+resume.
 
 Only the experiment's folder is searched: runs on the same people under another experiment or
 output folder, and runs started at the same moment, are not seen.
