@@ -109,8 +109,8 @@ def test_huge_epsilon_falls_back_to_rdp_instead_of_exhausting_memory():
         calibrate_noise(float("inf"), 1e-5, 0.01, 10)
 
 
-# two runs on one private set: the demo's two budgets, and a run continued under another plan
-RUNS = [[Mechanism(0.7, 0.05, 800), Mechanism(1.5, 0.025, 600)], [Mechanism(1.0, 0.01, 300), Mechanism(2.0, 0.1, 50)]]
+# two runs on one private set: budgets like the demo's two, and a run continued under another plan
+RUNS = [[Mechanism(0.8, 0.05, 200), Mechanism(1.5, 0.025, 150)], [Mechanism(1.0, 0.01, 300), Mechanism(2.0, 0.1, 50)]]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -131,6 +131,9 @@ def test_composing_one_plan_in_pieces_is_running_it_whole():
     assert composed_epsilon([Mechanism(0.8, 0.02, 200), Mechanism(0.8, 0.02, 300)], DELTA) == \
         pytest.approx(whole, abs=EPS_ERROR)
     assert composed_epsilon([Mechanism(0.8, 0.02, 500), Mechanism(3.0, 0.5, 0)], DELTA) == pytest.approx(whole)
+    assert composed_epsilon([Mechanism(0.8, 0.02, 200), Mechanism(1.0, 0.02, 300), Mechanism(0.8, 0.02, 300)],
+                            DELTA) == pytest.approx(composed_epsilon([Mechanism(0.8, 0.02, 500),
+                                                                      Mechanism(1.0, 0.02, 300)], DELTA))
     assert composed_epsilon([], DELTA) == 0.0
     with pytest.raises(ValueError, match="noise_multiplier"):
         composed_epsilon([Mechanism(0.0, 0.02, 5)], DELTA)

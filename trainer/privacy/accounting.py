@@ -104,7 +104,11 @@ def composed_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
     active = [Mechanism(float(m.noise_multiplier), float(m.sample_rate), int(m.steps)) for m in mechanisms]
     for m in active:
         _validate(m.noise_multiplier, m.sample_rate, m.steps, delta)
-    active = [m for m in active if m.steps > 0]
+    merged: dict[tuple[float, float], int] = {}  # k and l steps of one mechanism are k + l steps of it
+    for m in active:
+        if m.steps > 0:
+            merged[(m.noise_multiplier, m.sample_rate)] = merged.get((m.noise_multiplier, m.sample_rate), 0) + m.steps
+    active = [Mechanism(sigma, q, steps) for (sigma, q), steps in merged.items()]
     if not active:
         return 0.0
     rdp = composed_rdp_epsilon(active, delta)
