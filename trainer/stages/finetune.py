@@ -569,13 +569,10 @@ def _check_journal_covers(run_dir: Path, ledger, checkpoint: Checkpoint) -> None
 
 
 def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodings: EncodingMemo | None) -> Path:
-    from trainer.interrupt import StopRequest
-    from trainer.runs import class_grid
-
     ft = cfg.finetune
     run_dir = stage_dir(cfg, "finetune")
     session = _prepare(cfg, rt, run_dir)
-    ldm, engine, state = session.ldm, session.engine, session.state
+    engine, state = session.engine, session.state
     ledger = state.ledger
     checkpoint = rt.resume(run_dir, state)  # weights and optimizer; the sampler continues at the step
     _check_journal_covers(run_dir, ledger, checkpoint)  # the journal (loaded by _prepare) counts every step
@@ -594,109 +591,121 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
     rt.check_engine(engine, session.probe_losses, PROBE_SIZE)  # refuses a model it cannot handle, uncharged
     rt.barrier()  # every rank has read the ledger before rank 0 journals the next step
     with _session_lock(cfg, run_dir, ledger, rt):  # one session charges this run at a time
-        if rt.is_main:
-            print(session.selection.summary())
-            if step:
-                print(f"resuming at step {step}: {ledger.steps_taken} steps already charged")
-            save_run_config(cfg, run_dir)
-            write_json({"base": recorded_path(session.base_dir, run_dir), "n_classes": ft.new_class_embedder,
-                        "label_names": session.names, "trainable": session.selection.trainable, "policy": ft.policy,
-                        "lora": session.selection.lora},
-                       run_dir / "finetune.json")
-        n, q, sigma = session.n, session.q, session.sigma
+        return _train(cfg, rt, run_dir, session, checkpoint)
 
-        t0 = time.time()
-        tags = {"stage": "finetune", "privacy": "dp-sgd"}
-        with start_run(cfg.experiment, run_dir.name, cfg.to_dict(), tags, run_id=checkpoint.mlflow_run_id) as mlrun, \
-                StopRequest() as stop:
-            mlrun.log_params({"privacy": {"sigma": sigma, "q": q, "N": n, "planned_epsilon": ledger.planned_epsilon},
-                              "params": {"trainable": session.selection.trainable_count,
-                                         "total": session.selection.total_count}})
-            layout = rt.layout()  # None in one process
-            if layout is not None:  # tags, not params: a resumed run may have another world size
-                mlrun.set_tags({f"distributed.{k}": str(layout[k]) for k in ("world_size", "zero_stage")})
-                if rt.is_main:
-                    write_json(layout, run_dir / "distributed.json")
 
-            def checkpoint_now(mlrun_id: str | None) -> None:
-                rt.save_checkpoint(run_dir, step, mlrun_id, state)
+def _train(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: Path, session: DPSession,
+           checkpoint: Checkpoint) -> Path:
+    """The DP steps of a session that holds the run (from ``checkpoint``), then the report and the grid."""
+    from trainer.interrupt import StopRequest
+    from trainer.runs import class_grid
 
-            ldm.train()
-            bar = tqdm(total=ft.steps, initial=step, desc="finetune (DP)", dynamic_ncols=True, disable=not rt.is_main)
-            batches = iter(state.sampler)
-            nonfinite = 0  # examples left out of their steps for a non-finite gradient (this session)
-            while step < ft.steps:
-                try:
-                    ledger.record_step()  # raises before a step past the plan or the budget
-                except Exception as err:  # noqa: BLE001 - the ledger says why
-                    if rt.is_main:
-                        print(f"stopping at step {step}: {err}")
-                    break
-                if rt.is_main:
-                    write_json(ledger.state_dict(), run_dir / LEDGER_FILE)
-                set_learning_rate(state.optimizer, learning_rate(ft, step))
-                metrics = rt.train_step(engine, state.optimizer, next(batches), session.example_losses,
-                                        session.loss_gen)
-                if metrics["nonfinite"] and not nonfinite and rt.is_main:
-                    print(f"dpldm finetune: warning (non-private diagnostic): at step {step + 1} some examples' "
-                          "gradients were not finite and were left out of the step (the model may be diverging: "
-                          "lower finetune.lr); their count is logged as nonprivate/nonfinite_examples",
-                          file=sys.stderr)
-                nonfinite += int(metrics["nonfinite"])
-                if state.ema is not None:
-                    state.ema.update(state.trainable)
-                step += 1
-                bar.update(1)
-                if step % ft.log_every == 0 or step == ft.steps:
-                    # the accountant takes ~0.1-0.3 s per call on a CPU: at log steps only, not every step
-                    spent = ledger.spent_epsilon()
-                    bar.set_postfix(eps=f"{spent:.2f}", batch=int(metrics["batch_size"]))
-                    mlrun.log_metrics({"privacy.epsilon_spent": spent,
-                                       "nonprivate/loss": metrics["loss"],
-                                       "nonprivate/batch_size": metrics["batch_size"],
-                                       "nonprivate/clip_fraction": metrics["clip_fraction"],
-                                       "nonprivate/nonfinite_examples": nonfinite},
-                                      step=step)
-                stopping = rt.any_rank(stop.requested)
-                if stopping or step % ft.checkpoint_every == 0 or step == ft.steps:
-                    checkpoint_now(mlrun.run_id)
-                if stopping:
-                    bar.close()
-                    raise KeyboardInterrupt
-            bar.close()
-            checkpoint_now(mlrun.run_id)
-            engine.detach()
-            ldm.eval()
-            if state.ema is not None:  # the result is the average (the last step's weights stay in WEIGHTS_FILE)
-                state.ema.copy_to(state.trainable)
+    ft = cfg.finetune
+    ldm, engine, state = session.ldm, session.engine, session.state
+    ledger, step = state.ledger, checkpoint.step
+    if rt.is_main:
+        print(session.selection.summary())
+        if step:
+            print(f"resuming at step {step}: {ledger.steps_taken} steps already charged")
+        save_run_config(cfg, run_dir)
+        write_json({"base": recorded_path(session.base_dir, run_dir), "n_classes": ft.new_class_embedder,
+                    "label_names": session.names, "trainable": session.selection.trainable, "policy": ft.policy,
+                    "lora": session.selection.lora},
+                   run_dir / "finetune.json")
+    n, q, sigma = session.n, session.q, session.sigma
 
-            report = {**ledger.report(), "max_grad_norm": ft.max_grad_norm, "N": n, "N_is_public": N_IS_PUBLIC,
-                      "expected_batch_size": ft.expected_batch_size, "noise_multiplicity": ft.noise_multiplicity,
-                      "secure_noise": ft.secure_noise, "signal_to_noise_bound": session.signal_to_noise,
-                      "policy": ft.policy, "trainable_parameters": session.selection.trainable_count,
-                      "total_parameters": session.selection.total_count, "trainable_names": session.selection.trainable,
-                      "label_names": session.names, "label_names_from": session.names_source,
-                      "neighbouring": "add/remove one example", "data": _describe(cfg.data.private)}
-            spend = _spend_or_warn(cfg, run_dir.name, ledger) if rt.is_main else None
-            if spend is not None and len(spend.charges) > 1:  # other runs of the experiment used these people too
-                report["private_set_spend"] = spend.to_dict()
-                mlrun.log_metrics({"privacy.private_set_epsilon": spend.epsilon})
+    t0 = time.time()
+    tags = {"stage": "finetune", "privacy": "dp-sgd"}
+    with start_run(cfg.experiment, run_dir.name, cfg.to_dict(), tags, run_id=checkpoint.mlflow_run_id) as mlrun, \
+            StopRequest() as stop:
+        mlrun.log_params({"privacy": {"sigma": sigma, "q": q, "N": n, "planned_epsilon": ledger.planned_epsilon},
+                          "params": {"trainable": session.selection.trainable_count,
+                                     "total": session.selection.total_count}})
+        layout = rt.layout()  # None in one process
+        if layout is not None:  # tags, not params: a resumed run may have another world size
+            mlrun.set_tags({f"distributed.{k}": str(layout[k]) for k in ("world_size", "zero_stage")})
             if rt.is_main:
-                write_json(report, run_dir / PRIVACY_REPORT)
-            grid = rt.sample_grid(lambda path: class_grid(ldm, session.autoencoder, session.latent_shape, cfg,
-                                                          session.names, path, torch.Generator().manual_seed(cfg.seed)),
-                                  run_dir / "samples.png")
-            mlrun.log_metrics({"privacy.epsilon": report["epsilon"], "privacy.delta": ft.delta,
-                               "privacy.steps": ledger.steps_taken, "params.trainable": session.selection.trainable_count,
-                               "wall_time_s": time.time() - t0})
-            mlrun.log_result(run_dir, grid, run_dir / PRIVACY_REPORT)
-            mlrun.log_pipeline(run_dir, [WEIGHTS_FILE, *([EMA_FILE] if state.ema else []), "finetune.json", PRIVACY_REPORT])
+                write_json(layout, run_dir / "distributed.json")
+
+        def checkpoint_now(mlrun_id: str | None) -> None:
+            rt.save_checkpoint(run_dir, step, mlrun_id, state)
+
+        ldm.train()
+        bar = tqdm(total=ft.steps, initial=step, desc="finetune (DP)", dynamic_ncols=True, disable=not rt.is_main)
+        batches = iter(state.sampler)
+        nonfinite = 0  # examples left out of their steps for a non-finite gradient (this session)
+        while step < ft.steps:
+            try:
+                ledger.record_step()  # raises before a step past the plan or the budget
+            except Exception as err:  # noqa: BLE001 - the ledger says why
+                if rt.is_main:
+                    print(f"stopping at step {step}: {err}")
+                break
+            if rt.is_main:
+                write_json(ledger.state_dict(), run_dir / LEDGER_FILE)
+            set_learning_rate(state.optimizer, learning_rate(ft, step))
+            metrics = rt.train_step(engine, state.optimizer, next(batches), session.example_losses,
+                                    session.loss_gen)
+            if metrics["nonfinite"] and not nonfinite and rt.is_main:
+                print(f"dpldm finetune: warning (non-private diagnostic): at step {step + 1} some examples' "
+                      "gradients were not finite and were left out of the step (the model may be diverging: "
+                      "lower finetune.lr); their count is logged as nonprivate/nonfinite_examples",
+                      file=sys.stderr)
+            nonfinite += int(metrics["nonfinite"])
+            if state.ema is not None:
+                state.ema.update(state.trainable)
+            step += 1
+            bar.update(1)
+            if step % ft.log_every == 0 or step == ft.steps:
+                # the accountant takes ~0.1-0.3 s per call on a CPU: at log steps only, not every step
+                spent = ledger.spent_epsilon()
+                bar.set_postfix(eps=f"{spent:.2f}", batch=int(metrics["batch_size"]))
+                mlrun.log_metrics({"privacy.epsilon_spent": spent,
+                                   "nonprivate/loss": metrics["loss"],
+                                   "nonprivate/batch_size": metrics["batch_size"],
+                                   "nonprivate/clip_fraction": metrics["clip_fraction"],
+                                   "nonprivate/nonfinite_examples": nonfinite},
+                                  step=step)
+            stopping = rt.any_rank(stop.requested)
+            if stopping or step % ft.checkpoint_every == 0 or step == ft.steps:
+                checkpoint_now(mlrun.run_id)
+            if stopping:
+                bar.close()
+                raise KeyboardInterrupt
+        bar.close()
+        checkpoint_now(mlrun.run_id)
+        engine.detach()
+        ldm.eval()
+        if state.ema is not None:  # the result is the average (the last step's weights stay in WEIGHTS_FILE)
+            state.ema.copy_to(state.trainable)
+
+        report = {**ledger.report(), "max_grad_norm": ft.max_grad_norm, "N": n, "N_is_public": N_IS_PUBLIC,
+                  "expected_batch_size": ft.expected_batch_size, "noise_multiplicity": ft.noise_multiplicity,
+                  "secure_noise": ft.secure_noise, "signal_to_noise_bound": session.signal_to_noise,
+                  "policy": ft.policy, "trainable_parameters": session.selection.trainable_count,
+                  "total_parameters": session.selection.total_count, "trainable_names": session.selection.trainable,
+                  "label_names": session.names, "label_names_from": session.names_source,
+                  "neighbouring": "add/remove one example", "data": _describe(cfg.data.private)}
+        spend = _spend_or_warn(cfg, run_dir.name, ledger) if rt.is_main else None
+        if spend is not None and len(spend.charges) > 1:  # other runs of the experiment used these people too
+            report["private_set_spend"] = spend.to_dict()
+            mlrun.log_metrics({"privacy.private_set_epsilon": spend.epsilon})
         if rt.is_main:
-            print(f"DP fine-tuning: epsilon = {report['epsilon']:.3f}, delta = {ft.delta:g} after {ledger.steps_taken} "
-                  f"steps (sigma = {sigma:.4f}, q = {q:.5f}); samples: {grid}; report: {run_dir / PRIVACY_REPORT}")
-            if "private_set_spend" in report:
-                print(f"Released with the others: {spend.line()}")
-        return run_dir
+            write_json(report, run_dir / PRIVACY_REPORT)
+        grid = rt.sample_grid(lambda path: class_grid(ldm, session.autoencoder, session.latent_shape, cfg,
+                                                      session.names, path, torch.Generator().manual_seed(cfg.seed)),
+                              run_dir / "samples.png")
+        mlrun.log_metrics({"privacy.epsilon": report["epsilon"], "privacy.delta": ft.delta,
+                           "privacy.steps": ledger.steps_taken, "params.trainable": session.selection.trainable_count,
+                           "wall_time_s": time.time() - t0})
+        mlrun.log_result(run_dir, grid, run_dir / PRIVACY_REPORT)
+        mlrun.log_pipeline(run_dir, [WEIGHTS_FILE, *([EMA_FILE] if state.ema else []), "finetune.json", PRIVACY_REPORT])
+    if rt.is_main:
+        print(f"DP fine-tuning: epsilon = {report['epsilon']:.3f}, delta = {ft.delta:g} after {ledger.steps_taken} "
+              f"steps (sigma = {sigma:.4f}, q = {q:.5f}); samples: {grid}; report: {run_dir / PRIVACY_REPORT}")
+        if "private_set_spend" in report:
+            print(f"Released with the others: {spend.line()}")
+    return run_dir
 
 
 def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed: int | None = None):
