@@ -16,6 +16,7 @@ from typing import ContextManager
 import torch
 
 from trainer.config import ConfigError
+from trainer.errors import RunError
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -106,6 +107,17 @@ class LeftOut:
         for out, flagged in zip(self.out, bad):
             out[flagged] = True
         return int(bool(bad))
+
+    def again(self, engine, verdict: int) -> bool:
+        """After a pass whose :meth:`update` gave ``verdict`` (on several ranks, their maximum): False
+        to release the step, True to run the pass again (what it accumulated discarded); RunError
+        when the step cannot be released."""
+        if verdict == 0:
+            return False
+        engine.discard()
+        if verdict == self.BROKEN:
+            raise RunError(f"DP step refused: {self.problem or 'on another rank'}")
+        return True
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -21,7 +21,6 @@ from trainer.distributed.deepspeed_config import (DEFAULT_DEEPSPEED_CONFIG, Deep
                                                   load_deepspeed_config)
 from trainer.distributed.partition import FrozenPartition
 from trainer.distributed.sharded_adamw import ShardedAdamW
-from trainer.errors import RunError
 from trainer.io import load_state, save_safetensors, save_state, write_json
 from trainer.runtime import LeftOut, Placement, Runtime, with_padding_row
 
@@ -206,13 +205,8 @@ class DistributedRun(Runtime):
                     count += left_out.kept(k)
                 else:  # the public padding example: forward and backward run, its gradient is exactly 0
                     engine.accumulate(self._model(example_losses, self._padding_rows) * 0.0)
-            verdict = self.max_over_ranks(left_out.update(engine))  # the same on every rank
-            if verdict == LeftOut.BROKEN:
-                engine.discard()
-                raise RunError(f"DP step refused: {left_out.problem or 'on another rank'}")
-            if verdict == 0:
+            if not left_out.again(engine, self.max_over_ranks(left_out.update(engine))):  # the same on every rank
                 break
-            engine.discard()
         stats = engine.finalize(add_noise=self.rank == 0)
         optimizer.step()
         clipped = stats["nonprivate_clip_fraction"] * stats["nonprivate_batch_size"]  # padding is never clipped

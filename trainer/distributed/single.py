@@ -62,13 +62,8 @@ class SingleProcess(Runtime):
                 engine.accumulate(losses)
                 loss_sum += float(losses.detach().sum())
                 count += left_out.kept(k)
-            verdict = left_out.update(engine)
-            if verdict == LeftOut.BROKEN:
-                engine.discard()
-                raise RunError(f"DP step refused: {left_out.problem}")
-            if verdict == 0:
+            if not left_out.again(engine, left_out.update(engine)):
                 break
-            engine.discard()
         stats = engine.finalize()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
