@@ -38,11 +38,24 @@ def test_epsilon_grows_with_steps_and_shrinks_with_noise():
     assert epsilon(2.0, 0.01, 400, DELTA) < epsilon(1.0, 0.01, 400, DELTA)
 
 
-def test_calibrate_noise_hits_target():
-    target, q, steps = 2.0, 0.01, 300
-    sigma = calibrate_noise(target, DELTA, q, steps)
-    assert epsilon(sigma, q, steps, DELTA) <= target
-    assert epsilon(0.99 * sigma, q, steps, DELTA) > target
+@pytest.mark.parametrize("target,delta,q,steps", [(2.0, DELTA, 0.01, 300),
+                                                   (10.0, 1e-3, 0.1, 3)])  # the last: PRV fails below ~0.48
+def test_calibrate_noise_hits_target(target, delta, q, steps):
+    sigma = calibrate_noise(target, delta, q, steps)
+    assert epsilon(sigma, q, steps, delta) <= target
+    try:
+        assert epsilon(0.99 * sigma, q, steps, delta) > target
+    except ValueError:  # the accountant cannot evaluate it: calibration must not have gone there
+        pass
+
+
+def test_the_rdp_screen_never_sends_a_plan_past_the_prv_limit_to_the_prv_accountant():
+    """``epsilon`` screens with a few RDP orders before the full set: a subset's bound is never below the full one,
+    so a plan under the limit on the screen is under it in full."""
+    from trainer.privacy.accounting import RDP_ORDERS, SCREEN_ORDERS, _rdp_of
+    assert set(SCREEN_ORDERS) <= set(RDP_ORDERS)
+    for plan in [Mechanism(0.3, 0.5, 2000), Mechanism(0.48, 0.2, 400), Mechanism(0.8, 1 / 30, 800)]:
+        assert _rdp_of([plan], DELTA, SCREEN_ORDERS) >= _rdp_of([plan], DELTA, RDP_ORDERS)
 
 
 @pytest.mark.parametrize(
@@ -61,6 +74,18 @@ def test_inputs_are_validated(kwargs, match):
         epsilon(**args)
     with pytest.raises(ValueError, match=match):
         rdp_epsilon(**args)
+
+
+def test_answers_remembered_for_a_plan_do_not_pass_an_invalid_one():
+    """The accountant remembers its answers; an argument equal to a remembered one but of another type
+    (3.0 steps for 3) is still refused."""
+    assert epsilon(1.0, 0.01, 3, DELTA) == epsilon(1.0, 0.01, 3, DELTA) > 0
+    with pytest.raises(ValueError, match="steps"):
+        epsilon(1.0, 0.01, 3.0, DELTA)
+    sigma = calibrate_noise(2.0, DELTA, 0.01, 3)
+    with pytest.raises(ValueError, match="steps"):
+        calibrate_noise(2.0, DELTA, 0.01, 3.0)
+    assert calibrate_noise(2.0, DELTA, 0.01, 3) == sigma
 
 
 def test_ledger_refuses_a_plan_over_budget():

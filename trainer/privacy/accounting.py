@@ -8,7 +8,9 @@ several runs on one data set together (each a ``Mechanism``: sigma, q, steps).
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -19,6 +21,7 @@ from prv_accountant.privacy_random_variables import PoissonSubsampledGaussianMec
 EPS_ERROR = 0.01  # absolute error of the PRV epsilon estimate; the upper bound accounts for it
 ACCOUNTANT_NAME = f"prv (prv-accountant 0.2.0 PRVAccountant, Poisson-subsampled Gaussian, upper bound, eps_error={EPS_ERROR})"
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 256))
+SCREEN_ORDERS = [1 + x / 10.0 for x in (5, 10, 20, 30, 40, 50, 70, 90)] + [12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 255]
 # PRV is within ~20% of RDP below this; far above it, its discretisation exhausts memory (2000 steps
 # at sigma 0.3, q 0.5: RDP 5935 -> > 24 GB). Plans that large are refused anyway (epsilon <= 100).
 PRV_RDP_LIMIT = 200.0
@@ -69,6 +72,9 @@ def _prv_upper(accountant: PRVAccountant, steps: int, delta: float) -> float:
     return max(0.0, float(upper))
 
 
+# The accountant is a pure function of its numbers and a PRV evaluation takes ~0.1-1.5 s: a process
+# that plans, checks and reports the same runs (the demo, a sweep) asks for the same values again.
+@functools.lru_cache(maxsize=1024, typed=True)
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """Upper bound on epsilon after ``steps`` DP-SGD steps (PRV accountant).
 
@@ -78,8 +84,8 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
     _validate(noise_multiplier, sample_rate, steps, delta)
     if steps == 0:
         return 0.0
-    rdp = rdp_epsilon(noise_multiplier, sample_rate, steps, delta)
-    if rdp > PRV_RDP_LIMIT:
+    rdp = _rdp_beyond_prv([Mechanism(noise_multiplier, sample_rate, steps)], delta)
+    if rdp is not None:
         return rdp
     return _prv_upper(_prv_accountant(noise_multiplier, sample_rate, steps, delta), steps, delta)
 
@@ -108,38 +114,64 @@ def composed_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
     for m in active:
         if m.steps > 0:
             merged[(m.noise_multiplier, m.sample_rate)] = merged.get((m.noise_multiplier, m.sample_rate), 0) + m.steps
-    active = [Mechanism(sigma, q, steps) for (sigma, q), steps in merged.items()]
+    return _composed_epsilon(tuple(sorted(Mechanism(sigma, q, steps) for (sigma, q), steps in merged.items())), delta)
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _composed_epsilon(active: tuple[Mechanism, ...], delta: float) -> float:
+    """``composed_epsilon`` of validated, merged mechanisms of at least one step each (in a canonical order)."""
     if not active:
         return 0.0
-    rdp = composed_rdp_epsilon(active, delta)
-    if rdp > PRV_RDP_LIMIT:
+    rdp = _rdp_beyond_prv(active, delta)
+    if rdp is not None:
         return rdp
     try:
         accountant = _prv_accountant_of(active, delta)
         _, _, upper = accountant.compute_epsilon(delta=delta, num_self_compositions=[m.steps for m in active])
     except (ValueError, RuntimeError):  # the PRV discretisation cannot take it: the RDP bound still holds
-        return rdp
+        return composed_rdp_epsilon(active, delta)
     return max(0.0, float(upper))
 
 
 def composed_rdp_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
     """Epsilon at ``delta`` from the summed RDP curves of the mechanisms (looser than PRV; a cross-check)."""
-    total = np.zeros(len(RDP_ORDERS))
     for m in mechanisms:
         _validate(m.noise_multiplier, m.sample_rate, m.steps, delta)
+    return _rdp_of(mechanisms, delta, RDP_ORDERS)
+
+
+def _rdp_of(mechanisms: Sequence[Mechanism], delta: float, orders: Sequence[float]) -> float:
+    """Epsilon at ``delta`` from the mechanisms' summed RDP curves at ``orders`` (inputs already validated)."""
+    total = np.zeros(len(orders))
+    for m in mechanisms:
         if m.steps:
             total += rdp_analysis.compute_rdp(q=m.sample_rate, noise_multiplier=m.noise_multiplier, steps=m.steps,
-                                              orders=RDP_ORDERS)
+                                              orders=orders)
     if not total.any():
         return 0.0
-    eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=total, delta=delta)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=total, delta=delta)
     return float(eps)
 
 
+def _rdp_beyond_prv(mechanisms: Sequence[Mechanism], delta: float) -> float | None:
+    """The RDP bound of the mechanisms when it exceeds ``PRV_RDP_LIMIT`` (the PRV accountant is then not run),
+    else None. ``SCREEN_ORDERS`` are a subset of ``RDP_ORDERS``, so their bound is never below the full one:
+    at or under the limit there, the full bound (ten times the work) need not be computed."""
+    with warnings.catch_warnings():  # "optimal order is the smallest alpha": only the bound matters here
+        warnings.simplefilter("ignore", UserWarning)
+        screened = _rdp_of(mechanisms, delta, SCREEN_ORDERS)
+    if screened <= PRV_RDP_LIMIT:
+        return None
+    rdp = _rdp_of(mechanisms, delta, RDP_ORDERS)
+    return rdp if rdp > PRV_RDP_LIMIT else None
+
+
+@functools.lru_cache(maxsize=256, typed=True)
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """Smallest sigma (to 1%) with ``epsilon(sigma, q, steps, delta) <= target_epsilon``.
 
-    Bisection on sigma; the returned sigma meets the target, and 0.99 * sigma does not.
+    The returned sigma meets the target, and a sigma 0.5% below it was evaluated and does not (so, epsilon
+    decreasing in sigma, neither does 0.99 * sigma).
     """
     if not target_epsilon > 0 or not math.isfinite(target_epsilon):
         raise ValueError(f"target_epsilon must be a positive finite number, got {target_epsilon}")
@@ -147,29 +179,47 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     if steps == 0:
         raise ValueError("steps must be >= 1 to calibrate noise (zero steps spend no privacy)")
 
-    def meets(sigma: float) -> bool:
+    def excess(sigma: float) -> float:
+        """log(epsilon / target), <= 0 exactly where epsilon <= target (compared before any rounding)."""
         try:
-            return epsilon(sigma, sample_rate, steps, delta) <= target_epsilon
+            eps = epsilon(sigma, sample_rate, steps, delta)
         except ValueError:  # the accountant cannot handle sigma this small: far above target
-            return False
+            return math.inf
+        ratio = math.log(max(eps, 1e-300) / target_epsilon)
+        return min(ratio, 0.0) if eps <= target_epsilon else max(ratio, math.ulp(0.0))
 
-    hi = 1.0
-    while not meets(hi):
+    hi, f_hi = 1.0, excess(1.0)
+    while f_hi > 0:
         hi *= 2.0
         if hi > 1e6:
             raise ValueError(f"no sigma <= 1e6 reaches epsilon {target_epsilon} with q={sample_rate}, steps={steps}")
-    lo = hi / 2.0
-    while meets(lo):
-        hi, lo = lo, lo / 2.0
+        f_hi = excess(hi)
+    lo, f_lo = hi / 2.0, excess(hi / 2.0)
+    while f_lo <= 0:
+        hi, f_hi, lo = lo, f_lo, lo / 2.0
         if lo < 1e-3:
             return hi
-    # invariant: meets(hi), not meets(lo); stop with margin below the 1% requirement
+        f_lo = excess(lo)
+    # invariant: hi meets, lo does not; stop when they are 0.5% apart (a margin below the 1% promised).
+    def narrow(sigma: float) -> None:
+        nonlocal lo, f_lo, hi, f_hi
+        if lo < sigma < hi:
+            f = excess(sigma)
+            if f <= 0:
+                hi, f_hi = sigma, f
+            else:
+                lo, f_lo = sigma, f
+
+    # log epsilon is nearly linear in log sigma: probing just either side of the interpolated root usually
+    # closes the bracket in two evaluations (bisection took ~8).
     while hi - lo > 0.005 * hi:
-        mid = 0.5 * (lo + hi)
-        if meets(mid):
-            hi = mid
-        else:
-            lo = mid
+        width = hi - lo
+        if math.isfinite(f_lo) and f_lo > f_hi:
+            guess = math.exp(math.log(lo) + math.log(hi / lo) * f_lo / (f_lo - f_hi))
+            narrow(guess * 0.998)
+            narrow(guess * 1.002)
+        if hi - lo > 0.5 * width:  # no interpolation, or it did not pay this round: bisect
+            narrow(0.5 * (lo + hi))
     return hi
 
 
