@@ -85,13 +85,16 @@ def test_demo_refuses_a_bad_extra_epsilon_before_writing(tmp_path, capsys, value
 def test_the_scaled_config_runs_at_tiny_size(tmp_path):
     """configs/mnist.yaml (the GPU config: f = 4 autoencoder, K = 4, FID) end to end, shrunk to CPU size.
 
-    Its models keep their architecture; data, steps and the evaluation are the quick demo's, and the
-    public EMNIST shards (a download) are replaced by rendered letters.
+    Its models keep their architecture; data, steps and the evaluation are fewer than the quick demo's, and
+    the public EMNIST shards (a download) are replaced by rendered letters.
     """
     with mlflow_store(tmp_path):
         assert cli.main(["demo", "--config", "mnist", "--quick", "--output-dir", str(tmp_path / "runs"),
                          "data.public={source: letters, num_examples: 520, resolution: 32, seed: 0}",
-                         "data.private.num_examples=600"]) == 0
+                         "data.private.num_examples=600", "autoencoder.train.steps=4",
+                         "autoencoder.train.checkpoint_every=2", "ldm.train.steps=4", "ldm.train.checkpoint_every=2",
+                         "finetune.steps=2", "finetune.checkpoint_every=1", "sample.ddim_steps=3",
+                         "eval.ddim_steps=3", "eval.num_per_class=4"]) == 0
     ft = tmp_path / "runs" / "demo-quick" / "finetune"
     report = json.loads((ft / "privacy-report.json").read_text())
     cfg = load_config("mnist")

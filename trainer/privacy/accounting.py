@@ -45,6 +45,9 @@ def _validate(noise_multiplier: float, sample_rate: float, steps: int, delta: fl
         raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
+# Building one takes ~0.1-1 s (its domain's RDP bound, the discretisation); it is immutable after, and a ledger
+# and the epsilon of its plan ask for the same one.
+@functools.lru_cache(maxsize=8)
 def _prv_accountant(noise_multiplier: float, sample_rate: float, max_steps: int, delta: float) -> PRVAccountant:
     return _prv_accountant_of([Mechanism(noise_multiplier, sample_rate, max_steps)], delta)
 
