@@ -1,6 +1,8 @@
 """Accounting against opacus' accountants; calibration and the ledger's refusals."""
 from __future__ import annotations
 
+import math
+
 import pytest
 from opacus.accountants import PRVAccountant as OpacusPRV
 from opacus.accountants import RDPAccountant as OpacusRDP
@@ -86,6 +88,21 @@ def test_answers_remembered_for_a_plan_do_not_pass_an_invalid_one():
     with pytest.raises(ValueError, match="steps"):
         calibrate_noise(2.0, DELTA, 0.01, 3.0)
     assert calibrate_noise(2.0, DELTA, 0.01, 3) == sigma
+
+
+def test_a_fractional_step_count_is_refused_in_a_composition():
+    with pytest.raises(ValueError, match="steps"):
+        composed_epsilon([Mechanism(1.0, 0.01, 2.9)], DELTA)
+
+
+def test_a_nan_from_the_prv_accountant_is_never_read_as_zero(monkeypatch):
+    """No bound at all: ``epsilon`` refuses, a composition falls back to the RDP bound (both upper bounds)."""
+    from trainer.privacy import accounting
+    monkeypatch.setattr(accounting.PRVAccountant, "compute_epsilon", lambda self, **kw: (math.nan,) * 3)
+    with pytest.raises(ValueError, match="NaN"):
+        epsilon(1.2345, 0.01, 10, DELTA)  # a plan no other test asks for: not answered from memory
+    runs = [Mechanism(1.2345, 0.01, 10), Mechanism(2.345, 0.02, 5)]
+    assert composed_epsilon(runs, DELTA) == composed_rdp_epsilon(runs, DELTA) > 0
 
 
 def test_ledger_refuses_a_plan_over_budget():

@@ -69,6 +69,11 @@ def test_a_run_whose_set_cannot_be_read_counts_and_a_broken_journal_is_refused(t
     (exp / "finetune-torn" / "ledger.json").write_text('{"noise_multiplier": 1.0')
     with pytest.raises(RunError, match=r"finetune-torn/ledger.json: unreadable"):
         charges(exp, DataSource(source="mnist", split="test"))
+    for bad in (2.9, -1, True, "7"):  # a broken count is refused, never rounded down to fewer steps
+        (exp / "finetune-torn" / "ledger.json").write_text(json.dumps(
+            {"noise_multiplier": 1.0, "sample_rate": 0.01, "delta": DELTA, "planned_steps": 3, "steps_taken": bad}))
+        with pytest.raises(RunError, match=r"finetune-torn/ledger.json: unreadable \(steps must be a whole"):
+            charges(exp, DataSource(source="mnist", split="test"))
 
 
 def test_one_run_alone_is_its_own_epsilon(tmp_path):

@@ -45,11 +45,13 @@ def _validate(noise_multiplier: float, sample_rate: float, steps: int, delta: fl
         raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
-# Building one takes ~0.1-1 s (its domain's RDP bound, the discretisation); it is immutable after, and a ledger
-# and the epsilon of its plan ask for the same one.
-@functools.lru_cache(maxsize=8)
 def _prv_accountant(noise_multiplier: float, sample_rate: float, max_steps: int, delta: float) -> PRVAccountant:
     return _prv_accountant_of([Mechanism(noise_multiplier, sample_rate, max_steps)], delta)
+
+
+# A ledger's accountant (~0.1-2 s to build, 10-50 MB; immutable once built): the ledgers of one plan in a
+# process (a rerun, a resume, the reports) share it.
+_plan_accountant = functools.lru_cache(maxsize=4)(_prv_accountant)
 
 
 def _prv_accountant_of(mechanisms: Sequence[Mechanism], delta: float) -> PRVAccountant:
@@ -72,6 +74,13 @@ def _prv_accountant_of(mechanisms: Sequence[Mechanism], delta: float) -> PRVAcco
 
 def _prv_upper(accountant: PRVAccountant, steps: int, delta: float) -> float:
     _, _, upper = accountant.compute_epsilon(delta=delta, num_self_compositions=[steps])
+    return _upper_bound(upper)
+
+
+def _upper_bound(upper: float) -> float:
+    """The PRV accountant's upper bound, clamped at 0; NaN (no bound at all) is refused, never read as 0."""
+    if math.isnan(upper):
+        raise ValueError("the PRV accountant returned no epsilon bound (NaN)")
     return max(0.0, float(upper))
 
 
@@ -110,9 +119,9 @@ def composed_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
     when the RDP composition exceeds ``PRV_RDP_LIMIT`` that bound is returned instead, as in
     :func:`epsilon`, and where the PRV accountant fails. Mechanisms of zero steps spend nothing.
     """
-    active = [Mechanism(float(m.noise_multiplier), float(m.sample_rate), int(m.steps)) for m in mechanisms]
-    for m in active:
+    for m in mechanisms:  # before any conversion: 2.9 steps is refused, not counted as 2
         _validate(m.noise_multiplier, m.sample_rate, m.steps, delta)
+    active = [Mechanism(float(m.noise_multiplier), float(m.sample_rate), int(m.steps)) for m in mechanisms]
     merged: dict[tuple[float, float], int] = {}  # k and l steps of one mechanism are k + l steps of it
     for m in active:
         if m.steps > 0:
@@ -131,9 +140,9 @@ def _composed_epsilon(active: tuple[Mechanism, ...], delta: float) -> float:
     try:
         accountant = _prv_accountant_of(active, delta)
         _, _, upper = accountant.compute_epsilon(delta=delta, num_self_compositions=[m.steps for m in active])
+        return _upper_bound(upper)
     except (ValueError, RuntimeError):  # the PRV discretisation cannot take it: the RDP bound still holds
         return composed_rdp_epsilon(active, delta)
-    return max(0.0, float(upper))
 
 
 def composed_rdp_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
@@ -188,8 +197,11 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
             eps = epsilon(sigma, sample_rate, steps, delta)
         except ValueError:  # the accountant cannot handle sigma this small: far above target
             return math.inf
-        ratio = math.log(max(eps, 1e-300) / target_epsilon)
-        return min(ratio, 0.0) if eps <= target_epsilon else max(ratio, math.ulp(0.0))
+        if eps <= target_epsilon:
+            return min(math.log(max(eps, 1e-300)) - math.log(target_epsilon), 0.0)
+        if eps > target_epsilon:
+            return max(math.log(eps) - math.log(target_epsilon), math.ulp(0.0))
+        return math.inf  # NaN: no bound, so not met
 
     hi, f_hi = 1.0, excess(1.0)
     while f_hi > 0:
@@ -262,7 +274,8 @@ class PrivacyLedger:
         self.steps_taken = 0
         self._accountant = None
         if planned_steps > 0:
-            self._accountant = _prv_accountant(noise_multiplier, sample_rate, planned_steps, delta)
+            self._accountant = _plan_accountant(self.noise_multiplier, self.sample_rate, self.planned_steps,
+                                                self.delta)
         self.planned_epsilon = self._epsilon_at(planned_steps)
         if self.planned_epsilon > self.epsilon_budget:
             raise ValueError(

@@ -15,6 +15,7 @@ output folder, and runs started at the same moment, are not seen.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -89,14 +90,22 @@ def _journal(run_dir: Path) -> tuple[Path, dict]:
         if path.is_file():
             try:
                 state = json.loads(path.read_text())
-                steps = int(state["steps"] if name != LEDGER_FILE else state["steps_taken"])
+                steps = _whole(state["steps"] if name != LEDGER_FILE else state["steps_taken"])
                 return path, {"noise_multiplier": float(state["noise_multiplier"]),
                               "sample_rate": float(state["sample_rate"]), "delta": float(state["delta"]),
-                              "taken": steps, "planned": int(state.get("planned_steps", steps))}
+                              "taken": steps, "planned": _whole(state.get("planned_steps", steps))}
             except (OSError, ValueError, KeyError, TypeError) as err:
                 raise RunError(f"{path}: unreadable ({err}): the privacy this run spent on the experiment's "
                                "private data cannot be counted; restore the file") from None
     raise RunError(f"{run_dir}: no record of its DP steps")
+
+
+def _whole(value: Any) -> int:
+    """A recorded step count: a whole number >= 0 (a record of 2.9 steps is broken, not 2 steps)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value < 0:
+        raise ValueError(f"steps must be a whole number >= 0, got {value!r}")
+    return int(value)
 
 
 def charges(experiment_dir: Path, private: Any) -> list[Charge]:
