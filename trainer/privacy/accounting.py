@@ -104,12 +104,7 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
 
 def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """Epsilon from the RDP analysis of the subsampled Gaussian (looser than PRV)."""
-    _validate(noise_multiplier, sample_rate, steps, delta)
-    if steps == 0:
-        return 0.0
-    rdp = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps, orders=RDP_ORDERS)
-    eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
-    return float(eps)
+    return composed_rdp_epsilon([Mechanism(noise_multiplier, sample_rate, steps)], delta)
 
 
 def composed_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
