@@ -12,7 +12,45 @@ from types import ModuleType
 import pytest
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "bench"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Module- and session-scoped fixtures start in a folder of their own too (they run before ``_work_in_tmp``)."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
+
+
+@pytest.fixture(autouse=True)
+def _work_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own folder: what the code writes relative to the working folder
+    (MLflow puts a sqlite store's artifacts in ``./mlruns``, stages their ``runs/``) stays out of the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
+_CHECKOUT = pytest.StashKey[set]()  # the checkout's top-level names when the session starts
+
+
+def _outputs(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir() if not p.name.startswith(".") and p.name != "__pycache__"
+            and not p.name.endswith(".egg-info")}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_CHECKOUT] = _outputs(ROOT)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A session that leaves new files in the checkout fails: runs of the suite would pile them up."""
+    new = sorted(_outputs(ROOT) - session.config.stash.get(_CHECKOUT, _outputs(ROOT)))
+    if new:
+        print(f"\nerror: the tests left {new} in {ROOT}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 
 def load_bench(name: str) -> ModuleType:

@@ -203,7 +203,7 @@ def _env(tmp: Path) -> dict:
 
 
 def _run(cmd: list[str], tmp: Path, timeout: int = 240) -> str:
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(tmp), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(cmd, cwd=tmp, env=_env(tmp), capture_output=True, text=True, timeout=timeout)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-4000:]}"
     return output
