@@ -142,6 +142,23 @@ def test_ledger_state_round_trip():
         other_plan.load_state_dict(ledger.state_dict())
 
 
+def test_ledger_refuses_the_state_of_another_private_set():
+    """Same plan, other people: their steps are not this set's (a resume on another set would leave the
+    first set's steps counted for neither); a state saved before ledgers named their set is accepted."""
+    ledger = PrivacyLedger(1.0, 0.05, DELTA, epsilon_budget=5.0, planned_steps=4, private_set={"split": "train"})
+    ledger.record_step()
+    state = ledger.state_dict()
+    assert state["private_set"] == {"split": "train"}
+    other_set = PrivacyLedger(1.0, 0.05, DELTA, epsilon_budget=5.0, planned_steps=4, private_set={"split": "val"})
+    with pytest.raises(ValueError, match="private_set"):
+        other_set.load_state_dict(state)
+    with pytest.raises(ValueError, match="private_set"):
+        PrivacyLedger(1.0, 0.05, DELTA, epsilon_budget=5.0, planned_steps=4).load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "private_set"}
+    other_set.load_state_dict(older)
+    assert other_set.steps_taken == 1
+
+
 def test_huge_epsilon_falls_back_to_rdp_instead_of_exhausting_memory():
     """sigma 0.3, q 0.5, 2000 steps: the PRV discretisation would need > 24 GB; RDP is a valid upper bound."""
     from trainer.privacy.accounting import PRV_RDP_LIMIT

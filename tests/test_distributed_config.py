@@ -45,6 +45,7 @@ def test_configs_resolve_by_path_or_shipped_name(tmp_path):
     ({"fp16": {"enabled": True}}, "fp16.enabled", "loss scale"),
     ({"amp": {"enabled": True}}, "amp.enabled", "loss scale"),
     ({"bf16": {"enabled": True}}, "bf16.enabled", "torch_autocast"),
+    ({"bfloat16": {"enabled": True}}, "bfloat16.enabled", "torch_autocast"),
     ({"torch_autocast": {"enabled": True, "dtype": "float16"}}, "torch_autocast.dtype", "bfloat16"),
     ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps", "set it to 1"),
     ({"train_batch_size": 256}, "train_batch_size", "set it to 512"),

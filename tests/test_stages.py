@@ -446,6 +446,24 @@ def test_pretraining_streams_shards_with_labels_or_captions(tmp_path, workdir, c
     assert context.shape[0] == 1 and context.shape[-1] == 64
 
 
+def test_private_set_identity_names_the_people_not_the_plumbing():
+    """The identity a DP run's ledger records: other people (another split, other shard contents) differ,
+    the same people read another way (workers, resolution, a moved shard folder) do not; it survives JSON."""
+    from dataclasses import replace
+
+    from trainer.config import DataSource
+    identity = finetune.private_set_identity
+    train = DataSource(source="mnist", split="train", num_examples=1000)
+    assert identity(train, 1000, None) != identity(replace(train, split="val"), 1000, None)
+    assert identity(train, 1000, None) != identity(train, 999, None)
+    assert identity(replace(train, num_workers=4, resolution=28), 1000, None) == identity(train, 1000, None)
+    shards = DataSource(source="shards", path="/a/shard-000000.tar")
+    moved = replace(shards, path="/b/shard-000000.tar")
+    assert identity(shards, 300, "c0ffee") == identity(moved, 300, "c0ffee") != identity(shards, 300, "beef")
+    recorded = identity(replace(train, elastic=16.0, fonts="matplotlib"), 1000, None)
+    assert json.loads(json.dumps(recorded)) == recorded
+
+
 @pytest.mark.slow
 def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir, monkeypatch):
     """Private shards are counted for the plan, then encoded once into a latent cache kept apart from the
@@ -489,6 +507,14 @@ def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir, monke
     assert [cache] == list((experiment / "private").iterdir())
     shutil.rmtree(experiment / "private")  # deleted when done: a finished run, or a changed plan, encodes nothing
     assert finetune.run(cfg) == run_dir
-    with pytest.raises(ConfigError, match="the privacy plan of a run cannot change"):
+    with pytest.raises(ConfigError, match="the privacy plan of a run and its private set"):
         finetune.run(load_config("demo", overrides + ["finetune.steps=3"]))
+    assert not (experiment / "private").exists()
+    # Other people, as many of them (the same q and sigma): the run's steps stay charged to its first set
+    others = tmp_path / "others"
+    write_shards(mnist_source("val"), others, WriteOptions(samples_per_shard=100, limit=300), progress_bar=False)
+    recorded = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "ledger.json")}
+    with pytest.raises(ConfigError, match=r"ledger.json: ledger state has private_set=.*data.private"):
+        finetune.run(load_config("demo", overrides + [f"data.private.path={others}/shard-{{000000..000002}}.tar"]))
+    assert {name: (run_dir / name).read_bytes() for name in recorded} == recorded
     assert not (experiment / "private").exists()

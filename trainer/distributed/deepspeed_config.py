@@ -79,10 +79,11 @@ def check_deepspeed_config(raw: Any, ft: FinetuneConfig, source: str = "<dict>")
             refuse(f"{section}.enabled", "fp16 mixed precision scales the loss, and so every per-example gradient "
                    "norm, by the loss scale before the DP engine clips it at finetune.max_grad_norm",
                    'use fp32, or bf16 compute with "torch_autocast": {"enabled": true, "dtype": "bfloat16"}')
-    if _enabled(raw, "bf16"):
-        refuse("bf16.enabled", "bf16 weights would put the frozen modules in bf16 next to the fp32 modules the DP "
-               "engine trains", 'for bf16 compute keep fp32 weights: "torch_autocast": {"enabled": true, '
-               '"dtype": "bfloat16"}')
+    for section in ("bf16", "bfloat16"):  # "bfloat16": DeepSpeed's older name for the same section
+        if _enabled(raw, section):
+            refuse(f"{section}.enabled", "bf16 weights would put the frozen modules in bf16 next to the fp32 "
+                   "modules the DP engine trains", 'for bf16 compute keep fp32 weights: "torch_autocast": '
+                   '{"enabled": true, "dtype": "bfloat16"}')
     if _enabled(raw, "torch_autocast"):
         dtype = raw["torch_autocast"].get("dtype", "bfloat16")
         if dtype not in AUTOCAST_DTYPES:

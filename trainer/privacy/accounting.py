@@ -252,11 +252,14 @@ class PrivacyLedger:
 
     The plan (sigma, q, delta, planned_steps) is checked at construction:
     ``epsilon(planned_steps) <= epsilon_budget``. Epsilon grows with steps, so refusing
-    every step past the plan keeps the spent epsilon within the budget.
+    every step past the plan keeps the spent epsilon within the budget. ``private_set`` says
+    whose budget it is (a JSON-able description, opaque here): a saved state of another set is
+    refused like one of another plan.
     """
 
     def __init__(
-        self, noise_multiplier: float, sample_rate: float, delta: float, epsilon_budget: float, planned_steps: int
+        self, noise_multiplier: float, sample_rate: float, delta: float, epsilon_budget: float, planned_steps: int,
+        private_set: dict | None = None,
     ):
         _validate(noise_multiplier, sample_rate, planned_steps, delta)
         if not epsilon_budget > 0 or not math.isfinite(epsilon_budget):
@@ -266,6 +269,7 @@ class PrivacyLedger:
         self.delta = float(delta)
         self.epsilon_budget = float(epsilon_budget)
         self.planned_steps = int(planned_steps)
+        self.private_set = private_set
         self.steps_taken = 0
         self._accountant = None
         if planned_steps > 0:
@@ -314,15 +318,17 @@ class PrivacyLedger:
             "epsilon_budget": self.epsilon_budget,
             "planned_steps": self.planned_steps,
             "steps_taken": self.steps_taken,
+            **({} if self.private_set is None else {"private_set": self.private_set}),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume the step count; the stored plan must be this ledger's plan."""
+        """Resume the step count; the stored plan must be this ledger's plan, and its private set this
+        one's (a state saved before ledgers named their set has none and is taken as this set's)."""
         for key in ("noise_multiplier", "sample_rate", "delta", "epsilon_budget", "planned_steps", "steps_taken"):
             if key not in state:
                 raise KeyError(f"ledger state lacks {key!r}")
-        for key in ("noise_multiplier", "sample_rate", "delta", "epsilon_budget", "planned_steps"):
-            if state[key] != getattr(self, key):
+        for key in ("noise_multiplier", "sample_rate", "delta", "epsilon_budget", "planned_steps", "private_set"):
+            if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"ledger state has {key}={state[key]!r}, but this ledger's plan has {getattr(self, key)!r}")
         if not 0 <= state["steps_taken"] <= self.planned_steps:
             raise ValueError(f"ledger state has steps_taken={state['steps_taken']}, outside [0, {self.planned_steps}]")

@@ -12,6 +12,7 @@ over the batch and labelled ``nonprivate/``; per-example values never leave the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Union
 import torch
 from tqdm import tqdm
 
-from trainer.config import MAX_EPSILON, Config, ConfigError, FinetuneConfig, load_config
+from trainer.config import MAX_EPSILON, Config, ConfigError, DataSource, FinetuneConfig, load_config
 from trainer.distributed import CHECKPOINTS, EMA_FILE, STATE_FILE, WEIGHTS_FILE, Checkpoint, SingleProcess, TrainState
 from trainer.errors import RunError
 from trainer.io import try_lock, write_json
@@ -152,6 +153,16 @@ def private_shards(cfg: Config) -> PrivateShards:
         return PrivateShards(urls, count, digest, list(shard_label_names(urls) or []))
     except (ValueError, OSError) as err:
         raise ConfigError(f"data.private.path: {err}") from None
+
+
+def private_set_identity(private: DataSource, n: int, digest: str | None) -> dict:
+    """Whose budget a DP run spends, as its ledger records it (a resume on another set is refused):
+    shards by their contents (``digest``: a moved folder is the same set), other sources by their
+    settings; and the number of examples."""
+    if digest is not None:
+        return {"source": private.source, "examples": n, "sha256": digest}
+    spec = {k: v for k, v in dataclasses.asdict(private).items() if k not in ("num_workers", "resolution")}
+    return {**spec, "examples": n}
 
 
 def private_cache_dir(cfg: Config, encoder_hash: str, shards: PrivateShards) -> Path:
@@ -368,10 +379,10 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     source: Union[PrivateShards, EncodedPrivateSet, "ImageSet"]
     if cfg.data.private.source == "shards":  # counted now, encoded below once the plan is accepted
         source = private_shards(cfg)
-        n, declared = source.count, source.names
+        n, declared, digest = source.count, source.names, source.digest
     else:
         source = load_image_source(cfg.data.private, "data.private")
-        n, declared = len(source.images), source.names
+        n, declared, digest = len(source.images), source.names, None
     names, names_source = label_names(cfg, declared)
     q, sigma = plan_privacy(cfg, n)
     if ft.new_class_embedder:
@@ -393,7 +404,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     snr = warn_if_noise_drowns_signal(sigma, ft.expected_batch_size, ft.steps, selection.trainable_count) \
         if rt.is_main else float("nan")
     ledger = PrivacyLedger(sigma, q, ft.delta, planned_steps=ft.steps,
-                           epsilon_budget=ft.epsilon or epsilon(sigma, q, ft.steps, ft.delta))
+                           epsilon_budget=ft.epsilon or epsilon(sigma, q, ft.steps, ft.delta),
+                           private_set=private_set_identity(cfg.data.private, n, digest))
     finished = False
     if run_dir is not None:
         if resumes:
@@ -459,7 +471,7 @@ def _base_dir(cfg: Config) -> Path:
 
 def _load_journal(run_dir: Path, ledger) -> None:
     """Load the run's ledger journal into ``ledger``; refuse when it is missing from a started run
-    or records another plan."""
+    or records another plan or another private set."""
     path = run_dir / LEDGER_FILE
     traces = [name for name in (WEIGHTS_FILE, EMA_FILE, STATE_FILE, CHECKPOINTS, PRIVACY_REPORT)
               if (run_dir / name).exists()]
@@ -472,8 +484,9 @@ def _load_journal(run_dir: Path, ledger) -> None:
     try:
         ledger.load_state_dict(json.loads(path.read_text()))
     except (ValueError, KeyError) as err:
-        raise ConfigError(f"{path}: {err}: the privacy plan of a run cannot change once it has started "
-                          "(start another run with finetune.name=..., or restore the run's settings)") from None
+        raise ConfigError(f"{path}: {err}: the privacy plan of a run and its private set (data.private) cannot "
+                          "change once it has started (start another run with finetune.name=..., or restore the "
+                          "run's settings)") from None
 
 
 @contextmanager
