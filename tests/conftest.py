@@ -52,7 +52,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-
 def load_bench(name: str) -> ModuleType:
     """The script ``bench/<name>.py`` as a module (registered in ``sys.modules``: dataclasses look it up)."""
     spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
