@@ -377,7 +377,7 @@ def test_zero3_finetune_interrupted_and_resumed_on_another_world_size(pretrained
     from safetensors.torch import load_file
 
     from trainer.privacy import PrivacyLedger
-    from trainer.stages.finetune import plan_privacy
+    from trainer.stages.finetune import plan_privacy, private_set_identity
     tmp = pretrained
     overrides = TINY + [f"output_dir={tmp / 'runs'}", "finetune.deepspeed_config=zero3", "finetune.ema_decay=0.5"]
     run_dir = tmp / "runs" / "dist" / "finetune"
@@ -403,7 +403,9 @@ def test_zero3_finetune_interrupted_and_resumed_on_another_world_size(pretrained
     _run([sys.executable, "-m", "trainer.cli", "finetune", *overrides], tmp)
     cfg = load_config("demo", overrides)
     q, sigma = plan_privacy(cfg, cfg.data.private.num_examples)
-    uninterrupted = PrivacyLedger(sigma, q, cfg.finetune.delta, cfg.finetune.epsilon, cfg.finetune.steps)
+    uninterrupted = PrivacyLedger(sigma, q, cfg.finetune.delta, cfg.finetune.epsilon, cfg.finetune.steps,
+                                  private_set=private_set_identity(cfg.data.private, cfg.data.private.num_examples,
+                                                                   None))
     for _ in range(cfg.finetune.steps):
         uninterrupted.record_step()
     assert json.loads((run_dir / "ledger.json").read_text()) == uninterrupted.state_dict()

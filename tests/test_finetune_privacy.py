@@ -112,7 +112,7 @@ def test_finished_run_keeps_its_ledger_and_refuses_a_bigger_plan_or_an_older_jou
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "wall_time_s")) == 1
 
     config_before = (folder / "config.yaml").read_text()
-    with pytest.raises(ConfigError, match="plan of a run cannot change"):
+    with pytest.raises(ConfigError, match="plan of a run and its private set"):
         finetune.run(tiny(base, "done", "finetune.steps=6"))
     assert (folder / "config.yaml").read_text() == config_before, "a refused run leaves the config as it was"
     argv = ["finetune", "--output-dir", str(base / "runs"), *TINY, "finetune.name=done", "finetune.steps=6"]
