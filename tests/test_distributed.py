@@ -404,8 +404,7 @@ def test_zero3_finetune_interrupted_and_resumed_on_another_world_size(pretrained
     cfg = load_config("demo", overrides)
     q, sigma = plan_privacy(cfg, cfg.data.private.num_examples)
     uninterrupted = PrivacyLedger(sigma, q, cfg.finetune.delta, cfg.finetune.epsilon, cfg.finetune.steps,
-                                  private_set=private_set_identity(cfg.data.private, cfg.data.private.num_examples,
-                                                                   None))
+                                  private_set=private_set_identity(cfg.data.private, cfg.data.private.num_examples))
     for _ in range(cfg.finetune.steps):
         uninterrupted.record_step()
     assert json.loads((run_dir / "ledger.json").read_text()) == uninterrupted.state_dict()

@@ -446,21 +446,20 @@ def test_pretraining_streams_shards_with_labels_or_captions(tmp_path, workdir, c
     assert context.shape[0] == 1 and context.shape[-1] == 64
 
 
-def test_private_set_identity_names_the_people_not_the_plumbing():
-    """The identity a DP run's ledger records: other people (another split, other shard contents) differ,
-    the same people read another way (workers, resolution, a moved shard folder) do not; it survives JSON."""
+def test_private_set_identity_names_the_set_not_the_plumbing():
+    """The identity a DP run's ledger records: another split, other shard files or another size differ,
+    the same set read another way (workers, resolution) does not; it survives JSON."""
     from dataclasses import replace
 
     from trainer.config import DataSource
     identity = finetune.private_set_identity
     train = DataSource(source="mnist", split="train", num_examples=1000)
-    assert identity(train, 1000, None) != identity(replace(train, split="val"), 1000, None)
-    assert identity(train, 1000, None) != identity(train, 999, None)
-    assert identity(replace(train, num_workers=4, resolution=28), 1000, None) == identity(train, 1000, None)
+    assert identity(train, 1000) != identity(replace(train, split="val"), 1000)
+    assert identity(train, 1000) != identity(train, 999)
+    assert identity(replace(train, num_workers=4, resolution=28), 1000) == identity(train, 1000)
     shards = DataSource(source="shards", path="/a/shard-000000.tar")
-    moved = replace(shards, path="/b/shard-000000.tar")
-    assert identity(shards, 300, "c0ffee") == identity(moved, 300, "c0ffee") != identity(shards, 300, "beef")
-    recorded = identity(replace(train, elastic=16.0, fonts="matplotlib"), 1000, None)
+    assert identity(shards, 300) != identity(replace(shards, path="/b/shard-000000.tar"), 300)
+    recorded = identity(replace(train, elastic=16.0, fonts="matplotlib"), 1000)
     assert json.loads(json.dumps(recorded)) == recorded
 
 
@@ -498,6 +497,9 @@ def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir, monke
     assert report["data"].startswith("shards:")
     assert manifest["complete"] and manifest["latent_shape"] == [4, 4, 4]
     assert not list(run_dir.rglob("*.npy")), "private latents in the run folder"
+    digest = finetune.private_shards(cfg).digest  # a hash of every private example: never in a released file
+    assert not [f for f in run_dir.rglob("*") if f.is_file() and (digest.encode() in f.read_bytes()
+                                                                   or cache.name.encode() in f.read_bytes())]
 
     def encode_again(*a, **kw):
         raise AssertionError("the private shards were encoded again")

@@ -155,12 +155,11 @@ def private_shards(cfg: Config) -> PrivateShards:
         raise ConfigError(f"data.private.path: {err}") from None
 
 
-def private_set_identity(private: DataSource, n: int, digest: str | None) -> dict:
+def private_set_identity(private: DataSource, n: int) -> dict:
     """Whose budget a DP run spends, as its ledger records it (a resume on another set is refused):
-    shards by their contents (``digest``: a moved folder is the same set), other sources by their
-    settings; and the number of examples."""
-    if digest is not None:
-        return {"source": private.source, "examples": n, "sha256": digest}
+    the source's settings (shards by their absolute paths) and the number of examples. Never a hash
+    of the contents: the ledger is released with the run, and a hash of the whole set would let
+    anyone who knows all but one example test candidates for the last."""
     spec = {k: v for k, v in dataclasses.asdict(private).items() if k not in ("num_workers", "resolution")}
     return {**spec, "examples": n}
 
@@ -379,10 +378,10 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     source: Union[PrivateShards, EncodedPrivateSet, "ImageSet"]
     if cfg.data.private.source == "shards":  # counted now, encoded below once the plan is accepted
         source = private_shards(cfg)
-        n, declared, digest = source.count, source.names, source.digest
+        n, declared = source.count, source.names
     else:
         source = load_image_source(cfg.data.private, "data.private")
-        n, declared, digest = len(source.images), source.names, None
+        n, declared = len(source.images), source.names
     names, names_source = label_names(cfg, declared)
     q, sigma = plan_privacy(cfg, n)
     if ft.new_class_embedder:
@@ -405,7 +404,7 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         if rt.is_main else float("nan")
     ledger = PrivacyLedger(sigma, q, ft.delta, planned_steps=ft.steps,
                            epsilon_budget=ft.epsilon or epsilon(sigma, q, ft.steps, ft.delta),
-                           private_set=private_set_identity(cfg.data.private, n, digest))
+                           private_set=private_set_identity(cfg.data.private, n))
     finished = False
     if run_dir is not None:
         if resumes:
@@ -443,13 +442,22 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
 def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: dict) -> None:
     """Refuse a private set that shares examples with the public data the base's LDM (``base_cfg``) or
     its autoencoder (the ``config.yaml`` it recorded) was pretrained on: those examples are in the
-    released model without DP."""
-    from trainer.data.provenance import shared_examples
+    released model without DP. Refuses too when those public shards cannot be read from here
+    (moved, deleted, or a relative path recorded by an older version): the check would prove nothing."""
+    from trainer.data.provenance import shared_examples, unreadable
     sources = [("LDM", base_dir / "config.yaml", base_cfg.data.public)]
-    ae_config = resolve_recorded(meta["autoencoder"], base_dir) / "config.yaml" if meta.get("autoencoder") else None
-    if ae_config is not None and ae_config.is_file():
+    if meta.get("autoencoder"):  # an imported base records none: its autoencoder is not ours to check
+        ae_config = resolve_recorded(meta["autoencoder"], base_dir) / "config.yaml"
+        if not ae_config.is_file():
+            raise ConfigError(f"finetune.base: {ae_config}: missing, so the private set cannot be checked against "
+                              "the public data the base's autoencoder was pretrained on: restore it")
         sources.append(("autoencoder", ae_config, load_config(str(ae_config)).data.public))
     for what, path, public in sources:
+        problem = unreadable(public)
+        if problem:
+            raise ConfigError(f"finetune.base: the public shards the base's {what} was pretrained on ({path}: "
+                              f"data.public.path {public.path}) cannot be read ({problem}), so the private set "
+                              "cannot be checked against them: restore them there")
         shared = shared_examples(public, cfg.data.private)
         if shared:
             raise ConfigError(f"data.private: shares examples with the public data the base's {what} was pretrained "
