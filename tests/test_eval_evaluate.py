@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from trainer.data.mnist import load_mnist
+from trainer.errors import UsageError
 from trainer.eval.images import images_from_array, open_images
 from trainer.stages import evaluate
 
@@ -139,6 +140,10 @@ def test_scores_against_the_runs_private_set_are_logged_as_nonprivate(tmp_path, 
     monkeypatch.setattr(evaluate, "cached_features", no_cache)
     common = ["evaluate", "--samples", str(samples), "--classifier", "logreg", "--epochs", "1", "--run",
               run.info.run_id]
+    private_as_samples = ["evaluate", "--samples", str(tmp_path / "real"), "--run", run.info.run_id]
+    with pytest.raises(UsageError, match="--samples: shares examples with the private set of run"):
+        _run(private_as_samples)  # the private set's own images, their grid logged to its DP run: refused
+    assert not mlflow.get_run(run.info.run_id).data.metrics
     assert _run(common + ["--metrics", "accuracy,fid", "--real", str(tmp_path / "real" / "shard-000000.tar")]) == 0
     assert "shares examples with the private set of run" in capsys.readouterr().err
     logged = mlflow.get_run(run.info.run_id).data.metrics

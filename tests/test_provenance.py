@@ -69,6 +69,34 @@ def test_finetune_refuses_a_base_pretrained_on_the_private_set(tmp_path):
         refuse_public_overlap(load_config("demo", ["data.private.split=test", "data.test=null"]), ldm, base_cfg, {})
 
 
+def test_a_base_records_its_public_shards_so_that_they_are_checked_from_any_folder(tmp_path, monkeypatch):
+    """A base pretrained on public shards named relative to its working folder: a fine-tune from another
+    folder on those same shards is refused (the record is absolute); a base whose public shards cannot be
+    read any more, or whose autoencoder's record is gone, is refused too (the check would prove nothing)."""
+    from trainer.stages.common import save_run_config
+    (tmp_path / "work" / "pub").mkdir(parents=True)
+    write_shard(tmp_path / "work" / "pub" / "shard-000000.tar", [{"__key__": "x", "png": b""}])
+    monkeypatch.chdir(tmp_path / "work")
+    ldm, ae = tmp_path / "ldm", tmp_path / "ae"
+    for folder in (ldm, ae):
+        save_run_config(load_config("demo", ["data.private=null", "data.public.source=shards",
+                                             "data.public.path=pub"]), folder)
+    monkeypatch.chdir(tmp_path)  # elsewhere: "pub" names nothing here
+    base_cfg = load_config(str(ldm / "config.yaml"))
+    assert base_cfg.data.public.path == str(tmp_path / "work" / "pub")
+    private = load_config("demo", ["data.private.source=shards", f"data.private.path={tmp_path}/work/pub"])
+    with pytest.raises(ConfigError, match=r"base's LDM was pretrained on without DP .*the shard .*shard-000000.tar"):
+        refuse_public_overlap(private, ldm, base_cfg, {"autoencoder": "../ae"})
+    refuse_public_overlap(load_config("demo"), ldm, base_cfg, {"autoencoder": "../ae"})  # MNIST: nothing shared
+    (ae / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"finetune.base: .*ae/config.yaml: missing"):
+        refuse_public_overlap(load_config("demo"), ldm, base_cfg, {"autoencoder": "../ae"})
+    (tmp_path / "work" / "pub" / "shard-000000.tar").unlink()
+    with pytest.raises(ConfigError, match=r"finetune.base: the public shards the base's LDM was pretrained on .*"
+                                          r"cannot be read .*holds no shard"):
+        refuse_public_overlap(load_config("demo"), ldm, base_cfg, {})
+
+
 def test_disjoint_shard_ranges_of_one_prepared_folder_are_disjoint(tmp_path):
     """Splitting one `dpldm prepare` output by shard range is a split, not an overlap; a shared shard is."""
     for i in range(4):

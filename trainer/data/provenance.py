@@ -77,6 +77,19 @@ def holdings(src: Any) -> set[Token]:
     return tokens
 
 
+def unreadable(src: Any) -> str | None:
+    """Why the shards of ``DataSource`` ``src`` cannot be listed from here (None: they can, or it holds
+    no shards): a check against a source that names no file proves nothing."""
+    from trainer.data.reader import expand_urls
+    if src is None or src.source != "shards" or not src.path:
+        return None
+    try:
+        expand_urls(src.path)
+    except (ValueError, OSError) as err:
+        return str(err)
+    return None
+
+
 def _closed_kind(src: Any) -> str | None:
     """"mnist" when ``src`` holds MNIST digits only (the offline set, or shards whose folders'
     ``meta.json`` say MNIST), "folder:PATH" when its shards all lie in one folder, else None."""

@@ -1,6 +1,7 @@
 """What the stages share: run folders, data sources, model building, checkpoints, grids."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
@@ -279,10 +280,15 @@ def start_public_stage(cfg: Config, run_dir: Path, batch_size: int, key: str) ->
 
 
 def save_run_config(cfg: Config, run_dir: Path) -> Path:
-    """Write the resolved config to ``run_dir/config.yaml`` (creating the folder)."""
+    """Write the resolved config to ``run_dir/config.yaml`` (creating the folder), the local shard paths
+    of its data sources made absolute: the record names the files the run read from any working
+    folder (a later fine-tune checks its private set against a base's recorded public data)."""
+    from trainer.data.provenance import absolute_source
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
-    dump_config(cfg, path)
+    data = dataclasses.replace(cfg.data, **{key: absolute_source(getattr(cfg.data, key))
+                                            for key in ("public", "private", "test")})
+    dump_config(dataclasses.replace(cfg, data=data), path)
     return path
 
 

@@ -196,8 +196,8 @@ def _check_run_exists(run_id: str) -> None:
         raise RunError(f"--run: no MLflow run {run_id!r} in {mlflow.get_tracking_uri()} {hint}")
 
 
-def real_shares_private_examples(run_id: str, real: str) -> list[str]:
-    """What the reference set ``real`` (``mnist-test``, shards or a folder) shares with the private set of the
+def shares_private_examples(run_id: str, images: str) -> list[str]:
+    """What the image set ``images`` (``mnist-test``, shards or a folder) shares with the private set of the
     MLflow run ``run_id`` (its logged config), in words; [] for a run without one or nothing provable."""
     from mlflow import MlflowClient
 
@@ -211,8 +211,8 @@ def real_shares_private_examples(run_id: str, real: str) -> list[str]:
     if given("source") is None:
         return []
     private = DataSource(source=given("source"), split=given("split") or "train", path=given("path"))
-    reference = DataSource(source="mnist", split="test") if real == MNIST_TEST else \
-        DataSource(source="shards", path=str(real))
+    reference = DataSource(source="mnist", split="test") if images == MNIST_TEST else \
+        DataSource(source="shards", path=str(images))
     return shared_examples(reference, private)
 
 
@@ -222,11 +222,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise UsageError("give either --samples DIR or --checkpoint RUN_DIR")
     if args.run:  # checked before sampling or scoring, which can take minutes
         _check_run_exists(args.run)
+        shared = shares_private_examples(args.run, args.samples) if args.samples else []
+        if shared:
+            raise UsageError(f"--samples: shares examples with the private set of run {args.run} ({'; '.join(shared)})"
+                             ": these are not a model's samples, and a grid of them would be logged to the run")
     if args.checkpoint:
         print_results(evaluate_checkpoint(args.checkpoint, metrics, args.num, device=args.device, run_id=args.run))
         return 0
     samples = open_images(args.samples)
-    private = real_shares_private_examples(args.run, args.real) if args.run else []
+    private = shares_private_examples(args.run, args.real) if args.run else []
     if private:
         print(f"dpldm evaluate: note: --real shares examples with the private set of run {args.run} "
               f"({'; '.join(private)}): its scores are not DP; they are logged as nonprivate/eval.* and the real "
