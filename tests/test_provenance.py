@@ -97,6 +97,40 @@ def test_a_base_records_its_public_shards_so_that_they_are_checked_from_any_fold
         refuse_public_overlap(load_config("demo"), ldm, base_cfg, {})
 
 
+def test_private_shards_holding_images_a_base_was_pretrained_on_are_refused_however_they_were_copied(tmp_path):
+    """No meta.json, other paths: the public stage's image fingerprints still catch a copied shard, a
+    re-packed one with one public image among new ones, and a pipe: of a public shard."""
+    import shutil
+
+    from trainer.data.provenance import PUBLIC_IMAGES, record_public_images
+    from trainer.stages.common import save_run_config
+    (tmp_path / "pub").mkdir()
+    images = [bytes([i]) * 64 for i in range(6)]  # stand-ins for encoded image files: only their bytes matter
+    for k in range(2):
+        write_shard(tmp_path / "pub" / f"shard-{k:06d}.tar",
+                    [{"__key__": f"{k}-{i}", "png": images[3 * k + i], "cls": b"1"} for i in range(3)])
+    cfg = load_config("demo", ["data.private=null", "data.public.source=shards", f"data.public.path={tmp_path}/pub"])
+    ldm = tmp_path / "ldm"
+    save_run_config(cfg, ldm)
+    record_public_images(cfg.data.public, ldm)
+    base_cfg = load_config(str(ldm / "config.yaml"))
+    (tmp_path / "copy").mkdir()
+    shutil.copy(tmp_path / "pub" / "shard-000001.tar", tmp_path / "copy" / "shard-000000.tar")
+    write_shard(tmp_path / "repacked.tar", [{"__key__": "a", "jpg": images[4], "txt": b"a caption"},
+                                            {"__key__": "b", "png": b"new" * 20}])
+    write_shard(tmp_path / "new.tar", [{"__key__": "c", "png": b"other" * 20}])
+    for private, seen in ((f"{tmp_path}/copy", 3), (f"{tmp_path}/repacked.tar", 1),
+                          (f"pipe:cat {tmp_path}/pub/shard-000000.tar", 3)):
+        with pytest.raises(ConfigError, match=rf"base's LDM was pretrained on without DP .*{seen} of its images are "
+                                              rf"byte for byte images fingerprinted in .*{PUBLIC_IMAGES}"):
+            refuse_public_overlap(load_config("demo", ["data.private.source=shards", f"data.private.path={private}"]),
+                                  ldm, base_cfg, {})
+    refuse_public_overlap(load_config("demo", ["data.private.source=shards", f"data.private.path={tmp_path}/new.tar"]),
+                          ldm, base_cfg, {})
+    record_public_images(load_config("demo").data.public, ldm)  # letters: no shard images, the old record goes
+    assert not (ldm / PUBLIC_IMAGES).exists()
+
+
 def test_disjoint_shard_ranges_of_one_prepared_folder_are_disjoint(tmp_path):
     """Splitting one `dpldm prepare` output by shard range is a split, not an overlap; a shared shard is."""
     for i in range(4):

@@ -437,6 +437,8 @@ def test_pretraining_streams_shards_with_labels_or_captions(tmp_path, workdir, c
     cfg = load_config("demo", overrides)
     pretrain_ae.run(cfg)
     ldm_dir = pretrain_ldm.run(cfg)
+    for stage in (ldm_dir, ldm_dir.parent / "ae"):  # what a later private set is checked against
+        assert np.load(stage / "public-images.npy").shape == (40, 16)
     meta = json.loads((ldm_dir / "ldm.json").read_text())
     assert meta["latent_shape"] == [4, 4, 4]
     if cond == "class":

@@ -15,7 +15,10 @@ no guarantee at all. Two sources share examples when their tokens meet:
   ranges of one prepared set are disjoint sets).
 
 Rendered letters hold nothing private. A source these rules cannot see into (shards without
-``meta.json`` copied elsewhere) is not caught: the check refuses the overlaps it can prove.
+``meta.json`` copied elsewhere) is not caught by them; the public pretraining stages also record a
+fingerprint of every public shard image (``PUBLIC_IMAGES``), so that private shards holding the
+same image files are caught however they were copied or named. The check refuses the overlaps it
+can prove.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from typing import Any
 from trainer.data.mnist import COMBINED
 
 MNIST_TRAINING_DIGITS = ("train", "val")  # the offline set's parts of MNIST's 60,000 training digits
+PUBLIC_IMAGES = "public-images.npy"  # in a public stage's run folder: fingerprints of its shard images
 
 
 def _mnist_parts(split: str) -> tuple[str, ...]:
@@ -75,6 +79,36 @@ def holdings(src: Any) -> set[Token]:
             except ValueError:
                 pass
     return tokens
+
+
+def record_public_images(public: Any, run_dir: Path) -> None:
+    """Write ``run_dir/PUBLIC_IMAGES``: the fingerprints of the public shards' images (public data, so
+    the file is too); a source without shards records none (a stale file is removed)."""
+    import numpy as np
+
+    from trainer.data.reader import expand_urls, image_fingerprints
+    path = Path(run_dir) / PUBLIC_IMAGES
+    if public is None or public.source != "shards" or not public.path:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, image_fingerprints(expand_urls(public.path)))
+    os.replace(tmp, path)
+
+
+def public_images(run_dir: Path) -> set[bytes]:
+    """The image fingerprints the public stage in ``run_dir`` recorded (empty: none recorded)."""
+    import numpy as np
+    path = Path(run_dir) / PUBLIC_IMAGES
+    return {row.tobytes() for row in np.load(path)} if path.is_file() else set()
+
+
+def shard_images(src: Any) -> set[bytes]:
+    """The image fingerprints of ``DataSource`` ``src``'s shards (empty for a source without shards)."""
+    from trainer.data.reader import expand_urls, image_fingerprints
+    if src is None or src.source != "shards" or not src.path:
+        return set()
+    return {row.tobytes() for row in image_fingerprints(expand_urls(src.path))}
 
 
 def unreadable(src: Any) -> str | None:

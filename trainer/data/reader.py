@@ -106,6 +106,19 @@ def count_distinct_samples(urls: Sequence[str]) -> tuple[int, str]:
     return total, digest.hexdigest()
 
 
+def image_fingerprints(urls: Sequence[str]) -> np.ndarray:
+    """uint8 ``[n, 16]``: the first 16 bytes of the sha256 of each sample's image member (its bytes as
+    stored, whatever its key, captions and labels), in shard order; samples without an image are
+    left out. Equal rows are byte-for-byte the same image file, however the shards were named,
+    copied or streamed."""
+    rows = []
+    for sample in wds.tarfile_samples([{"url": url} for url in urls], handler=wds.reraise_exception):
+        image = next((sample[key] for key in IMAGE_KEYS if key in sample), None)
+        if image is not None:
+            rows.append(np.frombuffer(hashlib.sha256(image).digest()[:16], dtype=np.uint8))
+    return np.stack(rows) if rows else np.zeros((0, 16), dtype=np.uint8)
+
+
 # --- images -----------------------------------------------------------------------------------
 
 def resize_center_crop(image: Image.Image, resolution: int, pad_small: bool = False) -> Image.Image:

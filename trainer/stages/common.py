@@ -265,12 +265,15 @@ def build_conditioner(cfg: Config, n_classes: Optional[int] = None):
 def start_public_stage(cfg: Config, run_dir: Path, batch_size: int, key: str) -> tuple[Runtime, int]:
     """The runtime of a public pretraining stage (several processes under torchrun / deepspeed) and
     this rank's share of the global ``batch_size`` (config key ``key``); rank 0 writes the run's
-    ``config.yaml``. The caller closes the runtime (``with rt:``)."""
+    ``config.yaml`` and the fingerprints of its public shard images. The caller closes the runtime
+    (``with rt:``)."""
+    from trainer.data.provenance import record_public_images
     rt = Runtime.start(cfg)
     try:
         per_rank = rt.per_rank(batch_size, key)
         if rt.is_main:
             save_run_config(cfg, run_dir)
+            record_public_images(cfg.data.public, run_dir)  # what a later private set is checked against
         rt.barrier()
     except BaseException:
         rt.close()

@@ -444,7 +444,7 @@ def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: d
     its autoencoder (the ``config.yaml`` it recorded) was pretrained on: those examples are in the
     released model without DP. Refuses too when those public shards cannot be read from here
     (moved, deleted, or a relative path recorded by an older version): the check would prove nothing."""
-    from trainer.data.provenance import shared_examples, unreadable
+    from trainer.data.provenance import PUBLIC_IMAGES, public_images, shard_images, shared_examples, unreadable
     sources = [("LDM", base_dir / "config.yaml", base_cfg.data.public)]
     if meta.get("autoencoder"):  # an imported base records none: its autoencoder is not ours to check
         ae_config = resolve_recorded(meta["autoencoder"], base_dir) / "config.yaml"
@@ -452,6 +452,7 @@ def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: d
             raise ConfigError(f"finetune.base: {ae_config}: missing, so the private set cannot be checked against "
                               "the public data the base's autoencoder was pretrained on: restore it")
         sources.append(("autoencoder", ae_config, load_config(str(ae_config)).data.public))
+    private_images: set[bytes] | None = None  # read once, only if a stage recorded its public images
     for what, path, public in sources:
         problem = unreadable(public)
         if problem:
@@ -459,6 +460,12 @@ def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: d
                               f"data.public.path {public.path}) cannot be read ({problem}), so the private set "
                               "cannot be checked against them: restore them there")
         shared = shared_examples(public, cfg.data.private)
+        recorded = public_images(path.parent)
+        if recorded:
+            private_images = shard_images(cfg.data.private) if private_images is None else private_images
+            if private_images & recorded:
+                shared.append(f"{len(private_images & recorded)} of its images are byte for byte images "
+                              f"fingerprinted in {path.parent / PUBLIC_IMAGES}")
         if shared:
             raise ConfigError(f"data.private: shares examples with the public data the base's {what} was pretrained "
                               f"on without DP ({path}: {'; '.join(shared)}): the private set must be disjoint "
