@@ -81,18 +81,23 @@ def holdings(src: Any) -> set[Token]:
     return tokens
 
 
+def _shard_pattern(src: Any) -> str | None:
+    """The shard pattern of ``DataSource`` ``src`` (None: it holds no shards)."""
+    return src.path if src is not None and src.source == "shards" and src.path else None
+
+
 def record_public_images(public: Any, run_dir: Path) -> None:
     """Write ``run_dir/PUBLIC_IMAGES``: the fingerprints of the public shards' images (public data, so
     the file is too); a source without shards records none (a stale file is removed)."""
     import numpy as np
 
     from trainer.data.reader import expand_urls, image_fingerprints
-    path = Path(run_dir) / PUBLIC_IMAGES
-    if public is None or public.source != "shards" or not public.path:
+    path, pattern = Path(run_dir) / PUBLIC_IMAGES, _shard_pattern(public)
+    if pattern is None:
         path.unlink(missing_ok=True)
         return
     tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, image_fingerprints(expand_urls(public.path)))
+    np.save(tmp, image_fingerprints(expand_urls(pattern)))
     os.replace(tmp, path)
 
 
@@ -106,19 +111,18 @@ def public_images(run_dir: Path) -> set[bytes]:
 def shard_images(src: Any) -> set[bytes]:
     """The image fingerprints of ``DataSource`` ``src``'s shards (empty for a source without shards)."""
     from trainer.data.reader import expand_urls, image_fingerprints
-    if src is None or src.source != "shards" or not src.path:
-        return set()
-    return {row.tobytes() for row in image_fingerprints(expand_urls(src.path))}
+    pattern = _shard_pattern(src)
+    return set() if pattern is None else {row.tobytes() for row in image_fingerprints(expand_urls(pattern))}
 
 
 def unreadable(src: Any) -> str | None:
     """Why the shards of ``DataSource`` ``src`` cannot be listed from here (None: they can, or it holds
     no shards): a check against a source that names no file proves nothing."""
     from trainer.data.reader import expand_urls
-    if src is None or src.source != "shards" or not src.path:
-        return None
+    pattern = _shard_pattern(src)
     try:
-        expand_urls(src.path)
+        if pattern is not None:
+            expand_urls(pattern)
     except (ValueError, OSError) as err:
         return str(err)
     return None
