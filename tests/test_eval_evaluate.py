@@ -151,4 +151,8 @@ def test_scores_against_the_runs_private_set_are_logged_as_nonprivate(tmp_path, 
     assert _run(common + ["--metrics", "accuracy", "--real", "mnist-test", "--num-real", "40"]) == 0
     assert "eval.accuracy" in mlflow.get_run(run.info.run_id).data.metrics
     assert "shares examples" not in capsys.readouterr().err
+    with mlflow.start_run(run_name="finetune", experiment_id=experiment_id) as long_path:  # cut by the tracking
+        mlflow.log_params({"data.private.source": "shards", "data.private.path": "/data/" + "s" * 5994})
+    assert evaluate.shares_private_examples(long_path.info.run_id, "mnist-test") == [
+        "its data.private.path is cut to 6000 characters in the run's params: not comparable"]
     mlflow.set_tracking_uri(None)

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 
+PARAM_CHARS = 6000  # MLflow keeps a param value's first 6,000 characters: longer ones are cut here
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -41,7 +44,7 @@ class Run:
 
     def log_params(self, params: dict) -> None:
         if self.active:
-            flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+            flat = {k: str(v)[:PARAM_CHARS] for k, v in flatten(params).items()}
             items = list(flat.items())
             for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
                 self._mlflow.log_params(dict(items[i:i + 100]))

@@ -198,12 +198,16 @@ def _check_run_exists(run_id: str) -> None:
 
 def shares_private_examples(run_id: str, images: str) -> list[str]:
     """What the image set ``images`` (``mnist-test``, shards or a folder) shares with the private set of the
-    MLflow run ``run_id`` (its logged config), in words; [] for a run without one or nothing provable."""
+    MLflow run ``run_id`` (its logged config), in words; [] for a run without one or nothing provable. A
+    private path the run's params hold cut short cannot be compared: it counts as shared."""
     from mlflow import MlflowClient
 
     from trainer.config import DataSource
     from trainer.data.provenance import shared_examples
+    from trainer.tracking import PARAM_CHARS
     params = MlflowClient().get_run(run_id).data.params
+    if len(params.get("data.private.path", "")) >= PARAM_CHARS:
+        return [f"its data.private.path is cut to {PARAM_CHARS} characters in the run's params: not comparable"]
 
     def given(key: str) -> Optional[str]:
         value = params.get(f"data.private.{key}")
