@@ -463,9 +463,10 @@ def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: d
         recorded = public_images(path.parent)
         if recorded:
             private_images = shard_images(cfg.data.private) if private_images is None else private_images
-            if private_images & recorded:
-                shared.append(f"{len(private_images & recorded)} of its images are byte for byte images "
-                              f"fingerprinted in {path.parent / PUBLIC_IMAGES}")
+            seen = len(private_images & recorded)
+            if seen:
+                shared.append(f"{seen} of its images are byte for byte images fingerprinted in "
+                              f"{path.parent / PUBLIC_IMAGES}")
         if shared:
             raise ConfigError(f"data.private: shares examples with the public data the base's {what} was pretrained "
                               f"on without DP ({path}: {'; '.join(shared)}): the private set must be disjoint "
