@@ -147,6 +147,25 @@ def test_attention_under_autograd_or_long_is_sdpa(monkeypatch):
     assert len(calls) == 2
 
 
+def test_short_bf16_attention_under_autograd_is_two_products_with_sdpa_gradients(monkeypatch):
+    """bf16 (autocast's dtype): SDPA's CPU backward is the slow one there, so short sequences take the
+    products with autograd too; values and gradients agree with SDPA's to bf16 rounding."""
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 16, 32, generator=gen, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = dot_product_attention(q, k, v)
+    assert not calls and out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out.float().pow(2).sum(), (q, k, v))
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = real(q32, k32, v32)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (q32, k32, v32))
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        assert (g.float() - r).norm() / r.norm() < 2e-2
+
+
 def test_plain_paths_turns_both_off_inside_the_block_only(monkeypatch):
     calls = []
     real_conv, real_sdpa = F.conv2d, F.scaled_dot_product_attention
