@@ -205,6 +205,19 @@ def test_new_classes_start_from_the_named_base_classes(base):
                           seed=0)
 
 
+def test_a_fixed_seed_is_refused_over_several_processes(tmp_path):
+    """`_prepare(seed=...)` seeds the sampler and the noise: over several ranks every rank would draw the same
+    stream (inclusions correlated across ranks, noise repeated). Refused before anything is read."""
+    from trainer.distributed import SingleProcess
+
+    rt = SingleProcess()
+    rt.world_size = 2  # what a rank of two sees; nothing below the check runs
+    cfg = load_config("demo", TINY + [f"output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="seed: a fixed seed is for one process only, got 2 processes"):
+        finetune._prepare(cfg, rt, seed=0)
+    assert not any(tmp_path.iterdir())
+
+
 def test_ema_of_the_dp_steps_is_the_sampled_result_and_its_setting_cannot_change(base, monkeypatch):
     """finetune.ema_decay: finetuned-ema.safetensors holds the EMA of the weights after every DP step
     (recomputed here from the recorded steps), `load_pipeline` samples it, the last step's weights stay in

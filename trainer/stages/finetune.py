@@ -364,6 +364,10 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     from trainer.runs import load_pipeline
 
     ft = cfg.finetune
+    if seed is not None and rt.world_size > 1:
+        # every rank would draw its slice of the Poisson batch and its noise from the same stream:
+        # inclusions correlated across ranks, noise repeated, the accounting void
+        raise ValueError(f"seed: a fixed seed is for one process only, got {rt.world_size} processes")
     if cfg.data.private is None:
         raise ConfigError("data.private: the fine-tuning stage needs a private data source")
     cfg.data.private = absolute_source(cfg.data.private)  # the run's records name it from any folder
