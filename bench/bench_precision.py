@@ -10,18 +10,20 @@ measures, on random weights and data (cost and agreement, not utility), with the
 - ``pretrain-ldm``: an LDM training step (the diffusion loss, backward, AdamW);
 - ``finetune``: the DP engine's step on one physical batch (the config's trainable set, mode fast,
   per-example clipping, noise), as ``bench/bench_dp_step.py``'s ``engine fast`` row;
-- ``sample``: one UNet forward over ``sample.batch_size`` latents, without autograd (one DDIM step
-  of the evaluation's guidance-1 sampling).
+- ``sample (UNet forward)``: one UNet forward over ``sample.batch_size`` latents, without autograd
+  (one DDIM step of the evaluation's guidance-1 sampling); ``sample (decoder)``: decoding them;
+- ``encode (encoder)``: the autoencoder's encoder on a batch of images (the public set for the LDM's
+  pretraining, the private set for the fine-tunes).
 
 Each row: the median time of a step in float32 and in bf16 over ``--repeats`` interleaved rounds
 (after a warm-up each), the ratio, and how far bf16's result is from float32's from the same
 weights and data: the cosine similarity of the gradients (the clipped noiseless sum for the DP
 step) or of the outputs (sampling). The last columns multiply the step times by the number of such
-steps in ``dpldm demo`` (every budget of the sweep; the evaluation's samples, without the decoder):
+steps in ``dpldm demo`` (every budget of the sweep, the evaluations' samples; not the grids):
 what the two precisions predict for the demo's stages on this machine.
 
-Usage: ``python bench/bench_precision.py [--config demo] [--repeats 10] [--threads 2] [--out FILE]
-[KEY=VALUE ...]`` (overrides as for the ``dpldm`` command).
+Usage: ``python bench/bench_precision.py [--config demo] [--repeats 10] [--threads 2] [--private-examples N]
+[--out FILE] [KEY=VALUE ...]`` (overrides as for the ``dpldm`` command).
 """
 from __future__ import annotations
 
@@ -47,11 +49,12 @@ from trainer.config import Config, ConfigError, load_config  # noqa: E402
 from trainer.privacy import DPGradientEngine  # noqa: E402
 from trainer.privacy.engine import SELF_CHECK_RTOL, SELF_CHECK_RTOL_BF16  # noqa: E402
 from trainer.runtime import adamw  # noqa: E402
-from trainer.stages.common import build_autoencoder, build_ldm, image_channels  # noqa: E402
+from trainer.stages.common import build_autoencoder, build_ldm, image_channels, load_image_source  # noqa: E402
 from trainer.stages.demo import sweep_configs  # noqa: E402
 from trainer.stages.pretrain_ae import reconstruction_loss  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
+ENCODE_BATCH = 256  # `trainer.pipeline.encode_images`' batch
 
 
 def autocast(precision: str) -> contextlib.AbstractContextManager:
@@ -101,7 +104,7 @@ def training_work(stage: str, size: str, model: nn.Module, loss_fn: Callable[[nn
     return Work(stage, size, make, demo_steps)
 
 
-def build_works(cfg: Config, sweep: list[Config]) -> list[Work]:
+def build_works(cfg: Config, sweep: list[Config], private_examples: int) -> list[Work]:
     from trainer.models.autoencoder import kl_divergence
     gen = torch.Generator().manual_seed(0)
     ae_tc, ldm_tc, ft = cfg.autoencoder.train, cfg.ldm.train, cfg.finetune
@@ -185,6 +188,21 @@ def build_works(cfg: Config, sweep: list[Config]) -> list[Work]:
         return forward, forward
 
     works.append(Work("sample (UNet forward)", f"{batch} latents", make_sample, forwards))
+
+    def forward_work(stage: str, fn: Callable[[], Tensor], size: str, demo_steps: float) -> Work:
+        def make(precision: str):
+            def run() -> Tensor:
+                with torch.no_grad(), autocast(precision):
+                    return fn().float()
+            return run, run
+        return Work(stage, size, make, demo_steps)
+
+    images = torch.randn(ENCODE_BATCH, image_channels(cfg), size, size, generator=gen).clamp(-1, 1)
+    works.append(forward_work("encode (encoder)", lambda: ae.encode(images)[0], f"{ENCODE_BATCH} images",
+                              (cfg.data.public.num_examples + private_examples) / ENCODE_BATCH))
+    latents = torch.randn(batch, *z_shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    decoded = sum(run.eval.num_per_class * n_classes for run in [cfg, *sweep])
+    works.append(forward_work("sample (decoder)", lambda: ae.decode(latents), f"{batch} latents", decoded / batch))
     return works
 
 
@@ -244,6 +262,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--config", default="demo", help="config name or YAML path (default: demo)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (default: 10)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    p.add_argument("--private-examples", type=int, default=None,
+                   help="size of the private set (default: load data.private and count it)")
     p.add_argument("--out", type=Path, default=None, help="also write the report to this Markdown file")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
     args = p.parse_args(argv)
@@ -257,7 +277,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         p.error(f"--repeats and --threads must be >= 1, got {args.repeats} and {args.threads}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = measure(build_works(cfg, sweep_configs(cfg, args.config, args.overrides, None)), args.repeats)
+    private = args.private_examples
+    if private is None:
+        private = len(load_image_source(cfg.data.private, "data.private").labels)
+    rows = measure(build_works(cfg, sweep_configs(cfg, args.config, args.overrides, None), private), args.repeats)
     lines = report(rows, args)
     print("\n".join(lines))
     if args.out:
