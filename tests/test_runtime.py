@@ -1,11 +1,14 @@
-"""The runtime's optimizer: fused AdamW is the same update as torch's per-tensor loop, and either's state loads."""
+"""The runtime: fused AdamW is the same update as torch's per-tensor loop, and either's state loads; the
+config's precision resolves per device."""
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
-from trainer.runtime import adamw
+from trainer.config import ConfigError, load_config
+from trainer.runtime import Placement, adamw, resolve_precision
 
 
 def _model() -> torch.nn.Module:
@@ -54,3 +57,26 @@ def test_a_checkpoint_of_either_optimizer_resumes_in_the_other():
         _steps(a, opt_a, range(3, 6))
         _steps(b, opt_b, range(3, 6))
         _close(a, b)
+
+
+@pytest.mark.parametrize("capabilities,expected", [({"avx512_bf16": True, "amx_bf16": False}, "bf16"),
+                                                   ({"avx512_bf16": False, "amx_bf16": True}, "bf16"),
+                                                   ({"avx512_bf16": False, "amx_bf16": False}, "fp32"),
+                                                   ({}, "fp32")])
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch, capabilities, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert Placement.from_config(load_config("demo", ["device=cpu", "precision=auto"])).precision == expected
+    for fixed in ("fp32", "bf16"):  # a fixed setting is kept whatever the processor
+        assert resolve_precision(fixed, torch.device("cpu")) == fixed
+
+
+def test_auto_precision_on_cuda_follows_the_gpus_bf16_support(monkeypatch):
+    for supported, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        assert resolve_precision("auto", torch.device("cuda")) == expected
+
+
+def test_an_unknown_precision_names_the_key():
+    with pytest.raises(ConfigError, match="precision: must be one of fp32, bf16, auto, got 'fp16'"):
+        resolve_precision("fp16", torch.device("cpu"))

@@ -198,7 +198,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"                # auto (CUDA when visible, else CPU) | cpu | cuda | cuda:N
-    precision: str = "fp32"             # fp32 | bf16 (autocast; DP norms, clipping and noise stay float32)
+    precision: str = "fp32"             # fp32 | bf16 (autocast; DP norms, clipping and noise stay float32) | auto
     # the other budgets `dpldm demo` fine-tunes over the same base: [{epsilon: E, steps: S (optional)}, ...]
     sweep: list = field(default_factory=list)
     source_file: Optional[str] = None  # set by the loader
@@ -234,7 +234,7 @@ CHOICES = {
     "eval.classifier": {"cnn", "cnn_bn", "mlp", "logreg"},
     "sample.sampler": set(SAMPLERS),
     "eval.sampler": set(SAMPLERS),
-    "precision": {"fp32", "bf16"},
+    "precision": {"fp32", "bf16", "auto"},
 }
 
 

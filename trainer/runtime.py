@@ -2,9 +2,10 @@
 ``precision`` config keys) and the process group, shared by every stage (:class:`Runtime`).
 
 ``device``: ``auto`` (the CUDA device of this process when one is visible, else the CPU),
-``cpu``, ``cuda`` or ``cuda:N``. ``precision``: ``fp32``, or ``bf16`` (autocast of the forward
+``cpu``, ``cuda`` or ``cuda:N``. ``precision``: ``fp32``, ``bf16`` (autocast of the forward
 and backward passes; weights, optimizer state, and in DP fine-tuning the per-example norms,
-clip factors, clipped sums and noise stay float32).
+clip factors, clipped sums and noise stay float32), or ``auto``: bf16 where the device multiplies
+bf16 matrices natively (a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX), else fp32.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from trainer.config import ConfigError
 from trainer.errors import RunError
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -139,6 +140,26 @@ def resolve_device(spec: str) -> torch.device:
     raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {spec!r}")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: a CUDA GPU with bf16 support, or a CPU
+    with AVX-512 BF16 or AMX (elsewhere bf16 is emulated, slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        capabilities = torch.cpu.get_capabilities()
+        return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    return False
+
+
+def resolve_precision(spec: str, device: torch.device) -> str:
+    """The config's ``precision`` on ``device`` -> ``fp32`` or ``bf16``."""
+    if spec not in PRECISIONS:
+        raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)}, got {spec!r}")
+    if spec == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return spec
+
+
 @dataclass(frozen=True)
 class Placement:
     """A device and a precision: where tensors go and how the forward/backward passes compute."""
@@ -148,9 +169,8 @@ class Placement:
 
     @classmethod
     def from_config(cls, cfg) -> "Placement":
-        if cfg.precision not in PRECISIONS:
-            raise ConfigError(f"precision: must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-        return cls(resolve_device(cfg.device), cfg.precision)
+        device = resolve_device(cfg.device)
+        return cls(device, resolve_precision(cfg.precision, device))
 
     def on_local_rank(self) -> "Placement":
         """Under a launcher: ``cuda`` without an index becomes this process's GPU (``LOCAL_RANK``),

@@ -54,8 +54,8 @@ def _train(cfg: Config, rt: Runtime, run_dir: Path, batch_size: int) -> Path:
         opt.step()
         return {"loss": loss.item(), "rec_loss": rec_loss.item(), "kl": kl.item()}
 
-    with start_run(cfg.experiment, "pretrain-ae", cfg.to_dict(), {"stage": "pretrain-ae"},
-                   run_id=trainer.mlflow_run_id) as mlrun:
+    tags = {"stage": "pretrain-ae", "precision": rt.placement.precision}
+    with start_run(cfg.experiment, "pretrain-ae", cfg.to_dict(), tags, run_id=trainer.mlflow_run_id) as mlrun:
         trainer.fit(step, mlrun)
         rt.barrier()
         if not rt.is_main:

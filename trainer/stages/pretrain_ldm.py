@@ -85,8 +85,8 @@ def _train(cfg: Config, rt: Runtime, run_dir: Path, ae_dir: Path, batch_size: in
         opt.step()
         return {"loss": loss.item()}
 
-    with start_run(cfg.experiment, "pretrain-ldm", cfg.to_dict(), {"stage": "pretrain-ldm"},
-                   run_id=trainer.mlflow_run_id) as mlrun:
+    tags = {"stage": "pretrain-ldm", "precision": rt.placement.precision}
+    with start_run(cfg.experiment, "pretrain-ldm", cfg.to_dict(), tags, run_id=trainer.mlflow_run_id) as mlrun:
         trainer.fit(step, mlrun)
         rt.barrier()
         if not rt.is_main:
