@@ -337,6 +337,35 @@ def test_bf16_fine_tuning_keeps_the_dp_step_in_float32(base, monkeypatch):
 
 
 @pytest.mark.slow
+def test_the_probe_self_check_is_float32_and_passes_a_barely_trained_unet_under_bf16(tmp_path):
+    """A UNet two steps from its zeroed output projections: under bf16 autocast autograd's batch gradient of
+    a SpatialTransformer's proj_out bias (a sum over batch and map whose terms cancel) was 60 % away from the
+    engine's float32 sums, and the probe refused a sound model. The probe runs in float32: it passes, and the
+    run then trains under bf16 (its first private micro-batch checked at the bf16 tolerance)."""
+    from trainer.distributed import SingleProcess
+    from trainer.runtime import Placement
+    from trainer.stages import pretrain_ae, pretrain_ldm
+    small = QUICK + ["experiment=probe", "data.public.num_examples=256", "data.private.num_examples=300",
+                     "autoencoder.train.batch_size=8", "autoencoder.train.steps=2", "ldm.unet.model_channels=32",
+                     "ldm.unet.num_head_channels=16", "ldm.unet.context_dim=32", "ldm.conditioner.embed_dim=32",
+                     "ldm.train.steps=2", "ldm.train.batch_size=16", "finetune.steps=2",
+                     "finetune.expected_batch_size=40", "finetune.physical_batch_size=16", "sample.ddim_steps=2",
+                     "sample.num_per_class=1", f"output_dir={tmp_path / 'runs'}"]
+    with mlflow_store(tmp_path):
+        pretrain_ae.run(load_config("demo", small))
+        pretrain_ldm.run(load_config("demo", small))
+        cfg = load_config("demo", small + ["precision=bf16"])
+        rt = SingleProcess(Placement.from_config(cfg))
+        session = finetune._prepare(cfg, rt, seed=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # even inside a bf16 region the probe is float32
+            assert session.probe_losses(torch.arange(finetune.PROBE_SIZE)).dtype == torch.float32
+        rt.check_engine(session.engine, session.probe_losses, finetune.PROBE_SIZE)
+        session.engine.detach()
+        report = json.loads((finetune.run(cfg) / "privacy-report.json").read_text())
+    assert report["steps"] == 2
+
+
+@pytest.mark.slow
 def test_a_model_refused_by_the_self_check_is_never_charged(base, monkeypatch):
     from trainer.privacy import DPGradientEngine, EngineSelfCheckError
 

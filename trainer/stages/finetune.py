@@ -295,7 +295,13 @@ class DPSession:
 
     def probe_losses(self, rows: torch.Tensor) -> torch.Tensor:
         """Deterministic losses of rows of 4 public stand-in examples (random latents, timesteps and
-        targets from the public seed; public labels or prompts): the engine's self-check runs on them."""
+        targets from the public seed; public labels or prompts): the engine's self-check runs on them.
+
+        In float32 whatever the run's precision: the check tests the model's structure (examples kept
+        apart, parameters used inside their modules) to float32 rounding. Under bf16 autocast autograd
+        sums a bias's gradient over the batch and the map in bf16: where the terms cancel it lands far
+        from the engine's float32 sums (60 % on a barely trained UNet), which would refuse a sound model.
+        The first private micro-batch is still checked at the run's precision (``accumulate``)."""
         g = torch.Generator().manual_seed(self.cfg.seed)
         device = next(self.ldm.parameters()).device
         x = torch.randn((PROBE_SIZE, *self.latent_shape), generator=g)
@@ -305,10 +311,10 @@ class DPSession:
         cond_type = self.cfg.ldm.conditioner.type
         conds = conditions(cond_type, public.to(device),
                            [f"a picture of {int(k)}" for k in public] if cond_type == "text" else None)
-        with self.autocast():
+        with torch.autocast(device.type, enabled=False):
             context = self.ldm.context(conds) if conds is not None else None
             out = self.ldm.eps(x[rows].to(device), t[rows].to(device), context)
-        return (out.float() - target[rows].to(out.device)).pow(2).flatten(1).mean(dim=1)
+        return (out - target[rows].to(out.device)).pow(2).flatten(1).mean(dim=1)
 
 
 def learning_rate(ft: FinetuneConfig, step: int) -> float:
