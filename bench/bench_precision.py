@@ -48,7 +48,7 @@ from bench_dp_step import build_workload, device_name  # noqa: E402
 from trainer.config import Config, ConfigError, load_config  # noqa: E402
 from trainer.privacy import DPGradientEngine  # noqa: E402
 from trainer.privacy.engine import SELF_CHECK_RTOL, SELF_CHECK_RTOL_BF16  # noqa: E402
-from trainer.runtime import adamw  # noqa: E402
+from trainer.runtime import adamw, native_bf16, resolve_precision  # noqa: E402
 from trainer.stages.common import build_autoencoder, build_ldm, image_channels, load_image_source  # noqa: E402
 from trainer.stages.demo import sweep_configs  # noqa: E402
 from trainer.stages.pretrain_ae import reconstruction_loss  # noqa: E402
@@ -238,7 +238,9 @@ def report(rows: list[Row], args: argparse.Namespace) -> list[str]:
              f"Measured by `python bench/bench_precision.py --config {args.config} --repeats {args.repeats} --threads "
              f"{args.threads}" + "".join(f" {o}" for o in args.overrides) + f"` in one process on "
              f"{device_name(torch.device('cpu'))} ({os.cpu_count()} CPU cores visible, {args.threads} torch "
-             f"thread(s)), torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}.", "",
+             f"thread(s)), torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 in "
+             f"hardware: {'yes' if native_bf16(torch.device('cpu')) else 'no'} (what `precision: auto` picks: "
+             f"{resolve_precision('auto', torch.device('cpu'))}).", "",
              "Median step over interleaved rounds; cosine: bf16's gradient (DP: clipped noiseless sum; sampling: "
              "output) against float32's from the same weights and data; minutes: the step times the number of such "
              "steps in `dpldm demo`.", "",
