@@ -131,7 +131,8 @@ def build_works(cfg: Config, sweep: list[Config], private_examples: int) -> list
     labels = torch.randint(0, cfg.ldm.conditioner.n_classes, (ldm_tc.batch_size,), generator=gen)
 
     def ldm_loss(model: nn.Module) -> Tensor:
-        return model.loss(z, labels, torch.Generator().manual_seed(1), cond_drop_prob=ldm_tc.cond_drop_prob).float().mean()
+        draws = torch.Generator().manual_seed(1)  # the same timesteps and noise in both precisions
+        return model.loss(z, labels, draws, cond_drop_prob=ldm_tc.cond_drop_prob).float().mean()
 
     works.append(training_work("pretrain-ldm", f"{ldm_tc.batch_size} latents", ldm, ldm_loss, ldm_tc.lr, ldm_tc.steps))
 
@@ -179,7 +180,8 @@ def build_works(cfg: Config, sweep: list[Config], private_examples: int) -> list
     forwards = 0.0
     for run in [cfg, *sweep]:
         ev = run.eval_sampler()
-        forwards += run.eval.num_per_class * n_classes / batch * ev["ddim_steps"] * (1 if ev["guidance_scale"] == 1 else 2)
+        branches = 1 if ev["guidance_scale"] == 1 else 2  # guidance runs the unconditional branch too
+        forwards += run.eval.num_per_class * n_classes / batch * ev["ddim_steps"] * branches
 
     def make_sample(precision: str):
         def forward() -> Tensor:
@@ -238,8 +240,8 @@ def report(rows: list[Row], args: argparse.Namespace) -> list[str]:
              f"Measured by `python bench/bench_precision.py --config {args.config} --repeats {args.repeats} --threads "
              f"{args.threads}" + "".join(f" {o}" for o in args.overrides) + f"` in one process on "
              f"{device_name(torch.device('cpu'))} ({os.cpu_count()} CPU cores visible, {args.threads} torch "
-             f"thread(s)), torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 in "
-             f"hardware: {'yes' if native_bf16(torch.device('cpu')) else 'no'} (what `precision: auto` picks: "
+             f"thread(s)), torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+             f"bf16 in hardware: {'yes' if native_bf16(torch.device('cpu')) else 'no'} (what `precision: auto` picks: "
              f"{resolve_precision('auto', torch.device('cpu'))}).", "",
              "Median step over interleaved rounds; cosine: bf16's gradient (DP: clipped noiseless sum; sampling: "
              "output) against float32's from the same weights and data; minutes: the step times the number of such "

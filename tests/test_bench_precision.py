@@ -21,8 +21,8 @@ def test_every_stage_is_timed_in_both_precisions_and_bf16_follows_fp32(tmp_path:
     out = tmp_path / "precision.md"
     rows = bench.main(["--repeats", "2", "--threads", "1", "--private-examples", "1000", "--out", str(out),
                        "data.public.num_examples=2000", *TINY])
-    assert [r.work.stage for r in rows] == ["pretrain-ae", "pretrain-ldm", "finetune (DP step)", "sample (UNet forward)",
-                                            "encode (encoder)", "sample (decoder)"]
+    assert [r.work.stage for r in rows] == ["pretrain-ae", "pretrain-ldm", "finetune (DP step)",
+                                            "sample (UNet forward)", "encode (encoder)", "sample (decoder)"]
     for row in rows:
         assert all(len(row.times[p]) == 2 and min(row.times[p]) > 0 for p in ("fp32", "bf16"))
         assert row.cosine > 0.99, row.work.stage  # bf16 rounding, not another computation

@@ -441,7 +441,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     engine = DPGradientEngine(ldm, max_grad_norm=ft.max_grad_norm, noise_multiplier=sigma,
                               expected_batch_size=q * n, mode=ft.engine_mode, secure_noise=ft.secure_noise,
                               generator=None if seed is None else generator(3),
-                              self_check_rtol=SELF_CHECK_RTOL_BF16 if rt.placement.precision == "bf16" else SELF_CHECK_RTOL)
+                              self_check_rtol=(SELF_CHECK_RTOL_BF16 if rt.placement.precision == "bf16"
+                                               else SELF_CHECK_RTOL))
     ema = EMA(trainable, ft.ema_decay) if ft.ema_decay else None  # post-processing of the noisy steps
     state = TrainState(trainable, optimizer, sampler, ledger, {"base": str(base_dir.resolve())}, ema)
     return DPSession(cfg, base_dir, ldm, autoencoder, selection, n, names, names_source, q, sigma, snr, engine,
