@@ -95,9 +95,13 @@ def count_per_example(cfg: Config) -> PerExample:
     return PerExample(ae_train, ldm_train, encode, decode, unet_forward, dp_step)
 
 
+def unet_forwards_per_step(guidance_scale: float) -> int:
+    """UNet forwards per sampler step: classifier-free guidance runs the unconditional branch too."""
+    return 1 if guidance_scale == 1.0 else 2
+
+
 def sampling_flops(per: PerExample, images: int, ddim_steps: int, guidance_scale: float) -> float:
-    branches = 1 if guidance_scale == 1.0 else 2  # classifier-free guidance runs the unconditional branch too
-    return images * (ddim_steps * branches * per.unet_forward + per.decode)
+    return images * (ddim_steps * unet_forwards_per_step(guidance_scale) * per.unet_forward + per.decode)
 
 
 def stage_rows(cfg: Config, per: PerExample, private_examples: int, n_classes: int,
@@ -155,34 +159,52 @@ def report(rows: list[tuple[str, str, float]], per: PerExample, rate: float, arg
     return lines
 
 
-def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def demo_parser(description: str, threads_help: str) -> argparse.ArgumentParser:
+    """The arguments of a bench over a demo config: ``--config``, ``--threads``, ``--private-examples``,
+    ``--out`` and ``KEY=VALUE`` overrides."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", default="demo", help="config name or YAML path (default: demo)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads for the rate (default: 2)")
+    p.add_argument("--threads", type=int, default=2, help=f"{threads_help} (default: 2)")
     p.add_argument("--private-examples", type=int, default=None,
                    help="size of the private set (default: load data.private and count it)")
     p.add_argument("--out", type=Path, default=None, help="also write the report to this Markdown file")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
-    args = p.parse_args(argv)
+    return p
+
+
+def load_demo(p: argparse.ArgumentParser, args: argparse.Namespace, verb: str) -> tuple[Config, int, list[Config]]:
+    """The parsed config (a class-conditional demo), its private set's size and its sweep; a bad one is
+    ``p.error`` naming the key or flag."""
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         p.error(str(err))
     if cfg.ldm.conditioner.type != "class":
-        p.error(f"ldm.conditioner.type: counts a class-conditional demo, got {cfg.ldm.conditioner.type!r}")
+        p.error(f"ldm.conditioner.type: {verb} a class-conditional demo, got {cfg.ldm.conditioner.type!r}")
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
-    n_classes = cfg.finetune.new_class_embedder or cfg.ldm.conditioner.n_classes
     private = args.private_examples
     if private is None:
         private = len(load_image_source(cfg.data.private, "data.private").labels)
+    return cfg, private, sweep_configs(cfg, args.config, args.overrides, None)
+
+
+def emit(lines: list[str], out: Path | None) -> None:
+    """Print the report, and write it to ``out`` if given."""
+    print("\n".join(lines))
+    if out:
+        out.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
+    p = demo_parser(__doc__.split("\n")[0], "torch threads for the rate")
+    args = p.parse_args(argv)
+    cfg, private, sweep = load_demo(p, args, "counts")
+    n_classes = cfg.finetune.new_class_embedder or cfg.ldm.conditioner.n_classes
     torch.manual_seed(0)
     per = count_per_example(cfg)
-    rows = stage_rows(cfg, per, private, n_classes, sweep_configs(cfg, args.config, args.overrides, None))
-    lines = report(rows, per, matmul_rate(args.threads), args)
-    print("\n".join(lines))
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
+    rows = stage_rows(cfg, per, private, n_classes, sweep)
+    emit(report(rows, per, matmul_rate(args.threads), args), args.out)
     return rows
 
 

@@ -45,12 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dp_step import build_workload, device_name  # noqa: E402
-from trainer.config import Config, ConfigError, load_config  # noqa: E402
+from bench_flops import demo_parser, emit, load_demo, unet_forwards_per_step  # noqa: E402
+from trainer.config import Config  # noqa: E402
 from trainer.privacy import DPGradientEngine  # noqa: E402
 from trainer.privacy.engine import SELF_CHECK_RTOL, SELF_CHECK_RTOL_BF16  # noqa: E402
 from trainer.runtime import adamw, native_bf16, resolve_precision  # noqa: E402
-from trainer.stages.common import build_autoencoder, build_ldm, image_channels, load_image_source  # noqa: E402
-from trainer.stages.demo import sweep_configs  # noqa: E402
+from trainer.stages.common import build_autoencoder, build_ldm, image_channels  # noqa: E402
 from trainer.stages.pretrain_ae import reconstruction_loss  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
@@ -180,8 +180,8 @@ def build_works(cfg: Config, sweep: list[Config], private_examples: int) -> list
     forwards = 0.0
     for run in [cfg, *sweep]:
         ev = run.eval_sampler()
-        branches = 1 if ev["guidance_scale"] == 1 else 2  # guidance runs the unconditional branch too
-        forwards += run.eval.num_per_class * n_classes / batch * ev["ddim_steps"] * branches
+        steps = ev["ddim_steps"] * unet_forwards_per_step(ev["guidance_scale"])
+        forwards += run.eval.num_per_class * n_classes / batch * steps
 
     def make_sample(precision: str):
         def forward() -> Tensor:
@@ -262,33 +262,16 @@ def report(rows: list[Row], args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="demo", help="config name or YAML path (default: demo)")
+    p = demo_parser(__doc__.split("\n")[0], "torch threads")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds (default: 10)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    p.add_argument("--private-examples", type=int, default=None,
-                   help="size of the private set (default: load data.private and count it)")
-    p.add_argument("--out", type=Path, default=None, help="also write the report to this Markdown file")
-    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        p.error(str(err))
-    if cfg.ldm.conditioner.type != "class":
-        p.error(f"ldm.conditioner.type: measures a class-conditional demo, got {cfg.ldm.conditioner.type!r}")
-    if args.repeats < 1 or args.threads < 1:
-        p.error(f"--repeats and --threads must be >= 1, got {args.repeats} and {args.threads}")
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
+    cfg, private, sweep = load_demo(p, args, "measures")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    private = args.private_examples
-    if private is None:
-        private = len(load_image_source(cfg.data.private, "data.private").labels)
-    rows = measure(build_works(cfg, sweep_configs(cfg, args.config, args.overrides, None), private), args.repeats)
-    lines = report(rows, args)
-    print("\n".join(lines))
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
+    rows = measure(build_works(cfg, sweep, private), args.repeats)
+    emit(report(rows, args), args.out)
     return rows
 
 
