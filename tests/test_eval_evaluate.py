@@ -1,5 +1,6 @@
 """`evaluate_samples` and `dpldm evaluate` with MNIST standing in for labelled samples."""
 import argparse
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -122,11 +123,13 @@ def test_scores_against_the_runs_private_set_are_logged_as_nonprivate(tmp_path, 
         mlflow.log_params({"data.private.source": "mnist", "data.private.split": "trainval",
                            "data.private.path": "None"})
     write_shards(mnist_source("train"), tmp_path / "real", WriteOptions(limit=40), progress_bar=False)
-    x, y = load_mnist("val")
-    samples = tmp_path / "samples"
-    for i in range(40):
-        (samples / str(y[i])).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(x[i]).save(samples / str(y[i]) / f"{i:05d}.png")
+    def export(split: str, folder: Path) -> Path:  # 40 digits of `split` as a folder of PNGs, one per class
+        x, y = load_mnist(split)
+        for i in range(40):
+            (folder / str(y[i])).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(folder / str(y[i]) / f"{i:05d}.png")
+        return folder
+    samples = export("test", tmp_path / "samples")  # not private: stand-ins for a model's samples
     class Features:  # a stand-in network: this test is about where the scores and features go
         def __init__(self, *a):
             pass
@@ -148,6 +151,11 @@ def test_scores_against_the_runs_private_set_are_logged_as_nonprivate(tmp_path, 
     assert "shares examples with the private set of run" in capsys.readouterr().err
     logged = mlflow.get_run(run.info.run_id).data.metrics
     assert {"nonprivate/eval.accuracy", "nonprivate/eval.fid"} <= set(logged) and "eval.accuracy" not in logged
+    exported = export("val", tmp_path / "exported")  # private digits exported as image files
+    with pytest.raises(UsageError, match=r"--samples: shares examples .*images whose pixels are digits of MNIST's"):
+        _run(["evaluate", "--samples", str(exported), "--run", run.info.run_id])
+    assert _run(common + ["--metrics", "accuracy", "--real", str(exported)]) == 0
+    assert "shares examples with the private set of run" in capsys.readouterr().err
     assert _run(common + ["--metrics", "accuracy", "--real", "mnist-test", "--num-real", "40"]) == 0
     assert "eval.accuracy" in mlflow.get_run(run.info.run_id).data.metrics
     assert "shares examples" not in capsys.readouterr().err

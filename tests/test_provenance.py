@@ -159,3 +159,49 @@ def test_a_recorded_private_path_names_the_same_shards_from_any_folder(tmp_path,
     monkeypatch.chdir("a")  # another working folder: the relative path names nothing, the recorded one the shard
     assert shared_examples(recorded, source(source="shards", path=str(tmp_path / "a"))) != []
     assert absolute_source(source(source="mnist", split="test")) == source(source="mnist", split="test")
+
+
+def test_a_plain_image_folder_is_compared_with_the_private_set_by_its_source_bytes_and_digits(tmp_path):
+    """An evaluation's `--real` or `--samples` given as a folder of image files: shared when it is (or holds,
+    or lies in) the image folder the private shards were prepared from, when a file is a private shard's
+    image byte for byte, or when an image's pixels are a private MNIST digit (28x28, or 32x32 with MNIST's
+    black border); MNIST's test digits and new images are not."""
+    import numpy as np
+    from PIL import Image
+
+    from trainer.data.mnist import load_mnist
+    from trainer.data.provenance import folder_shared_examples
+
+    def png(path, pixels):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+    train, test = load_mnist("train")[0], load_mnist("test")[0]
+    digits = source(source="mnist", split="trainval")
+    png(tmp_path / "test" / "3" / "a.png", test[0])
+    png(tmp_path / "test" / "b.png", np.pad(test[1], 2))
+    assert folder_shared_examples(tmp_path / "test", digits) == []
+    png(tmp_path / "exported" / "a.png", np.pad(train[7], 2))  # MNIST at resolution 32
+    assert folder_shared_examples(tmp_path / "exported", digits) == [
+        "images whose pixels are digits of MNIST's train + val split"]
+    png(tmp_path / "exported28" / "x" / "a.png", load_mnist("val")[0][5])
+    assert folder_shared_examples(tmp_path / "exported28", digits) != []
+    assert folder_shared_examples(tmp_path / "exported28", source(source="mnist", split="test")) == []
+
+    faces = tmp_path / "faces"
+    png(faces / "alice" / "1.png", np.full((8, 8), 200, np.uint8))
+    (tmp_path / "prepared").mkdir()
+    member = (faces / "alice" / "1.png").read_bytes()
+    write_shard(tmp_path / "prepared" / "shard-000000.tar", [{"__key__": "k", "png": member}])
+    (tmp_path / "prepared" / "meta.json").write_text(json.dumps({"source": {"type": "imagefolder",
+                                                                             "root": str(faces)}}))
+    private = source(source="shards", path=str(tmp_path / "prepared"))
+    by_root = f"the image folder {faces} the private shards were prepared from"
+    assert by_root in folder_shared_examples(faces, private)
+    assert by_root in folder_shared_examples(faces / "alice", private)  # a class folder of it
+    assert by_root in folder_shared_examples(tmp_path, private)  # a folder that holds it
+    png(tmp_path / "copied" / "1.png", np.zeros((8, 8), np.uint8))
+    (tmp_path / "copied" / "2.png").write_bytes(member)  # a private image copied elsewhere
+    assert folder_shared_examples(tmp_path / "copied", private) == [
+        "image files byte for byte the same as the private shards' images"]
+    (tmp_path / "copied" / "2.png").unlink()
+    assert folder_shared_examples(tmp_path / "copied", private) == []

@@ -191,3 +191,58 @@ def shared_examples(a: Any, b: Any) -> list[str]:
         else:
             words.append(f"the {kind} {what}")
     return words
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """The image files an evaluation reads from ``folder`` (as ``trainer.eval.images`` opens a folder)."""
+    from trainer.data.reader import IMAGE_KEYS
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_KEYS)
+
+
+def _digit_pixels(path: Path) -> bytes | None:
+    """The 28x28 grey pixels of an image that can be an MNIST digit (28x28, or 32x32 with the 2-pixel
+    black border MNIST gets at resolution 32); None for any other image."""
+    import numpy as np
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L"))
+    except (OSError, ValueError):
+        return None
+    if pixels.shape == (32, 32) and not pixels[:2].any() and not pixels[-2:].any() \
+            and not pixels[:, :2].any() and not pixels[:, -2:].any():
+        pixels = pixels[2:30, 2:30]
+    return np.ascontiguousarray(pixels).tobytes() if pixels.shape == (28, 28) else None
+
+
+def folder_shared_examples(folder: Path, private: Any) -> list[str]:
+    """What the image files under ``folder`` (a plain folder of images, as an evaluation reads one)
+    share with ``DataSource`` ``private``, in words (empty: nothing provable).
+
+    Shared: the folder is, holds or lies in the image folder the private shards were prepared from
+    (their ``meta.json``); a file is byte for byte a private shard's image; or, for a private set
+    holding MNIST digits, an image's pixels are one of those digits (MNIST exported as image files).
+    """
+    import hashlib
+
+    import numpy as np
+    folder = Path(os.path.realpath(folder))
+    words = []
+    for kind, what, _ in holdings(private):
+        if kind != "source":
+            continue
+        described = json.loads(what)
+        root = described.get("root") if described.get("type") == "imagefolder" else None
+        if root and (folder == Path(root) or Path(root) in folder.parents or folder in Path(root).parents):
+            words.append(f"the image folder {root} the private shards were prepared from")
+    files = _folder_files(folder)
+    theirs = shard_images(private)
+    if theirs and any(hashlib.sha256(p.read_bytes()).digest()[:16] in theirs for p in files):
+        words.append("image files byte for byte the same as the private shards' images")
+    parts = sorted({what for kind, what, _ in holdings(private) if kind == "mnist"})
+    if parts and files:
+        from trainer.data.mnist import load_mnist
+        digits = {row.tobytes() for part in parts for row in np.ascontiguousarray(load_mnist(part)[0])}
+        if any(_digit_pixels(p) in digits for p in files):
+            words.append(f"images whose pixels are digits of MNIST's {' + '.join(parts)} split")
+    return words
