@@ -132,3 +132,24 @@ def test_a_run_without_a_journal_counts_from_its_report(tmp_path):
     found = {c.run: (c.noise_multiplier, c.sample_rate, c.steps, c.ended) for c in
              charges(exp, DataSource(source="mnist", split="trainval"))}
     assert found == {"audit": (2.0, 0.05, 40, True), "finetune": (1.5, 0.01, 30, True)}
+
+
+def test_pretraining_on_an_earlier_dp_runs_private_set_is_refused_and_writes_nothing(tmp_path):
+    """A public stage after a DP run of its experiment: public MNIST train digits when that run kept
+    MNIST's train split private are refused before anything is written (a base pretrained on them would
+    release them without DP); MNIST's test split, and a run of another experiment, are not in the way."""
+    from trainer.config import ConfigError
+    from trainer.stages import pretrain_ae, pretrain_ldm
+    from trainer.stages.spend import refuse_private_as_public
+    fake_run(tmp_path / "runs" / "exp", "finetune", "trainval")
+    public = ["data.private=null", "data.public.source=mnist", f"output_dir={tmp_path / 'runs'}"]
+    for stage in (pretrain_ae, pretrain_ldm):
+        with pytest.raises(ConfigError, match=r"data.public: shares examples with the private set of the DP run "
+                                              r".*finetune \(MNIST's train split\)"):
+            stage.run(load_config("demo", public + ["experiment=exp", "data.public.split=train"]))
+    assert sorted(p.name for p in (tmp_path / "runs" / "exp").iterdir()) == ["finetune"]
+    refuse_private_as_public(DataSource(source="mnist", split="test"), tmp_path / "runs" / "exp")
+    refuse_private_as_public(DataSource(source="mnist", split="train"), tmp_path / "runs" / "other")
+    (tmp_path / "runs" / "exp" / "finetune" / "config.yaml").write_text("data: [")
+    with pytest.raises(ConfigError, match=r"cannot be read .*config.yaml"):
+        refuse_private_as_public(DataSource(source="mnist", split="test"), tmp_path / "runs" / "exp")

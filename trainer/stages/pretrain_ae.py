@@ -11,6 +11,7 @@ from trainer.runtime import Runtime, adamw
 from trainer.stages.common import (build_autoencoder, public_batches, save_grid, seed_everything, stage_dir,
                                    start_public_stage)
 from trainer.stages.loop import Trainer
+from trainer.stages.spend import refuse_private_as_public
 from trainer.tracking import start_run
 
 
@@ -24,6 +25,7 @@ def run(cfg: Config) -> Path:
     """Train (or resume) the autoencoder; returns the run folder with ``autoencoder.safetensors``."""
     run_dir = stage_dir(cfg, "pretrain-ae")
     tc = cfg.autoencoder.train
+    refuse_private_as_public(cfg.data.public, run_dir.parent)  # before anything is written
     rt, batch_size = start_public_stage(cfg, run_dir, tc.batch_size, "autoencoder.train.batch_size")
     with rt:
         return _train(cfg, rt, run_dir, batch_size)

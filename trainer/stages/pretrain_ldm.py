@@ -17,6 +17,7 @@ from trainer.stages.common import (build_ldm, conditions, earlier_stage, load_au
                                    load_image_source, public_batches, public_label_names, recorded_path,
                                    seed_everything, stage_dir, start_public_stage, to_device)
 from trainer.stages.loop import Trainer
+from trainer.stages.spend import refuse_private_as_public
 from trainer.tracking import start_run
 
 
@@ -44,6 +45,7 @@ def latent_batches(cfg: Config, autoencoder, batch_size: int, gen: torch.Generat
 def run(cfg: Config) -> Path:
     """Train (or resume) the LDM; returns the run folder (``unet``/``cond_stage_model`` weights, ``ldm.json``)."""
     run_dir = stage_dir(cfg, "pretrain-ldm")
+    refuse_private_as_public(cfg.data.public, run_dir.parent)  # before anything is written
     ae_dir = earlier_stage(cfg, "pretrain-ae")
     rt, batch_size = start_public_stage(cfg, run_dir, cfg.ldm.train.batch_size, "ldm.train.batch_size")
     with rt:

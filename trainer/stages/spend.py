@@ -108,6 +108,31 @@ def _whole(value: Any) -> int:
     return int(value)
 
 
+def dp_runs(experiment_dir: Path) -> list[Path]:
+    """The folders of ``experiment_dir`` that hold a DP run: a ledger journal or a privacy or audit report."""
+    return sorted({p.parent for name in (LEDGER_FILE, *ENDED) for p in Path(experiment_dir).glob(f"*/{name}")})
+
+
+def refuse_private_as_public(public: Any, experiment_dir: Path) -> None:
+    """Raise ConfigError when the public set ``public`` (a ``DataSource``) shares examples with the private
+    set of a DP run of ``experiment_dir``: pretraining on them without DP would release what those runs
+    protect. A run whose private set cannot be read is refused too (nothing could be compared)."""
+    from trainer.config import ConfigError, load_config
+    from trainer.data.provenance import shared_examples
+    for run_dir in dp_runs(experiment_dir):
+        path = run_dir / "config.yaml"
+        try:
+            theirs = load_config(str(path)).data.private
+        except (ConfigError, OSError, ValueError) as err:
+            raise ConfigError(f"data.public: the private set of the DP run {run_dir} cannot be read ({path}: {err}), "
+                              "so the public set cannot be checked against it; restore the file") from None
+        shared = shared_examples(public, theirs) if theirs is not None else []
+        if shared:
+            raise ConfigError(f"data.public: shares examples with the private set of the DP run {run_dir} "
+                              f"({'; '.join(shared)}): pretraining on them without DP would release what that run "
+                              "protects. Pretrain on other data, or in another experiment if they are public")
+
+
 def charges(experiment_dir: Path, private: Any) -> list[Charge]:
     """The runs of ``experiment_dir`` that count for the private set ``private`` (a ``DataSource``):
     every folder with a ledger journal or a privacy or audit report.
@@ -115,8 +140,7 @@ def charges(experiment_dir: Path, private: Any) -> list[Charge]:
     Raises RunError for a record that cannot be read (its steps would go uncounted).
     """
     out = []
-    folders = {p.parent for name in (LEDGER_FILE, *ENDED) for p in Path(experiment_dir).glob(f"*/{name}")}
-    for run_dir in sorted(folders):
+    for run_dir in dp_runs(experiment_dir):
         path, state = _journal(run_dir)
         why = _shares(private, run_dir)
         if why:
