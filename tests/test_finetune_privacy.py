@@ -308,10 +308,12 @@ def test_the_cosine_schedule_continues_after_a_resume_and_the_runs_own_condition
 
 
 @pytest.mark.slow
-def test_bf16_fine_tuning_keeps_the_dp_step_in_float32(base, monkeypatch):
-    """precision=auto on a CPU with AVX-512 BF16 is bf16: the forward runs under autocast, the engine's
-    self-check passes with its bf16 tolerance, every released example contribution is clipped in float32,
-    the run reports as usual and its MLflow run records the precision it ran at."""
+@pytest.mark.parametrize("setting", ["precision=auto", "finetune.precision=auto"])
+def test_bf16_fine_tuning_keeps_the_dp_step_in_float32(base, monkeypatch, setting):
+    """precision=auto (or finetune.precision=auto over a float32 top level) on a CPU with AVX-512 BF16 is
+    bf16: the forward runs under autocast, the engine's self-check passes with its bf16 tolerance, every
+    released example contribution is clipped in float32, the run reports as usual and its MLflow run
+    records the precision it ran at."""
     import mlflow
 
     from trainer.privacy import DPGradientEngine
@@ -325,10 +327,11 @@ def test_bf16_fine_tuning_keeps_the_dp_step_in_float32(base, monkeypatch):
     monkeypatch.setattr(DPGradientEngine, "accumulate", accumulate)
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
     with mlflow_store(base):
-        folder = finetune.run(tiny(base, "bf16", "precision=auto", "device=cpu"))
+        name = "bf16" if setting.startswith("precision") else "bf16ft"
+        folder = finetune.run(tiny(base, name, setting, "device=cpu"))
         run, = mlflow.search_runs(experiment_names=["ledger"], output_format="list",
-                                  filter_string="tags.mlflow.runName = 'finetune-bf16'")
-    assert run.data.tags["precision"] == "bf16" and run.data.params["precision"] == "auto"
+                                  filter_string=f"tags.mlflow.runName = 'finetune-{name}'")
+    assert run.data.tags["precision"] == "bf16" and run.data.params[setting.split("=")[0]] == "auto"
     report = json.loads((folder / "privacy-report.json").read_text())
     assert report["steps"] == 3 and report["epsilon"] <= 10
     from trainer.privacy.engine import SELF_CHECK_RTOL_BF16

@@ -80,3 +80,14 @@ def test_auto_precision_on_cuda_follows_the_gpus_bf16_support(monkeypatch):
 def test_an_unknown_precision_names_the_key():
     with pytest.raises(ConfigError, match="precision: must be one of fp32, bf16, auto, got 'fp16'"):
         resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_the_dp_steps_take_finetune_precision_and_the_public_stages_the_top_level_one(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    cfg = load_config("demo", ["device=cpu", "precision=fp32", "finetune.precision=auto"])
+    assert Placement.from_config(cfg).precision == "fp32"
+    assert Placement.from_config(cfg, private=True).precision == "bf16"
+    unset = load_config("demo", ["device=cpu", "precision=auto"])  # finetune.precision null: the top-level one
+    assert Placement.from_config(unset, private=True).precision == "bf16"
+    with pytest.raises(ConfigError, match=r"finetune.precision: must be one of \['auto', 'bf16', 'fp32'\], got 'fp16'"):
+        load_config("demo", ["finetune.precision=fp16"])

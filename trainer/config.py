@@ -138,6 +138,7 @@ class FinetuneConfig:
     physical_batch_size: int = 64
     noise_multiplicity: int = 1          # K (timestep, noise) draws averaged per example before clipping
     cond_drop_prob: Optional[float] = None  # conditions dropped for classifier-free guidance (None: the base's)
+    precision: Optional[str] = None      # the DP steps' precision: fp32 | bf16 | auto (None: the top-level precision)
     t_range: Optional[list] = None       # [lo, hi): the DP steps draw timesteps from lo..hi-1 only (None: all)
     lr: float = 1e-4
     lr_schedule: str = "constant"        # constant | cosine (from lr at the first step towards 0 at the last)
@@ -235,6 +236,7 @@ CHOICES = {
     "sample.sampler": set(SAMPLERS),
     "eval.sampler": set(SAMPLERS),
     "precision": {"fp32", "bf16", "auto"},
+    "finetune.precision": {"fp32", "bf16", "auto"},
 }
 
 

@@ -168,9 +168,12 @@ class Placement:
     precision: str = "fp32"
 
     @classmethod
-    def from_config(cls, cfg) -> "Placement":
+    def from_config(cls, cfg, private: bool = False) -> "Placement":
+        """The config's ``device`` and ``precision``; for the DP steps (``private``) ``finetune.precision``
+        when it is set."""
         device = resolve_device(cfg.device)
-        return cls(device, resolve_precision(cfg.precision, device))
+        spec = cfg.finetune.precision if private and cfg.finetune.precision is not None else cfg.precision
+        return cls(device, resolve_precision(spec, device))
 
     def on_local_rank(self) -> "Placement":
         """Under a launcher: ``cuda`` without an index becomes this process's GPU (``LOCAL_RANK``),

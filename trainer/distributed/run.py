@@ -63,7 +63,7 @@ def launch(cfg: Config) -> Optional["DistributedRun"]:
                           "torchrun per node), with mpirun and finetune.deepspeed_config set, or as one process")
     if world_size == 1 and name is None:
         return None
-    placement = Placement.from_config(cfg)  # device "auto"/"cuda": this rank's GPU (LOCAL_RANK)
+    placement = Placement.from_config(cfg, private=True)  # device "auto"/"cuda": this rank's GPU (LOCAL_RANK)
     if name is None:
         settings = check_deepspeed_config(DEFAULT_DEEPSPEED_CONFIG, cfg.finetune, "default: ZeRO stage 0")
     else:

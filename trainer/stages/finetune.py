@@ -200,7 +200,7 @@ def run(cfg: Config, encodings: "EncodingMemo | None" = None) -> Path:
     private set once.
     """
     from trainer.distributed import launch
-    runtime = launch(cfg) or SingleProcess(Placement.from_config(cfg))
+    runtime = launch(cfg) or SingleProcess(Placement.from_config(cfg, private=True))
     with runtime:
         return _finetune(cfg, runtime, encodings)
 
@@ -768,7 +768,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
                           "run it without a launcher")
     if not 0.5 <= confidence < 1:
         raise ConfigError(f"--confidence: must be in [0.5, 1), got {confidence}")
-    ft, rt = cfg.finetune, SingleProcess(Placement.from_config(cfg))
+    ft, rt = cfg.finetune, SingleProcess(Placement.from_config(cfg, private=True))
     run_dir = stage_dir(cfg, "audit")
     session = _prepare(cfg, rt, run_dir, seed=seed, resumes=False)
     session.load_private(rt)
