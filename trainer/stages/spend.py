@@ -63,17 +63,24 @@ class Spend:
                                "composition) at this delta"}
 
 
-def _shares(private: Any, run_dir: Path) -> str:
-    """Why the run in ``run_dir`` counts for ``private`` ('' only when its set provably shares nothing)."""
+def _recorded_private(run_dir: Path) -> tuple[Any, str]:
+    """The private set the config of the run in ``run_dir`` records -> (``DataSource``, "") or (None, why
+    it cannot be read)."""
     from trainer.config import ConfigError, load_config
-    from trainer.data.provenance import provably_disjoint, shared_examples
     path = run_dir / "config.yaml"
     try:
         theirs = load_config(str(path)).data.private
     except (ConfigError, OSError, ValueError) as err:
-        return f"its private set cannot be read ({path}: {err})"
+        return None, f"{path}: {err}"
+    return (theirs, "") if theirs is not None else (None, f"{path} names none")
+
+
+def _shares(private: Any, run_dir: Path) -> str:
+    """Why the run in ``run_dir`` counts for ``private`` ('' only when its set provably shares nothing)."""
+    from trainer.data.provenance import provably_disjoint, shared_examples
+    theirs, unreadable = _recorded_private(run_dir)
     if theirs is None:
-        return f"its private set cannot be read ({path} names none)"
+        return f"its private set cannot be read ({unreadable})"
     shared = shared_examples(private, theirs)
     if shared:
         return "; ".join(shared)
@@ -117,16 +124,14 @@ def refuse_private_as_public(public: Any, experiment_dir: Path) -> None:
     """Raise ConfigError when the public set ``public`` (a ``DataSource``) shares examples with the private
     set of a DP run of ``experiment_dir``: pretraining on them without DP would release what those runs
     protect. A run whose private set cannot be read is refused too (nothing could be compared)."""
-    from trainer.config import ConfigError, load_config
+    from trainer.config import ConfigError
     from trainer.data.provenance import shared_examples
     for run_dir in dp_runs(experiment_dir):
-        path = run_dir / "config.yaml"
-        try:
-            theirs = load_config(str(path)).data.private
-        except (ConfigError, OSError, ValueError) as err:
-            raise ConfigError(f"data.public: the private set of the DP run {run_dir} cannot be read ({path}: {err}), "
-                              "so the public set cannot be checked against it; restore the file") from None
-        shared = shared_examples(public, theirs) if theirs is not None else []
+        theirs, unreadable = _recorded_private(run_dir)
+        if theirs is None:
+            raise ConfigError(f"data.public: the private set of the DP run {run_dir} cannot be read ({unreadable}), "
+                              "so the public set cannot be checked against it; restore the file")
+        shared = shared_examples(public, theirs)
         if shared:
             raise ConfigError(f"data.public: shares examples with the private set of the DP run {run_dir} "
                               f"({'; '.join(shared)}): pretraining on them without DP would release what that run "
