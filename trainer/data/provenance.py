@@ -193,12 +193,6 @@ def shared_examples(a: Any, b: Any) -> list[str]:
     return words
 
 
-def _folder_files(folder: Path) -> list[Path]:
-    """The image files an evaluation reads from ``folder`` (as ``trainer.eval.images`` opens a folder)."""
-    from trainer.data.reader import IMAGE_KEYS
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_KEYS)
-
-
 def _digit_pixels(path: Path) -> bytes | None:
     """The 28x28 grey pixels of an image that can be an MNIST digit (28x28, or 32x32 with the 2-pixel
     black border MNIST gets at resolution 32); None for any other image."""
@@ -226,20 +220,21 @@ def folder_shared_examples(folder: Path, private: Any) -> list[str]:
     import hashlib
 
     import numpy as np
+    from trainer.data.reader import image_files
     folder = Path(os.path.realpath(folder))
-    words = []
-    for kind, what, _ in holdings(private):
+    words, tokens = [], holdings(private)
+    for kind, what, _ in tokens:
         if kind != "source":
             continue
         described = json.loads(what)
         root = described.get("root") if described.get("type") == "imagefolder" else None
         if root and (folder == Path(root) or Path(root) in folder.parents or folder in Path(root).parents):
             words.append(f"the image folder {root} the private shards were prepared from")
-    files = _folder_files(folder)
+    files = image_files(folder)
     theirs = shard_images(private)
     if theirs and any(hashlib.sha256(p.read_bytes()).digest()[:16] in theirs for p in files):
         words.append("image files byte for byte the same as the private shards' images")
-    parts = sorted({what for kind, what, _ in holdings(private) if kind == "mnist"})
+    parts = sorted({what for kind, what, _ in tokens if kind == "mnist"})
     if parts and files:
         from trainer.data.mnist import load_mnist
         digits = {row.tobytes() for part in parts for row in np.ascontiguousarray(load_mnist(part)[0])}

@@ -106,6 +106,11 @@ def count_distinct_samples(urls: Sequence[str]) -> tuple[int, str]:
     return total, digest.hexdigest()
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (recursive, by an ``IMAGE_KEYS`` suffix), sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_KEYS)
+
+
 def image_fingerprints(urls: Sequence[str]) -> np.ndarray:
     """uint8 ``[n, 16]``: the first 16 bytes of the sha256 of each sample's image member (its bytes as
     stored, whatever its key, captions and labels), in shard order; samples without an image are

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.data.reader import IMAGE_KEYS, expand_urls
+from trainer.data.reader import IMAGE_KEYS, expand_urls, image_files
 
 _KEY_AND_SUFFIX = re.compile(r"^((?:.*/)?[^./]+)\.([^/]*)$")
 
@@ -175,7 +175,7 @@ def _is_shard_pattern(source: str) -> bool:
 
 
 def _open_folder(root: Path) -> ImageCollection:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_KEYS)
+    files = image_files(root)
     if not files:
         raise FileNotFoundError(f"{root}: no image files ({', '.join(IMAGE_KEYS)})")
     in_class_folder = [p for p in files if len(p.relative_to(root).parts) > 1]
