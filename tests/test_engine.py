@@ -406,3 +406,44 @@ def test_bf16_self_check_tolerance_passes_bf16_and_still_catches_a_mixing_model(
     engine = DPGradientEngine(model, 1.0, 0.0, 6.0, self_check_rtol=SELF_CHECK_RTOL_BF16)
     with pytest.raises(EngineSelfCheckError):
         engine.check(mixing, 6)
+
+
+def test_bf16_self_check_judges_a_cancelling_sum_by_its_terms_and_still_catches_a_tied_weight():
+    """Pairs of nearly equal inputs whose losses enter with opposite signs: the weight's batch gradient is
+    v (x - x')^T, a tiny remainder of terms ~|v||x|. Under bf16 autocast autograd forms it from bf16(x) and
+    bf16(x'), which are equal or one rounding step apart, the engine from the float32 inputs: the two differ
+    by ~100 % of the remainder but by far less than bf16 rounding of the terms, and a sound Linear passes.
+    A weight also used outside its module is still refused at the same tolerance."""
+    from trainer.privacy import EngineSelfCheckError
+    from trainer.privacy.engine import SELF_CHECK_RTOL_BF16
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    inputs = torch.stack([x, x + 1e-4 * torch.randn(3, 8)], dim=1).reshape(6, 8)  # (x, x') pairs
+    signs = torch.tensor([1.0, -1.0]).repeat(3)
+    v = torch.randn(4)
+
+    def cancelling(rows):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return signs[rows] * (lin(inputs[rows]).float() @ v)
+
+    engine = DPGradientEngine(lin, 1.0, 0.0, 6.0, self_check_rtol=SELF_CHECK_RTOL_BF16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = signs * (lin(inputs).float() @ v)
+    ref = torch.autograd.grad(losses.sum(), lin.weight)[0]
+    exact = torch.einsum("o,bi->oi", v, signs[:, None] * inputs)
+    assert (ref - exact).norm() > 0.1 * exact.norm(), "the remainder is below bf16's resolution: the case it tests"
+    engine.check(cancelling, 6)
+    engine.accumulate(cancelling(torch.arange(6)))  # the first private micro-batch: the same check, passes
+    engine.detach()
+
+    data = torch.randn(6, 8)
+
+    def tied(rows):  # lin.weight also enters through F.linear outside lin: the engine cannot see that use
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = lin(data[rows]) + torch.nn.functional.linear(data[rows], lin.weight)
+            return h.float().pow(2).sum(dim=1)
+
+    engine = DPGradientEngine(lin, 1.0, 0.0, 6.0, self_check_rtol=SELF_CHECK_RTOL_BF16)
+    with pytest.raises(EngineSelfCheckError, match="weight"):
+        engine.check(tied, 6)

@@ -313,18 +313,29 @@ def test_bf16_fine_tuning_keeps_the_dp_step_in_float32(base, monkeypatch, settin
     """precision=auto (or finetune.precision=auto over a float32 top level) on a CPU with AVX-512 BF16 is
     bf16: the forward runs under autocast, the engine's self-check passes with its bf16 tolerance, every
     released example contribution is clipped in float32, the run reports as usual and its MLflow run
-    records the precision it ran at."""
+    records the precision it ran at. The probe (float32 whatever the precision) is judged at float32's
+    tolerance, the first private micro-batch (bf16) at bf16's."""
     import mlflow
 
-    from trainer.privacy import DPGradientEngine
-    seen = {}
-    real = DPGradientEngine.accumulate
+    from trainer.privacy import DPGradientEngine, engine as engine_module
+    seen, tolerances = {}, {"probe": set(), "private": set()}
+    real, real_check, real_differs = DPGradientEngine.accumulate, DPGradientEngine.check, engine_module._differs
 
     def accumulate(self, losses):
-        seen["rtol"], seen["autocast"] = self.self_check_rtol, torch.is_autocast_enabled("cpu")
+        seen["rtol"], seen["autocast"], seen["phase"] = self.self_check_rtol, torch.is_autocast_enabled("cpu"), "private"
         return real(self, losses)
 
+    def check(self, *args, **kwargs):
+        seen["phase"] = "probe"
+        return real_check(self, *args, **kwargs)
+
+    def differs(a, ref, atol, rtol, *rest):
+        tolerances[seen["phase"]].add(rtol)
+        return real_differs(a, ref, atol, rtol, *rest)
+
     monkeypatch.setattr(DPGradientEngine, "accumulate", accumulate)
+    monkeypatch.setattr(DPGradientEngine, "check", check)
+    monkeypatch.setattr(engine_module, "_differs", differs)
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
     with mlflow_store(base):
         name = "bf16" if setting.startswith("precision") else "bf16ft"
@@ -334,8 +345,9 @@ def test_bf16_fine_tuning_keeps_the_dp_step_in_float32(base, monkeypatch, settin
     assert run.data.tags["precision"] == "bf16" and run.data.params[setting.split("=")[0]] == "auto"
     report = json.loads((folder / "privacy-report.json").read_text())
     assert report["steps"] == 3 and report["epsilon"] <= 10
-    from trainer.privacy.engine import SELF_CHECK_RTOL_BF16
+    from trainer.privacy.engine import SELF_CHECK_RTOL, SELF_CHECK_RTOL_BF16
     assert seen["rtol"] == SELF_CHECK_RTOL_BF16
+    assert tolerances == {"probe": {SELF_CHECK_RTOL}, "private": {SELF_CHECK_RTOL_BF16}}
     assert seen["autocast"] is False, "the DP step itself runs outside autocast"
 
 
@@ -362,7 +374,7 @@ def test_the_probe_self_check_is_float32_and_passes_a_barely_trained_unet_under_
         session = finetune._prepare(cfg, rt, seed=0)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # even inside a bf16 region the probe is float32
             assert session.probe_losses(torch.arange(finetune.PROBE_SIZE)).dtype == torch.float32
-        rt.check_engine(session.engine, session.probe_losses, finetune.PROBE_SIZE)
+        session.check_engine(rt)
         session.engine.detach()
         report = json.loads((finetune.run(cfg) / "privacy-report.json").read_text())
     assert report["steps"] == 2

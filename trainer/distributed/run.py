@@ -215,9 +215,11 @@ class DistributedRun(Runtime):
         return {"loss": loss_sum / max(1.0, count), "batch_size": count,
                 "clip_fraction": clipped / count if count else 0.0, "nonfinite": dropped}
 
-    def check_engine(self, engine: "DPGradientEngine", probe_losses: Callable[[Tensor], Tensor], size: int) -> None:
-        """The engine's self-check on ``size`` public stand-in examples, on every rank (raises EngineSelfCheckError)."""
-        engine.check(lambda rows: self._model(probe_losses, rows), size)
+    def check_engine(self, engine: "DPGradientEngine", probe_losses: Callable[[Tensor], Tensor], size: int,
+                     rtol: float | None = None) -> None:
+        """The engine's self-check on ``size`` public stand-in examples, to ``rtol``, on every rank (raises
+        EngineSelfCheckError)."""
+        engine.check(lambda rows: self._model(probe_losses, rows), size, rtol)
 
     def sample_grid(self, make_grid: Callable[[Path], Path], path: Path) -> Path:
         """Run ``make_grid(path)`` on every rank (ZeRO-3 gathers collectively); rank 0 keeps the image."""

@@ -70,9 +70,10 @@ class SingleProcess(Runtime):
         return {"loss": loss_sum / max(1, count), "batch_size": count,
                 "clip_fraction": stats["nonprivate_clip_fraction"], "nonfinite": left_out.count}
 
-    def check_engine(self, engine, probe_losses: Callable[[torch.Tensor], torch.Tensor], size: int) -> None:
-        """The engine's self-check on ``size`` public stand-in examples (raises EngineSelfCheckError)."""
-        engine.check(probe_losses, size)
+    def check_engine(self, engine, probe_losses: Callable[[torch.Tensor], torch.Tensor], size: int,
+                     rtol: float | None = None) -> None:
+        """The engine's self-check on ``size`` public stand-in examples, to ``rtol`` (raises EngineSelfCheckError)."""
+        engine.check(probe_losses, size, rtol)
 
     def sample_grid(self, make_grid: Callable[[Path], Path], path: Path) -> Path:
         return make_grid(path)

@@ -53,10 +53,10 @@ class EngineSelfCheckError(ValueError):
     """The fast engine's per-example gradients disagree with autograd: the model breaks its contract."""
 
 
-def _differs(a: Tensor, ref: Tensor, atol: float, rtol: float = SELF_CHECK_RTOL) -> bool:
-    """``||a - ref|| > rtol * max(||a||, ||ref||) + atol`` (in float64)."""
+def _differs(a: Tensor, ref: Tensor, atol: float, rtol: float = SELF_CHECK_RTOL, scale: float = 0.0) -> bool:
+    """``||a - ref|| > rtol * max(||a||, ||ref||, scale) + atol`` (in float64)."""
     a, ref = a.double(), ref.double().to(a.device)
-    return float((a - ref).norm()) > rtol * max(float(a.norm()), float(ref.norm())) + atol
+    return float((a - ref).norm()) > rtol * max(float(a.norm()), float(ref.norm()), scale) + atol
 
 
 class DPGradientEngine:
@@ -209,11 +209,11 @@ class DPGradientEngine:
                 norms, clipped = self._reference(losses)
                 finite_losses = torch.isfinite(losses.detach())
             elif self._check_pending:  # the same single backward also gives the batch gradient
-                norms, clipped, summed, batch = self._book_keeping(losses, check=True)
+                norms, clipped, summed, (batch, scales) = self._book_keeping(losses, check=True)
                 # not on a batch with nothing to compare (one example: nothing to mix; all gradients 0: a rank's
                 # padding example) or with a non-finite example (the step is redone): it waits for one that tests
                 if b > 1 and bool(torch.isfinite(norms).all() & norms.gt(0).any()):
-                    self._verify_sums(summed(torch.ones_like(norms)), batch)
+                    self._verify_sums(summed(torch.ones_like(norms)), batch, scales, self.self_check_rtol)
                     self._check_pending = False
             else:
                 norms, clipped, _, _ = self._book_keeping(losses)
@@ -294,7 +294,7 @@ class DPGradientEngine:
 
     # ------------------------------------------------------------------ self-check
     @_full_precision
-    def check(self, loss_fn: Callable[[Tensor], Tensor], batch_size: int) -> None:
+    def check(self, loss_fn: Callable[[Tensor], Tensor], batch_size: int, rtol: float | None = None) -> None:
         """Verify the fast path on one batch and add nothing; raises :class:`EngineSelfCheckError`.
 
         ``loss_fn(rows)`` runs a forward of ``module`` with grad enabled on the examples ``rows``
@@ -308,14 +308,17 @@ class DPGradientEngine:
         sequence-first input or an input broadcast over the batch fail this). Each pass is one
         forward and one backward.
         Run it on public stand-in data before training, so that a model the engine cannot
-        handle is refused before any step is charged.
+        handle is refused before any step is charged. ``rtol``: this check's tolerance (default
+        ``self_check_rtol``, the training's precision): a float32 ``loss_fn`` in a bf16 run is
+        judged at float32's ``SELF_CHECK_RTOL``.
         """
         if self.mode != "fast":
             return
+        rtol = self.self_check_rtol if rtol is None else float(rtol)
         weights = torch.linspace(1.0, 0.25, batch_size)  # public, distinct, in (0, 1] as clip factors are
         try:
-            norms, _, summed, batch = self._book_keeping(loss_fn(torch.arange(batch_size)), check=True)
-            self._verify_sums(summed(torch.ones_like(norms)), batch)
+            norms, _, summed, (batch, scales) = self._book_keeping(loss_fn(torch.arange(batch_size)), check=True)
+            self._verify_sums(summed(torch.ones_like(norms)), batch, scales, rtol)
             weighted = summed(weights.to(norms.device))  # a GEMM over recorded tensors, or cached grads: no forward
         finally:
             for rule in self._rules:
@@ -329,7 +332,7 @@ class DPGradientEngine:
         finally:
             self._recording = True
         self._verify_sums(weighted, [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float()
-                                     for g, p in zip(reference, params)], "weighted by clip factors ")
+                                     for g, p in zip(reference, params)], scales, rtol, "weighted by clip factors ")
         for i in sorted({0, batch_size - 1}):
             self._recording = False
             try:
@@ -337,20 +340,23 @@ class DPGradientEngine:
             finally:
                 self._recording = True
             exact = torch.sqrt(sum(g.double().pow(2).sum() for g in alone if g is not None))
-            if _differs(norms[i:i + 1], exact.reshape(1), 1e-6 * float(exact), self.self_check_rtol):
+            if _differs(norms[i:i + 1], exact.reshape(1), 1e-6 * float(exact), rtol):
                 self._refuse(f"example {i} of {batch_size} has gradient norm {float(exact):.6g} alone but "
                              f"{float(norms[i]):.6g} in the batch: a trainable module mixes examples (e.g. a "
                              "sequence-first [T, B, D] input, or an input broadcast over the batch whose output "
                              "is per-example). Make its inputs batch-first, or use finetune.engine_mode=reference")
 
-    def _verify_sums(self, plain: dict[int, Tensor], batch: list[Tensor], how: str = "") -> None:
+    def _verify_sums(self, plain: dict[int, Tensor], batch: list[Tensor], scales: list[float], rtol: float,
+                     how: str = "") -> None:
         """Refuse unless the engine's sums of per-example gradients ``plain`` equal autograd's ``batch``,
-        parameter by parameter; ``how`` says how both were weighted ("" for not at all)."""
+        parameter by parameter, to ``rtol`` of the larger of the two and of the parameter's
+        ``scales`` entry (the norm of its sum over |terms|: where the terms cancel, autograd's sum in bf16
+        is off by a fraction of them, not of the sum); ``how`` says how both were weighted ("" for not at all)."""
         atol = 1e-6 * float(torch.sqrt(sum(g.double().pow(2).sum() for g in batch)))
         wrong = []
-        for (name, p), g in zip(self.params, batch):
+        for (name, p), g, scale in zip(self.params, batch, scales):
             fast = plain.get(id(p), torch.zeros_like(g))
-            if _differs(fast, g, atol, self.self_check_rtol):
+            if _differs(fast, g, atol, rtol, scale):
                 rel = float((fast.double() - g.double().to(fast.device)).norm() / g.double().norm().clamp_min(1e-30))
                 owners = [rule.name for rule in self._rules if any(q is p for q in rule.params.values())]
                 wrong.append(f"{name} (module {', '.join(map(repr, owners))}: off by {rel:.1%})")
@@ -383,12 +389,12 @@ class DPGradientEngine:
 
     def _book_keeping(self, losses: Tensor, check: bool = False
                       ) -> tuple[Tensor, dict[int, Tensor], Callable[[Tensor], dict[int, Tensor]] | None,
-                                 list[Tensor] | None]:
+                                 tuple[list[Tensor], list[float]] | None]:
         """One backward to the layer outputs, per-layer norms, then one clipped GEMM per layer.
 
         Returns (norms [b], clipped sums, and with ``check`` the function from factors [b] to the
-        sums they weight, and the batch gradient of every trainable parameter, taken in the same
-        backward, for the self-check).
+        sums they weight, and for the self-check the batch gradient of every trainable parameter,
+        taken in the same backward, with the norm of each one's sum over |terms| (``magnitudes``)).
         """
         b = losses.shape[0]
         edges = [e for rule in self._rules for e in rule.edges()]
@@ -428,7 +434,16 @@ class DPGradientEngine:
                         out[pid] = out[pid] + g if pid in out else g
                 return out
 
-            return norms, summed(self._clip_factors(norms)), summed if check else None, batch
+            reference = None
+            if check:
+                sizes: dict[int, Tensor] = {}
+                for rule in active:
+                    for local, m in rule.magnitudes(b).items():
+                        pid = id(rule.params[local])
+                        sizes[pid] = sizes[pid] + m if pid in sizes else m
+                reference = (batch, [float(sizes[id(p)].double().norm()) if id(p) in sizes else 0.0
+                                     for _, p in self.params])
+            return norms, summed(self._clip_factors(norms)), summed if check else None, reference
         finally:
             self._recording = True
 

@@ -11,7 +11,10 @@ micro-batch:
 - ``sqnorms(b, skip)``: ``sum_p ||g_i(p)||^2`` over its parameters p not in ``skip``;
 - ``per_example_grads(name, b)``: ``g_i(p)`` instantiated (for parameters shared with
   another rule, whose norms do not decompose per rule);
-- ``clipped_sums(c)``: ``sum_i c_i g_i(p)`` for each of its parameters, float32.
+- ``clipped_sums(c)``: ``sum_i c_i g_i(p)`` for each of its parameters, float32;
+- ``magnitudes(b)``: the same sum over the absolute values of its terms (the engine's
+  self-check judges rounding against it: a sum whose terms cancel is no more exact than
+  its terms).
 
 Assumptions (the engine's contract): every trainable module is called on batch-first
 inputs (checked), examples do not interact inside a module (BatchNorm is refused), and a
@@ -116,6 +119,19 @@ class LayerRule:
     def clipped_sums(self, clip_factors: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def magnitudes(self, batch_size: int) -> dict[str, Tensor]:
+        """Elementwise sums of |terms| of each parameter's gradient sum: every term of
+        ``clipped_sums`` is a product of recorded inputs and output gradients, so the sum over
+        their absolute values bounds any cancellation between them (examples, calls, positions)."""
+        recorded = self._inputs, self._grads
+        try:
+            self._inputs = [tree_map(lambda x: x.abs() if isinstance(x, Tensor) else x, x) for x in self._inputs]
+            self._grads = [[None if g is None else g.abs() for g in call] for call in self._grads]
+            device = next(iter(self.params.values())).device
+            return self.clipped_sums(torch.ones(batch_size, dtype=torch.float32, device=device))
+        finally:
+            self._inputs, self._grads = recorded
+
 
 class _InstantiatingRule(LayerRule):
     """Rules whose per-example gradients are small (norm affines, fallback): build them, then reduce."""
@@ -153,6 +169,10 @@ class _InstantiatingRule(LayerRule):
     def clipped_sums(self, clip_factors: Tensor) -> dict[str, Tensor]:
         grads = self._cached(clip_factors.shape[0])
         return {name: torch.tensordot(clip_factors.to(g.device), g, dims=1) for name, g in grads.items()}
+
+    def magnitudes(self, batch_size: int) -> dict[str, Tensor]:
+        # the per-example gradients are built in float32 here: only their sum over the batch is judged
+        return {name: g.abs().sum(dim=0) for name, g in self._cached(batch_size).items()}
 
 
 class LinearRule(LayerRule):

@@ -316,6 +316,12 @@ class DPSession:
             out = self.ldm.eps(x[rows].to(device), t[rows].to(device), context)
         return (out - target[rows].to(out.device)).pow(2).flatten(1).mean(dim=1)
 
+    def check_engine(self, rt: Union["SingleProcess", "DistributedRun"]) -> None:
+        """The engine's self-check on the probe, at float32's tolerance whatever the run's precision (the
+        probe is float32): a model the engine cannot handle is refused before anything is charged."""
+        from trainer.privacy.engine import SELF_CHECK_RTOL
+        rt.check_engine(self.engine, self.probe_losses, PROBE_SIZE, SELF_CHECK_RTOL)
+
 
 def learning_rate(ft: FinetuneConfig, step: int) -> float:
     """The learning rate of step ``step`` (0-based) of ``ft.steps``: a function of the step alone, so a
@@ -612,7 +618,7 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
     ft = cfg.finetune
     run_dir = stage_dir(cfg, "finetune")
     session = _prepare(cfg, rt, run_dir)
-    engine, state = session.engine, session.state
+    state = session.state
     ledger = state.ledger
     checkpoint = rt.resume(run_dir, state)  # weights and optimizer; the sampler continues at the step
     _check_journal_covers(run_dir, ledger, checkpoint)  # the journal (loaded by _prepare) counts every step
@@ -628,7 +634,7 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
                   f"nothing to do. Report: {run_dir / PRIVACY_REPORT}")
         return run_dir
     session.load_private(rt, encodings)  # private data from here on
-    rt.check_engine(engine, session.probe_losses, PROBE_SIZE)  # refuses a model it cannot handle, uncharged
+    session.check_engine(rt)
     rt.barrier()  # every rank has read the ledger before rank 0 journals the next step
     with _session_lock(cfg, run_dir, ledger, rt):  # one session charges this run at a time
         return _train(cfg, rt, run_dir, session, checkpoint)
@@ -777,7 +783,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
     dim = sum(p.numel() for p in params)
     if not 1 <= canaries <= dim:
         raise ConfigError(f"--canaries: must be in [1, {dim}] (one trainable coordinate each), got {canaries}")
-    rt.check_engine(engine, session.probe_losses, PROBE_SIZE)
+    session.check_engine(rt)
     with _session_lock(cfg, run_dir, ledger, rt):  # another audit here now is refused
         save_run_config(cfg, run_dir)
         marks = GradientCanaries(canaries, dim, CANARY_NORM * ft.max_grad_norm,
