@@ -76,6 +76,12 @@ def test_demo_config_loads_with_compvis_names():
     ("ldm.unet.num_heads=-1|ldm.unet.num_head_channels=-1", "ldm.unet: the model cannot be built"),
     ("autoencoder.ddconfig.attn_type=linear", "autoencoder.ddconfig: the model cannot be built"),
     ("eval.epochs=0", "eval.epochs"),
+    # one folder name each: a run in a sub-folder escapes the experiment's accounting (its runs are one level down)
+    ("finetune.name=x/c", "finetune.name"),
+    ("finetune.name=..", "finetune.name"),
+    ("experiment=a/b", "experiment"),
+    ("experiment=..", "experiment"),
+    ("experiment=", "experiment"),
     ("eval.num_per_class=-1", "eval.num_per_class"),
 ])
 def test_bad_values_name_file_and_key(override, key):

@@ -332,6 +332,12 @@ def _validate(cfg: Config) -> None:
         if not cond:
             raise ConfigError(f"{key}: {msg}")
 
+    # Folder names under output_dir: a path here would put a run where the experiment's privacy accounting
+    # (its runs are the folders one level below output_dir/experiment) and its lock never look.
+    for key, folder in (("experiment", cfg.experiment), ("finetune.name", cfg.finetune.name)):
+        if folder is not None:
+            check(folder not in ("", ".", "..") and not any(c in folder for c in "/\\\0"), key,
+                  f"must be one folder name (no '/', '\\', '.' or '..'), got {folder!r}")
     for key, allowed in CHOICES.items():
         obj: Any = cfg
         for part in key.split("."):
