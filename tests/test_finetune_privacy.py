@@ -83,6 +83,7 @@ def test_lost_ledger_after_a_crash_is_refused_and_nothing_is_recounted(base, mon
     state = torch.load(folder / "finetune-state.pt", weights_only=True)
     assert state["ledger"]["steps_taken"] == 1 and state["step"] == 1  # checkpointed after step 1
     assert not has_byte_tensor(state) and set(state) == {"optimizer", "step", "mlflow_run_id", "ledger"}
+    journal = (folder / "ledger.json").read_text()
     (folder / "ledger.json").unlink()
     with pytest.raises(RunError, match="ledger.json: missing"):
         finetune.run(cfg)
@@ -90,6 +91,11 @@ def test_lost_ledger_after_a_crash_is_refused_and_nothing_is_recounted(base, mon
     assert cli.main(argv) == 1
     assert "error: " in capsys.readouterr().err
     assert not (folder / "ledger.json").exists(), "a refused run writes nothing"
+    # the experiment's total cannot count its steps either: a run capped by it refuses, before writing anything
+    argv[-1:] = ["finetune.name=beside", "finetune.total_epsilon=100"]
+    assert cli.main(argv) == 2 and not run_dir(base, "beside").exists()
+    assert f"{folder}: holds a DP run's" in capsys.readouterr().err
+    (folder / "ledger.json").write_text(journal)  # restored: the module's later runs count it again
 
 
 @pytest.mark.slow
@@ -564,7 +570,9 @@ def test_audit_last_line_on_the_cli(base, capsys):
     journal = base / "runs" / "ledger" / "audit-cli" / "ledger.json"
     assert json.loads(journal.read_text())["steps_taken"] == 3
     assert cli.main(argv) == 1, "a second audit in the folder would overwrite the first one's record"
-    assert f"{journal}: an earlier run here charged the private set" in capsys.readouterr().err
+    assert f"{journal.parent}: an earlier run here charged the private set" in capsys.readouterr().err
+    journal.unlink()  # an audit of an older version: its report only
+    assert cli.main(argv) == 1 and (journal.parent / "audit-report.json").is_file() and not journal.exists()
 
 
 def test_an_encoding_memo_encodes_the_private_set_once_per_encoder_and_source(base, monkeypatch):

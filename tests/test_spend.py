@@ -76,6 +76,25 @@ def test_a_run_whose_set_cannot_be_read_counts_and_a_broken_journal_is_refused(t
             charges(exp, DataSource(source="mnist", split="test"))
 
 
+@pytest.mark.parametrize("trace", ["finetuned.safetensors", "finetuned-ema.safetensors", "finetune-state.pt",
+                                   "checkpoints"])
+def test_a_dp_run_whose_records_were_lost_is_refused_not_left_out(tmp_path, trace):
+    """A folder with a fine-tune's weights, resume state or checkpoints but neither journal nor report (lost,
+    deleted) has charged steps nobody can count: every total over the experiment refuses, never skips it.
+    A folder a session left before its first step (config and finetune.json only) charged nothing."""
+    exp = tmp_path / "exp"
+    fake_run(exp, "finetune", "trainval", report="privacy-report.json")
+    started = fake_run(exp, "finetune-started", "trainval")
+    (started / "ledger.json").unlink()
+    (started / "finetune.json").write_text("{}")
+    assert [c.run for c in charges(exp, DataSource(source="mnist", split="trainval"))] == ["finetune"]
+    lost = fake_run(exp, "finetune-lost", "trainval")
+    (lost / "ledger.json").unlink()
+    (lost / trace).mkdir() if trace == "checkpoints" else (lost / trace).write_bytes(b"")
+    with pytest.raises(RunError, match=r"finetune-lost: holds a DP run's weights or state but no record"):
+        charges(exp, DataSource(source="mnist", split="trainval"))
+
+
 def test_one_run_alone_is_its_own_epsilon(tmp_path):
     exp = tmp_path / "exp"
     fake_run(exp, "finetune", "trainval", report="privacy-report.json")

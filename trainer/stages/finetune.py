@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.config import MAX_EPSILON, Config, ConfigError, DataSource, FinetuneConfig, load_config
-from trainer.distributed import CHECKPOINTS, EMA_FILE, STATE_FILE, WEIGHTS_FILE, Checkpoint, SingleProcess, TrainState
+from trainer.distributed import EMA_FILE, WEIGHTS_FILE, Checkpoint, SingleProcess, TrainState
 from trainer.errors import RunError
 from trainer.io import try_lock, write_json
 from trainer.pipeline import autoencoder_encode_fn
@@ -36,7 +36,7 @@ from trainer.runtime import Placement
 from trainer.selection import select_trainable
 from trainer.stages.common import (PRIVACY_REPORT, check_finished, conditions, earlier_stage, image_channels,
                                    load_image_source, recorded_path, resolve_recorded, save_run_config, stage_dir)
-from trainer.stages.spend import AUDIT_REPORT, EXPERIMENT_LOCK_FILE, LEDGER_FILE, LOCK_FILE, experiment_spend
+from trainer.stages.spend import AUDIT_REPORT, DP_TRACES, EXPERIMENT_LOCK_FILE, LEDGER_FILE, LOCK_FILE, experiment_spend
 from trainer.tracking import start_run
 
 if TYPE_CHECKING:
@@ -426,9 +426,9 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         if resumes:
             _load_journal(run_dir, ledger)
             finished = ledger.steps_taken >= ft.steps and (run_dir / PRIVACY_REPORT).is_file()
-        elif (run_dir / LEDGER_FILE).exists():
-            raise RunError(f"{run_dir / LEDGER_FILE}: an earlier run here charged the private set, and that record "
-                           "stays: give another finetune.name=NAME")
+        elif any((run_dir / name).exists() for name in (LEDGER_FILE, *DP_TRACES)):
+            raise RunError(f"{run_dir}: an earlier run here charged the private set, and its record stays: give "
+                           "another finetune.name=NAME")
         if ft.total_epsilon is not None and not finished:  # rank 0 decides: the runs' records may be changing
             problem = _over_total(cfg, run_dir, ledger) if rt.is_main else None
             if rt.any_rank(problem is not None):
@@ -506,8 +506,7 @@ def _load_journal(run_dir: Path, ledger) -> None:
     """Load the run's ledger journal into ``ledger``; refuse when it is missing from a started run
     or records another plan or another private set."""
     path = run_dir / LEDGER_FILE
-    traces = [name for name in (WEIGHTS_FILE, EMA_FILE, STATE_FILE, CHECKPOINTS, PRIVACY_REPORT)
-              if (run_dir / name).exists()]
+    traces = [name for name in DP_TRACES if (run_dir / name).exists()]
     if not path.is_file():
         if traces:
             raise RunError(f"{path}: missing, but the run folder holds {', '.join(traces)}: the steps already "

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from trainer.errors import RunError
+from trainer.distributed.checkpoint import CHECKPOINTS, EMA_FILE, STATE_FILE, WEIGHTS_FILE
 from trainer.stages.common import PRIVACY_REPORT
 
 LEDGER_FILE = "ledger.json"  # a DP run's plan and steps taken, written before each step
@@ -28,6 +29,10 @@ LOCK_FILE = ".session.lock"  # held by the session charging the run (trainer.io.
 EXPERIMENT_LOCK_FILE = ".experiment.lock"  # held while a run checks the total and journals its plan
 AUDIT_REPORT = "audit-report.json"
 ENDED = (PRIVACY_REPORT, AUDIT_REPORT)  # a run folder holding one of these has ended
+# What a DP run writes in its folder only after its journal has charged a step: a folder holding any of them is
+# a DP run whose steps count (with its records lost, what would have to count them refuses). Not finetune.json
+# or config.yaml: a session that stopped before its first step leaves them and has charged nothing.
+DP_TRACES = (WEIGHTS_FILE, EMA_FILE, STATE_FILE, CHECKPOINTS, *ENDED)
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,8 @@ def _journal(run_dir: Path) -> tuple[Path, dict]:
             except (OSError, ValueError, KeyError, TypeError) as err:
                 raise RunError(f"{path}: unreadable ({err}): the privacy this run spent on the experiment's "
                                "private data cannot be counted; restore the file") from None
-    raise RunError(f"{run_dir}: no record of its DP steps")
+    raise RunError(f"{run_dir}: holds a DP run's weights or state but no record of its DP steps ({LEDGER_FILE} or "
+                   "a report): what it spent on the private set cannot be counted; restore the file")
 
 
 def _whole(value: Any) -> int:
@@ -116,8 +122,9 @@ def _whole(value: Any) -> int:
 
 
 def dp_runs(experiment_dir: Path) -> list[Path]:
-    """The folders of ``experiment_dir`` that hold a DP run: a ledger journal or a privacy or audit report."""
-    return sorted({p.parent for name in (LEDGER_FILE, *ENDED) for p in Path(experiment_dir).glob(f"*/{name}")})
+    """The folders of ``experiment_dir`` that hold a DP run: a ledger journal or any of ``DP_TRACES`` (a run
+    whose records were lost is one too: reading it refuses, rather than leaving its steps out)."""
+    return sorted({p.parent for name in (LEDGER_FILE, *DP_TRACES) for p in Path(experiment_dir).glob(f"*/{name}")})
 
 
 def refuse_private_as_public(public: Any, experiment_dir: Path) -> None:
