@@ -490,6 +490,9 @@ def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir, monke
     with pytest.raises(ConfigError, match=r"data.private.path: .*shard-000001.tar: the same samples as shard"):
         finetune.run(load_config("demo", overrides + [twice]))
     assert not (experiment / "private").exists()
+    with pytest.raises(ConfigError, match=r"--canaries: must be in \[1, "):  # an audit refused before encoding
+        finetune.run_audit(cfg, canaries=10 ** 9)
+    assert not (experiment / "private").exists() and not (experiment / "audit").exists()
 
     run_dir = finetune.run(cfg)
     report = json.loads((run_dir / "privacy-report.json").read_text())

@@ -355,7 +355,8 @@ def base_rows(names: list | None, meta: dict, base_dir: Path) -> list[int] | Non
 
 
 def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: Path | None = None,
-             seed: int | None = None, resumes: bool = True) -> DPSession:
+             seed: int | None = None, resumes: bool = True,
+             accept: Callable[["Selection"], None] | None = None) -> DPSession:
     """Load the base and the plan; build engine, sampler, ledger and optimizer.
 
     Refuses (ConfigError, RunError) a bad plan, a missing base, a plan that differs from the
@@ -364,7 +365,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     set is counted for the plan, and encoded into its latent cache only once all of that is
     accepted and the run is not finished. Without ``run_dir`` (a session that charges nothing on
     disk) there is no journal to check. In-memory private images are encoded later
-    (:meth:`DPSession.load_private`).
+    (:meth:`DPSession.load_private`). ``accept(selection)``: the caller's own check of the trainable
+    parameters, before any of that (it raises to refuse).
     The sampler, the DP noise and the loss draws use generators seeded from OS entropy, or from
     ``seed`` when a test asks for it.
     """
@@ -415,6 +417,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
                                      ft.lora_alpha, ft.context_grad)
     except ValueError as err:  # the messages name the finetune.* key
         raise ConfigError(str(err)) from None
+    if accept is not None:
+        accept(selection)
     trainable = {name: p for name, p in ldm.named_parameters() if p.requires_grad}
     snr = warn_if_noise_drowns_signal(sigma, ft.expected_batch_size, ft.steps, selection.trainable_count) \
         if rt.is_main else float("nan")
@@ -775,13 +779,17 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
         raise ConfigError(f"--confidence: must be in [0.5, 1), got {confidence}")
     ft, rt = cfg.finetune, SingleProcess(Placement.from_config(cfg, private=True))
     run_dir = stage_dir(cfg, "audit")
-    session = _prepare(cfg, rt, run_dir, seed=seed, resumes=False)
+
+    def accept(selection: "Selection") -> None:  # before the private set is encoded
+        if not 1 <= canaries <= selection.trainable_count:
+            raise ConfigError(f"--canaries: must be in [1, {selection.trainable_count}] (one trainable coordinate "
+                              f"each), got {canaries}")
+
+    session = _prepare(cfg, rt, run_dir, seed=seed, resumes=False, accept=accept)
     session.load_private(rt)
     engine, ledger, optimizer = session.engine, session.state.ledger, session.state.optimizer
     params = [p for _, p in engine.params]
     dim = sum(p.numel() for p in params)
-    if not 1 <= canaries <= dim:
-        raise ConfigError(f"--canaries: must be in [1, {dim}] (one trainable coordinate each), got {canaries}")
     session.check_engine(rt)
     with _session_lock(cfg, run_dir, ledger, rt):  # another audit here now is refused
         save_run_config(cfg, run_dir)
