@@ -1,5 +1,6 @@
 """`evaluate_samples` and `dpldm evaluate` with MNIST standing in for labelled samples."""
 import argparse
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -152,8 +153,13 @@ def test_scores_against_the_runs_private_set_are_logged_as_nonprivate(tmp_path, 
     logged = mlflow.get_run(run.info.run_id).data.metrics
     assert {"nonprivate/eval.accuracy", "nonprivate/eval.fid"} <= set(logged) and "eval.accuracy" not in logged
     exported = export("val", tmp_path / "exported")  # private digits exported as image files
-    with pytest.raises(UsageError, match=r"--samples: shares examples .*images whose pixels are digits of MNIST's"):
+    with pytest.raises(UsageError, match=r"--samples: shares examples .*image files whose pixels are digits of MNIST"):
         _run(["evaluate", "--samples", str(exported), "--run", run.info.run_id])
+    copy = tmp_path / "copy"  # the private shard copied elsewhere, without the meta.json that names its source
+    copy.mkdir()
+    shutil.copy(tmp_path / "real" / "shard-000000.tar", copy / "shard-000000.tar")
+    with pytest.raises(UsageError, match=r"--samples: shares examples .*shard images whose pixels are digits of MNIST"):
+        _run(["evaluate", "--samples", str(copy), "--run", run.info.run_id])
     assert _run(common + ["--metrics", "accuracy", "--real", str(exported)]) == 0
     assert "shares examples with the private set of run" in capsys.readouterr().err
     assert _run(common + ["--metrics", "accuracy", "--real", "mnist-test", "--num-real", "40"]) == 0

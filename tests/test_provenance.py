@@ -1,5 +1,6 @@
 """A private set may not share examples with the public data pretrained without DP: the config refuses
 it, and so does the fine-tuning against the base it builds on."""
+import io
 import json
 
 import pytest
@@ -182,7 +183,7 @@ def test_a_plain_image_folder_is_compared_with_the_private_set_by_its_source_byt
     assert folder_shared_examples(tmp_path / "test", digits) == []
     png(tmp_path / "exported" / "a.png", np.pad(train[7], 2))  # MNIST at resolution 32
     assert folder_shared_examples(tmp_path / "exported", digits) == [
-        "images whose pixels are digits of MNIST's train + val split"]
+        "image files whose pixels are digits of MNIST's train + val split"]
     png(tmp_path / "exported28" / "x" / "a.png", load_mnist("val")[0][5])
     assert folder_shared_examples(tmp_path / "exported28", digits) != []
     assert folder_shared_examples(tmp_path / "exported28", source(source="mnist", split="test")) == []
@@ -205,3 +206,42 @@ def test_a_plain_image_folder_is_compared_with_the_private_set_by_its_source_byt
         "image files byte for byte the same as the private shards' images"]
     (tmp_path / "copied" / "2.png").unlink()
     assert folder_shared_examples(tmp_path / "copied", private) == []
+
+
+def test_shards_are_compared_with_the_private_set_by_their_images(tmp_path):
+    """A copy of the private shards under another name, or digits prepared into shards again, named by no
+    meta.json: shared by their images' bytes or (MNIST) pixels; other shards are not."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from trainer.data.provenance import shards_shared_examples
+    from trainer.data.shards import WriteOptions, write_shards
+    from trainer.data.sources import mnist_source
+
+    def png(pixels) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="png")
+        return out.getvalue()
+    (tmp_path / "faces").mkdir()
+    members = [{"__key__": f"k{i}", "png": png(np.full((8, 8), 10 * i, np.uint8))} for i in range(3)]
+    write_shard(tmp_path / "faces" / "shard-000000.tar", members)
+    private = source(source="shards", path=str(tmp_path / "faces"))
+    (tmp_path / "copy").mkdir()
+    shutil.copy(tmp_path / "faces" / "shard-000000.tar", tmp_path / "copy" / "shard-000007.tar")
+    copy = source(source="shards", path=str(tmp_path / "copy" / "shard-000007.tar"))
+    assert shared_examples(copy, private) == []  # nothing in their names or meta.json says so
+    assert shards_shared_examples(copy, private) == ["shard images byte for byte the same as the private shards' images"]
+    (tmp_path / "other").mkdir()
+    write_shard(tmp_path / "other" / "shard-000000.tar", [{"__key__": "x", "png": png(np.ones((8, 8), np.uint8))}])
+    other = source(source="shards", path=str(tmp_path / "other"))
+    assert shards_shared_examples(other, private) == []
+
+    write_shards(mnist_source("train"), tmp_path / "digits", WriteOptions(limit=5), progress_bar=False)
+    (tmp_path / "digits" / "meta.json").unlink()  # what they were prepared from is forgotten
+    digits = source(source="shards", path=str(tmp_path / "digits"))
+    assert shards_shared_examples(digits, source(source="mnist", split="trainval")) == [
+        "shard images whose pixels are digits of MNIST's train + val split"]
+    assert shards_shared_examples(digits, source(source="mnist", split="test")) == []
+    assert shards_shared_examples(source(source="shards", path=str(tmp_path / "none")), private) == []

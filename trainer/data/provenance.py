@@ -26,7 +26,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from trainer.data.mnist import COMBINED
 
@@ -193,15 +193,17 @@ def shared_examples(a: Any, b: Any) -> list[str]:
     return words
 
 
-def _digit_pixels(path: Path) -> bytes | None:
-    """The 28x28 grey pixels of an image that can be an MNIST digit (28x28, or 32x32 with the 2-pixel
-    black border MNIST gets at resolution 32); None for any other image."""
+def _digit_pixels(encoded: bytes) -> bytes | None:
+    """The 28x28 grey pixels of an encoded image that can be an MNIST digit (28x28, or 32x32 with the
+    2-pixel black border MNIST gets at resolution 32); None for any other image."""
+    import io
+
     import numpy as np
     from PIL import Image
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(encoded)) as image:
             pixels = np.asarray(image.convert("L"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, Image.DecompressionBombError):
         return None
     if pixels.shape == (32, 32) and not pixels[:2].any() and not pixels[-2:].any() \
             and not pixels[:, :2].any() and not pixels[:, -2:].any():
@@ -209,35 +211,62 @@ def _digit_pixels(path: Path) -> bytes | None:
     return np.ascontiguousarray(pixels).tobytes() if pixels.shape == (28, 28) else None
 
 
+def images_shared_examples(images: Iterable[bytes], private: Any, what: str) -> list[str]:
+    """What the encoded images ``images`` (``what`` they are, in words) share with ``DataSource``
+    ``private``, in words (empty: nothing provable): an image byte for byte a private shard's image, or,
+    for a private set holding MNIST digits, an image whose pixels are one of those digits (MNIST
+    exported as image files, or prepared into shards again)."""
+    import numpy as np
+
+    from trainer.data.reader import fingerprint
+    theirs = shard_images(private)
+    parts = sorted({what for kind, what, _ in holdings(private) if kind == "mnist"})
+    digits: set[bytes] | None = None
+    same_bytes = same_digit = False
+    for image in images:
+        same_bytes = same_bytes or fingerprint(image) in theirs
+        if parts and not same_digit:
+            if digits is None:  # loaded once there is an image to compare
+                from trainer.data.mnist import load_mnist
+                digits = {row.tobytes() for part in parts for row in np.ascontiguousarray(load_mnist(part)[0])}
+            same_digit = _digit_pixels(image) in digits
+        if (same_bytes or not theirs) and (same_digit or not parts):
+            break
+    words = []
+    if same_bytes:
+        words.append(f"{what} byte for byte the same as the private shards' images")
+    if same_digit:
+        words.append(f"{what} whose pixels are digits of MNIST's {' + '.join(parts)} split")
+    return words
+
+
+def shards_shared_examples(src: Any, private: Any) -> list[str]:
+    """What the images in the shards of ``DataSource`` ``src`` share with ``private`` (a copy of the
+    private shards under another name or folder, or its digits prepared again): see
+    :func:`images_shared_examples`. Empty when ``src`` names no readable shards."""
+    from trainer.data.reader import expand_urls, shard_image_bytes
+    pattern = _shard_pattern(src)
+    if pattern is None or unreadable(src) is not None:
+        return []
+    return images_shared_examples(shard_image_bytes(expand_urls(pattern)), private, "shard images")
+
+
 def folder_shared_examples(folder: Path, private: Any) -> list[str]:
     """What the image files under ``folder`` (a plain folder of images, as an evaluation reads one)
     share with ``DataSource`` ``private``, in words (empty: nothing provable).
 
     Shared: the folder is, holds or lies in the image folder the private shards were prepared from
-    (their ``meta.json``); a file is byte for byte a private shard's image; or, for a private set
-    holding MNIST digits, an image's pixels are one of those digits (MNIST exported as image files).
+    (their ``meta.json``), or its files share images with the private set (:func:`images_shared_examples`).
     """
-    import hashlib
-
-    import numpy as np
     from trainer.data.reader import image_files
     folder = Path(os.path.realpath(folder))
-    words, tokens = [], holdings(private)
-    for kind, what, _ in tokens:
+    words = []
+    for kind, what, _ in holdings(private):
         if kind != "source":
             continue
         described = json.loads(what)
         root = described.get("root") if described.get("type") == "imagefolder" else None
         if root and (folder == Path(root) or Path(root) in folder.parents or folder in Path(root).parents):
             words.append(f"the image folder {root} the private shards were prepared from")
-    files = image_files(folder)
-    theirs = shard_images(private)
-    if theirs and any(hashlib.sha256(p.read_bytes()).digest()[:16] in theirs for p in files):
-        words.append("image files byte for byte the same as the private shards' images")
-    parts = sorted({what for kind, what, _ in tokens if kind == "mnist"})
-    if parts and files:
-        from trainer.data.mnist import load_mnist
-        digits = {row.tobytes() for part in parts for row in np.ascontiguousarray(load_mnist(part)[0])}
-        if any(_digit_pixels(p) in digits for p in files):
-            words.append(f"images whose pixels are digits of MNIST's {' + '.join(parts)} split")
-    return words
+    files = (path.read_bytes() for path in image_files(folder))
+    return words + images_shared_examples(files, private, "image files")

@@ -111,17 +111,27 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_KEYS)
 
 
+def shard_image_bytes(urls: Sequence[str]) -> Iterator[bytes]:
+    """Each sample's image member as stored (encoded bytes, whatever its key), in shard order; samples
+    without an image are left out."""
+    for sample in wds.tarfile_samples([{"url": url} for url in urls], handler=wds.reraise_exception):
+        image = next((sample[key] for key in IMAGE_KEYS if key in sample), None)
+        if image is not None:
+            yield image
+
+
 def image_fingerprints(urls: Sequence[str]) -> np.ndarray:
     """uint8 ``[n, 16]``: the first 16 bytes of the sha256 of each sample's image member (its bytes as
     stored, whatever its key, captions and labels), in shard order; samples without an image are
     left out. Equal rows are byte-for-byte the same image file, however the shards were named,
     copied or streamed."""
-    rows = []
-    for sample in wds.tarfile_samples([{"url": url} for url in urls], handler=wds.reraise_exception):
-        image = next((sample[key] for key in IMAGE_KEYS if key in sample), None)
-        if image is not None:
-            rows.append(np.frombuffer(hashlib.sha256(image).digest()[:16], dtype=np.uint8))
+    rows = [np.frombuffer(fingerprint(image), dtype=np.uint8) for image in shard_image_bytes(urls)]
     return np.stack(rows) if rows else np.zeros((0, 16), dtype=np.uint8)
+
+
+def fingerprint(image: bytes) -> bytes:
+    """The 16 bytes that identify an encoded image in :func:`image_fingerprints`."""
+    return hashlib.sha256(image).digest()[:16]
 
 
 # --- images -----------------------------------------------------------------------------------

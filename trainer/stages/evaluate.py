@@ -203,7 +203,7 @@ def shares_private_examples(run_id: str, images: str) -> list[str]:
     from mlflow import MlflowClient
 
     from trainer.config import DataSource
-    from trainer.data.provenance import folder_shared_examples, shared_examples
+    from trainer.data.provenance import folder_shared_examples, shards_shared_examples, shared_examples
     from trainer.tracking import PARAM_CHARS
     params = MlflowClient().get_run(run_id).data.params
     if len(params.get("data.private.path", "")) >= PARAM_CHARS:
@@ -217,7 +217,8 @@ def shares_private_examples(run_id: str, images: str) -> list[str]:
     private = DataSource(source=given("source"), split=given("split") or "train", path=given("path"))
     if images == MNIST_TEST:
         return shared_examples(DataSource(source="mnist", split="test"), private)
-    shared = shared_examples(DataSource(source="shards", path=str(images)), private)
+    shards = DataSource(source="shards", path=str(images))
+    shared = shared_examples(shards, private) or shards_shared_examples(shards, private)  # their paths, else images
     if Path(images).is_dir():  # image files under it too (a folder is read as a folder of images)
         shared += folder_shared_examples(Path(images), private)
     return shared
