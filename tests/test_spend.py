@@ -119,22 +119,33 @@ def test_runs_count_unless_their_sets_are_provably_disjoint(tmp_path):
     scans = prepared(tmp_path / "scans", {"type": "imagefolder", "root": "/data/faces/alice"})
     copy = prepared(tmp_path / "copy", None)  # a copy of some set, nothing says which
     digits = prepared(tmp_path / "digits", {"type": "mnist", "split": "train"})
-    write_shard(tmp_path / "faces" / "shard-000001.tar", [{"__key__": "y", "png": b""}])
+    write_shard(tmp_path / "faces" / "shard-000001.tar", [{"__key__": "y", "png": b"other image"}])
     other_range = DataSource(source="shards", path=str(tmp_path / "faces" / "shard-000001.tar"))
     faces = DataSource(source="shards", path=str(tmp_path / "faces" / "shard-000000.tar"))
+    # a shard copied under another name into the prepared folder, and a folder of shards nobody prepared
+    write_shard(tmp_path / "faces" / "shard-000002.tar", [{"__key__": "z", "png": b""}])
+    copied = DataSource(source="shards", path=str(tmp_path / "faces" / "shard-000002.tar"))
+    (tmp_path / "loose").mkdir()
+    for i, image in enumerate((b"", b"other image")):
+        write_shard(tmp_path / "loose" / f"shard-00000{i}.tar", [{"__key__": "x", "png": image}])
+    loose = DataSource(source="shards", path=str(tmp_path / "loose" / "shard-000001.tar"))
     for name, private in (("finetune-scans", scans), ("finetune-copy", copy), ("finetune-digits", digits),
-                          ("finetune-range", other_range)):
+                          ("finetune-range", other_range), ("finetune-copied", copied), ("finetune-loose", loose)):
         run_dir = fake_run(exp, name, "train")
         recorded = load_config(str(run_dir / "config.yaml"))
         recorded.data.private = private
         dump_config(recorded, run_dir / "config.yaml")
     found = {c.run: c.why for c in charges(exp, faces)}
-    assert sorted(found) == ["finetune-copy", "finetune-digits", "finetune-scans"], "the other range is disjoint"
+    assert sorted(found) == ["finetune-copied", "finetune-copy", "finetune-digits", "finetune-loose",
+                             "finetune-scans"], "the other range is disjoint"
     assert all("cannot be shown disjoint" in why for why in found.values())
+    loose_first = DataSource(source="shards", path=str(tmp_path / "loose" / "shard-000000.tar"))
+    assert "finetune-loose" in {c.run for c in charges(exp, loose_first)}, "no meta.json: nothing says disjoint"
     assert {c.run: c.why for c in charges(exp, DataSource(source="mnist", split="trainval"))}["finetune-digits"] == \
         "MNIST's train split"
     assert sorted(c.run for c in charges(exp, DataSource(source="mnist", split="test"))) == \
-        ["finetune-copy", "finetune-range", "finetune-scans"], "digits prepared from MNIST's train split: disjoint"
+        ["finetune-copied", "finetune-copy", "finetune-loose", "finetune-range", "finetune-scans"], \
+        "digits prepared from MNIST's train split: disjoint"
 
 
 def test_a_run_without_a_journal_counts_from_its_report(tmp_path):

@@ -130,7 +130,9 @@ def unreadable(src: Any) -> str | None:
 
 def _closed_kind(src: Any) -> str | None:
     """"mnist" when ``src`` holds MNIST digits only (the offline set, or shards whose folders'
-    ``meta.json`` say MNIST), "folder:PATH" when its shards all lie in one folder, else None."""
+    ``meta.json`` say MNIST), "folder:PATH" when its shards all lie in one folder that ``dpldm prepare``
+    wrote (its ``meta.json``: each example in one shard file), else None (a folder of shards from
+    anywhere may hold one image in several files)."""
     from trainer.data.reader import expand_urls
     if src.source == "mnist":
         return "mnist"
@@ -146,10 +148,12 @@ def _closed_kind(src: Any) -> str | None:
     kinds = set()
     for folder in folders:
         meta = Path(folder) / "meta.json"
+        if not meta.is_file():
+            return None
         try:
-            described = _described(json.loads(meta.read_text())) if meta.is_file() else set()
+            described = _described(json.loads(meta.read_text()))
         except ValueError:
-            described = set()
+            return None
         kinds.add("mnist" if described and all(kind == "mnist" for kind, _ in described) else f"folder:{folder}")
     return kinds.pop() if len(kinds) == 1 else None
 
@@ -157,10 +161,12 @@ def _closed_kind(src: Any) -> str | None:
 def provably_disjoint(a: Any, b: Any) -> bool:
     """Whether ``DataSource`` ``a`` and ``b`` cannot share an example: both hold MNIST digits only, in
     parts (or shard files of one prepared folder) that do not meet, or both are shards of one
-    folder with no shard file in common. Anything else (sets prepared from differently described
+    folder ``dpldm prepare`` wrote with no shard file in common, and no image file in common either
+    (a shard copied under another name). Anything else (sets prepared from differently described
     sources may still hold the same images) is not provably disjoint: False."""
     kind = _closed_kind(a)
-    return kind is not None and kind == _closed_kind(b) and not shared_examples(a, b)
+    return kind is not None and kind == _closed_kind(b) and not shared_examples(a, b) \
+        and not shard_images(a) & shard_images(b)
 
 
 def absolute_source(src: Any) -> Any:
