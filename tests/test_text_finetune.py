@@ -97,17 +97,18 @@ def test_demo_text_quick_then_sampling_from_public_prompts(store, capsys):
     assert cli.main(["demo", "--text", "--quick", "--output-dir", str(runs)]) == 0
     out = capsys.readouterr().out
     assert "eval.accuracy" in out and "prompted digits" in out
-    data = runs / "demo-text-quick" / "data"
+    data, private = runs / "demo-text-quick" / "data", runs / "demo-text-quick" / "private"
     letters = json.loads((data / "letters" / "meta.json").read_text())
-    digits = json.loads((data / "mnist" / "meta.json").read_text())
+    digits = json.loads((private / "mnist" / "meta.json").read_text())  # private data, apart from the results
+    assert not (data / "mnist").exists()
     assert letters["captions"]["template"] == "the letter {label}" and letters["count"] == 1040
     assert digits["captions"]["with_captions"] == digits["count"] == 2000
     from trainer.config import QUICK_DEMO, load_config
     from trainer.stages.demo import prepare_captioned_shards
     cfg = load_config("demo-text", QUICK_DEMO + ["experiment=demo-text-quick", f"output_dir={runs}"])
     prepare_captioned_shards(cfg)  # a second demo run keeps the finished shards
-    assert cfg.data.private.path == str(data / "mnist")
-    assert json.loads((data / "mnist" / "meta.json").read_text())["created"] == digits["created"]
+    assert cfg.data.private.path == str(private / "mnist")
+    assert json.loads((private / "mnist" / "meta.json").read_text())["created"] == digits["created"]
     ft = runs / "demo-text-quick" / "finetune"
     report = json.loads((ft / "privacy-report.json").read_text())
     assert 0 < report["epsilon"] <= 10 and report["data"].startswith("shards:")

@@ -30,14 +30,15 @@ TEXT_CAPTIONS = {"public": "the letter {label}", "private": "a handwritten digit
 def prepare_captioned_shards(cfg: Config) -> None:
     """Write the text demo's shards (idempotent) and point ``data.{public,private}.path`` at them.
 
-    Public: ``data.public.num_examples`` rendered letters; private: the first
-    ``data.private.num_examples`` MNIST training digits; each captioned from its label with
+    Public: ``data.public.num_examples`` rendered letters, in ``<experiment>/data/letters``; private:
+    the first ``data.private.num_examples`` MNIST training digits, in ``<experiment>/private/mnist`` (the
+    experiment's one folder of private data, never results); each captioned from its label with
     ``dpldm prepare``'s ``--caption-template`` (:data:`TEXT_CAPTIONS`). The digits' captions are
     private data like the digits.
     """
     from trainer.data.shards import WriteOptions, write_shards
     from trainer.data.sources import letters_source, mnist_source
-    root = Path(cfg.output_dir) / cfg.experiment / "data"
+    experiment = Path(cfg.output_dir) / cfg.experiment
     public, private = cfg.data.public, cfg.data.private
     style = (f" --fonts {public.fonts}" if public.fonts != "default" else "") + \
         (f" --elastic {public.elastic:g}" if public.elastic else "")
@@ -49,7 +50,7 @@ def prepare_captioned_shards(cfg: Config) -> None:
     for key, (name, source, limit, args) in jobs.items():
         if getattr(cfg.data, key).path:  # the user's own shards
             continue
-        out = root / name
+        out = experiment / ("data" if key == "public" else "private") / name
         options = WriteOptions(caption_template=TEXT_CAPTIONS[key], limit=limit)
         command = f"dpldm prepare {name} {args} --caption-template '{TEXT_CAPTIONS[key]}' {out}"
         write_shards(source(), out, options, resume=True, command=command)  # finished: kept; interrupted: resumed
