@@ -5,7 +5,8 @@ Each fine-tune or audit on private data journals its plan and its steps in its f
 ``config.yaml``. Someone in the private sets of several runs is in all of their releases, so
 their guarantees compose. The runs that count for a private set are the experiment's runs whose
 sets are not provably disjoint from it (``trainer.data.provenance``: MNIST parts that do not
-meet, or other shard files of one prepared folder; anything else counts), each for its steps
+meet, or other shard files of one prepared folder with no image in common; anything else counts),
+and every folder with a DP run's traces (a lost record refuses), each for its steps
 taken once it has ended (a report is written) and for its planned steps while it may still
 resume.
 
