@@ -172,6 +172,9 @@ def test_dp_finetune_on_an_imported_base(compvis, tmp_path, monkeypatch, capsys)
     assert not Path(ft["base"]).is_absolute()
     report = json.loads((run_dir / "privacy-report.json").read_text())
     assert report["steps"] == 2 and 0 < report["epsilon"] <= 10
+    # what the checkpoint was pretrained on is not known here: said in the report and on stderr, never "checked"
+    assert report["public_pretraining_data"].startswith(f"not checked: the base {base} was imported from")
+    assert "whose pretraining data are not known here" in capsys.readouterr().err
 
     # the weights and the privacy report are artifacts; the logged model samples by run id
     mlflow.set_tracking_uri(None)

@@ -500,6 +500,8 @@ def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir, monke
     manifest = json.loads((cache / "manifest.json").read_text())
     assert report["N"] == 300 == manifest["count"] and report["steps"] == 2
     assert report["data"].startswith("shards:")
+    assert report["public_pretraining_data"] == \
+        "checked: no example in common with the public data the base's LDM and autoencoder recorded"
     assert manifest["complete"] and manifest["latent_shape"] == [4, 4, 4]
     assert not list(run_dir.rglob("*.npy")), "private latents in the run folder"
     digest = finetune.private_shards(cfg).digest  # a hash of every private example: never in a released file

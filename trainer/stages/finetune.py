@@ -253,6 +253,7 @@ class DPSession:
     autocast: Callable[[], ContextManager]  # the forward's precision
     source: object                       # an EncodedPrivateSet (shards) or an ImageSet (in memory)
     encoder_hash: str                    # sha256 of the frozen autoencoder's weights
+    public_check: str                    # what was checked of the private set against the base's public data
     private: PrivateRows | None = None
 
     def load_private(self, rt: Union["SingleProcess", "DistributedRun"], encodings: EncodingMemo | None = None) -> None:
@@ -387,7 +388,9 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     cfg.data.private = absolute_source(cfg.data.private)  # the run's records name it from any folder
     base_dir = _base_dir(cfg)
     ldm, autoencoder, meta, base_cfg = load_pipeline(base_dir)
-    refuse_public_overlap(cfg, base_dir, base_cfg, meta)
+    public_check = refuse_public_overlap(cfg, base_dir, base_cfg, meta)
+    if meta.get("imported_from") and rt.is_main:
+        print(f"dpldm finetune: note: {public_check}", file=sys.stderr)
     for key in ("ldm", "autoencoder"):  # the architecture is the base's
         if getattr(cfg, key) != getattr(base_cfg, key) and rt.is_main:
             print(f"dpldm finetune: note: the config's `{key}` section differs from the base's ({base_dir}/"
@@ -457,15 +460,24 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     state = TrainState(trainable, optimizer, sampler, ledger, {"base": str(base_dir.resolve())}, ema)
     return DPSession(cfg, base_dir, ldm, autoencoder, selection, n, names, names_source, q, sigma, snr, engine,
                      state, tuple(meta["latent_shape"]), generator(2), rt.autocast, source,
-                     meta["autoencoder_sha256"])
+                     meta["autoencoder_sha256"], public_check)
 
 
-def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: dict) -> None:
+def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: dict) -> str:
     """Refuse a private set that shares examples with the public data the base's LDM (``base_cfg``) or
     its autoencoder (the ``config.yaml`` it recorded) was pretrained on: those examples are in the
     released model without DP. Refuses too when those public shards cannot be read from here
-    (moved, deleted, or a relative path recorded by an older version): the check would prove nothing."""
+    (moved, deleted, or a relative path recorded by an older version): the check would prove nothing.
+
+    Returns what the privacy report says of it. A base imported from a CompVis checkpoint (``meta``'s
+    ``imported_from``) was pretrained on data this project never saw: nothing can be checked, and the
+    answer says so (the run goes on: fine-tuning a public checkpoint is the method)."""
     from trainer.data.provenance import PUBLIC_IMAGES, public_images, shard_images, shared_examples, unreadable
+    imported = meta.get("imported_from")
+    if imported:
+        return (f"not checked: the base {base_dir} was imported from the checkpoint {imported['checkpoint']} "
+                f"(sha256 {imported['checkpoint_sha256']}), whose pretraining data are not known here; a private "
+                "example that was in them is in the released model without DP")
     sources = [("LDM", base_dir / "config.yaml", base_cfg.data.public)]
     if meta.get("autoencoder"):  # an imported base records none: its autoencoder is not ours to check
         ae_config = resolve_recorded(meta["autoencoder"], base_dir) / "config.yaml"
@@ -492,6 +504,8 @@ def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: d
             raise ConfigError(f"data.private: shares examples with the public data the base's {what} was pretrained "
                               f"on without DP ({path}: {'; '.join(shared)}): the private set must be disjoint "
                               "from it")
+    return f"checked: no example in common with the public data the base's {' and '.join(w for w, _, _ in sources)} " \
+           "recorded"
 
 
 def _base_dir(cfg: Config) -> Path:
@@ -734,7 +748,8 @@ def _train(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: P
                   "policy": ft.policy, "trainable_parameters": session.selection.trainable_count,
                   "total_parameters": session.selection.total_count, "trainable_names": session.selection.trainable,
                   "label_names": session.names, "label_names_from": session.names_source,
-                  "neighbouring": "add/remove one example", "data": _describe(cfg.data.private)}
+                  "neighbouring": "add/remove one example", "data": _describe(cfg.data.private),
+                  "public_pretraining_data": session.public_check}
         spend = _spend_or_warn(cfg, run_dir.name, ledger) if rt.is_main else None
         if spend is not None and len(spend.charges) > 1:  # other runs of the experiment used these people too
             report["private_set_spend"] = spend.to_dict()
