@@ -168,5 +168,13 @@ def test_scores_against_the_runs_private_set_are_logged_as_nonprivate(tmp_path, 
     with mlflow.start_run(run_name="finetune", experiment_id=experiment_id) as long_path:  # cut by the tracking
         mlflow.log_params({"data.private.source": "shards", "data.private.path": "/data/" + "s" * 5994})
     assert evaluate.shares_private_examples(long_path.info.run_id, "mnist-test") == [
-        "its data.private.path is cut to 6000 characters in the run's params: not comparable"]
+        "a data.private.path cut to 6000 characters in the run's params: not comparable"]
+    assert evaluate.shares_private_examples(run.info.run_id, "mnist-test") == [
+        "a data.private.path cut to 6000 characters in the run's params: not comparable (the private set of the "
+        "experiment's run finetune)"], "another run of the experiment that cannot be compared counts too"
+    with mlflow.start_run(run_name="on-test", experiment_id=experiment_id):  # another DP run, private on the test split
+        mlflow.log_params({"data.private.source": "mnist", "data.private.split": "test", "data.private.path": "None"})
+    mlflow.delete_run(long_path.info.run_id)
+    assert evaluate.shares_private_examples(run.info.run_id, "mnist-test") == [
+        "MNIST's test split (the private set of the experiment's run on-test)"]
     mlflow.set_tracking_uri(None)

@@ -198,23 +198,47 @@ def _check_run_exists(run_id: str) -> None:
 
 def shares_private_examples(run_id: str, images: str) -> list[str]:
     """What the image set ``images`` (``mnist-test``, shards or a folder) shares with the private set of the
-    MLflow run ``run_id`` (its logged config), in words; [] for a run without one or nothing provable. A
-    private path the run's params hold cut short cannot be compared: it counts as shared."""
+    MLflow run ``run_id`` or of another run of its MLflow experiment (their logged configs), in words (another
+    run's named); [] for nothing provable. A private path the params hold cut short cannot be compared: it
+    counts as shared. (Scores against another run's private set are no more DP than against its own.)"""
     from mlflow import MlflowClient
 
     from trainer.config import DataSource
-    from trainer.data.provenance import folder_shared_examples, shards_shared_examples, shared_examples
     from trainer.tracking import PARAM_CHARS
-    params = MlflowClient().get_run(run_id).data.params
-    if len(params.get("data.private.path", "")) >= PARAM_CHARS:
-        return [f"its data.private.path is cut to {PARAM_CHARS} characters in the run's params: not comparable"]
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    others, token = [], None
+    while True:  # every page: a run left out would leave its private set unchecked
+        page = client.search_runs([run.info.experiment_id], "params.`data.private.source` != 'None'",
+                                  max_results=1000, page_token=token)
+        others += [r for r in page if r.info.run_id != run_id]
+        token = page.token
+        if not token:
+            break
+    sets: dict[tuple, list[str]] = {}  # each private set once, with who holds it ("": run_id itself)
+    shared = []
+    for holder in [run, *others]:
+        params = holder.data.params
+        name = "" if holder is run else \
+            f" (the private set of the experiment's run {holder.info.run_name or holder.info.run_id})"
+        if len(params.get("data.private.path", "")) >= PARAM_CHARS:
+            shared.append(f"a data.private.path cut to {PARAM_CHARS} characters in the run's params: not "
+                          f"comparable{name}")
+            continue
+        given = {key: params.get(f"data.private.{key}") for key in ("source", "split", "path")}
+        given = {key: None if value in (None, "None") else value for key, value in given.items()}
+        if given["source"] is not None:
+            sets.setdefault((given["source"], given["split"] or "train", given["path"]), []).append(name)
+    for (source, split, path), names in sets.items():
+        whose = "" if "" in names else names[0]
+        shared += [word + whose for word in _shared_with(images, DataSource(source=source, split=split, path=path))]
+    return shared
 
-    def given(key: str) -> Optional[str]:
-        value = params.get(f"data.private.{key}")
-        return None if value in (None, "None") else value
-    if given("source") is None:
-        return []
-    private = DataSource(source=given("source"), split=given("split") or "train", path=given("path"))
+
+def _shared_with(images: str, private: "DataSource") -> list[str]:
+    """What ``images`` (``mnist-test``, shards or a folder) shares with ``private``, in words."""
+    from trainer.config import DataSource
+    from trainer.data.provenance import folder_shared_examples, shards_shared_examples, shared_examples
     if images == MNIST_TEST:
         return shared_examples(DataSource(source="mnist", split="test"), private)
     shards = DataSource(source="shards", path=str(images))
@@ -232,16 +256,17 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         _check_run_exists(args.run)
         shared = shares_private_examples(args.run, args.samples) if args.samples else []
         if shared:
-            raise UsageError(f"--samples: shares examples with the private set of run {args.run} ({'; '.join(shared)})"
-                             ": these are not a model's samples, and a grid of them would be logged to the run")
+            raise UsageError(f"--samples: shares examples with the private set of run {args.run} or of its MLflow "
+                             f"experiment ({'; '.join(shared)}): these are not a model's samples, and a grid of them "
+                             "would be logged to the run")
     if args.checkpoint:
         print_results(evaluate_checkpoint(args.checkpoint, metrics, args.num, device=args.device, run_id=args.run))
         return 0
     samples = open_images(args.samples)
     private = shares_private_examples(args.run, args.real) if args.run else []
     if private:
-        print(f"dpldm evaluate: note: --real shares examples with the private set of run {args.run} "
-              f"({'; '.join(private)}): its scores are not DP; they are logged as nonprivate/eval.* and the real "
+        print(f"dpldm evaluate: note: --real shares examples with the private set of run {args.run} or of its "
+              f"MLflow experiment ({'; '.join(private)}): its scores are not DP; they are logged as nonprivate/eval.* and the real "
               "images' features are not cached", file=sys.stderr)
     results = evaluate_samples(samples, real=args.real, metrics=metrics or ["fid", "accuracy"], num=args.num,
                                num_real=args.num_real, classifier=args.classifier, epochs=args.epochs, seed=args.seed,
