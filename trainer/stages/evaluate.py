@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, DataSource
 from trainer.errors import RunError, UsageError
 from trainer.eval.downstream import CLASSIFIERS, downstream_accuracy
 from trainer.eval.fid import InceptionFeatures, cached_features, fid, fid_from_features
@@ -203,7 +203,6 @@ def shares_private_examples(run_id: str, images: str) -> list[str]:
     counts as shared. (Scores against another run's private set are no more DP than against its own.)"""
     from mlflow import MlflowClient
 
-    from trainer.config import DataSource
     from trainer.tracking import PARAM_CHARS
     client = MlflowClient()
     run = client.get_run(run_id)
@@ -235,9 +234,8 @@ def shares_private_examples(run_id: str, images: str) -> list[str]:
     return shared
 
 
-def _shared_with(images: str, private: "DataSource") -> list[str]:
+def _shared_with(images: str, private: DataSource) -> list[str]:
     """What ``images`` (``mnist-test``, shards or a folder) shares with ``private``, in words."""
-    from trainer.config import DataSource
     from trainer.data.provenance import folder_shared_examples, shards_shared_examples, shared_examples
     if images == MNIST_TEST:
         return shared_examples(DataSource(source="mnist", split="test"), private)
