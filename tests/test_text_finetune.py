@@ -1,9 +1,11 @@
 """Text-conditioned DP fine-tuning: what trains (the encoder stays frozen), and exact clipping on it."""
+import copy
+
 import pytest
 import torch
 from conftest import assert_engine_matches_brute_force, mlflow_store
 
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
 from trainer.models import SpatialTransformer, TextEmbedder
 from trainer.selection import select_trainable
 from trainer.stages.common import build_ldm
@@ -79,6 +81,18 @@ def test_text_fine_tuning_is_exact_against_the_reference_and_a_brute_force_loop(
 
 
 # --- the whole text path -------------------------------------------------------------------------
+
+def test_a_prompt_that_is_a_private_caption_is_refused_unless_the_prepare_template_made_it():
+    from trainer.stages.finetune import refuse_private_prompts
+    captions = [["a handwritten digit 7"], ["my cat Tom, three years old", "Tom"]]
+    template, names = "a handwritten digit {label}", ["6", "7"]
+    refuse_private_prompts(["a handwritten digit 7", "a cat", ""], captions, template, names)  # public strings
+    refuse_private_prompts(None, captions, template, names)
+    with pytest.raises(ConfigError, match=r"sample.prompts: entry 1 is the caption of a private example"):
+        refuse_private_prompts(["a cat", "Tom"], captions, template, names)
+    with pytest.raises(ConfigError, match="entry 0"):  # no template recorded: the same words are a private caption
+        refuse_private_prompts(["a handwritten digit 7"], captions, None, names)
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
@@ -159,7 +173,14 @@ def test_the_shipped_celebahq_text_config_fine_tunes_at_tiny_size(store, tmp_pat
         "sample.ddim_steps=2", "sample.num_per_class=1"])
     pretrain_ae.run(cfg)
     pretrain_ldm.run(cfg)
-    run_dir = finetune.run(cfg)
+    # a private example's caption as a prompt: the grids, config and params would release it as a DP result
+    leaky = copy.deepcopy(cfg)
+    leaky.sample.prompts = ["a smiling face", "a face 1 with blond hair"]
+    with pytest.raises(ConfigError, match=r"sample.prompts: entry 1 is the caption of a private example"):
+        finetune.run(leaky)
+    run_dir = finetune.stage_dir(cfg, "finetune")
+    assert not run_dir.exists(), "refused before the run folder is written"
+    assert finetune.run(cfg) == run_dir
     report = json.loads((run_dir / "privacy-report.json").read_text())
     assert report["steps"] == 2 and report["N"] == 40 and report["epsilon"] <= 10
     # context_dim 384 = MiniLM's width: no projection, the encoder stays frozen, only the UNet attention trains

@@ -76,13 +76,23 @@ def source_hash(urls: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def _shard_meta(urls: Sequence[str]) -> dict:
+    """The meta.json that ``dpldm prepare`` wrote beside the first shard ({} if none)."""
+    meta = Path(urls[0]).parent / "meta.json"
+    if urls[0].startswith("pipe:") or not meta.is_file():
+        return {}
+    return json.loads(meta.read_text())
+
+
 def shard_label_names(urls: Sequence[str]) -> Optional[list]:
     """Label names from the meta.json that ``dpldm prepare`` wrote beside the shards, if any."""
-    first = Path(urls[0])
-    meta = first.parent / "meta.json"
-    if urls[0].startswith("pipe:") or not meta.is_file():
-        return None
-    return json.loads(meta.read_text()).get("label_names")
+    return _shard_meta(urls).get("label_names")
+
+
+def shard_caption_template(urls: Sequence[str]) -> Optional[str]:
+    """The ``--caption-template`` ``dpldm prepare`` captioned labelled items without a caption with, if any."""
+    captions = _shard_meta(urls).get("captions")
+    return captions.get("template") if isinstance(captions, dict) else None
 
 
 def read_manifest(out_dir: str | Path) -> Optional[dict]:

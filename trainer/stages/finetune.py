@@ -441,7 +441,10 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
             if rt.any_rank(problem is not None):
                 raise ConfigError(problem or "finetune.total_epsilon: refused on rank 0 (its message says why)")
     if isinstance(source, PrivateShards) and not finished:  # before place: ZeRO-3 partitions the encoder
+        from trainer.data.latent_cache import shard_caption_template
+        template = shard_caption_template(source.urls)
         source = encode_private_shards(cfg, autoencoder, meta["autoencoder_sha256"], source, rt)
+        refuse_private_prompts(cfg.sample.prompts, source.captions, template, names)
     rt.place(ldm, autoencoder)
 
     def generator(k: int) -> torch.Generator:
@@ -461,6 +464,21 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     return DPSession(cfg, base_dir, ldm, autoencoder, selection, n, names, names_source, q, sigma, snr, engine,
                      state, tuple(meta["latent_shape"]), generator(2), rt.autocast, source,
                      meta["autoencoder_sha256"], public_check)
+
+
+def refuse_private_prompts(prompts: list | None, captions: list[list[str]], template: str | None,
+                           names: list[str]) -> None:
+    """Refuse (ConfigError naming ``sample.prompts``) a prompt that is the caption of a private example:
+    the run's grids and evaluation are drawn from its prompts, which its config, MLflow params and grids
+    release as DP results. A caption ``dpldm prepare``'s ``template`` made from a class name is public
+    (the template and the names are), so prompts built the same way pass."""
+    public = {template.format(label=name) for name in names} if template else set()
+    private = {caption for row in captions for caption in row} - public
+    for k, prompt in enumerate(prompts or []):
+        if str(prompt) in private:
+            raise ConfigError(f"sample.prompts: entry {k} is the caption of a private example: the run's grids, "
+                              "config and MLflow params would release it as a DP result; prompts are public "
+                              "inputs, write your own")
 
 
 def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: dict) -> str:
