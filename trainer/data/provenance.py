@@ -226,7 +226,7 @@ def images_shared_examples(images: Iterable[bytes], private: Any, what: str) -> 
 
     from trainer.data.reader import fingerprint
     theirs = shard_images(private)
-    parts = sorted({what for kind, what, _ in holdings(private) if kind == "mnist"})
+    parts = sorted({part for kind, part, _ in holdings(private) if kind == "mnist"})
     digits: set[bytes] | None = None
     same_bytes = same_digit = False
     for image in images:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from trainer.errors import RunError
 from trainer.distributed.checkpoint import CHECKPOINTS, EMA_FILE, STATE_FILE, WEIGHTS_FILE
+from trainer.errors import RunError
 from trainer.stages.common import PRIVACY_REPORT
 
 LEDGER_FILE = "ledger.json"  # a DP run's plan and steps taken, written before each step
