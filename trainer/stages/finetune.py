@@ -472,7 +472,10 @@ def refuse_private_prompts(prompts: list | None, captions: list[list[str]], temp
     the run's grids and evaluation are drawn from its prompts, which its config, MLflow params and grids
     release as DP results. A caption ``dpldm prepare``'s ``template`` made from a class name is public
     (the template and the names are), so prompts built the same way pass."""
-    public = {template.format(label=name) for name in names} if template else set()
+    try:
+        public = {template.format(label=name) for name in names} if template else set()
+    except (KeyError, IndexError, ValueError):  # not a template prepare wrote: no caption is exempt
+        public = set()
     private = {caption for row in captions for caption in row} - public
     for k, prompt in enumerate(prompts or []):
         if str(prompt) in private:
