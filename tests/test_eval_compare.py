@@ -15,7 +15,9 @@ def store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_tracking_uri(None)  # back to the environment's URI
     experiment_id = mlflow.create_experiment("mnist-dp")  # not set_experiment: no global state leaks out
-    runs = [("attn-eps1", {"privacy.epsilon": 1.0, "privacy.delta": 1e-5, "privacy.steps": 200,
+    # attn-eps1 ran after attn-eps10 on the same private set: their composition is the set's epsilon
+    runs = [("attn-eps1", {"privacy.epsilon": 1.0, "privacy.private_set_epsilon": 10.37, "privacy.delta": 1e-5,
+                           "privacy.steps": 200,
                            "eval.fid": 40.5, "eval.accuracy": 0.81, "wall_time_s": 12.25}, "all"),
             ("attn-eps10", {"privacy.epsilon": 10.0, "privacy.delta": 1e-5, "privacy.steps": 400,
                             "eval.fid": 21.0, "wall_time_s": 30.0}, "all"),
@@ -52,7 +54,9 @@ def test_compare_prints_every_run_and_writes_the_plot(store, capsys):
     assert "attn-eps1" in lines and "attn-eps10" in lines and "late-eps5" in lines and "finetune-eps3" in lines
     assert "40.5" in lines["attn-eps1"] and "0.81" in lines["attn-eps1"] and "12345" in lines["attn-eps1"]
     assert " - " in lines["attn-eps10"] + " "  # no accuracy logged for that run
-    assert lines["late-eps5"].split()[2:4] == ["-", "12345"]  # delta missing, trainable present
+    assert lines["late-eps5"].split()[1:5] == ["5", "5", "-", "12345"]  # alone: its own epsilon is the set's
+    assert lines["attn-eps1"].split()[1:3] == ["1", "10.37"]  # the set's epsilon over the runs, not the run's
+    assert text.splitlines()[0].split()[:4] == ["run", "epsilon", "set", "epsilon"]
     plot = out / "fid_vs_epsilon.png"
     assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "runs.txt").read_text().count("\n") == 5  # header + 4 runs

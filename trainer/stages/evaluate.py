@@ -289,8 +289,11 @@ def _run_fid(args: argparse.Namespace) -> int:
 
 # --- compare -----------------------------------------------------------------------------------
 
-# (column header, logged name); each name is looked up among a run's metrics, then its params
-COLUMNS = [("epsilon", "privacy.epsilon"), ("delta", "privacy.delta"), ("trainable", "params.trainable"),
+# (column header, logged name); each name is looked up among a run's metrics, then its params.
+# "set epsilon": the private set's epsilon over all the experiment's DP runs on it when this run ended (a fine-tune
+# logs privacy.private_set_epsilon only when other runs counted; alone, its own epsilon is the set's).
+COLUMNS = [("epsilon", "privacy.epsilon"), ("set epsilon", "privacy.private_set_epsilon"),
+           ("delta", "privacy.delta"), ("trainable", "params.trainable"),
            ("policy", "finetune.policy"), ("steps", "privacy.steps"), ("FID", "eval.fid"),
            ("accuracy", "eval.accuracy"), ("wall time (s)", "wall_time_s")]
 COMPARE_TAG = "dpldm.stage"
@@ -330,6 +333,9 @@ def collect_runs(experiment: Optional[str] = None) -> list[RunRow]:
     rows = [RunRow(_run_label(r), {name: _lookup(r, name) for _, name in COLUMNS})
             for r in runs if r.data.tags.get(COMPARE_TAG) != "compare"
             and r.data.tags.get("stage") not in ("pretrain-ae", "pretrain-ldm")]
+    for row in rows:
+        if row.values["privacy.private_set_epsilon"] is None:
+            row.values["privacy.private_set_epsilon"] = row.values["privacy.epsilon"]
     return sorted(rows, key=lambda r: (str(r.values["finetune.policy"]), _as_float(r.values["privacy.epsilon"]), r.name))
 
 
@@ -477,7 +483,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("compare", help="table and plot of quality vs epsilon across MLflow runs",
                               description="Reads MLflow runs (MLFLOW_TRACKING_URI, default sqlite ./mlflow.db), prints "
                                           "a table, plots quality vs epsilon per selection policy into --out "
-                                          "(--log: also as a new MLflow run 'compare').")
+                                          "(--log: also as a new MLflow run 'compare'). 'epsilon' is each run's "
+                                          "own; 'set epsilon' is its private set's over all the experiment's DP "
+                                          "runs on it when the run ended (the guarantee for the people in it).")
     p.add_argument("--experiment", metavar="NAME", help="MLflow experiment name (default: all experiments)")
     p.add_argument("--out", default=".", metavar="DIR", help="folder for the plot and runs.txt (default: .)")
     p.add_argument("--metric", choices=sorted(METRIC_NAMES), default="accuracy",
