@@ -19,10 +19,9 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Union
+from typing import TYPE_CHECKING, Callable, ContextManager, Union
 
 import torch
 from tqdm import tqdm
@@ -30,13 +29,14 @@ from tqdm import tqdm
 from trainer.config import MAX_EPSILON, Config, ConfigError, DataSource, FinetuneConfig, load_config
 from trainer.distributed import EMA_FILE, WEIGHTS_FILE, Checkpoint, SingleProcess, TrainState
 from trainer.errors import RunError
-from trainer.io import try_lock, write_json
+from trainer.io import write_json
 from trainer.pipeline import autoencoder_encode_fn
 from trainer.runtime import Placement
 from trainer.selection import select_trainable
 from trainer.stages.common import (PRIVACY_REPORT, check_finished, conditions, earlier_stage, image_channels,
                                    load_image_source, recorded_path, resolve_recorded, save_run_config, stage_dir)
-from trainer.stages.spend import AUDIT_REPORT, DP_TRACES, EXPERIMENT_LOCK_FILE, LEDGER_FILE, LOCK_FILE, experiment_spend
+from trainer.stages.journal import check_journal_covers, load_journal, over_total, session_lock, spend_or_warn
+from trainer.stages.spend import AUDIT_REPORT, DP_TRACES, LEDGER_FILE
 from trainer.tracking import start_run
 
 if TYPE_CHECKING:
@@ -431,13 +431,13 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     finished = False
     if run_dir is not None:
         if resumes:
-            _load_journal(run_dir, ledger)
+            load_journal(run_dir, ledger)
             finished = ledger.steps_taken >= ft.steps and (run_dir / PRIVACY_REPORT).is_file()
         elif any((run_dir / name).exists() for name in (LEDGER_FILE, *DP_TRACES)):
             raise RunError(f"{run_dir}: an earlier run here charged the private set, and its record stays: give "
                            "another finetune.name=NAME")
         if ft.total_epsilon is not None and not finished:  # rank 0 decides: the runs' records may be changing
-            problem = _over_total(cfg, run_dir, ledger) if rt.is_main else None
+            problem = over_total(cfg, run_dir, ledger) if rt.is_main else None
             if rt.any_rank(problem is not None):
                 raise ConfigError(problem or "finetune.total_epsilon: refused on rank 0 (its message says why)")
     if isinstance(source, PrivateShards) and not finished:  # before place: ZeRO-3 partitions the encoder
@@ -541,117 +541,6 @@ def _base_dir(cfg: Config) -> Path:
     return earlier_stage(cfg, "pretrain-ldm")
 
 
-def _load_journal(run_dir: Path, ledger) -> None:
-    """Load the run's ledger journal into ``ledger``; refuse when it is missing from a started run
-    or records another plan or another private set."""
-    path = run_dir / LEDGER_FILE
-    traces = [name for name in DP_TRACES if (run_dir / name).exists()]
-    if not path.is_file():
-        if traces:
-            raise RunError(f"{path}: missing, but the run folder holds {', '.join(traces)}: the steps already "
-                           "charged cannot be recovered and the run is never re-accounted from zero; restore "
-                           "ledger.json, or start another run (finetune.name=...)")
-        return
-    try:
-        ledger.load_state_dict(json.loads(path.read_text()))
-    except (ValueError, KeyError) as err:
-        raise ConfigError(f"{path}: {err}: the privacy plan of a run and its private set (data.private) cannot "
-                          "change once it has started (start another run with finetune.name=..., or restore the "
-                          "run's settings)") from None
-
-
-@contextmanager
-def _session_lock(cfg: Config, run_dir: Path, ledger, rt: Union["SingleProcess", "DistributedRun"]) -> Iterator[None]:
-    """Hold the run folder for this session (rank 0 decides, see :func:`_claim`); a refusal is
-    raised on every rank (RunError) before any step."""
-    handle, problem = None, None
-    if rt.is_main:
-        try:
-            handle, problem = _claim(cfg, run_dir, ledger)
-        except Exception as err:  # noqa: BLE001 - the other ranks wait in the collective below
-            problem = f"{run_dir}: {err}"
-    try:
-        if rt.any_rank(problem is not None):
-            raise RunError(problem or "refused on rank 0 (its message says why)")
-        yield
-    finally:
-        if handle is not None:
-            handle.close()
-
-
-def _claim(cfg: Config, run_dir: Path, ledger) -> tuple[object | None, str | None]:
-    """Lock the run folder (creating it) and admit the session (:func:`_admit`) -> (lock handle,
-    None), or (None, why not)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = try_lock(run_dir / LOCK_FILE)
-    if handle is None:
-        return None, (f"{run_dir}: another session is running this run ({(run_dir / LOCK_FILE).read_text().strip()}); "
-                      "wait for it to end or stop it")
-    try:
-        problem = _admit(cfg, run_dir, ledger)
-    except BaseException:
-        handle.close()
-        raise
-    if problem:
-        handle.close()
-        return None, problem
-    return handle, None
-
-
-def _admit(cfg: Config, run_dir: Path, ledger) -> str | None:
-    """Why this session may not charge the run (None: it may, and its plan is journaled): another
-    session charged steps since this one read the journal (two would each count only their own),
-    or the plan would now take the private set past ``finetune.total_epsilon`` (a run of the
-    experiment started meanwhile). The cap check and the journal happen under the experiment's
-    lock, so runs starting together see each other."""
-    journal = run_dir / LEDGER_FILE
-    if (json.loads(journal.read_text())["steps_taken"] if journal.is_file() else 0) != ledger.steps_taken:
-        return (f"{journal}: another session charged steps since this one read it ({ledger.steps_taken} then); "
-                "start again to go on from there")
-    experiment = try_lock(run_dir.parent / EXPERIMENT_LOCK_FILE, wait_s=120)
-    if experiment is None:
-        return f"{run_dir.parent / EXPERIMENT_LOCK_FILE}: held by another session for 2 minutes; try again"
-    try:
-        problem = _over_total(cfg, run_dir, ledger) if cfg.finetune.total_epsilon is not None else None
-        if problem:
-            return problem
-        write_json(ledger.state_dict(), journal)  # visible to the experiment's other runs from now on
-    finally:
-        experiment.close()
-    return None
-
-
-def _over_total(cfg: Config, run_dir: Path, ledger) -> str | None:
-    """Why this run's plan may not start under ``finetune.total_epsilon`` (None: it may)."""
-    cap = cfg.finetune.total_epsilon
-    try:
-        spend = experiment_spend(cfg, run_dir.name, ledger)
-    except Exception as err:  # noqa: BLE001 - a cap that cannot be checked refuses
-        return f"finetune.total_epsilon: the private set's total over the experiment's runs cannot be computed: {err}"
-    return f"finetune.total_epsilon: {cap:g} would be exceeded: {spend.line()}" if spend.epsilon > cap else None
-
-
-def _spend_or_warn(cfg: Config, run: str, ledger):
-    """The private set's total over the experiment's runs (``experiment_spend``) for the report of
-    a run that has ended, or None with a warning when another run's record cannot be read (the
-    run's own report does not depend on it)."""
-    try:
-        return experiment_spend(cfg, run, ledger)
-    except Exception as err:  # noqa: BLE001 - rank 0 alone computes it, the others wait in collectives
-        print(f"dpldm finetune: warning: the private set's total over the experiment's runs is not reported: {err}",
-              file=sys.stderr)
-        return None
-
-
-def _check_journal_covers(run_dir: Path, ledger, checkpoint: Checkpoint) -> None:
-    """Refuse a journal (loaded by :func:`_load_journal`) that counts fewer steps than the checkpoint."""
-    path = run_dir / LEDGER_FILE
-    charged = max(checkpoint.step, checkpoint.steps_charged)
-    if ledger.steps_taken < charged:
-        raise RunError(f"{path}: counts {ledger.steps_taken} steps, but the checkpoint is at step {checkpoint.step} "
-                       f"with {checkpoint.steps_charged} charged: the journal is behind (an older copy?); restore it")
-
-
 def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodings: EncodingMemo | None) -> Path:
     ft = cfg.finetune
     run_dir = stage_dir(cfg, "finetune")
@@ -659,7 +548,7 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
     state = session.state
     ledger = state.ledger
     checkpoint = rt.resume(run_dir, state)  # weights and optimizer; the sampler continues at the step
-    _check_journal_covers(run_dir, ledger, checkpoint)  # the journal (loaded by _prepare) counts every step
+    check_journal_covers(run_dir, ledger, checkpoint)  # the journal (loaded by _prepare) counts every step
     step = checkpoint.step
     if rt.is_main and (run_dir / "latents").is_dir():
         print(f"dpldm finetune: warning: {run_dir / 'latents'} holds private latents written into the run folder by "
@@ -674,7 +563,7 @@ def _finetune(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], encodin
     session.load_private(rt, encodings)  # private data from here on
     session.check_engine(rt)
     rt.barrier()  # every rank has read the ledger before rank 0 journals the next step
-    with _session_lock(cfg, run_dir, ledger, rt):  # one session charges this run at a time
+    with session_lock(cfg, run_dir, ledger, rt):  # one session charges this run at a time
         return _train(cfg, rt, run_dir, session, checkpoint)
 
 
@@ -771,7 +660,7 @@ def _train(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: P
                   "label_names": session.names, "label_names_from": session.names_source,
                   "neighbouring": "add/remove one example", "data": _describe(cfg.data.private),
                   "public_pretraining_data": session.public_check}
-        spend = _spend_or_warn(cfg, run_dir.name, ledger) if rt.is_main else None
+        spend = spend_or_warn(cfg, run_dir.name, ledger) if rt.is_main else None
         if spend is not None and len(spend.charges) > 1:  # other runs of the experiment used these people too
             report["private_set_spend"] = spend.to_dict()
             mlrun.log_metrics({"privacy.private_set_epsilon": spend.epsilon})
@@ -827,7 +716,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
     params = [p for _, p in engine.params]
     dim = sum(p.numel() for p in params)
     session.check_engine(rt)
-    with _session_lock(cfg, run_dir, ledger, rt):  # another audit here now is refused
+    with session_lock(cfg, run_dir, ledger, rt):  # another audit here now is refused
         save_run_config(cfg, run_dir)
         marks = GradientCanaries(canaries, dim, CANARY_NORM * ft.max_grad_norm,
                                  entropy_generator() if seed is None else torch.Generator().manual_seed(seed))
@@ -855,7 +744,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
         engine.detach()
     result = audit(scores(torch.stack(marks.observed), session.sigma, session.q, ft.max_grad_norm,
                           session.q * session.n), marks.included, ft.delta, ledger.spent_epsilon(), confidence)
-    spend = _spend_or_warn(cfg, run_dir.name, ledger)
+    spend = spend_or_warn(cfg, run_dir.name, ledger)
     write_json({"epsilon_lower_bound": result.lower_bound, "claimed_epsilon": result.claimed, "delta": ft.delta,
                 "confidence": result.confidence, "canaries": result.canaries, "included": result.included,
                 "guesses": result.guesses, "correct": result.correct, "ceiling": result.ceiling,
