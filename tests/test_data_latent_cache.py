@@ -117,6 +117,24 @@ def test_mismatched_encoder_or_source_is_refused_naming_both_hashes(tmp_path: Pa
                            dtype="float32", progress_bar=False)
 
 
+def test_shards_rewritten_with_the_same_names_and_sizes_are_another_source(tmp_path: Path):
+    """The cache knows its shards by their contents: images replaced in place (same file names, same
+    sizes) are refused, not resumed or returned as the old latents; a cache of version 1 is refused."""
+    shards = write_private_set(tmp_path / "shards", 2, 3)
+    build_latent_cache(FixedConvEncoder(), str(shards), tmp_path / "cache", "h", 16, 4, progress_bar=False)
+    for tar in sorted(shards.glob("*.tar")):  # flip one byte of each image's pixels' encoding: same size
+        data = bytearray(tar.read_bytes())
+        at = data.index(b"IDAT") + 8
+        data[at] ^= 0xFF
+        tar.write_bytes(bytes(data))
+    with pytest.raises(CacheMismatchError, match="shards with hash"):
+        build_latent_cache(FixedConvEncoder(), str(shards), tmp_path / "cache", "h", 16, 4, progress_bar=False)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(CacheMismatchError, match="another version"):
+        build_latent_cache(FixedConvEncoder(), str(shards), tmp_path / "cache", "h", 16, 4, progress_bar=False)
+
+
 def test_two_processes_encoding_one_shard_both_finish(tmp_path: Path, monkeypatch):
     """Fine-tunes of one experiment share a cache: a shard another process renamed into place first is kept."""
     from trainer.data import latent_cache

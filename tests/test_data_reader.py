@@ -12,7 +12,6 @@ from PIL import Image
 
 from trainer.data.reader import (count_distinct_samples, decode_image, expand_urls, make_dataset, make_loader,
                                  resize_center_crop)
-from trainer.data.latent_cache import source_hash
 from trainer.data.shards import write_shard
 
 
@@ -136,7 +135,6 @@ def test_count_distinct_samples_counts_what_the_reader_reads_and_refuses_a_shard
         write_shard(other / Path(u).name, [{"__key__": f"{i:08d}", "png": png(np.full((8, 8), 255 - i, np.uint8)),
                                             "txt": f"a {i}\nb {i}\nc {i}".encode(), "cls": str(i % 5).encode()}
                                            for i in range(4 * shard, 4 * shard + 4)])
-    assert source_hash(expand_urls(str(other))) == source_hash(urls)  # names and sizes cannot tell them apart
     assert count_distinct_samples(expand_urls(str(other)))[1] != digest
     copy = tmp_path / "elsewhere" / "shard-000009.tar"
     copy.parent.mkdir()

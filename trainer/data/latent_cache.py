@@ -21,7 +21,6 @@ Everything stored here is derived from private data: it stays with the private d
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -34,10 +33,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.data.reader import expand_urls, make_dataset
+from trainer.data.reader import count_distinct_samples, expand_urls, make_dataset
 from trainer.io import write_json
 
 FORMAT = "dpldm-latent-cache"
+VERSION = 2  # 1 identified the shards by their names and sizes, 2 by their contents
 MANIFEST = "manifest.json"
 PARTS = "parts"
 DTYPES = ("float16", "float32")
@@ -59,21 +59,6 @@ def _save_npy(array: np.ndarray, path: Path) -> None:
         np.save(fh, array)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def source_hash(urls: Sequence[str]) -> str:
-    """sha256 over the shards' names and sizes (``pipe:`` URLs: the command text).
-
-    Names, not full paths, so a moved shard folder still matches its cache.
-    """
-    h = hashlib.sha256()
-    for url in urls:
-        path = Path(url)
-        if not url.startswith("pipe:") and path.is_file():
-            h.update(f"{path.name}\0{path.stat().st_size}\n".encode())
-        else:
-            h.update(f"{url}\n".encode())
-    return h.hexdigest()
 
 
 def _shard_meta(urls: Sequence[str]) -> dict:
@@ -105,6 +90,10 @@ def read_manifest(out_dir: str | Path) -> Optional[dict]:
 def _check_same(manifest: dict, wanted: dict, out_dir: Path) -> None:
     if manifest.get("format") != FORMAT:
         raise CacheMismatchError(f"{out_dir / MANIFEST} is not a latent cache manifest")
+    if manifest.get("version", 1) != VERSION:
+        raise CacheMismatchError(f"{out_dir}: a latent cache of another version ({manifest.get('version', 1)}; "
+                                 f"this one writes {VERSION}: shards identified by their contents); delete it or use "
+                                 "another output folder")
     if manifest["encoder_hash"] != wanted["encoder_hash"]:
         raise CacheMismatchError(
             f"{out_dir} holds latents of encoder {manifest['encoder_hash']}, not of the requested encoder "
@@ -205,7 +194,7 @@ def _finalize(out: Path, manifest: dict) -> dict:
 def build_latent_cache(encode_fn: EncodeFn, urls: str | Sequence[str], out_dir: str | Path, encoder_hash: str,
                        resolution: int, batch_size: int, rank: int = 0, world_size: int = 1, *,
                        dtype: str = "float16", channels: int = 3, pad_small: bool = False,
-                       progress_bar: bool = True) -> dict:
+                       progress_bar: bool = True, source_digest: Optional[str] = None) -> dict:
     """Encode the shards ``urls`` into a latent cache in ``out_dir``; return its manifest.
 
     ``encode_fn(images [B, channels, R, R] in [-1, 1]) -> (mean, std)``, each [B, C, h, w]: the frozen
@@ -214,7 +203,8 @@ def build_latent_cache(encode_fn: EncodeFn, urls: str | Sequence[str], out_dir: 
     whichever call finds every part present does, so ranks run as separate jobs also finish the cache
     (the returned manifest says ``complete: false`` until then). Parts already encoded are kept: an
     interrupted build resumes. Raises :class:`CacheMismatchError` if ``out_dir`` holds a cache of
-    another encoder, other shards or other settings.
+    another encoder, other shards (by their contents: ``source_digest``, the digest of
+    :func:`trainer.data.reader.count_distinct_samples` when the caller has it) or other settings.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -222,8 +212,8 @@ def build_latent_cache(encode_fn: EncodeFn, urls: str | Sequence[str], out_dir: 
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     out = Path(out_dir)
     shards = expand_urls(urls)
-    wanted = {"format": FORMAT, "version": 1, "complete": False, "encoder_hash": encoder_hash,
-              "source_hash": source_hash(shards), "source_shards": shards, "dtype": dtype,
+    wanted = {"format": FORMAT, "version": VERSION, "complete": False, "encoder_hash": encoder_hash,
+              "source_hash": source_digest or count_distinct_samples(shards)[1], "source_shards": shards, "dtype": dtype,
               "resolution": resolution, "channels": channels, "pad_small": pad_small,
               "label_names": shard_label_names(shards), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     manifest = read_manifest(out)

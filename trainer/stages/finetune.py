@@ -168,8 +168,9 @@ def private_cache_dir(cfg: Config, encoder_hash: str, shards: PrivateShards) -> 
     """``<output_dir>/<experiment>/private/latents-<key>``: private data, kept apart from the run folders
     (which hold results only) and shared by the experiment's fine-tunes of the same encoder and shards
     (by their contents: two sets never share a cache)."""
+    from trainer.data.latent_cache import VERSION
     key = hashlib.sha256(f"{encoder_hash}\0{shards.digest}\0{cfg.data.private.resolution}\0{image_channels(cfg)}"
-                         .encode()).hexdigest()[:16]
+                         f"\0{VERSION}".encode()).hexdigest()[:16]
     return Path(cfg.output_dir) / cfg.experiment / "private" / f"latents-{key}"
 
 
@@ -182,7 +183,8 @@ def encode_private_shards(cfg: Config, autoencoder, encoder_hash: str, shards: P
     out = private_cache_dir(cfg, encoder_hash, shards)
     build_latent_cache(autoencoder_encode_fn(autoencoder, rt.device), shards.urls, out, encoder_hash,
                        cfg.data.private.resolution, batch_size=64, rank=rt.rank, world_size=rt.world_size,
-                       channels=image_channels(cfg), pad_small=True, progress_bar=rt.is_main)
+                       channels=image_channels(cfg), pad_small=True, progress_bar=rt.is_main,
+                       source_digest=shards.digest)
     cache = LatentCache(out, expected_encoder_hash=encoder_hash, in_memory=True)
     if len(cache.labels) != shards.count:
         raise RunError(f"{out}: holds {len(cache.labels)} examples, but the shards held {shards.count} when the "
