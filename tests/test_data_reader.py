@@ -145,6 +145,24 @@ def test_count_distinct_samples_counts_what_the_reader_reads_and_refuses_a_shard
             count_distinct_samples(twice)
 
 
+def test_count_distinct_samples_refuses_one_image_in_two_samples(tmp_path: Path):
+    """An image file held by two samples counts one example twice in N (q = B / N too small, the
+    example drawn twice): refused whether the copy sits in a reordered shard, a shard that adds one
+    sample to another, or the same shard under another key, with or without its labels."""
+    samples = [{"__key__": f"{i:08d}", "png": png(np.full((8, 8), 10 * i, np.uint8)), "cls": str(i).encode()}
+               for i in range(5)]
+    write_shard(tmp_path / "a.tar", samples)
+    write_shard(tmp_path / "reordered.tar", samples[::-1])
+    write_shard(tmp_path / "superset.tar", samples + [{"__key__": "extra", "png": png(np.ones((8, 8), np.uint8))}])
+    write_shard(tmp_path / "inside.tar", samples + [{"__key__": "again", "png": samples[2]["png"]}])
+    assert count_distinct_samples([str(tmp_path / "a.tar")])[0] == 5
+    for urls, again, at in (([tmp_path / "a.tar", tmp_path / "reordered.tar"], 0, 4),
+                            ([tmp_path / "a.tar", tmp_path / "superset.tar"], 0, 0),
+                            ([tmp_path / "inside.tar"], 5, 2)):
+        with pytest.raises(ValueError, match=rf"its sample {again} .* same image as sample {at} of .*remove the copy"):
+            count_distinct_samples([str(u) for u in urls])
+
+
 def test_corrupt_sample_raises_with_url_and_key_or_is_skipped(tmp_path: Path):
     write_shard(tmp_path / "shard-000000.tar", [{"__key__": "good", "png": png(np.zeros((8, 8), np.uint8))},
                                                 {"__key__": "bad", "png": b"garbage"}])

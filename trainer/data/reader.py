@@ -80,18 +80,29 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
 def count_distinct_samples(urls: Sequence[str]) -> tuple[int, str]:
     """The number of samples in the shards ``urls`` (as the reader groups a tar's members), read
     without decoding, and a sha256 over their contents in order; refuses (ValueError) a shard whose
-    samples are those of another (the same file twice, a copy, a ``pipe:cat`` of it).
+    samples are those of another (the same file twice, a copy, a ``pipe:cat`` of it), and an image
+    file held by two samples (in one shard or two, under any key).
 
-    For a private set, where N sets the sampling rate q = B / N: a shard read twice would put its
-    examples in the set twice, each with two chances per step to be drawn, and the accountant
-    would under-state epsilon. A shard's identity is the hash of its samples' members (names and
-    bytes; not their keys or URL), so streamed and remote shards are compared by content too.
+    For a private set, where N sets the sampling rate q = B / N: an example read twice would be in
+    the set twice, with two chances per step to be drawn and two clipped gradients, and the
+    accountant would under-state epsilon for whoever it shows. A shard's identity is the hash of its
+    samples' members (names and bytes; not their keys or URL), so streamed and remote shards are
+    compared by content too; images by their bytes as stored (the same picture encoded twice
+    differently is not seen).
     """
     seen: dict[str, str] = {}
+    images: dict[bytes, tuple[str, int]] = {}  # image fingerprint -> (shard, position): 16 bytes per example
     total, digest = 0, hashlib.sha256()
     for url in urls:
-        content, count = hashlib.sha256(), 0
+        content, count, twice = hashlib.sha256(), 0, None
         for sample in wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception):
+            image = next((sample[key] for key in IMAGE_KEYS if key in sample), None)
+            if image is not None and twice is None:
+                twice = images.get(fingerprint(image))
+                if twice is not None:
+                    twice = (*twice, count)
+                else:
+                    images[fingerprint(image)] = (url, count)
             count += 1
             for name in sorted(k for k in sample if not k.startswith("__")):
                 content.update(f"{name}\0{len(sample[name])}\0".encode())
@@ -100,6 +111,11 @@ def count_distinct_samples(urls: Sequence[str]) -> tuple[int, str]:
         if identity in seen:
             raise ValueError(f"{url}: the same samples as shard {seen[identity]}: they would count twice in the "
                              "set; list each shard once")
+        if twice is not None:
+            first, at, again = twice
+            raise ValueError(f"{url}: its sample {again} (from 0, in shard order) holds the same image as sample {at} "
+                             f"of {first}: one example twice in a private set would be drawn and clipped twice per "
+                             "step, and the epsilon reported would not hold for it; remove the copy")
         seen[identity] = url
         digest.update(f"{identity}\n".encode())
         total += count
