@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from trainer.data import shards as shards_mod
-from trainer.data.reader import make_dataset
+from trainer.data.reader import count_distinct_samples, expand_urls, make_dataset
 from trainer.data.shards import PrepareError, WriteOptions, complete_shards, convert_mode, write_shards
 from trainer.data.sources import SourceError, imagefolder_source, read_idx
 from trainer.stages import prepare
@@ -270,6 +270,29 @@ def test_error_keeps_complete_shards_and_resume_matches_a_clean_run(tmp_path: Pa
     # resuming a finished job does nothing; --overwrite starts again
     assert write_shards(imagefolder_source(root), out, opts, resume=True, progress_bar=False)["count"] == 9
     assert write_shards(imagefolder_source(root), out, opts, overwrite=True, progress_bar=False)["count"] == 9
+
+
+def test_an_image_twice_is_written_once_and_listed_as_skipped_also_across_a_resume(tmp_path: Path):
+    """A file copied inside the folder (under another name) would be one example twice in a private
+    set: the copy is dropped whatever --on-error, listed with the sample it repeats, and a resumed run
+    remembers the images of its complete shards; the shards pass the fine-tuning's count."""
+    root = _numbered_folder(tmp_path / "in", 7)
+    (root / "004.png").write_bytes((root / "000.png").read_bytes())
+    (root / "006.png").write_bytes((root / "005.png").read_bytes())  # one shard with its copy
+    (root / "003.png").write_bytes(b"broken")
+    out = tmp_path / "out"
+    with pytest.raises(PrepareError, match="003.png"):
+        write_shards(imagefolder_source(root), out, WriteOptions(samples_per_shard=2), progress_bar=False)
+    smooth_image(3, (12, 12)).save(root / "003.png")
+    meta = write_shards(imagefolder_source(root), out, WriteOptions(samples_per_shard=2), resume=True,
+                        progress_bar=False)
+    assert meta["count"] == 5 and sorted(read_all(out)) == ["00000000", "00000001", "00000002", "00000003",
+                                                            "00000005"]
+    assert [(Path(s["source"]).name, s["reason"]) for s in meta["skipped"]] == [
+        ("004.png", "the same image as sample 00000000 (each image is written once)"),
+        ("006.png", "the same image as sample 00000005 (each image is written once)")]
+    assert meta["skipped_count"] == 2
+    assert count_distinct_samples(expand_urls(str(out)))[0] == 5
 
 
 def test_interrupted_shard_write_leaves_no_partial_shard_and_resume_completes(tmp_path: Path, monkeypatch):

@@ -15,6 +15,11 @@ Bad input never passes silently: an item that cannot be read or does not meet th
 either stops the run with an error naming the file (``on_error="error"``, the default; complete
 shards are kept) or is skipped, counted and listed in meta.json (``on_error="skip"``).
 
+An item whose stored image is byte for byte one already written (a file twice in a folder, a
+picture repeated in a dataset) is dropped and listed among the skipped items, whatever
+``on_error``: a private set holding an example twice would have it drawn and clipped twice per
+step, and the fine-tuning refuses such shards.
+
 Image modes are converted as follows (counted in ``meta.json["conversions"]``):
 
 - EXIF orientation is applied (the stored pixels are upright).
@@ -44,6 +49,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from trainer.data.reader import fingerprint
 from trainer.data.sources import LoadedItem, SampleError, Source, SourceItem
 from trainer.io import write_json
 
@@ -263,8 +269,13 @@ def _open_out_dir(out: Path, fingerprint: dict, resume: bool, overwrite: bool) -
     return progress
 
 
+class _Duplicate(SampleError):
+    """An item whose stored image an earlier sample holds: dropped whatever ``on_error``."""
+
+
 def _make_sample(item: SourceItem, key: str, options: WriteOptions, require_captions: bool,
-                 label_names: Optional[list[str]], pending: _Pending) -> dict:
+                 label_names: Optional[list[str]], pending: _Pending, written: dict[bytes, str]) -> dict:
+    """The sample of ``item`` under ``key``, counted in ``pending`` and its image in ``written``."""
     loaded: LoadedItem = item.load()
     try:
         image = ImageOps.exif_transpose(loaded.image)
@@ -284,8 +295,12 @@ def _make_sample(item: SourceItem, key: str, options: WriteOptions, require_capt
     if require_captions and not captions:
         raise SampleError(item.origin, "no caption (captions are required)")
     image = limit_size(image, options.max_size)
-    sample = {"__key__": key, options.image_format: encode_image(image, options.image_format,
-                                                                 options.jpeg_quality)}
+    encoded = encode_image(image, options.image_format, options.jpeg_quality)
+    same = written.get(fingerprint(encoded))
+    if same is not None:
+        raise _Duplicate(item.origin, f"the same image as sample {same} (each image is written once)")
+    written[fingerprint(encoded)] = key
+    sample = {"__key__": key, options.image_format: encoded}
     if captions:
         sample["txt"] = "\n".join(captions).encode("utf-8")
         pending.with_captions += 1
@@ -298,6 +313,17 @@ def _make_sample(item: SourceItem, key: str, options: WriteOptions, require_capt
     pending.short_side = [min(pending.short_side[0], short), max(pending.short_side[1], short)] \
         if pending.short_side else [short, short]
     return sample
+
+
+def _written_images(out: Path, progress: Progress) -> dict[bytes, str]:
+    """Image fingerprint -> key of every sample in the complete shards (a resumed run's)."""
+    from trainer.data.reader import IMAGE_KEYS
+    written = {}
+    for sample in wds.tarfile_samples([{"url": str(out / s["name"])} for s in progress.shards]):
+        image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        if image is not None:
+            written[fingerprint(image)] = sample["__key__"]
+    return written
 
 
 def _commit(progress: Progress, pending: _Pending, consumed: int, out: Path) -> None:
@@ -343,6 +369,7 @@ def write_shards(source: Source, out_dir: str | Path, options: Optional[WriteOpt
     consumed = progress.consumed
     items = itertools.islice(items, consumed, None)  # items are lazy: skipping reads nothing
     pending = _Pending()
+    written = _written_images(out, progress)
     bar = tqdm(total=total, initial=consumed, unit="img", desc=f"prepare {out.name}",
                disable=not progress_bar)
     try:
@@ -352,7 +379,9 @@ def write_shards(source: Source, out_dir: str | Path, options: Optional[WriteOpt
             bar.update(1)
             try:
                 pending.samples.append(
-                    _make_sample(item, key, options, require_captions, source.label_names, pending))
+                    _make_sample(item, key, options, require_captions, source.label_names, pending, written))
+            except _Duplicate as exc:
+                pending.skipped.append({"source": exc.origin, "reason": exc.reason})
             except SampleError as exc:
                 if options.on_error == "error":
                     raise PrepareError(
