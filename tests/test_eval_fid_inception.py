@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 @pytest.mark.slow
-def test_fid_cli_folder_against_shards_of_the_same_images(tmp_path, capsys):
+def test_fid_cli_folder_against_shards_of_the_same_images(tmp_path, capsys, monkeypatch):
     images, labels = load_mnist("test")
     images, labels = images[:10], labels[:10]
     folder = tmp_path / "folder"
@@ -90,3 +90,7 @@ def test_fid_cli_folder_against_shards_of_the_same_images(tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("FID: ") and abs(float(last.split()[1])) < 1e-3
     assert len(list(cache.glob("*.npy"))) == 1  # the reference (PATH_A) features
+    # without --cache-dir a folder's features stay in memory: the reference may be a private set
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    args = _parser().parse_args(["fid", str(folder), f"{tmp_path}/set-{{000..000}}.tar", "--batch-size", "5"])
+    assert args.func(args) == 0 and not (tmp_path / "xdg").exists()

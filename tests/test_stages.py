@@ -185,6 +185,24 @@ def test_evaluate_checkpoint_logs_to_the_run_named_by_run(workdir, capsys):
     assert "accuracy: " in capsys.readouterr().out
     assert mlflow.get_run(run_id).data.metrics["eval.num_samples"] == 20  # 2 per class, logged where asked
 
+    # another DP run of the experiment kept the MNIST test split private: scores on it are not DP
+    other = ft.parent / "finetune-on-test"
+    other.mkdir()
+    try:
+        dump_config(load_config("demo", ["data.private.split=test", "data.test=null"]), other / "config.yaml")
+        (other / "ledger.json").write_text("{}")
+        with mlflow.start_run(run_name="second", experiment_id=mlflow.get_experiment_by_name("evaluate-run")
+                              .experiment_id) as run:
+            second = run.info.run_id
+        assert cli.main(["evaluate", "--checkpoint", str(ft), "--num", "1", "--metrics", "accuracy",
+                         "--run", second]) == 0
+        err = capsys.readouterr().err
+        assert "the scores are not DP" in err and "finetune-on-test" in err
+        logged = mlflow.get_run(second).data.metrics
+        assert logged["nonprivate/eval.num_samples"] == 10 and not any(k.startswith("eval.") for k in logged)
+    finally:
+        shutil.rmtree(other)
+
 
 @pytest.mark.slow
 def test_sample_command_writes_images_per_class(workdir):

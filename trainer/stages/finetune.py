@@ -634,7 +634,7 @@ def _train(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: P
             if step % ft.log_every == 0 or step == ft.steps:
                 # the accountant takes ~0.1-0.3 s per call on a CPU: at log steps only, not every step
                 spent = ledger.spent_epsilon()
-                bar.set_postfix(eps=f"{spent:.2f}", batch=int(metrics["batch_size"]))
+                bar.set_postfix(eps=f"{spent:.2f}")  # the drawn batch's size: nonprivate/, never unlabelled
                 mlrun.log_metrics({"privacy.epsilon_spent": spent,
                                    "nonprivate/loss": metrics["loss"],
                                    "nonprivate/batch_size": metrics["batch_size"],

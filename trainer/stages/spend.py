@@ -128,22 +128,32 @@ def dp_runs(experiment_dir: Path) -> list[Path]:
     return sorted({p.parent for name in (LEDGER_FILE, *DP_TRACES) for p in Path(experiment_dir).glob(f"*/{name}")})
 
 
-def refuse_private_as_public(public: Any, experiment_dir: Path) -> None:
-    """Raise ConfigError when the public set ``public`` (a ``DataSource``) shares examples with the private
-    set of a DP run of ``experiment_dir``: pretraining on them without DP would release what those runs
-    protect. A run whose private set cannot be read is refused too (nothing could be compared)."""
-    from trainer.config import ConfigError
+def shared_with_dp_runs(images: Any, experiment_dir: Path) -> list[str]:
+    """What the image set ``images`` (a ``DataSource``) shares with the private set of each DP run of
+    ``experiment_dir``, in words naming the run ([] for nothing provable). A run whose private set
+    cannot be read counts too: nothing could be compared."""
     from trainer.data.provenance import shared_examples
+    out = []
     for run_dir in dp_runs(experiment_dir):
         theirs, unreadable = _recorded_private(run_dir)
         if theirs is None:
-            raise ConfigError(f"data.public: the private set of the DP run {run_dir} cannot be read ({unreadable}), "
-                              "so the public set cannot be checked against it; restore the file")
-        shared = shared_examples(public, theirs)
-        if shared:
-            raise ConfigError(f"data.public: shares examples with the private set of the DP run {run_dir} "
-                              f"({'; '.join(shared)}): pretraining on them without DP would release what that run "
-                              "protects. Pretrain on other data, or in another experiment if they are public")
+            out.append(f"the private set of the DP run {run_dir} cannot be read ({unreadable})")
+        else:
+            out += [f"{words} (the private set of the DP run {run_dir})" for words in shared_examples(images, theirs)]
+    return out
+
+
+def refuse_private_as_public(public: Any, experiment_dir: Path) -> None:
+    """Raise ConfigError when the public set ``public`` (a ``DataSource``) shares examples with the private
+    set of a DP run of ``experiment_dir`` (or one that cannot be read): pretraining on them without DP
+    would release what those runs protect."""
+    from trainer.config import ConfigError
+    shared = shared_with_dp_runs(public, experiment_dir)
+    if shared:
+        raise ConfigError(f"data.public: shares examples with the private set of a DP run of the experiment "
+                          f"({'; '.join(shared)}): pretraining on them without DP would release what that run "
+                          "protects. Pretrain on other data, or in another experiment if they are public; restore "
+                          "a run's config.yaml that cannot be read")
 
 
 def charges(experiment_dir: Path, private: Any) -> list[Charge]:
