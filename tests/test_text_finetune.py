@@ -185,3 +185,14 @@ def test_the_shipped_celebahq_text_config_fine_tunes_at_tiny_size(store, tmp_pat
     assert report["steps"] == 2 and report["N"] == 40 and report["epsilon"] <= 10
     # context_dim 384 = MiniLM's width: no projection, the encoder stays frozen, only the UNet attention trains
     assert all(n.startswith("unet.") for n in report["trainable_names"])
+    # `dpldm sample` on the DP run: a private caption as a prompt is refused (nothing written), or written
+    # and labelled a non-private diagnostic; a public prompt is a DP release
+    from trainer import cli
+    out = tmp_path / "samples"
+    sample = ["sample", "--checkpoint", str(run_dir), "--num", "1", "--ddim-steps", "2", "--out", str(out)]
+    assert cli.main(sample + ["--prompts", "a smiling face", "a face 2 with blond hair"]) == 2
+    assert not out.exists()
+    assert cli.main(sample + ["--prompts", "a face 2 with blond hair", "--nonprivate-diagnostic"]) == 0
+    assert "prompts [0]" in (out / "NONPRIVATE.txt").read_text() and (out / "grid.png").is_file()
+    assert cli.main(sample[:-1] + [str(tmp_path / "public-samples"), "--prompts", "a smiling face"]) == 0
+    assert not (tmp_path / "public-samples" / "NONPRIVATE.txt").exists()

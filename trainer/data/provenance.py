@@ -26,7 +26,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from trainer.data.mnist import COMBINED
 
@@ -276,3 +276,16 @@ def folder_shared_examples(folder: Path, private: Any) -> list[str]:
             words.append(f"the image folder {root} the private shards were prepared from")
     files = (path.read_bytes() for path in image_files(folder))
     return words + images_shared_examples(files, private, "image files")
+
+
+def private_prompts(prompts: Sequence[str], captions: Iterable[str], template: str | None,
+                    names: Sequence[str]) -> list[int]:
+    """The indices of ``prompts`` that are captions of a private set (``captions``): private data, not
+    the public inputs prompts must be. A caption ``dpldm prepare``'s ``template`` made from a class
+    name in ``names`` is public (the template and the names are), so prompts built the same way pass."""
+    try:
+        public = {template.format(label=name) for name in names} if template else set()
+    except (KeyError, IndexError, ValueError):  # not a template prepare wrote: no caption is exempt
+        public = set()
+    private = set(captions) - public
+    return [k for k, prompt in enumerate(prompts) if str(prompt) in private]

@@ -127,6 +127,12 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_KEYS)
 
 
+def shard_captions(urls: Sequence[str]) -> set[str]:
+    """Every caption of the shards ``urls`` (their ``txt`` members, one caption per line)."""
+    return {caption for sample in wds.tarfile_samples([{"url": url} for url in urls], handler=wds.reraise_exception)
+            if "txt" in sample for caption in split_caption_lines(sample["txt"].decode("utf-8"))}
+
+
 def shard_image_bytes(urls: Sequence[str]) -> Iterator[bytes]:
     """Each sample's image member as stored (encoded bytes, whatever its key), in shard order; samples
     without an image are left out."""

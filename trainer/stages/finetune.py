@@ -470,20 +470,15 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
 
 def refuse_private_prompts(prompts: list | None, captions: list[list[str]], template: str | None,
                            names: list[str]) -> None:
-    """Refuse (ConfigError naming ``sample.prompts``) a prompt that is the caption of a private example:
-    the run's grids and evaluation are drawn from its prompts, which its config, MLflow params and grids
-    release as DP results. A caption ``dpldm prepare``'s ``template`` made from a class name is public
-    (the template and the names are), so prompts built the same way pass."""
-    try:
-        public = {template.format(label=name) for name in names} if template else set()
-    except (KeyError, IndexError, ValueError):  # not a template prepare wrote: no caption is exempt
-        public = set()
-    private = {caption for row in captions for caption in row} - public
-    for k, prompt in enumerate(prompts or []):
-        if str(prompt) in private:
-            raise ConfigError(f"sample.prompts: entry {k} is the caption of a private example: the run's grids, "
-                              "config and MLflow params would release it as a DP result; prompts are public "
-                              "inputs, write your own")
+    """Refuse (ConfigError naming ``sample.prompts``) a prompt that is the caption of a private example
+    (``provenance.private_prompts``): the run's grids and evaluation are drawn from its prompts, which its
+    config, MLflow params and grids release as DP results."""
+    from trainer.data.provenance import private_prompts
+    hits = private_prompts(prompts or [], (caption for row in captions for caption in row), template, names)
+    if hits:
+        raise ConfigError(f"sample.prompts: entry {hits[0]} is the caption of a private example: the run's grids, "
+                          "config and MLflow params would release it as a DP result; prompts are public "
+                          "inputs, write your own")
 
 
 def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: dict) -> str:

@@ -1,11 +1,15 @@
 """Stage ``sample``: DDIM or DPM-Solver++(2M) samples from a pretrained or DP fine-tuned checkpoint.
 
 Class labels and prompts given here are public inputs. Released images are post-processing of
-the model, so a DP fine-tuned checkpoint's samples carry its (epsilon, delta).
+the model, so a DP fine-tuned checkpoint's samples carry its (epsilon, delta). A prompt that is a
+caption of the run's private set (compared where its shards can be read) is private data: sampling
+with it is refused, or with ``--nonprivate-diagnostic`` written and labelled as a non-private
+diagnostic (``OUT/NONPRIVATE.txt``).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -15,7 +19,9 @@ from trainer.config import SAMPLER_KEYS, SAMPLERS
 from trainer.errors import UsageError
 from trainer.runs import generate, load_pipeline, override_sampler
 from trainer.runtime import resolve_device
-from trainer.stages.common import check_model_finished, save_grid, seed_everything, to_uint8
+from trainer.stages.common import PRIVACY_REPORT, check_model_finished, save_grid, seed_everything, to_uint8
+
+NONPRIVATE = "NONPRIVATE.txt"  # beside images sampled from private captions
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
         if cfg.ldm.conditioner.type != "text":
             raise UsageError(f"--prompts: needs a text-conditioned model (this one is "
                              f"{cfg.ldm.conditioner.type}); use --classes")
+        private = _private_prompts(Path(args.checkpoint), cfg, args.prompts, names)
+        if private and not args.nonprivate_diagnostic:
+            raise UsageError(f"--prompts: entry {private[0]} is the caption of an example of this run's private set: "
+                             "images sampled from private captions are a non-private diagnostic, not a DP release; "
+                             "write your own prompts, or pass --nonprivate-diagnostic to write them labelled so")
         conds: Sequence = [p for p in args.prompts for _ in range(args.num)]
     elif cfg.ldm.conditioner.type == "class":
         classes = classes if args.classes else list(range(len(names)))
@@ -61,7 +72,29 @@ def run(args: argparse.Namespace) -> int:
         Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:06d}.png")
     save_grid(images, out / "grid.png", nrow=args.num)
     print(f"{len(arr)} images in {out} (grid: {out / 'grid.png'})")
+    if args.prompts and private:
+        (out / NONPRIVATE).write_text(f"Non-private diagnostic: prompts {private} (from 0) are captions of the private "
+                                      f"set of {args.checkpoint}; these images are not a DP release.\n")
+        print(f"dpldm sample: note: a non-private diagnostic (prompts {private} are private captions): "
+              f"{out / NONPRIVATE}", file=sys.stderr)
     return 0
+
+
+def _private_prompts(run_dir: Path, cfg, prompts: list[str], names: list[str]) -> list[int]:
+    """The indices of ``prompts`` that are captions of the private shards of the DP run in ``run_dir``,
+    when they can be read here ([]: a public run, or a released model sampled without its private set)."""
+    private = cfg.data.private
+    if not (run_dir / PRIVACY_REPORT).is_file() or private is None or private.source != "shards" or not private.path:
+        return []
+    from trainer.data.latent_cache import shard_caption_template
+    from trainer.data.provenance import private_prompts
+    from trainer.data.reader import expand_urls, shard_captions
+    try:
+        urls = expand_urls(private.path)
+        captions = shard_captions(urls)
+    except (ValueError, OSError):
+        return []
+    return private_prompts(prompts, captions, shard_caption_template(urls), names)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,7 +104,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "or finetune run folder. Images go to OUT/<class name>/ and OUT/grid.png.")
     p.add_argument("--checkpoint", required=True, help="run folder of pretrain-ldm, import-compvis or finetune")
     p.add_argument("--classes", help="comma-separated class indices (default: all classes)")
-    p.add_argument("--prompts", nargs="+", help="text prompts (text-conditioned models)")
+    p.add_argument("--prompts", nargs="+", help="text prompts (text-conditioned models): public inputs, not captions "
+                                                "of the private set")
+    p.add_argument("--nonprivate-diagnostic", action="store_true",
+                   help="allow --prompts that are captions of the run's private set; the images are then a "
+                        "non-private diagnostic, labelled by OUT/NONPRIVATE.txt")
     p.add_argument("--num", type=positive_int, default=8, help="images per class or prompt (default 8)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
