@@ -96,7 +96,7 @@ def count_distinct_samples(urls: Sequence[str]) -> tuple[int, str]:
     for url in urls:
         content, count, twice = hashlib.sha256(), 0, None
         for sample in wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception):
-            image = next((sample[key] for key in IMAGE_KEYS if key in sample), None)
+            image = image_member(sample)
             if image is not None and twice is None:
                 twice = images.get(fingerprint(image))
                 if twice is not None:
@@ -137,7 +137,7 @@ def shard_image_bytes(urls: Sequence[str]) -> Iterator[bytes]:
     """Each sample's image member as stored (encoded bytes, whatever its key), in shard order; samples
     without an image are left out."""
     for sample in wds.tarfile_samples([{"url": url} for url in urls], handler=wds.reraise_exception):
-        image = next((sample[key] for key in IMAGE_KEYS if key in sample), None)
+        image = image_member(sample)
         if image is not None:
             yield image
 
@@ -149,6 +149,11 @@ def image_fingerprints(urls: Sequence[str]) -> np.ndarray:
     copied or streamed."""
     rows = [np.frombuffer(fingerprint(image), dtype=np.uint8) for image in shard_image_bytes(urls)]
     return np.stack(rows) if rows else np.zeros((0, 16), dtype=np.uint8)
+
+
+def image_member(sample: dict) -> bytes | None:
+    """A raw webdataset sample's image member as stored (the first of ``IMAGE_KEYS`` it has), or None."""
+    return next((sample[key] for key in IMAGE_KEYS if key in sample), None)
 
 
 def fingerprint(image: bytes) -> bytes:

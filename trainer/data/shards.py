@@ -49,7 +49,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from trainer.data.reader import fingerprint
+from trainer.data.reader import fingerprint, image_member
 from trainer.data.sources import LoadedItem, SampleError, Source, SourceItem
 from trainer.io import write_json
 
@@ -317,10 +317,9 @@ def _make_sample(item: SourceItem, key: str, options: WriteOptions, require_capt
 
 def _written_images(out: Path, progress: Progress) -> dict[bytes, str]:
     """Image fingerprint -> key of every sample in the complete shards (a resumed run's)."""
-    from trainer.data.reader import IMAGE_KEYS
     written = {}
     for sample in wds.tarfile_samples([{"url": str(out / s["name"])} for s in progress.shards]):
-        image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        image = image_member(sample)
         if image is not None:
             written[fingerprint(image)] = sample["__key__"]
     return written
