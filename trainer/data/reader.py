@@ -98,11 +98,9 @@ def count_distinct_samples(urls: Sequence[str]) -> tuple[int, str]:
         for sample in wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception):
             image = image_member(sample)
             if image is not None and twice is None:
-                twice = images.get(fingerprint(image))
-                if twice is not None:
-                    twice = (*twice, count)
-                else:
-                    images[fingerprint(image)] = (url, count)
+                first = images.setdefault(fingerprint(image), (url, count))
+                if first != (url, count):
+                    twice = (*first, count)
             count += 1
             for name in sorted(k for k in sample if not k.startswith("__")):
                 content.update(f"{name}\0{len(sample[name])}\0".encode())
