@@ -70,7 +70,10 @@ def test_demo_config_loads_with_compvis_names():
     ("autoencoder.ddconfig.ch=0", "autoencoder.ddconfig.ch"),
     # every block normalises in 32 groups: each width a multiple of 32
     ("ldm.unet.model_channels=48", "ldm.unet.model_channels"),
-    ("ldm.unet.channel_mult=[1,1.5]", "ldm.unet.model_channels"),
+    ("ldm.unet.channel_mult=[1,1.5]", "ldm.unet.channel_mult"),
+    ("ldm.unet.channel_mult=[]", "ldm.unet.channel_mult"),
+    ("autoencoder.ddconfig.ch_mult=[]", "autoencoder.ddconfig.ch_mult"),
+    ("ldm.unet.num_heads=0", "ldm.unet.num_heads"),
     ("autoencoder.ddconfig.ch=48", "autoencoder.ddconfig.ch"),
     # what only the model code knows, found by building it on the meta device
     ("ldm.unet.num_heads=-1|ldm.unet.num_head_channels=-1", "ldm.unet: the model cannot be built"),
@@ -83,6 +86,25 @@ def test_demo_config_loads_with_compvis_names():
     ("experiment=..", "experiment"),
     ("experiment=", "experiment"),
     ("eval.num_per_class=-1", "eval.num_per_class"),
+    # NaN or inf anywhere, and the ranges a value trains or samples anything sensible in
+    ("autoencoder.train.kl_weight=.nan", "autoencoder.train.kl_weight"),
+    ("finetune.lora_alpha=.nan", "finetune.lora_alpha"),
+    ("finetune.lora_alpha=0", "finetune.lora_alpha"),
+    ("data.public.elastic=.inf", "data.public.elastic"),
+    ("sample.guidance_scale=.nan", "sample.guidance_scale"),
+    ("ldm.scale_factor=.nan", "ldm.scale_factor"),
+    ("ldm.scale_factor=0", "ldm.scale_factor"),
+    ("finetune.weight_decay=-1", "finetune.weight_decay"),
+    ("autoencoder.train.weight_decay=-1", "autoencoder.train.weight_decay"),
+    ("autoencoder.train.kl_weight=-1", "autoencoder.train.kl_weight"),
+    ("ldm.train.cond_drop_prob=5", "ldm.train.cond_drop_prob"),
+    ("ldm.schedule.timesteps=0", "ldm.schedule.timesteps"),
+    ("ldm.schedule.linear_start=0.5|ldm.schedule.linear_end=0.1", "ldm.schedule.linear_start"),
+    ("data.public.resolution=-4", "data.public.resolution"),
+    ("data.public.num_examples=0", "data.public.num_examples"),
+    ("data.public.num_workers=-1", "data.public.num_workers"),
+    ("eval.num_real=-1", "eval.num_real"),
+    ("ldm.conditioner.label_names=[a,b]", "ldm.conditioner.label_names"),
 ])
 def test_bad_values_name_file_and_key(override, key):
     with pytest.raises(ConfigError) as err:

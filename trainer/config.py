@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 
@@ -327,11 +328,27 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _numbers(obj: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(key, value) of every float in the config, its dict sections (``ldm.unet``) and lists included."""
+    if dataclasses.is_dataclass(obj):
+        obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        for name, value in obj.items():
+            yield from _numbers(value, f"{prefix}.{name}" if prefix else str(name))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _numbers(value, f"{prefix}[{i}]")
+    elif isinstance(obj, float):
+        yield prefix, obj
+
+
 def _validate(cfg: Config) -> None:
     def check(cond: bool, key: str, msg: str) -> None:
         if not cond:
             raise ConfigError(f"{key}: {msg}")
 
+    for key, value in _numbers(cfg):  # NaN or inf is never a setting: it trains NaN weights or fails deep inside
+        check(math.isfinite(value), key, f"must be a finite number, got {value}")
     # Folder names under output_dir: a path here would put a run where the experiment's privacy accounting
     # (its runs are the folders one level below output_dir/experiment) and its lock never look.
     for key, folder in (("experiment", cfg.experiment), ("finetune.name", cfg.finetune.name)):
@@ -381,6 +398,26 @@ def _validate(cfg: Config) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
             value = getattr(train, name)
             check(value > 0, f"{key}.{name}", f"must be > 0, got {value}")
+        check(train.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0, got {train.weight_decay}")
+    check(cfg.finetune.weight_decay >= 0, "finetune.weight_decay", f"must be >= 0, got {cfg.finetune.weight_decay}")
+    check(cfg.autoencoder.train.kl_weight >= 0, "autoencoder.train.kl_weight",
+          f"must be >= 0, got {cfg.autoencoder.train.kl_weight}")
+    check(0 <= cfg.ldm.train.cond_drop_prob <= 1, "ldm.train.cond_drop_prob",
+          f"must be in [0, 1], got {cfg.ldm.train.cond_drop_prob}")
+    check(cfg.ldm.scale_factor is None or cfg.ldm.scale_factor > 0, "ldm.scale_factor",
+          f"must be > 0 or null (1/std of the public latents), got {cfg.ldm.scale_factor}")
+    sched = cfg.ldm.schedule
+    check(sched.timesteps > 0, "ldm.schedule.timesteps", f"must be > 0, got {sched.timesteps}")
+    check(0 < sched.linear_start <= sched.linear_end < 1, "ldm.schedule.linear_start",
+          f"needs 0 < linear_start <= linear_end < 1 (the noise schedule's betas), got {sched.linear_start} and "
+          f"{sched.linear_end}")
+    for key in ("public", "private", "test"):
+        src = getattr(cfg.data, key)
+        if src is not None:
+            check(src.resolution > 0, f"data.{key}.resolution", f"must be > 0, got {src.resolution}")
+            check(src.num_examples is None or src.num_examples > 0, f"data.{key}.num_examples",
+                  f"must be > 0 or null (the whole split), got {src.num_examples}")
+            check(src.num_workers >= 0, f"data.{key}.num_workers", f"must be >= 0, got {src.num_workers}")
     for key, section, names in (("ldm.unet", cfg.ldm.unet, ("image_size", "in_channels", "out_channels",
                                                             "model_channels", "context_dim", "transformer_depth")),
                                 ("autoencoder.ddconfig", cfg.autoencoder.ddconfig,
@@ -389,10 +426,18 @@ def _validate(cfg: Config) -> None:
             value = section.get(name)
             check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
                   f"{key}.{name}", f"must be an integer > 0, got {value!r}")
+    for name in ("num_heads", "num_head_channels"):  # CompVis: -1 = set by the other one
+        value = cfg.ldm.unet.get(name)
+        check(value is None or (isinstance(value, int) and not isinstance(value, bool) and (value > 0 or value == -1)),
+              f"ldm.unet.{name}", f"must be an integer > 0, or -1 (set by the other of num_heads, num_head_channels), "
+              f"got {value!r}")
     check(cfg.autoencoder.embed_dim > 0, "autoencoder.embed_dim", f"must be > 0, got {cfg.autoencoder.embed_dim}")
     for key, section, width, mult in (("ldm.unet", cfg.ldm.unet, "model_channels", "channel_mult"),
                                       ("autoencoder.ddconfig", cfg.autoencoder.ddconfig, "ch", "ch_mult")):
         base, mults = section.get(width), section.get(mult)
+        check(mults is None or (isinstance(mults, (list, tuple)) and len(mults) > 0
+                                and all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in mults)),
+              f"{key}.{mult}", f"must be a non-empty list of integers > 0 (one per resolution), got {mults!r}")
         if isinstance(base, int) and isinstance(mults, (list, tuple)):
             widths = [base * m for m in mults]
             check(all(isinstance(w, int) and w % NORM_GROUPS == 0 for w in widths), f"{key}.{width}",
@@ -425,6 +470,8 @@ def _validate(cfg: Config) -> None:
           f"trainable needs finetune.policy attention or lora (trainable SpatialTransformers for the conditioning "
           f"to learn through), got policy {ft.policy!r}")
     check(ft.lora_rank >= 1, "finetune.lora_rank", f"must be >= 1, got {ft.lora_rank}")
+    check(ft.lora_alpha is None or ft.lora_alpha > 0, "finetune.lora_alpha",
+          f"must be > 0 or null (alpha = lora_rank), got {ft.lora_alpha}")
     check(ft.text_encoder_layers >= 0, "finetune.text_encoder_layers", f"must be >= 0, got {ft.text_encoder_layers}")
     check((ft.epsilon is None) != (ft.noise_multiplier is None), "finetune.epsilon",
           "set exactly one of finetune.epsilon (sigma is calibrated) and finetune.noise_multiplier")
@@ -461,9 +508,13 @@ def _validate(cfg: Config) -> None:
     if cond.type == "class":
         check(cond.n_classes is not None and cond.n_classes > 0, "ldm.conditioner.n_classes",
               "a class conditioner needs n_classes > 0")
+        check(cond.label_names is None or len(cond.label_names) == cond.n_classes, "ldm.conditioner.label_names",
+              f"needs one name per class (n_classes: {cond.n_classes}), got {len(cond.label_names or [])}")
     for name in ("ddim_steps", "num_per_class", "batch_size"):
         check(getattr(cfg.sample, name) > 0, f"sample.{name}", "must be > 0")
     check(cfg.eval.epochs > 0, "eval.epochs", f"must be > 0, got {cfg.eval.epochs}")
+    check(cfg.eval.num_real is None or cfg.eval.num_real > 0, "eval.num_real",
+          f"must be > 0 or null (the whole test split), got {cfg.eval.num_real}")
     check(cfg.eval.num_per_class >= 0, "eval.num_per_class", f"must be >= 0, got {cfg.eval.num_per_class}")
     check(cfg.eval.ddim_steps is None or cfg.eval.ddim_steps > 0, "eval.ddim_steps",
           f"must be > 0 or null (sample.ddim_steps), got {cfg.eval.ddim_steps}")
