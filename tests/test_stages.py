@@ -362,6 +362,30 @@ def test_finetune_refuses_a_base_whose_pretraining_was_interrupted(workdir, monk
     assert load_config(str(workdir / "runs" / "cut" / "finetune" / "config.yaml")).ldm.train.lr != 0.123
 
 
+def test_a_public_stage_that_has_trained_resumes_only_under_its_settings(workdir, capsys):
+    """Its weights and its recorded config.yaml must agree (every later stage reads the record): a changed
+    architecture, learning rate or public set is refused before anything is written; training longer is
+    not. A public set that cannot be read leaves no folder."""
+    overrides = TINY + ["experiment=resume", f"output_dir={workdir / 'runs'}"]
+    ae = workdir / "runs" / "resume" / "ae"
+    assert cli.main(["pretrain-ae", "--config", "demo", *overrides]) == 0
+    recorded = (ae / "config.yaml").read_bytes()
+    for change, key in (("autoencoder.ddconfig.ch=64", "autoencoder.ddconfig.ch"),
+                        ("autoencoder.train.lr=0.01", "autoencoder.train.lr"),
+                        ("data.public.seed=3", "data.public.seed")):
+        capsys.readouterr()
+        assert cli.main(["pretrain-ae", "--config", "demo", *overrides, change]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"dpldm pretrain-ae: config error: {key}: {ae} has trained with") and err.count("\n") == 1
+        assert (ae / "config.yaml").read_bytes() == recorded
+    assert cli.main(["pretrain-ae", "--config", "demo", *overrides, "autoencoder.train.steps=5"]) == 0
+    assert load_config(str(ae / "config.yaml")).autoencoder.train.steps == 5
+    capsys.readouterr()
+    nowhere = ["experiment=nowhere", "data.public.source=shards", f"data.public.path={workdir / 'no-shards'}"]
+    assert cli.main(["pretrain-ae", "--config", "demo", *overrides, *nowhere]) == 1
+    assert "no-shards" in capsys.readouterr().err and not (workdir / "runs" / "nowhere").exists()
+
+
 @pytest.mark.slow
 def test_interrupted_finetune_resumes_and_never_undercounts(workdir, monkeypatch):
     overrides = TINY + ["experiment=resume", f"output_dir={workdir / 'runs'}", "finetune.checkpoint_every=1"]

@@ -274,6 +274,18 @@ def _model_build_error(key: str, section_json: str, embed_dim: int) -> str | Non
     return None
 
 
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (a config's dotted keys); lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
 # --- loading ----------------------------------------------------------------------------------
 
 def _type_name(tp: Any) -> str:

@@ -9,7 +9,9 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
+
+from trainer.config import flatten
 
 
 PARAM_CHARS = 6000  # MLflow keeps a param value's first 6,000 characters: longer ones are cut here
@@ -17,18 +19,6 @@ PARAM_CHARS = 6000  # MLflow keeps a param value's first 6,000 characters: longe
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists become their string form."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
-    return out
 
 
 class Run:

@@ -96,8 +96,10 @@ def record_public_images(public: Any, run_dir: Path) -> None:
     if pattern is None:
         path.unlink(missing_ok=True)
         return
+    fingerprints = image_fingerprints(expand_urls(pattern))  # read before anything is written
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, image_fingerprints(expand_urls(pattern)))
+    np.save(tmp, fingerprints)
     os.replace(tmp, path)
 
 

@@ -262,18 +262,27 @@ def build_conditioner(cfg: Config, n_classes: Optional[int] = None):
 
 # --- checkpoints -------------------------------------------------------------------------------
 
-def start_public_stage(cfg: Config, run_dir: Path, batch_size: int, key: str) -> tuple[Runtime, int]:
+STATE_FILE = "train-state.pt"  # a public stage's optimizer, step and generator states (trainer.stages.loop)
+# what a public stage that has trained may change when it resumes: how long it trains, how it logs and checkpoints,
+# how many workers read its data (and, outside its sections, the device and the precision)
+RESUMABLE = ("train.steps", "train.log_every", "train.checkpoint_every", "num_workers")
+
+
+def start_public_stage(cfg: Config, run_dir: Path, batch_size: int, key: str,
+                       sections: tuple[str, ...]) -> tuple[Runtime, int]:
     """The runtime of a public pretraining stage (several processes under torchrun / deepspeed) and
     this rank's share of the global ``batch_size`` (config key ``key``); rank 0 writes the run's
-    ``config.yaml`` and the fingerprints of its public shard images. The caller closes the runtime
-    (``with rt:``)."""
+    ``config.yaml`` and the fingerprints of its public shard images. A run that has trained resumes
+    only under the same ``sections`` (see :func:`refuse_changed_settings`). The caller closes the
+    runtime (``with rt:``)."""
     from trainer.data.provenance import record_public_images
+    refuse_changed_settings(cfg, run_dir, sections)
     rt = Runtime.start(cfg)
     try:
         per_rank = rt.per_rank(batch_size, key)
         if rt.is_main:
-            save_run_config(cfg, run_dir)
             record_public_images(cfg.data.public, run_dir)  # what a later private set is checked against
+            save_run_config(cfg, run_dir)
         rt.barrier()
     except BaseException:
         rt.close()
@@ -282,16 +291,43 @@ def start_public_stage(cfg: Config, run_dir: Path, batch_size: int, key: str) ->
     return rt, per_rank
 
 
-def save_run_config(cfg: Config, run_dir: Path) -> Path:
-    """Write the resolved config to ``run_dir/config.yaml`` (creating the folder), the local shard paths
-    of its data sources made absolute: the record names the files the run read from any working
-    folder (a later fine-tune checks its private set against a base's recorded public data)."""
+def refuse_changed_settings(cfg: Config, run_dir: Path, sections: tuple[str, ...]) -> None:
+    """Refuse (ConfigError naming the first key) to resume the public stage in ``run_dir`` once it has
+    trained (its ``train-state.pt``) under other values of ``sections`` (config keys and the keys below
+    them) than ``cfg``'s: its weights and its recorded ``config.yaml`` would disagree, and so would every
+    stage built on it. The ``RESUMABLE`` keys may change."""
+    from trainer.config import flatten, load_config
+    recorded = run_dir / "config.yaml"
+    if not (run_dir / STATE_FILE).is_file():
+        return
+    try:
+        theirs = flatten(load_config(str(recorded)).to_dict())
+    except (ConfigError, OSError) as err:
+        raise ConfigError(f"{recorded}: cannot be read ({err}), so the settings {run_dir} trained with are unknown: "
+                          "restore it, or train in another experiment=NAME") from None
+    ours = flatten(as_recorded(cfg).to_dict())
+    for key in sorted(set(theirs) | set(ours)):
+        if any(key == s or key.startswith(s + ".") for s in sections) and not key.endswith(RESUMABLE) \
+                and theirs.get(key) != ours.get(key):
+            raise ConfigError(f"{key}: {run_dir} has trained with {theirs.get(key)!r}, not {ours.get(key)!r}; resume "
+                              "it with its settings (only how long it trains and how it logs may change), or train "
+                              "in another experiment=NAME or output_dir")
+
+
+def as_recorded(cfg: Config) -> Config:
+    """``cfg`` as a run folder records it: the local shard paths of its data sources made absolute, so the
+    record names the files the run read from any working folder (a later fine-tune checks its private set
+    against a base's recorded public data)."""
     from trainer.data.provenance import absolute_source
+    return dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, **{key: absolute_source(getattr(cfg.data, key)) for key in ("public", "private", "test")}))
+
+
+def save_run_config(cfg: Config, run_dir: Path) -> Path:
+    """Write ``cfg`` :func:`as_recorded` to ``run_dir/config.yaml`` (creating the folder)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
-    data = dataclasses.replace(cfg.data, **{key: absolute_source(getattr(cfg.data, key))
-                                            for key in ("public", "private", "test")})
-    dump_config(dataclasses.replace(cfg, data=data), path)
+    dump_config(as_recorded(cfg), path)
     return path
 
 

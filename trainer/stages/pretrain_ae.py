@@ -26,7 +26,8 @@ def run(cfg: Config) -> Path:
     run_dir = stage_dir(cfg, "pretrain-ae")
     tc = cfg.autoencoder.train
     refuse_private_as_public(cfg.data.public, run_dir.parent)  # before anything is written
-    rt, batch_size = start_public_stage(cfg, run_dir, tc.batch_size, "autoencoder.train.batch_size")
+    rt, batch_size = start_public_stage(cfg, run_dir, tc.batch_size, "autoencoder.train.batch_size",
+                                        ("seed", "data.public", "autoencoder"))
     with rt:
         return _train(cfg, rt, run_dir, batch_size)
 

@@ -47,7 +47,8 @@ def run(cfg: Config) -> Path:
     run_dir = stage_dir(cfg, "pretrain-ldm")
     refuse_private_as_public(cfg.data.public, run_dir.parent)  # before anything is written
     ae_dir = earlier_stage(cfg, "pretrain-ae")
-    rt, batch_size = start_public_stage(cfg, run_dir, cfg.ldm.train.batch_size, "ldm.train.batch_size")
+    rt, batch_size = start_public_stage(cfg, run_dir, cfg.ldm.train.batch_size, "ldm.train.batch_size",
+                                        ("seed", "data.public", "autoencoder.embed_dim", "autoencoder.ddconfig", "ldm"))
     with rt:
         return _train(cfg, rt, run_dir, ae_dir, batch_size)
 
