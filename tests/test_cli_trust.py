@@ -60,6 +60,61 @@ def test_user_mistakes_are_one_line_errors_with_exit_codes(tmp_path, capsys, mon
     assert not (tmp_path / "s").exists()
 
 
+def test_broken_files_and_bad_flags_are_one_line_errors_that_write_nothing(tmp_path, capsys, monkeypatch):
+    """Files a user passes or a run folder holds that cannot be read (text where a checkpoint, a tar shard,
+    weights or a JSON record belongs; binary where YAML belongs; a file where a folder belongs) and flag
+    values out of range: one line each, exit 2 for a flag or config, 1 for a file, nothing written."""
+    from trainer.config import dump_config, load_config
+    from trainer.io import save_safetensors
+    from trainer.stages.common import build_autoencoder
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'notes.txt'}")
+    (tmp_path / "notes.txt").write_text("not a store, a tar, weights or a checkpoint\n")
+    (tmp_path / "shard-000000.tar").write_text("not a tar\n")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))
+    (tmp_path / "cv.yaml").write_text("model: {target: ldm.models.diffusion.ddpm.LatentDiffusion, params: [1, 2]}\n")
+    fake = tmp_path / "fakerun"  # an LDM folder whose records were damaged
+    fake.mkdir()
+    (fake / "ldm.json").write_text("{not json")
+    ae = tmp_path / "ae"  # a real autoencoder folder, and one whose weights are text
+    ae.mkdir()
+    cfg = load_config("demo")
+    dump_config(cfg, ae / "config.yaml")
+    save_safetensors(build_autoencoder(cfg).state_dict(), ae / "autoencoder.safetensors")
+    broken = tmp_path / "broken-ae"
+    broken.mkdir()
+    dump_config(cfg, broken / "config.yaml")
+    (broken / "autoencoder.safetensors").write_text("text")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    cases = [  # (argv, exit code, words of the message)
+        (["prepare", "letters", "--count", "-5", "o"], 2, "--count: must be at least 1"),
+        (["prepare", "letters", "--resume", "--overwrite", "o"], 2, "not allowed with argument --resume"),
+        (["prepare", "letters", "--caption-template", "a {nope}", "o"], 2, "may hold only {label}"),
+        (["prepare", "letters", "--elastic", "nan", "o"], 2, "must be a finite number"),
+        (["prepare", "letters", "--count", "3", "--no-progress", "notes.txt"], 1, "notes.txt"),
+        (["sample", "--checkpoint", "fakerun", "--out", "s"], 1, "ldm.json: unreadable"),
+        (["sample", "--checkpoint", "fakerun", "--guidance-scale", "nan", "--out", "s"], 2, "finite"),
+        (["sample", "--checkpoint", "fakerun", "--out", "notes.txt"], 2, "--out: notes.txt is a file"),
+        (["sample", "--checkpoint", "fakerun", "--classes", "", "--out", "s"], 2, "--classes: empty"),
+        (["encode", "--autoencoder", "broken-ae", "shard-000000.tar", "c"], 1, "not a readable safetensors"),
+        (["encode", "--autoencoder", "ae", "--resolution", "7", "shard-000000.tar", "c"], 2, "multiple of"),
+        (["encode", "--autoencoder", "ae", "--world-size", "0", "shard-000000.tar", "c"], 2, "--world-size"),
+        (["encode", "--autoencoder", "ae", "shard-000000.tar", "c"], 1, "not a readable tar shard"),
+        (["fid", "shard-000000.tar", "shard-000000.tar"], 1, "not a readable tar shard"),
+        (["import-compvis", "cv.yaml", "notes.txt", "imported"], 2, "cv.yaml"),
+        (["finetune", f"finetune.deepspeed_config={tmp_path / 'nope.json'}"], 2, "nope.json: file not found"),
+        (["pretrain-ae", "--config", "binary.yaml"], 2, "binary.yaml: not a readable YAML text file"),
+        (["evaluate", "--samples", "o", "--metrics", "bogus"], 2, "--metrics: ['bogus']"),
+        (["compare"], 1, "no MLflow store at"),
+    ]
+    for argv, code, words in cases:
+        got, err = run_cli(argv, capsys)
+        assert got == code, (argv, err)
+        assert words in err, (argv, err)
+        assert_one_line(err, "prepare letters" if argv[0] == "prepare" and code == 2 else argv[0])  # argparse's prog
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before, "refusing commands wrote nothing"
+
+
 def test_help_is_plain_text_and_version_and_print_config(capsys, tmp_path, monkeypatch):
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices

@@ -50,7 +50,7 @@ def test_unlabelled_samples_and_bad_metrics_are_refused_in_one_line_before_any_f
     err = capsys.readouterr().err
     assert err.startswith("dpldm evaluate: error: accuracy needs labelled samples") and err.count("\n") == 1
     assert main(["evaluate", "--samples", str(tmp_path), "--metrics", "ssim"]) == 2
-    assert capsys.readouterr().err.startswith("dpldm evaluate: error: metrics: ['ssim']; choose from")
+    assert capsys.readouterr().err.startswith("dpldm evaluate: error: --metrics: ['ssim']; choose from")
 
 
 def test_evaluate_checks_run_before_any_work(tmp_path, monkeypatch, capsys):

@@ -48,6 +48,8 @@ def _at_least(text: str, kind: type, low: float, noun: str, high: float | None =
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     if high is not None and not low <= value <= high:
         raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
     if value < low:
@@ -58,6 +60,11 @@ def _at_least(text: str, kind: type, low: float, noun: str, high: float | None =
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     return _at_least(text, int, 1, "an integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _at_least(text, int, 0, "an integer")
 
 
 def non_negative_float(text: str) -> float:
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         kind = "config error" if isinstance(err, ConfigError) else "error"
         print(f"{prefix}: {kind}: {err}", file=sys.stderr)
         return 2
-    except (RunError, FileNotFoundError, CheckpointError, ImageSetError) as err:
+    except (RunError, OSError, CheckpointError, ImageSetError) as err:  # OSError: a file where a folder must be, ...
         if os.environ.get("DPLDM_DEBUG"):
             raise
         print(f"{prefix}: error: {err}", file=sys.stderr)

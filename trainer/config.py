@@ -524,6 +524,9 @@ def _validate(cfg: Config) -> None:
               f"needs one name per class (n_classes: {cond.n_classes}), got {len(cond.label_names or [])}")
     for name in ("ddim_steps", "num_per_class", "batch_size"):
         check(getattr(cfg.sample, name) > 0, f"sample.{name}", "must be > 0")
+    for key, steps in (("sample.ddim_steps", cfg.sample.ddim_steps), ("eval.ddim_steps", cfg.eval.ddim_steps)):
+        check(steps is None or steps <= sched.timesteps, key,
+              f"must be at most ldm.schedule.timesteps ({sched.timesteps}), got {steps}")
     check(cfg.eval.epochs > 0, "eval.epochs", f"must be > 0, got {cfg.eval.epochs}")
     check(cfg.eval.num_real is None or cfg.eval.num_real > 0, "eval.num_real",
           f"must be > 0 or null (the whole test split), got {cfg.eval.num_real}")
@@ -584,7 +587,11 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
     path = resolve_config_path(name_or_path)
-    raw = parse_yaml(path.read_text(), str(path)) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"{path}: not a readable YAML text file ({type(err).__name__}: {err})") from None
+    raw = parse_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return config_from_dict(apply_overrides(raw, overrides or []), source=str(path))

@@ -11,3 +11,8 @@ class RunError(RuntimeError):
 
 class UsageError(ValueError):
     """A bad command-line argument (exit status 2); the message names the flag."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message, or its type's name when it has none (for one-line errors)."""
+    return (str(err).splitlines() or [type(err).__name__])[0].rstrip(":")

@@ -101,13 +101,18 @@ def save_safetensors(tensors: nn.Module | Mapping[str, Tensor], path: str | Path
 
 def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> SafetensorsFile:
     """Every tensor (onto ``device``) and the metadata of a ``.safetensors`` file."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
+
+    from trainer.errors import RunError
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: safetensors file not found")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        metadata = dict(f.metadata() or {})
-        state = {key: f.get_tensor(key) for key in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = dict(f.metadata() or {})
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as err:  # not a safetensors file, or a truncated one
+        raise RunError(f"{path}: not a readable safetensors file ({err}); restore it") from None
     return SafetensorsFile(state, metadata)
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from trainer.config import Config, load_config
 from trainer.distributed.checkpoint import EMA_FILE, WEIGHTS_FILE
-from trainer.errors import RunError
+from trainer.errors import RunError, first_line
 from trainer.pipeline import LatentDiffusion
 from trainer.io import load_safetensors, write_json
 from trainer.stages.common import build_ldm, load_autoencoder, recorded_path, resolve_recorded, save_grid
@@ -38,7 +38,7 @@ def load_pipeline(run_dir: str | Path, device: torch.device | str = "cpu"
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run folder")
     ft_meta_path = run_dir / "finetune.json"
-    ft_meta = json.loads(ft_meta_path.read_text()) if ft_meta_path.is_file() else None
+    ft_meta = read_run_json(ft_meta_path, ("base",)) if ft_meta_path.is_file() else None
     base_dir = resolve_recorded(ft_meta["base"], run_dir) if ft_meta else run_dir
     meta_path = base_dir / "ldm.json"
     if ft_meta and not meta_path.is_file():
@@ -47,13 +47,19 @@ def load_pipeline(run_dir: str | Path, device: torch.device | str = "cpu"
     if not meta_path.is_file():
         raise RunError(f"{run_dir}: not an LDM run folder (no ldm.json or finetune.json): give the folder of "
                        "pretrain-ldm, import-compvis or finetune")
-    meta = json.loads(meta_path.read_text())
+    meta = read_run_json(meta_path, ("scale_factor", "latent_shape", "autoencoder"))
     cfg = load_config(str(run_dir / "config.yaml"))
     n_classes = ft_meta.get("n_classes") if ft_meta else None  # a fresh embedder replaced the public one
     ldm = build_ldm(cfg, meta["scale_factor"], n_classes=n_classes)
-    ldm.unet.load_state_dict(load_safetensors(base_dir / "unet.safetensors").state_dict)
-    if not n_classes:
-        ldm.cond_stage_model.load_state_dict(load_safetensors(base_dir / "cond_stage_model.safetensors").state_dict)
+    try:
+        ldm.unet.load_state_dict(load_safetensors(base_dir / "unet.safetensors").state_dict)
+        if not n_classes:
+            ldm.cond_stage_model.load_state_dict(load_safetensors(base_dir / "cond_stage_model.safetensors").state_dict)
+    except RunError:
+        raise
+    except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
+        raise RunError(f"{base_dir}: its weights do not fit the model its config.yaml describes "
+                       f"({first_line(err)}); restore the folder's files together") from None
     if ft_meta:
         if ft_meta.get("lora"):  # the adapters the run trained, on the frozen base projections
             from trainer.selection import add_adapters
@@ -71,6 +77,19 @@ def load_pipeline(run_dir: str | Path, device: torch.device | str = "cpu"
     ldm.eval().requires_grad_(False).to(device)
     autoencoder.to(device)
     return ldm, autoencoder, meta, cfg
+
+
+def read_run_json(path: Path, required: Sequence[str] = ()) -> dict:
+    """A run folder's JSON record (``ldm.json``, ``finetune.json``) holding the ``required`` keys, or RunError
+    naming the file."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise RunError(f"{path}: unreadable ({err}); restore it") from None
+    missing = [key for key in required if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise RunError(f"{path}: lacks {', '.join(missing)}; restore it")
+    return record
 
 
 def override_sampler(settings: dict, **overrides) -> dict:

@@ -123,7 +123,7 @@ def tracking_hint() -> str:
 
 
 def missing_store() -> Optional[str]:
-    """The sqlite file of the tracking store when it does not exist yet, else None.
+    """The sqlite file of the tracking store when it does not exist yet (or is no SQLite database), else None.
 
     Reading runs from a store that is not there would create it (an empty ``mlflow.db``): the
     commands that only read check this first and refuse instead.
@@ -133,7 +133,11 @@ def missing_store() -> Optional[str]:
     if not uri.startswith("sqlite:///"):
         return None  # a server or a file store: nothing is created by reading it
     path = Path(uri[len("sqlite:///"):])
-    return None if path.exists() else str(path)
+    try:
+        with open(path, "rb") as fh:
+            return None if fh.read(16) == b"SQLite format 3\x00" or path.stat().st_size == 0 else str(path)
+    except OSError:
+        return str(path)
 
 
 def find_run_by_checkpoint(experiment: str, run_dir: Path) -> Optional[str]:

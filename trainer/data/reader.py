@@ -24,6 +24,7 @@ import glob
 import hashlib
 import io
 import random
+import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
@@ -34,6 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from trainer.data.sources import split_caption_lines
+from trainer.errors import first_line
 
 # image members of a sample (and image files of a folder), in order of preference
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
@@ -95,7 +97,7 @@ def count_distinct_samples(urls: Sequence[str]) -> tuple[int, str]:
     total, digest = 0, hashlib.sha256()
     for url in urls:
         content, count, twice = hashlib.sha256(), 0, None
-        for sample in wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception):
+        for sample in raw_samples([url]):
             image = image_member(sample)
             if image is not None and twice is None:
                 first = images.setdefault(fingerprint(image), (url, count))
@@ -127,14 +129,14 @@ def image_files(folder: Path) -> list[Path]:
 
 def shard_captions(urls: Sequence[str]) -> set[str]:
     """Every caption of the shards ``urls`` (their ``txt`` members, one caption per line)."""
-    return {caption for sample in wds.tarfile_samples([{"url": url} for url in urls], handler=wds.reraise_exception)
+    return {caption for sample in raw_samples(urls)
             if "txt" in sample for caption in split_caption_lines(sample["txt"].decode("utf-8"))}
 
 
 def shard_image_bytes(urls: Sequence[str]) -> Iterator[bytes]:
     """Each sample's image member as stored (encoded bytes, whatever its key), in shard order; samples
     without an image are left out."""
-    for sample in wds.tarfile_samples([{"url": url} for url in urls], handler=wds.reraise_exception):
+    for sample in raw_samples(urls):
         image = image_member(sample)
         if image is not None:
             yield image
@@ -147,6 +149,16 @@ def image_fingerprints(urls: Sequence[str]) -> np.ndarray:
     copied or streamed."""
     rows = [np.frombuffer(fingerprint(image), dtype=np.uint8) for image in shard_image_bytes(urls)]
     return np.stack(rows) if rows else np.zeros((0, 16), dtype=np.uint8)
+
+
+def raw_samples(urls: Sequence[str]) -> Iterator[dict]:
+    """The samples of the shards ``urls`` undecoded (``__key__`` and member suffix -> bytes), in order; a
+    shard that is not a readable tar raises ValueError naming it."""
+    for url in urls:
+        try:
+            yield from wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception)
+        except (tarfile.TarError, EOFError) as err:
+            raise ValueError(f"{url}: not a readable tar shard ({first_line(err)})") from None
 
 
 def image_member(sample: dict) -> bytes | None:

@@ -49,7 +49,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from trainer.data.reader import fingerprint, image_member
+from trainer.data.reader import fingerprint, image_member, raw_samples
 from trainer.data.sources import LoadedItem, SampleError, Source, SourceItem
 from trainer.io import write_json
 
@@ -97,6 +97,12 @@ class WriteOptions:
             raise ValueError(f"max_size {self.max_size} is smaller than min_size {self.min_size}")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if self.caption_template is not None:
+            try:
+                self.caption_template.format(label="x")
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(f"caption template {self.caption_template!r}: may hold only {{label}} "
+                                 f"(the class name), got {type(err).__name__}: {err}") from None
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -318,7 +324,7 @@ def _make_sample(item: SourceItem, key: str, options: WriteOptions, require_capt
 def _written_images(out: Path, progress: Progress) -> dict[bytes, str]:
     """Image fingerprint -> key of every sample in the complete shards (a resumed run's)."""
     written = {}
-    for sample in wds.tarfile_samples([{"url": str(out / s["name"])} for s in progress.shards]):
+    for sample in raw_samples([str(out / s["name"]) for s in progress.shards]):
         image = image_member(sample)
         if image is not None:
             written[fingerprint(image)] = sample["__key__"]

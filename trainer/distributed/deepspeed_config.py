@@ -23,6 +23,8 @@ def resolve_deepspeed_config(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_absolute() or len(path.parts) > 1:  # a path that names no file
+        raise ConfigError(f"finetune.deepspeed_config: {name_or_path}: file not found")
     shipped = DEEPSPEED_CONFIGS / (name_or_path if name_or_path.endswith(".json") else f"{name_or_path}.json")
     if shipped.is_file():
         return shipped

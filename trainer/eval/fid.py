@@ -29,6 +29,7 @@ import scipy.linalg
 import torch
 from tqdm import tqdm
 
+from trainer.errors import RunError, first_line
 from trainer.eval.images import ImageCollection, ImageSetError
 from trainer.io import replace_atomically
 
@@ -94,7 +95,8 @@ def _load_layers(path: str) -> torch.nn.Module:
     try:
         module = torch.jit.load(path, map_location="cpu")
     except Exception as err:  # TorchScript raises RuntimeError or ValueError depending on the file
-        raise ValueError(f"inception: {path} is not a TorchScript file ({err})") from err
+        raise RunError(f"--inception: {path} is not a TorchScript file "
+                       f"({first_line(err)})") from None
     for holder in (module, getattr(module, "net", None)):
         if holder is not None and hasattr(holder, "layers"):
             return holder.layers.eval()

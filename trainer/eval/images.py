@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from trainer.data.reader import IMAGE_KEYS, expand_urls, image_files
+from trainer.errors import first_line
 
 _KEY_AND_SUFFIX = re.compile(r"^((?:.*/)?[^./]+)\.([^/]*)$")
 
@@ -206,7 +207,11 @@ def _open_shards(pattern: str) -> ImageCollection:
     labels: list[Optional[int]] = []
     for shard in map(Path, expand_urls(pattern)):
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-        with tarfile.open(shard, "r") as tar:
+        try:
+            tar = tarfile.open(shard, "r")
+        except (tarfile.TarError, OSError) as err:
+            raise ImageSetError(f"{shard}: not a readable tar shard ({first_line(err)})") from None
+        with tar:
             for member in tar:
                 match = _KEY_AND_SUFFIX.match(member.name)
                 if member.isfile() and match:

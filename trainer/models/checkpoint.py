@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from trainer.errors import first_line
 from trainer.io import SafetensorsFile, load_safetensors, save_safetensors
 
 __all__ = ["CheckpointError", "LoadReport", "PartReport", "SafetensorsFile", "load_ldm_checkpoint",
@@ -112,6 +113,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             "its weights once elsewhere (torch.load(..., weights_only=False)['state_dict']) and save them "
             f"with save_safetensors. Details: {_unpickling_detail(err)}"
         ) from err
+    except (EOFError, RuntimeError, ValueError, KeyError, OSError) as err:  # not a torch checkpoint, or truncated
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: "
+                              f"{first_line(err)})") from None
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from trainer.config import Config, ConfigError, DataSource, dump_config
-from trainer.errors import RunError
+from trainer.errors import RunError, first_line
 from trainer.io import load_safetensors
 from trainer.runtime import Runtime
 
@@ -338,7 +338,13 @@ def load_autoencoder(run_dir: str | Path):
     cfg = load_config(str(run_dir / "config.yaml"))
     model = build_autoencoder(cfg)
     weights = run_dir / "autoencoder.safetensors"
-    model.load_state_dict(load_safetensors(weights).state_dict)
+    try:
+        model.load_state_dict(load_safetensors(weights).state_dict)
+    except RunError:
+        raise
+    except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
+        raise RunError(f"{weights}: does not fit the autoencoder {run_dir / 'config.yaml'} describes "
+                       f"({first_line(err)}); restore the folder's files together") from None
     model.eval().requires_grad_(False)
     return model, file_sha256(weights)
 

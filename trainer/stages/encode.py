@@ -13,6 +13,7 @@ import os
 import sys
 
 from trainer.data.latent_cache import DTYPES, CacheMismatchError, build_latent_cache
+from trainer.errors import UsageError
 from trainer.runtime import resolve_device
 from trainer.pipeline import autoencoder_encode_fn
 
@@ -26,6 +27,12 @@ def run(args: argparse.Namespace) -> int:
         return 1
     ddconfig = model.ddconfig
     resolution = args.resolution or int(ddconfig["resolution"])
+    factor = 2 ** (len(ddconfig["ch_mult"]) - 1)  # the encoder halves the image at each level but the last
+    if resolution % factor:
+        raise UsageError(f"--resolution: must be a multiple of the autoencoder's downsampling factor {factor}, "
+                         f"got {resolution}")
+    if args.rank >= args.world_size:
+        raise UsageError(f"--rank: must be below --world-size ({args.world_size}), got {args.rank}")
     channels = int(ddconfig["in_channels"])
     if channels not in (1, 3):
         print(f"dpldm encode: error: the autoencoder takes {channels} channels; shards give 1 or 3", file=sys.stderr)
@@ -48,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``encode`` to the ``dpldm`` parser."""
-    from trainer.cli import plain, positive_int
+    from trainer.cli import non_negative_int, plain, positive_int
     p = subparsers.add_parser("encode", help="encode private shards into a latent cache (frozen encoder)",
                               description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--autoencoder", required=True, metavar="RUN_DIR",
@@ -56,12 +63,15 @@ def register(subparsers) -> None:
     p.add_argument("shards", metavar="SHARDS", help="shard folder, brace pattern (shard-{000000..000009}.tar) or a::b list")
     p.add_argument("out", metavar="OUT", help="output folder of the latent cache")
     p.add_argument("--resolution", type=positive_int, help="image size fed to the encoder (default: the autoencoder's)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images encoded together (default 64)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float16", help="storage dtype of mean and std")
     p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--pad-small", action="store_true",
                    help="centre images smaller than the resolution on black instead of upscaling (MNIST 28 -> 32)")
-    p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)))
-    p.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--rank", type=non_negative_int, default=int(os.environ.get("RANK", 0)),
+                   help="this process's share: shards rank, rank + world size, ... (default: RANK, else 0)")
+    p.add_argument("--world-size", type=positive_int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                   help="processes sharing the shards; the last to finish completes the cache (default: "
+                        "WORLD_SIZE, else 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

