@@ -406,7 +406,10 @@ def test_secure_noise_and_a_drowning_plan_warns(base, capsys):
     report = json.loads((folder / "privacy-report.json").read_text())
     assert report["secure_noise"] is True and report["epsilon"] <= 0.05
     assert report["signal_to_noise_bound"] < 1
-    assert "noise drowns the signal" in capsys.readouterr().err
+    assert "dpldm finetune: warning: sigma" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="finetune.total_epsilon"):  # the same plan, refused: its warning unsaid
+        finetune.run(tiny(base, "capped", "finetune.epsilon=0.05", "finetune.total_epsilon=0.01"))
+    assert "noise drowns the signal" not in capsys.readouterr().err
 
 
 def test_runs_on_one_private_set_are_reported_together_and_held_to_the_total_budget(base, monkeypatch, capsys):
@@ -500,7 +503,9 @@ def test_a_noise_multiplier_that_spends_an_absurd_epsilon_is_refused():
 def test_signal_to_noise_bound():
     from trainer.privacy import signal_to_noise_bound
     assert signal_to_noise_bound(2.0, 100, 400, 10_000) == pytest.approx(20 * 100 / (2.0 * 100))
-    assert finetune.warn_if_noise_drowns_signal(123.0, 500, 200, 1_662_080) < 1
+    ratio, warning = finetune.noise_warning(123.0, 500, 200, 1_662_080)
+    assert ratio < 1 and warning.startswith("warning: sigma = 123 is so large that the noise drowns the signal")
+    assert finetune.noise_warning(1.0, 500, 200, 1000) == (signal_to_noise_bound(1.0, 500, 200, 1000), None)
 
 
 def test_label_names_never_come_from_private_labels():

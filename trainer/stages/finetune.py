@@ -81,16 +81,16 @@ def plan_privacy(cfg: Config, num_private: int) -> tuple[float, float]:
     return q, ft.noise_multiplier
 
 
-def warn_if_noise_drowns_signal(sigma: float, expected_batch_size: float, steps: int, dim: int) -> float:
-    """Print a warning when the noise outweighs any possible signal (see ``signal_to_noise_bound``)."""
+def noise_warning(sigma: float, expected_batch_size: float, steps: int, dim: int) -> tuple[float, str | None]:
+    """``signal_to_noise_bound`` and, when the noise outweighs any possible signal, a warning saying so."""
     from trainer.privacy import signal_to_noise_bound
     ratio = signal_to_noise_bound(sigma, expected_batch_size, steps, dim)
-    if ratio < 1:
-        print(f"dpldm finetune: warning: sigma = {sigma:.4g} is so large that the noise drowns the signal: "
-              f"even perfectly aligned gradients would sum to {ratio:.3f} of the noise norm over {steps} steps "
-              f"of {dim} parameters (raise finetune.expected_batch_size or steps, train fewer parameters, "
-              "or accept a larger epsilon)", file=sys.stderr)
-    return ratio
+    if ratio >= 1:
+        return ratio, None
+    return ratio, (f"warning: sigma = {sigma:.4g} is so large that the noise drowns the signal: even perfectly "
+                   f"aligned gradients would sum to {ratio:.3f} of the noise norm over {steps} steps of {dim} "
+                   "parameters (raise finetune.expected_batch_size or steps, train fewer parameters, or accept a "
+                   "larger epsilon)")
 
 
 def _describe(src) -> str:
@@ -359,7 +359,7 @@ def base_rows(names: list | None, meta: dict, base_dir: Path) -> list[int] | Non
 
 def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: Path | None = None,
              seed: int | None = None, resumes: bool = True,
-             accept: Callable[["Selection"], None] | None = None) -> DPSession:
+             accept: Callable[["Selection"], None] | None = None, command: str = "finetune") -> DPSession:
     """Load the base and the plan; build engine, sampler, ledger and optimizer.
 
     Refuses (ConfigError, RunError) a bad plan, a missing base, a plan that differs from the
@@ -371,7 +371,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     (:meth:`DPSession.load_private`). ``accept(selection)``: the caller's own check of the trainable
     parameters, before any of that (it raises to refuse).
     The sampler, the DP noise and the loss draws use generators seeded from OS entropy, or from
-    ``seed`` when a test asks for it.
+    ``seed`` when a test asks for it. Its notes and warnings (``dpldm <command>: ...``) are printed once
+    everything is accepted: a refusal is one line.
     """
     from trainer.data.provenance import absolute_source
     from trainer.diffusion import EMA
@@ -391,12 +392,11 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     base_dir = _base_dir(cfg)
     ldm, autoencoder, meta, base_cfg = load_pipeline(base_dir)
     public_check = refuse_public_overlap(cfg, base_dir, base_cfg, meta)
-    if meta.get("imported_from") and rt.is_main:
-        print(f"dpldm finetune: note: {public_check}", file=sys.stderr)
+    said = [f"note: {public_check}"] if meta.get("imported_from") else []
     for key in ("ldm", "autoencoder"):  # the architecture is the base's
-        if getattr(cfg, key) != getattr(base_cfg, key) and rt.is_main:
-            print(f"dpldm finetune: note: the config's `{key}` section differs from the base's ({base_dir}/"
-                  "config.yaml); the base's is used", file=sys.stderr)
+        if getattr(cfg, key) != getattr(base_cfg, key):
+            said.append(f"note: the config's `{key}` section differs from the base's ({base_dir}/config.yaml); "
+                        "the base's is used")
         setattr(cfg, key, getattr(base_cfg, key))
     source: Union[PrivateShards, EncodedPrivateSet, "ImageSet"]
     if cfg.data.private.source == "shards":  # counted now, encoded below once the plan is accepted
@@ -425,8 +425,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     if accept is not None:
         accept(selection)
     trainable = {name: p for name, p in ldm.named_parameters() if p.requires_grad}
-    snr = warn_if_noise_drowns_signal(sigma, ft.expected_batch_size, ft.steps, selection.trainable_count) \
-        if rt.is_main else float("nan")
+    snr, warning = noise_warning(sigma, ft.expected_batch_size, ft.steps, selection.trainable_count)
+    said += [warning] if warning else []
     ledger = PrivacyLedger(sigma, q, ft.delta, planned_steps=ft.steps,
                            epsilon_budget=ft.epsilon or epsilon(sigma, q, ft.steps, ft.delta),
                            private_set=private_set_identity(cfg.data.private, n))
@@ -463,6 +463,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
                                                else SELF_CHECK_RTOL))
     ema = EMA(trainable, ft.ema_decay) if ft.ema_decay else None  # post-processing of the noisy steps
     state = TrainState(trainable, optimizer, sampler, ledger, {"base": str(base_dir.resolve())}, ema)
+    for line in said if rt.is_main else []:
+        print(f"dpldm {command}: {line}", file=sys.stderr)
     return DPSession(cfg, base_dir, ldm, autoencoder, selection, n, names, names_source, q, sigma, snr, engine,
                      state, tuple(meta["latent_shape"]), generator(2), rt.autocast, source,
                      meta["autoencoder_sha256"], public_check)
@@ -707,7 +709,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
             raise ConfigError(f"--canaries: must be in [1, {selection.trainable_count}] (one trainable coordinate "
                               f"each), got {canaries}")
 
-    session = _prepare(cfg, rt, run_dir, seed=seed, resumes=False, accept=accept)
+    session = _prepare(cfg, rt, run_dir, seed=seed, resumes=False, accept=accept, command="audit")
     session.load_private(rt)
     engine, ledger, optimizer = session.engine, session.state.ledger, session.state.optimizer
     params = [p for _, p in engine.params]
@@ -741,7 +743,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
         engine.detach()
     result = audit(scores(torch.stack(marks.observed), session.sigma, session.q, ft.max_grad_norm,
                           session.q * session.n), marks.included, ft.delta, ledger.spent_epsilon(), confidence)
-    spend = spend_or_warn(cfg, run_dir.name, ledger)
+    spend = spend_or_warn(cfg, run_dir.name, ledger, "audit")
     write_json({"epsilon_lower_bound": result.lower_bound, "claimed_epsilon": result.claimed, "delta": ft.delta,
                 "confidence": result.confidence, "canaries": result.canaries, "included": result.included,
                 "guesses": result.guesses, "correct": result.correct, "ceiling": result.ceiling,

@@ -114,14 +114,14 @@ def over_total(cfg: Config, run_dir: Path, ledger) -> str | None:
     return f"finetune.total_epsilon: {cap:g} would be exceeded: {spend.line()}" if spend.epsilon > cap else None
 
 
-def spend_or_warn(cfg: Config, run: str, ledger) -> Spend | None:
+def spend_or_warn(cfg: Config, run: str, ledger, command: str = "finetune") -> Spend | None:
     """The private set's total over the experiment's runs (``experiment_spend``) for the report of
     a run that has ended, or None with a warning when another run's record cannot be read (the
     run's own report does not depend on it)."""
     try:
         return experiment_spend(cfg, run, ledger)
     except Exception as err:  # noqa: BLE001 - rank 0 alone computes it, the others wait in collectives
-        print(f"dpldm finetune: warning: the private set's total over the experiment's runs is not reported: {err}",
+        print(f"dpldm {command}: warning: the private set's total over the experiment's runs is not reported: {err}",
               file=sys.stderr)
         return None
 
