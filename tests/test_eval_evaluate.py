@@ -1,5 +1,6 @@
 """`evaluate_samples` and `dpldm evaluate` with MNIST standing in for labelled samples."""
 import argparse
+import re
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,20 @@ def test_unlabelled_samples_and_bad_metrics_are_refused_in_one_line_before_any_f
     assert err.startswith("dpldm evaluate: error: accuracy needs labelled samples") and err.count("\n") == 1
     assert main(["evaluate", "--samples", str(tmp_path), "--metrics", "ssim"]) == 2
     assert capsys.readouterr().err.startswith("dpldm evaluate: error: --metrics: ['ssim']; choose from")
+
+
+def test_samples_of_other_classes_than_the_test_sets_are_refused(tmp_path):
+    """Letters scored against digits (or a digit class 12) would train a classifier that scores ~0 on the
+    test set: refused before any work, naming the classes."""
+    from trainer.eval.images import ImageSetError
+    x, _ = load_mnist("test")
+    for folder, classes in (("letters", ("a", "b")), ("twelve", ("3", "12"))):
+        for i, name in enumerate(classes):
+            (tmp_path / folder / name).mkdir(parents=True)
+            Image.fromarray(x[i]).save(tmp_path / folder / name / "0.png")
+    for folder, named in (("letters", "['a', 'b']"), ("twelve", "['12']")):
+        with pytest.raises(ImageSetError, match=rf"the samples' classes {re.escape(named)} .*not the same task"):
+            evaluate.evaluate_samples(str(tmp_path / folder), metrics=["accuracy"])
 
 
 def test_evaluate_checks_run_before_any_work(tmp_path, monkeypatch, capsys):

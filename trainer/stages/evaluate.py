@@ -70,6 +70,15 @@ def evaluate_samples(images, labels=None, real: str | ImageCollection = MNIST_TE
         for name, s in (("samples", samples), ("real", reference)):
             if s.labels is None:
                 raise ImageSetError(f"accuracy needs labelled {name} ({s.description}): class folders or .cls labels")
+        ours, theirs = samples.class_names, reference.class_names
+        known = len(theirs) if theirs else int(reference.labels.max()) + 1
+        other = sorted(label for label in set(samples.labels.tolist()) if not 0 <= label < known
+                       or (ours and theirs and label < len(ours) and ours[label] != theirs[label]))
+        if other:  # a classifier of other classes scores ~0 on the test set: not a measurement
+            name = (lambda label: ours[label] if ours and 0 <= label < len(ours) else label)
+            raise ImageSetError(f"accuracy: the samples' classes {[name(label) for label in other[:5]]} "
+                                f"({samples.description}) are not the real test set's ({reference.description}: "
+                                f"{', '.join(theirs[:10]) if theirs else f'{known} classes'}): not the same task")
     results: dict[str, float] = {"eval.num_samples": float(len(samples)), "eval.num_real": float(len(reference))}
 
     if "fid" in metrics or "pr" in metrics:
