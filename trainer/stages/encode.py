@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from trainer.data.latent_cache import DTYPES, CacheMismatchError, build_latent_cache
 from trainer.errors import UsageError
@@ -20,6 +21,8 @@ from trainer.pipeline import autoencoder_encode_fn
 
 def run(args: argparse.Namespace) -> int:
     from trainer.stages.common import load_autoencoder
+    if not (Path(args.autoencoder) / "config.yaml").is_file():
+        raise UsageError(f"--autoencoder: {args.autoencoder} is not a pretrain-ae run folder (no config.yaml)")
     try:
         model, encoder_hash = load_autoencoder(args.autoencoder)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
