@@ -70,7 +70,8 @@ def test_demo_quick_runs_the_whole_pipeline(workdir, capsys, monkeypatch):
     assert f"(finetune, finetune-eps1) are ({eps:.4g}, {report['delta']:g})-DP together" in out
 
 
-@pytest.mark.parametrize("value, error", [("1,0", "finetune.epsilon"), ("1;3", "--also-epsilon")])
+@pytest.mark.parametrize("value, error", [("1,0", "--also-epsilon"), ("1,-1", "--also-epsilon"), ("1;3", "--also-epsilon"),
+                                          ("1,200", "--also-epsilon")])
 def test_demo_refuses_a_bad_extra_epsilon_before_writing(tmp_path, capsys, value, error):
     runs = tmp_path / "runs"
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from trainer.config import QUICK_DEMO as QUICK
-from trainer.config import SWEEP_KEYS, Config, load_config
+from trainer.config import MAX_EPSILON, SWEEP_KEYS, Config, load_config
 from trainer.stages.spend import charges, compose
 from trainer.tracking import tracking_hint
 
@@ -106,9 +106,13 @@ def epsilon_list(text: str) -> list[float]:
     if text.strip().lower() == "none":
         return []
     try:
-        return [float(part) for part in text.split(",")]
+        budgets = [float(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers or 'none', got {text!r}") from None
+    bad = [eps for eps in budgets if not 0 < eps <= MAX_EPSILON]  # NaN too
+    if bad:
+        raise argparse.ArgumentTypeError(f"each budget must be in (0, {MAX_EPSILON:g}], got {bad}")
+    return budgets
 
 
 def main(args: argparse.Namespace) -> int:

@@ -36,13 +36,14 @@ def run(args: argparse.Namespace) -> int:
                          f"got {resolution}")
     if args.rank >= args.world_size:
         raise UsageError(f"--rank: must be below --world-size ({args.world_size}), got {args.rank}")
+    device = resolve_device(args.device)  # a device this machine lacks: a config error, as for every stage
     channels = int(ddconfig["in_channels"])
     if channels not in (1, 3):
         print(f"dpldm encode: error: the autoencoder takes {channels} channels; shards give 1 or 3", file=sys.stderr)
         return 1
     try:
         manifest = build_latent_cache(
-            autoencoder_encode_fn(model, resolve_device(args.device)), args.shards, args.out, encoder_hash, resolution,
+            autoencoder_encode_fn(model, device), args.shards, args.out, encoder_hash, resolution,
             args.batch_size, rank=args.rank, world_size=args.world_size, dtype=args.dtype,
             channels=channels, pad_small=args.pad_small, progress_bar=not args.no_progress)
     except (CacheMismatchError, ValueError, OSError) as err:
