@@ -164,7 +164,8 @@ def test_prepare_records_a_command_that_reruns_and_refuses_an_empty_result(tmp_p
 
 def test_pretraining_loop_checkpoints_and_stops_on_ctrl_c(tmp_path):
     from trainer.config import TrainConfig
-    from trainer.stages.loop import STATE_FILE, Trainer
+    from trainer.stages.common import STATE_FILE
+    from trainer.stages.loop import Trainer
     from trainer.tracking import Run
 
     model = torch.nn.Linear(2, 1)
