@@ -54,7 +54,7 @@ def test_compare_prints_every_run_and_writes_the_plot(store, capsys):
     assert "attn-eps1" in lines and "attn-eps10" in lines and "late-eps5" in lines and "finetune-eps3" in lines
     assert "40.5" in lines["attn-eps1"] and "0.81" in lines["attn-eps1"] and "12345" in lines["attn-eps1"]
     assert " - " in lines["attn-eps10"] + " "  # no accuracy logged for that run
-    assert lines["late-eps5"].split()[1:5] == ["5", "5", "-", "12345"]  # alone: its own epsilon is the set's
+    assert lines["late-eps5"].split()[1:5] == ["5", "-", "-", "12345"]  # no set epsilon recorded: not guessed
     assert lines["attn-eps1"].split()[1:3] == ["1", "10.37"]  # the set's epsilon over the runs, not the run's
     assert text.splitlines()[0].split()[:4] == ["run", "epsilon", "set", "epsilon"]
     plot = out / "fid_vs_epsilon.png"

@@ -174,7 +174,7 @@ def test_pretraining_on_an_earlier_dp_runs_private_set_is_refused_and_writes_not
     fake_run(tmp_path / "runs" / "exp", "finetune", "trainval")
     public = ["data.private=null", "data.public.source=mnist", f"output_dir={tmp_path / 'runs'}"]
     for stage in (pretrain_ae, pretrain_ldm):
-        with pytest.raises(ConfigError, match=r"data.public: shares examples with the private set of a DP run "
+        with pytest.raises(ConfigError, match=r"data.public: shares examples with, or cannot be checked against, the private set of a DP run "
                                               r".*\(MNIST's train split \(the private set of the DP run .*finetune\)"):
             stage.run(load_config("demo", public + ["experiment=exp", "data.public.split=train"]))
     assert sorted(p.name for p in (tmp_path / "runs" / "exp").iterdir()) == ["finetune"]

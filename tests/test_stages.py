@@ -382,9 +382,49 @@ def test_a_public_stage_that_has_trained_resumes_only_under_its_settings(workdir
     assert cli.main(["pretrain-ae", "--config", "demo", *overrides, "autoencoder.train.steps=5"]) == 0
     assert load_config(str(ae / "config.yaml")).autoencoder.train.steps == 5
     capsys.readouterr()
+    assert cli.main(["pretrain-ae", "--config", "demo", *overrides, "autoencoder.train.steps=3"]) == 2
+    assert "has trained 5 steps already, more than 3" in capsys.readouterr().err
+    assert cli.main(["pretrain-ae", "--config", "demo", *overrides, "autoencoder.train.steps=5", "precision=bf16",
+                     "data.public.num_workers=0"]) == 0  # the device, precision and readers are not the model's
+    # an LDM trained over this autoencoder does not resume over its weights trained further
+    assert cli.main(["pretrain-ldm", "--config", "demo", *overrides, "autoencoder.train.steps=5"]) == 0
+    ldm_record = (ae.parent / "ldm" / "config.yaml").read_bytes()
+    assert cli.main(["pretrain-ae", "--config", "demo", *overrides, "autoencoder.train.steps=6"]) == 0
+    capsys.readouterr()
+    assert cli.main(["pretrain-ldm", "--config", "demo", *overrides, "autoencoder.train.steps=6",
+                     "ldm.train.steps=6"]) == 1
+    assert "has trained on the latents of other autoencoder weights" in capsys.readouterr().err
+    assert (ae.parent / "ldm" / "config.yaml").read_bytes() == ldm_record
+    capsys.readouterr()
     nowhere = ["experiment=nowhere", "data.public.source=shards", f"data.public.path={workdir / 'no-shards'}"]
     assert cli.main(["pretrain-ae", "--config", "demo", *overrides, *nowhere]) == 1
     assert "no-shards" in capsys.readouterr().err and not (workdir / "runs" / "nowhere").exists()
+
+
+def test_a_pretraining_resumes_over_its_public_shards_moved_but_not_over_other_images(tmp_path):
+    """The record names the shards by absolute path: moved (the experiment copied elsewhere) they are the
+    same images and the stage resumes; other images in their place are refused."""
+    import shutil
+
+    from trainer.data.provenance import record_public_images
+    from trainer.io import save_state
+    from trainer.stages.common import STATE_FILE, refuse_changed_settings, save_run_config
+    for name, seed in (("letters", 0), ("other", 1)):
+        assert cli.main(["prepare", "letters", "--count", "12", "--seed", str(seed), "--no-progress",
+                         str(tmp_path / name)]) == 0
+    shutil.copytree(tmp_path / "letters", tmp_path / "moved")
+
+    def cfg(folder):
+        return load_config("demo", ["data.public.source=shards", f"data.public.path={tmp_path / folder}"])
+    run_dir = tmp_path / "ae"
+    save_run_config(cfg("letters"), run_dir)
+    record_public_images(cfg("letters").data.public, run_dir)
+    save_state({"step": 2}, run_dir / STATE_FILE)
+    sections = ("seed", "data.public", "autoencoder")
+    refuse_changed_settings(cfg("letters"), run_dir, sections)
+    refuse_changed_settings(cfg("moved"), run_dir, sections)
+    with pytest.raises(ConfigError, match="data.public.path: .* has trained with"):
+        refuse_changed_settings(cfg("other"), run_dir, sections)
 
 
 @pytest.mark.slow

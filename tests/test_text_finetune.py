@@ -133,6 +133,8 @@ def test_demo_text_quick_then_sampling_from_public_prompts(store, capsys):
     finetune_runs = mlflow.search_runs(experiment_names=["demo-text-quick"])
     ft_run = finetune_runs[finetune_runs["tags.mlflow.runName"] == "finetune"].iloc[0]
     assert ft_run["metrics.eval.accuracy"] >= 0
+    # alone on its private set when it ended: the set's epsilon is its own, recorded for `dpldm compare`
+    assert ft_run["metrics.privacy.private_set_epsilon"] == pytest.approx(report["epsilon"], rel=1e-3)
     samples = store / "samples"
     assert cli.main(["sample", "--checkpoint", str(ft), "--prompts", "a handwritten digit 4", "--num", "2",
                      "--out", str(samples), "--ddim-steps", "3"]) == 0

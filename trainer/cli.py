@@ -43,7 +43,8 @@ def version() -> str:
         return "unknown (not installed)"
 
 
-def _at_least(text: str, kind: type, low: float, noun: str, high: float | None = None):
+def number_in_range(text: str, kind: type, low: float, noun: str, high: float | None = None):
+    """``text`` as a finite ``kind`` (int or float) >= ``low`` (and <= ``high``), else argparse's error."""
     try:
         value = kind(text)
     except ValueError:
@@ -59,22 +60,22 @@ def _at_least(text: str, kind: type, low: float, noun: str, high: float | None =
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    return _at_least(text, int, 1, "an integer")
+    return number_in_range(text, int, 1, "an integer")
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    return _at_least(text, int, 0, "an integer")
+    return number_in_range(text, int, 0, "an integer")
 
 
 def non_negative_float(text: str) -> float:
     """argparse type: a number >= 0."""
-    return _at_least(text, float, 0, "a number")
+    return number_in_range(text, float, 0, "a number")
 
 
 def unit_float(text: str) -> float:
     """argparse type: a number in [0, 1]."""
-    return _at_least(text, float, 0, "a number", high=1)
+    return number_in_range(text, float, 0, "a number", high=1)
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

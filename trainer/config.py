@@ -524,9 +524,11 @@ def _validate(cfg: Config) -> None:
               f"needs one name per class (n_classes: {cond.n_classes}), got {len(cond.label_names or [])}")
     for name in ("ddim_steps", "num_per_class", "batch_size"):
         check(getattr(cfg.sample, name) > 0, f"sample.{name}", "must be > 0")
-    for key, steps in (("sample.ddim_steps", cfg.sample.ddim_steps), ("eval.ddim_steps", cfg.eval.ddim_steps)):
-        check(steps is None or steps <= sched.timesteps, key,
-              f"must be at most ldm.schedule.timesteps ({sched.timesteps}), got {steps}")
+    for section, chosen in (("sample", vars(cfg.sample)), ("eval", cfg.eval_sampler())):
+        most = sched.timesteps - (chosen["sampler"] == "dpmpp_2m")  # DPM-Solver steps between timesteps
+        check(chosen["ddim_steps"] <= most, f"{section}.ddim_steps",
+              f"must be at most {most} with {section}.sampler {chosen['sampler']} (ldm.schedule.timesteps: "
+              f"{sched.timesteps}), got {chosen['ddim_steps']}")
     check(cfg.eval.epochs > 0, "eval.epochs", f"must be > 0, got {cfg.eval.epochs}")
     check(cfg.eval.num_real is None or cfg.eval.num_real > 0, "eval.num_real",
           f"must be > 0 or null (the whole test split), got {cfg.eval.num_real}")

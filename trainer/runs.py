@@ -38,7 +38,7 @@ def load_pipeline(run_dir: str | Path, device: torch.device | str = "cpu"
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run folder")
     ft_meta_path = run_dir / "finetune.json"
-    ft_meta = read_run_json(ft_meta_path, ("base",)) if ft_meta_path.is_file() else None
+    ft_meta = read_run_json(ft_meta_path, ("base", "trainable")) if ft_meta_path.is_file() else None
     base_dir = resolve_recorded(ft_meta["base"], run_dir) if ft_meta else run_dir
     meta_path = base_dir / "ldm.json"
     if ft_meta and not meta_path.is_file():

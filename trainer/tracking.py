@@ -135,7 +135,8 @@ def missing_store() -> Optional[str]:
     path = Path(uri[len("sqlite:///"):])
     try:
         with open(path, "rb") as fh:
-            return None if fh.read(16) == b"SQLite format 3\x00" or path.stat().st_size == 0 else str(path)
+            sqlite = fh.read(16) == b"SQLite format 3\x00" or path.stat().st_size == 0
+        return None if sqlite else f"{path} (a file that is no SQLite database)"
     except OSError:
         return str(path)
 

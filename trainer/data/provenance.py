@@ -284,10 +284,13 @@ def private_prompts(prompts: Sequence[str], captions: Iterable[str], template: s
                     names: Sequence[str]) -> list[int]:
     """The indices of ``prompts`` that are captions of a private set (``captions``): private data, not
     the public inputs prompts must be. A caption ``dpldm prepare``'s ``template`` made from a class
-    name in ``names`` is public (the template and the names are), so prompts built the same way pass."""
+    name in ``names`` is public (the template and the names are), so prompts built the same way pass.
+    Compared with their white space collapsed (a trailing space does not make a caption public)."""
+    def words(text: str) -> str:
+        return " ".join(str(text).split())
     try:
-        public = {template.format(label=name) for name in names} if template else set()
+        public = {words(template.format(label=name)) for name in names} if template else set()
     except (KeyError, IndexError, ValueError):  # not a template prepare wrote: no caption is exempt
         public = set()
-    private = set(captions) - public
-    return [k for k, prompt in enumerate(prompts) if str(prompt) in private]
+    private = {words(caption) for caption in captions} - public
+    return [k for k, prompt in enumerate(prompts) if words(prompt) in private]

@@ -93,7 +93,7 @@ def count_distinct_samples(urls: Sequence[str]) -> tuple[int, str]:
     differently is not seen).
     """
     seen: dict[str, str] = {}
-    images: dict[bytes, tuple[str, int]] = {}  # image fingerprint -> (shard, position): 16 bytes per example
+    images: dict[bytes, tuple[str, int]] = {}  # image fingerprint -> (shard, position in it) of its first sample
     total, digest = 0, hashlib.sha256()
     for url in urls:
         content, count, twice = hashlib.sha256(), 0, None
@@ -111,7 +111,7 @@ def count_distinct_samples(urls: Sequence[str]) -> tuple[int, str]:
         if identity in seen:
             raise ValueError(f"{url}: the same samples as shard {seen[identity]}: they would count twice in the "
                              "set; list each shard once")
-        if twice is not None:
+        if twice is not None:  # after the shard's identity: a whole shard repeated gets the plainer message
             first, at, again = twice
             raise ValueError(f"{url}: its sample {again} (from 0, in shard order) holds the same image as sample {at} "
                              f"of {first}: one example twice in a private set would be drawn and clipped twice per "

@@ -49,7 +49,8 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from trainer.data.reader import fingerprint, image_member, raw_samples
+from trainer.data.reader import fingerprint as image_fingerprint
+from trainer.data.reader import image_member, raw_samples
 from trainer.data.sources import LoadedItem, SampleError, Source, SourceItem
 from trainer.io import write_json
 
@@ -98,14 +99,19 @@ class WriteOptions:
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
         if self.caption_template is not None:
-            try:
-                self.caption_template.format(label="x")
-            except (KeyError, IndexError, ValueError) as err:
-                raise ValueError(f"caption template {self.caption_template!r}: may hold only {{label}} "
-                                 f"(the class name), got {type(err).__name__}: {err}") from None
+            check_caption_template(self.caption_template)
 
 
 # --- images -----------------------------------------------------------------------------------
+
+def check_caption_template(template: str) -> None:
+    """Raise ValueError unless ``template`` is a format string of ``{label}`` only."""
+    try:
+        template.format(label="x")
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"may hold only {{label}} (the class name), got {template!r} ({type(err).__name__}: "
+                         f"{err})") from None
+
 
 def convert_mode(image: Image.Image, color: str = "auto") -> tuple[Image.Image, Optional[str]]:
     """Apply the documented mode conversions -> (``L`` or ``RGB`` image, "FROM->TO" or None)."""
@@ -302,10 +308,10 @@ def _make_sample(item: SourceItem, key: str, options: WriteOptions, require_capt
         raise SampleError(item.origin, "no caption (captions are required)")
     image = limit_size(image, options.max_size)
     encoded = encode_image(image, options.image_format, options.jpeg_quality)
-    same = written.get(fingerprint(encoded))
+    same = written.get(image_fingerprint(encoded))
     if same is not None:
         raise _Duplicate(item.origin, f"the same image as sample {same} (each image is written once)")
-    written[fingerprint(encoded)] = key
+    written[image_fingerprint(encoded)] = key
     sample = {"__key__": key, options.image_format: encoded}
     if captions:
         sample["txt"] = "\n".join(captions).encode("utf-8")
@@ -327,7 +333,7 @@ def _written_images(out: Path, progress: Progress) -> dict[bytes, str]:
     for sample in raw_samples([str(out / s["name"]) for s in progress.shards]):
         image = image_member(sample)
         if image is not None:
-            written[fingerprint(image)] = sample["__key__"]
+            written[image_fingerprint(image)] = sample["__key__"]
     return written
 
 

@@ -69,14 +69,17 @@ def check_finished(path: Path, stage: str, config: str = "CONFIG") -> None:
 
     Folders without a step in their weights' metadata (``import-compvis``) are taken as they are.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from trainer.config import load_config
     weights, section = _STAGE_PROGRESS[stage]
     if not (path / weights).is_file() or not (path / "config.yaml").is_file():
         return
-    with safe_open(str(path / weights), framework="pt") as f:
-        step = (f.metadata() or {}).get("step")
+    try:
+        with safe_open(str(path / weights), framework="pt") as f:
+            step = (f.metadata() or {}).get("step")
+    except SafetensorError as err:
+        raise RunError(f"{path / weights}: not a readable safetensors file ({first_line(err)}); restore it") from None
     if step is None:
         return
     steps = getattr(load_config(str(path / "config.yaml")), section).train.steps
@@ -263,8 +266,9 @@ def build_conditioner(cfg: Config, n_classes: Optional[int] = None):
 # --- checkpoints -------------------------------------------------------------------------------
 
 STATE_FILE = "train-state.pt"  # a public stage's optimizer, step and generator states (trainer.stages.loop)
-# what a public stage that has trained may change when it resumes: how long it trains, how it logs and checkpoints,
-# how many workers read its data (and, outside its sections, the device and the precision)
+# what a public stage that has trained may change when it resumes (the last parts of its keys): how long it trains
+# (not less than it has), how it logs and checkpoints, how many workers read its data (and, outside its sections,
+# the device and the precision); its public shards may move (the same images)
 RESUMABLE = ("train.steps", "train.log_every", "train.checkpoint_every", "num_workers")
 
 
@@ -297,8 +301,10 @@ def refuse_changed_settings(cfg: Config, run_dir: Path, sections: tuple[str, ...
     them) than ``cfg``'s: its weights and its recorded ``config.yaml`` would disagree, and so would every
     stage built on it. The ``RESUMABLE`` keys may change."""
     from trainer.config import flatten, load_config
+    from trainer.io import load_state
     recorded = run_dir / "config.yaml"
-    if not (run_dir / STATE_FILE).is_file():
+    state = load_state(run_dir / STATE_FILE)
+    if state is None:
         return
     try:
         theirs = flatten(load_config(str(recorded)).to_dict())
@@ -307,11 +313,24 @@ def refuse_changed_settings(cfg: Config, run_dir: Path, sections: tuple[str, ...
                           "restore it, or train in another experiment=NAME") from None
     ours = flatten(as_recorded(cfg).to_dict())
     for key in sorted(set(theirs) | set(ours)):
-        if any(key == s or key.startswith(s + ".") for s in sections) and not key.endswith(RESUMABLE) \
-                and theirs.get(key) != ours.get(key):
-            raise ConfigError(f"{key}: {run_dir} has trained with {theirs.get(key)!r}, not {ours.get(key)!r}; resume "
-                              "it with its settings (only how long it trains and how it logs may change), or train "
-                              "in another experiment=NAME or output_dir")
+        if not any(key == s or key.startswith(s + ".") for s in sections) or theirs.get(key) == ours.get(key):
+            continue
+        if key.endswith(".train.steps") and ours[key] < state["step"]:
+            raise ConfigError(f"{key}: {run_dir} has trained {state['step']} steps already, more than {ours[key]}")
+        if any(key.endswith("." + name) for name in RESUMABLE) or (key == "data.public.path" and
+                                                                   _same_public_images(cfg.data.public, run_dir)):
+            continue
+        raise ConfigError(f"{key}: {run_dir} has trained with {theirs.get(key)!r}, not {ours.get(key)!r}; resume it "
+                          "with its settings (only its length, logging, checkpoints, data workers, device and "
+                          "precision may change), or train in another experiment=NAME or output_dir")
+
+
+def _same_public_images(public: DataSource, run_dir: Path) -> bool:
+    """Whether the shards of ``public`` hold exactly the images the stage in ``run_dir`` recorded
+    (``public-images.npy``): the same shards moved to another folder."""
+    from trainer.data.provenance import public_images, shard_images, unreadable
+    recorded = public_images(run_dir)
+    return bool(recorded) and unreadable(public) is None and shard_images(public) == recorded
 
 
 def as_recorded(cfg: Config) -> Config:

@@ -178,9 +178,10 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
         run_id = find_run_by_checkpoint(cfg.experiment, Path(run_dir))
     private = _test_shared(Path(run_dir), run_id if log else None)
     if private:
+        logged = "; they are logged as nonprivate/eval.*" if log else ""
         print(f"dpldm evaluate: note: the MNIST test split is in the private set of a DP run of the experiment "
-              f"({'; '.join(private)}): the scores are not DP; they are logged as nonprivate/eval.* and the real "
-              "images' features are not cached", file=sys.stderr)
+              f"({'; '.join(private)}): the scores are not DP{logged}, and the real images' features are not cached",
+              file=sys.stderr)
     labels = torch.arange(len(names)).repeat_interleave(num_per_class or ev.num_per_class)
     conds = labels
     if cfg.ldm.conditioner.type == "text":  # public prompts, one per class in label order, label the samples
@@ -318,8 +319,8 @@ def _run_fid(args: argparse.Namespace) -> int:
 # --- compare -----------------------------------------------------------------------------------
 
 # (column header, logged name); each name is looked up among a run's metrics, then its params.
-# "set epsilon": the private set's epsilon over all the experiment's DP runs on it when this run ended (a fine-tune
-# logs privacy.private_set_epsilon only when other runs counted; alone, its own epsilon is the set's).
+# "set epsilon": the private set's epsilon over all the experiment's DP runs on it when this run ended ("-": not
+# recorded, as when the total could not be computed: never the run's own epsilon in its place).
 COLUMNS = [("epsilon", "privacy.epsilon"), ("set epsilon", "privacy.private_set_epsilon"),
            ("delta", "privacy.delta"), ("trainable", "params.trainable"),
            ("policy", "finetune.policy"), ("steps", "privacy.steps"), ("FID", "eval.fid"),
@@ -361,9 +362,6 @@ def collect_runs(experiment: Optional[str] = None) -> list[RunRow]:
     rows = [RunRow(_run_label(r), {name: _lookup(r, name) for _, name in COLUMNS})
             for r in runs if r.data.tags.get(COMPARE_TAG) != "compare"
             and r.data.tags.get("stage") not in ("pretrain-ae", "pretrain-ldm")]
-    for row in rows:
-        if row.values["privacy.private_set_epsilon"] is None:
-            row.values["privacy.private_set_epsilon"] = row.values["privacy.epsilon"]
     return sorted(rows, key=lambda r: (str(r.values["finetune.policy"]), _as_float(r.values["privacy.epsilon"]), r.name))
 
 

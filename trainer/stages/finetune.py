@@ -660,9 +660,10 @@ def _train(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: P
                   "neighbouring": "add/remove one example", "data": _describe(cfg.data.private),
                   "public_pretraining_data": session.public_check}
         spend = spend_or_warn(cfg, run_dir.name, ledger) if rt.is_main else None
-        if spend is not None and len(spend.charges) > 1:  # other runs of the experiment used these people too
-            report["private_set_spend"] = spend.to_dict()
+        if spend is not None:  # alone, its own epsilon; else over the experiment's runs on these people too
             mlrun.log_metrics({"privacy.private_set_epsilon": spend.epsilon})
+        if spend is not None and len(spend.charges) > 1:
+            report["private_set_spend"] = spend.to_dict()
         if rt.is_main:
             write_json(report, run_dir / PRIVACY_REPORT)
         grid = rt.sample_grid(lambda path: class_grid(ldm, session.autoencoder, session.latent_shape, cfg,

@@ -119,7 +119,11 @@ def import_compvis(config_path: str | Path, checkpoint: str | Path, out: str | P
         raise RunError(f"{out}: exists and is not empty; choose a new folder")
     if not config_path.is_file():
         raise RunError(f"{config_path}: no such config file")
-    raw = parse_yaml(config_path.read_text(), str(config_path))
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"{config_path}: not a readable YAML text file ({type(err).__name__})") from None
+    raw = parse_yaml(text, str(config_path))
     cfg = config_from_compvis(raw, str(config_path), experiment=out.name)
     state = read_state_dict(checkpoint)
     has_ema = any(k.startswith(EMA_PREFIX) for k in state)

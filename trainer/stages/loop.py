@@ -17,11 +17,10 @@ from tqdm import tqdm
 from trainer.config import TrainConfig
 from trainer.diffusion import EMA
 from trainer.interrupt import StopRequest
+from trainer.io import load_safetensors, load_state, save_safetensors, save_state
 from trainer.runtime import Runtime
 from trainer.stages.common import STATE_FILE
-from trainer.io import load_safetensors, load_state, save_safetensors, save_state
 from trainer.tracking import Run
-
 
 
 class Trainer:

@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from trainer.data.mnist import SPLIT_NAMES
-from trainer.data.shards import ON_ERROR, PrepareError, WriteOptions, write_shards
+from trainer.data.shards import ON_ERROR, PrepareError, WriteOptions, check_caption_template, write_shards
 from trainer.data.sources import (FASHION_MNIST_DIR, TORCHVISION_NAMES, SampleError, Source, SourceError,
                                   fashion_mnist_source, hf_source, imagefolder_source, letters_source,
                                   mm_celeba_hq_source, mnist_source, torchvision_source)
@@ -20,17 +20,16 @@ from trainer.data.sources import (FASHION_MNIST_DIR, TORCHVISION_NAMES, SampleEr
 
 def _quality(text: str) -> int:
     """argparse type of ``--quality``: a JPEG quality 1-100."""
-    from trainer.cli import _at_least
-    return _at_least(text, int, 1, "an integer", high=100)
+    from trainer.cli import number_in_range
+    return number_in_range(text, int, 1, "an integer", high=100)
 
 
 def _caption_template(text: str) -> str:
     """argparse type of ``--caption-template``: a format string of ``{label}`` only."""
     try:
-        text.format(label="x")
-    except (KeyError, IndexError, ValueError) as err:
-        raise argparse.ArgumentTypeError(f"may hold only {{label}} (the class name), got {text!r} "
-                                         f"({type(err).__name__}: {err})") from None
+        check_caption_template(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return text
 
 

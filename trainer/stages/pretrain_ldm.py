@@ -11,9 +11,10 @@ import torch
 from trainer.config import Config
 from trainer.io import write_json
 from trainer.pipeline import encode_images
-from trainer.runs import class_grid
+from trainer.runs import class_grid, read_run_json
 from trainer.runtime import Runtime, adamw
-from trainer.stages.common import (build_ldm, conditions, earlier_stage, load_autoencoder,
+from trainer.errors import RunError
+from trainer.stages.common import (STATE_FILE, build_ldm, conditions, earlier_stage, file_sha256, load_autoencoder,
                                    load_image_source, public_batches, public_label_names, recorded_path,
                                    seed_everything, stage_dir, start_public_stage, to_device)
 from trainer.stages.loop import Trainer
@@ -47,10 +48,25 @@ def run(cfg: Config) -> Path:
     run_dir = stage_dir(cfg, "pretrain-ldm")
     refuse_private_as_public(cfg.data.public, run_dir.parent)  # before anything is written
     ae_dir = earlier_stage(cfg, "pretrain-ae")
+    _refuse_another_autoencoder(run_dir, ae_dir)
     rt, batch_size = start_public_stage(cfg, run_dir, cfg.ldm.train.batch_size, "ldm.train.batch_size",
                                         ("seed", "data.public", "autoencoder.embed_dim", "autoencoder.ddconfig", "ldm"))
     with rt:
         return _train(cfg, rt, run_dir, ae_dir, batch_size)
+
+
+def _refuse_another_autoencoder(run_dir: Path, ae_dir: Path) -> None:
+    """Refuse to resume an LDM that has trained on the latents of other autoencoder weights than those
+    in ``ae_dir`` now (the autoencoder trained further since, or retrained): its UNet learned another
+    latent space."""
+    meta = run_dir / "ldm.json"
+    if not (run_dir / STATE_FILE).is_file() or not meta.is_file():
+        return
+    recorded = read_run_json(meta, ("autoencoder_sha256",))["autoencoder_sha256"]
+    if recorded != file_sha256(ae_dir / "autoencoder.safetensors"):
+        raise RunError(f"{run_dir}: has trained on the latents of other autoencoder weights (sha256 "
+                       f"{recorded[:12]}...) than {ae_dir} holds now: its UNet learned another latent space; pretrain "
+                       "the LDM in another experiment, or restore that autoencoder")
 
 
 def _train(cfg: Config, rt: Runtime, run_dir: Path, ae_dir: Path, batch_size: int) -> Path:

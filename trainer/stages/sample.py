@@ -41,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
                                     guidance_scale=args.guidance_scale, ddim_steps=args.ddim_steps, eta=args.eta)
     except ValueError as err:
         raise UsageError(f"--{err}") from None
-    if settings["ddim_steps"] > cfg.ldm.schedule.timesteps:
-        raise UsageError(f"--ddim-steps: at most the model's {cfg.ldm.schedule.timesteps} timesteps, got "
-                         f"{settings['ddim_steps']}")
+    most = cfg.ldm.schedule.timesteps - (settings["sampler"] == "dpmpp_2m")  # DPM-Solver steps between timesteps
+    if settings["ddim_steps"] > most:
+        raise UsageError(f"--ddim-steps: at most {most} with {settings['sampler']} over the model's "
+                         f"{cfg.ldm.schedule.timesteps} timesteps, got {settings['ddim_steps']}")
     gen = seed_everything(args.seed)
     names = meta.get("label_names") or []
     if cfg.ldm.conditioner.type == "text" and not args.prompts:
@@ -69,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     images = generate(ldm, autoencoder, conds, tuple(meta["latent_shape"]), cfg, gen, **settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.prompts and private:  # before the first image: an interrupted write is labelled too
+        (out / NONPRIVATE).write_text(f"Non-private diagnostic: prompts {private} (from 0) are captions of the private "
+                                      f"set of {args.checkpoint}; these images are not a DP release.\n")
     from PIL import Image
     arr = to_uint8(images)
     for i, img in enumerate(arr):
@@ -80,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
     save_grid(images, out / "grid.png", nrow=args.num)
     print(f"{len(arr)} images in {out} (grid: {out / 'grid.png'})")
     if args.prompts and private:
-        (out / NONPRIVATE).write_text(f"Non-private diagnostic: prompts {private} (from 0) are captions of the private "
-                                      f"set of {args.checkpoint}; these images are not a DP release.\n")
         print(f"dpldm sample: note: a non-private diagnostic (prompts {private} are private captions): "
               f"{out / NONPRIVATE}", file=sys.stderr)
     return 0
@@ -98,10 +100,10 @@ def _private_prompts(run_dir: Path, cfg, prompts: list[str], names: list[str]) -
     from trainer.data.reader import expand_urls, shard_captions
     try:
         urls = expand_urls(private.path)
-        captions = shard_captions(urls)
+        captions, template = shard_captions(urls), shard_caption_template(urls)
     except (ValueError, OSError):
         return []
-    return private_prompts(prompts, captions, shard_caption_template(urls), names)
+    return private_prompts(prompts, captions, template, names)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -150,10 +150,10 @@ def refuse_private_as_public(public: Any, experiment_dir: Path) -> None:
     from trainer.config import ConfigError
     shared = shared_with_dp_runs(public, experiment_dir)
     if shared:
-        raise ConfigError(f"data.public: shares examples with the private set of a DP run of the experiment "
-                          f"({'; '.join(shared)}): pretraining on them without DP would release what that run "
-                          "protects. Pretrain on other data, or in another experiment if they are public; restore "
-                          "a run's config.yaml that cannot be read")
+        raise ConfigError(f"data.public: shares examples with, or cannot be checked against, the private set of a DP "
+                          f"run of the experiment ({'; '.join(shared)}): pretraining on them without DP would release "
+                          "what that run protects. Pretrain on other data, or in another experiment if they are "
+                          "public; restore a run's config.yaml that cannot be read")
 
 
 def charges(experiment_dir: Path, private: Any) -> list[Charge]:
