@@ -367,8 +367,8 @@ def test_a_public_stage_that_has_trained_resumes_only_under_its_settings(workdir
     """Its weights and its recorded config.yaml must agree (every later stage reads the record): a changed
     architecture, learning rate or public set is refused before anything is written; training longer is
     not. A public set that cannot be read leaves no folder."""
-    overrides = TINY + ["experiment=resume", f"output_dir={workdir / 'runs'}"]
-    ae = workdir / "runs" / "resume" / "ae"
+    overrides = TINY + ["experiment=resume-settings", f"output_dir={workdir / 'runs'}"]
+    ae = workdir / "runs" / "resume-settings" / "ae"
     assert cli.main(["pretrain-ae", "--config", "demo", *overrides]) == 0
     recorded = (ae / "config.yaml").read_bytes()
     for change, key in (("autoencoder.ddconfig.ch=64", "autoencoder.ddconfig.ch"),
