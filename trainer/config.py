@@ -215,6 +215,11 @@ class Config:
                 for key in SAMPLER_KEYS}
 
 
+def max_sampler_steps(sampler: str, timesteps: int) -> int:
+    """The most steps ``sampler`` can take over a schedule of ``timesteps`` (DPM-Solver steps between them)."""
+    return timesteps - (sampler == "dpmpp_2m")
+
+
 # --- CompVis key names accepted in the free-form model sections -----------------------------
 
 DDCONFIG_KEYS = {"double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
@@ -525,7 +530,7 @@ def _validate(cfg: Config) -> None:
     for name in ("ddim_steps", "num_per_class", "batch_size"):
         check(getattr(cfg.sample, name) > 0, f"sample.{name}", "must be > 0")
     for section, chosen in (("sample", vars(cfg.sample)), ("eval", cfg.eval_sampler())):
-        most = sched.timesteps - (chosen["sampler"] == "dpmpp_2m")  # DPM-Solver steps between timesteps
+        most = max_sampler_steps(chosen["sampler"], sched.timesteps)
         check(chosen["ddim_steps"] <= most, f"{section}.ddim_steps",
               f"must be at most {most} with {section}.sampler {chosen['sampler']} (ldm.schedule.timesteps: "
               f"{sched.timesteps}), got {chosen['ddim_steps']}")

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from trainer.config import SAMPLER_KEYS, SAMPLERS
+from trainer.config import SAMPLER_KEYS, SAMPLERS, max_sampler_steps
 from trainer.errors import UsageError
 from trainer.runs import generate, load_pipeline, override_sampler
 from trainer.runtime import resolve_device
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
                                     guidance_scale=args.guidance_scale, ddim_steps=args.ddim_steps, eta=args.eta)
     except ValueError as err:
         raise UsageError(f"--{err}") from None
-    most = cfg.ldm.schedule.timesteps - (settings["sampler"] == "dpmpp_2m")  # DPM-Solver steps between timesteps
+    most = max_sampler_steps(settings["sampler"], cfg.ldm.schedule.timesteps)
     if settings["ddim_steps"] > most:
         raise UsageError(f"--ddim-steps: at most {most} with {settings['sampler']} over the model's "
                          f"{cfg.ldm.schedule.timesteps} timesteps, got {settings['ddim_steps']}")
