@@ -104,6 +104,7 @@ def test_private_shards_holding_images_a_base_was_pretrained_on_are_refused_howe
     import shutil
 
     from trainer.data.provenance import PUBLIC_IMAGES, record_public_images
+    from trainer.data.reader import fingerprint
     from trainer.stages.common import save_run_config
     (tmp_path / "pub").mkdir()
     images = [bytes([i]) * 64 for i in range(6)]  # stand-ins for encoded image files: only their bytes matter
@@ -126,8 +127,11 @@ def test_private_shards_holding_images_a_base_was_pretrained_on_are_refused_howe
                                               rf"byte for byte images fingerprinted in .*{PUBLIC_IMAGES}"):
             refuse_public_overlap(load_config("demo", ["data.private.source=shards", f"data.private.path={private}"]),
                                   ldm, base_cfg, {})
-    refuse_public_overlap(load_config("demo", ["data.private.source=shards", f"data.private.path={tmp_path}/new.tar"]),
-                          ldm, base_cfg, {})
+    new = load_config("demo", ["data.private.source=shards", f"data.private.path={tmp_path}/new.tar"])
+    refuse_public_overlap(new, ldm, base_cfg, {})
+    # the fingerprints a fine-tune read while counting its private shards are the ones compared
+    with pytest.raises(ConfigError, match=r"1 of its images are byte for byte images fingerprinted"):
+        refuse_public_overlap(new, ldm, base_cfg, {}, frozenset({fingerprint(images[0])}))
     record_public_images(load_config("demo").data.public, ldm)  # letters: no shard images, the old record goes
     assert not (ldm / PUBLIC_IMAGES).exists()
 

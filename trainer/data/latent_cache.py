@@ -213,7 +213,7 @@ def build_latent_cache(encode_fn: EncodeFn, urls: str | Sequence[str], out_dir: 
     out = Path(out_dir)
     shards = expand_urls(urls)
     wanted = {"format": FORMAT, "version": VERSION, "complete": False, "encoder_hash": encoder_hash,
-              "source_hash": source_digest or count_distinct_samples(shards)[1], "source_shards": shards,
+              "source_hash": source_digest or count_distinct_samples(shards).digest, "source_shards": shards,
               "dtype": dtype, "resolution": resolution, "channels": channels, "pad_small": pad_small,
               "label_names": shard_label_names(shards), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     manifest = read_manifest(out)

@@ -26,7 +26,7 @@ import io
 import random
 import tarfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -79,11 +79,19 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
     return out
 
 
-def count_distinct_samples(urls: Sequence[str]) -> tuple[int, str]:
-    """The number of samples in the shards ``urls`` (as the reader groups a tar's members), read
-    without decoding, and a sha256 over their contents in order; refuses (ValueError) a shard whose
-    samples are those of another (the same file twice, a copy, a ``pipe:cat`` of it), and an image
-    file held by two samples (in one shard or two, under any key).
+class ShardCount(NamedTuple):
+    """What :func:`count_distinct_samples` read: ``count`` samples, ``digest`` (a sha256 over their
+    contents in order) and ``images`` (the :func:`fingerprint` of every image member)."""
+    count: int
+    digest: str
+    images: frozenset[bytes]
+
+
+def count_distinct_samples(urls: Sequence[str]) -> ShardCount:
+    """The samples in the shards ``urls`` (as the reader groups a tar's members), read once without
+    decoding: their number, a sha256 over their contents and their images' fingerprints. Refuses
+    (ValueError) a shard whose samples are those of another (the same file twice, a copy, a
+    ``pipe:cat`` of it), and an image file held by two samples (in one shard or two, under any key).
 
     For a private set, where N sets the sampling rate q = B / N: an example read twice would be in
     the set twice, with two chances per step to be drawn and two clipped gradients, and the
@@ -119,7 +127,7 @@ def count_distinct_samples(urls: Sequence[str]) -> tuple[int, str]:
         seen[identity] = url
         digest.update(f"{identity}\n".encode())
         total += count
-    return total, digest.hexdigest()
+    return ShardCount(total, digest.hexdigest(), frozenset(images))
 
 
 def image_files(folder: Path) -> list[Path]:

@@ -107,11 +107,13 @@ def _pick(options: list[str], generator: torch.Generator) -> str:
 @dataclass
 class PrivateShards:
     """A private shard set, counted (``count`` samples) but not encoded yet; ``digest``: sha256 over
-    the shards' contents; ``names``: the class names ``dpldm prepare`` recorded beside the shards
-    (public: the source's schema), or []."""
+    the shards' contents; ``images``: their images' fingerprints (private: compared, never written);
+    ``names``: the class names ``dpldm prepare`` recorded beside the shards (public: the source's
+    schema), or []."""
     urls: list[str]
     count: int
     digest: str
+    images: frozenset[bytes]
     names: list[str]
 
 
@@ -149,8 +151,8 @@ def private_shards(cfg: Config) -> PrivateShards:
         raise ConfigError("data.private.path: a shard pattern is needed for source=shards")
     try:
         urls = expand_urls(cfg.data.private.path)
-        count, digest = count_distinct_samples(urls)
-        return PrivateShards(urls, count, digest, list(shard_label_names(urls) or []))
+        count, digest, images = count_distinct_samples(urls)
+        return PrivateShards(urls, count, digest, images, list(shard_label_names(urls) or []))
     except (ValueError, OSError) as err:
         raise ConfigError(f"data.private.path: {err}") from None
 
@@ -391,20 +393,21 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     cfg.data.private = absolute_source(cfg.data.private)  # the run's records name it from any folder
     base_dir = _base_dir(cfg)
     ldm, autoencoder, meta, base_cfg = load_pipeline(base_dir)
-    public_check = refuse_public_overlap(cfg, base_dir, base_cfg, meta)
+    source: Union[PrivateShards, EncodedPrivateSet, "ImageSet"]
+    if cfg.data.private.source == "shards":  # counted now (read once), encoded below once the plan is accepted
+        source = private_shards(cfg)
+        n, declared = source.count, source.names
+    else:
+        source = load_image_source(cfg.data.private, "data.private")
+        n, declared = len(source.images), source.names
+    public_check = refuse_public_overlap(cfg, base_dir, base_cfg, meta,
+                                         source.images if isinstance(source, PrivateShards) else None)
     said = [f"note: {public_check}"] if meta.get("imported_from") else []
     for key in ("ldm", "autoencoder"):  # the architecture is the base's
         if getattr(cfg, key) != getattr(base_cfg, key):
             said.append(f"note: the config's `{key}` section differs from the base's ({base_dir}/config.yaml); "
                         "the base's is used")
         setattr(cfg, key, getattr(base_cfg, key))
-    source: Union[PrivateShards, EncodedPrivateSet, "ImageSet"]
-    if cfg.data.private.source == "shards":  # counted now, encoded below once the plan is accepted
-        source = private_shards(cfg)
-        n, declared = source.count, source.names
-    else:
-        source = load_image_source(cfg.data.private, "data.private")
-        n, declared = len(source.images), source.names
     names, names_source = label_names(cfg, declared)
     q, sigma = plan_privacy(cfg, n)
     if ft.new_class_embedder:
@@ -483,11 +486,14 @@ def refuse_private_prompts(prompts: list | None, captions: list[list[str]], temp
                           "inputs, write your own")
 
 
-def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: dict) -> str:
+def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: dict,
+                          private_images: frozenset[bytes] | None = None) -> str:
     """Refuse a private set that shares examples with the public data the base's LDM (``base_cfg``) or
     its autoencoder (the ``config.yaml`` it recorded) was pretrained on: those examples are in the
     released model without DP. Refuses too when those public shards cannot be read from here
     (moved, deleted, or a relative path recorded by an older version): the check would prove nothing.
+    ``private_images``: the private shards' image fingerprints when the caller has read them (else
+    they are read here if needed).
 
     Returns what the privacy report says of it. A base imported from a CompVis checkpoint (``meta``'s
     ``imported_from``) was pretrained on data this project never saw: nothing can be checked, and the
@@ -505,7 +511,6 @@ def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: d
             raise ConfigError(f"finetune.base: {ae_config}: missing, so the private set cannot be checked against "
                               "the public data the base's autoencoder was pretrained on: restore it")
         sources.append(("autoencoder", ae_config, load_config(str(ae_config)).data.public))
-    private_images: set[bytes] | None = None  # read once, only if a stage recorded its public images
     for what, path, public in sources:
         problem = unreadable(public)
         if problem:
@@ -515,7 +520,7 @@ def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: d
         shared = shared_examples(public, cfg.data.private)
         recorded = public_images(path.parent)
         if recorded:
-            private_images = shard_images(cfg.data.private) if private_images is None else private_images
+            private_images = frozenset(shard_images(cfg.data.private)) if private_images is None else private_images
             seen = len(private_images & recorded)
             if seen:
                 shared.append(f"{seen} of its images are byte for byte images fingerprinted in "
