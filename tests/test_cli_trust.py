@@ -104,6 +104,10 @@ def test_broken_files_and_bad_flags_are_one_line_errors_that_write_nothing(tmp_p
         (["import-compvis", "cv.yaml", "notes.txt", "imported"], 2, "cv.yaml"),
         (["finetune", f"finetune.deepspeed_config={tmp_path / 'nope.json'}"], 2, "nope.json: file not found"),
         (["pretrain-ae", "--config", "binary.yaml"], 2, "binary.yaml: not a readable YAML text file"),
+        (["pretrain-ae", "data.public.source=shards", "data.public.path=shard-000000.tar"], 2,
+         "data.public.path: shard-000000.tar: not a readable tar shard (truncated header)"),
+        (["pretrain-ae", "data.public.source=shards", "data.public.path=ae"], 2,
+         "data.public.path: urls: folder ae holds no shard-*.tar files"),
         (["evaluate", "--samples", "o", "--metrics", "bogus"], 2, "--metrics: ['bogus']"),
         (["compare"], 1, "no MLflow store at"),
     ]
@@ -113,6 +117,26 @@ def test_broken_files_and_bad_flags_are_one_line_errors_that_write_nothing(tmp_p
         assert words in err, (argv, err)
         assert_one_line(err, "prepare letters" if argv[0] == "prepare" and code == 2 else argv[0])  # argparse's prog
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before, "refusing commands wrote nothing"
+
+
+def test_a_shard_image_that_does_not_decode_is_one_line_also_from_a_loader_worker(tmp_path, capsys, monkeypatch):
+    """A sample found broken mid-run (here the first public batch): exit 1, the shard and the sample named
+    in one line, the progress bar closed before it; a DataLoader worker's traceback is not printed."""
+    from pathlib import Path
+
+    from conftest import mlflow_store
+    from trainer.data.shards import write_shard
+    monkeypatch.chdir(tmp_path)
+    write_shard(Path("bad-000000.tar"), [{"__key__": f"{i}", "png": b"not an image", "cls": b"1"} for i in range(8)])
+    with mlflow_store(tmp_path):
+        for workers in (0, 1):
+            got, err = run_cli(["pretrain-ae", "--output-dir", f"runs{workers}", "data.public.source=shards",
+                                "data.public.path=bad-000000.tar", f"data.public.num_workers={workers}",
+                                "autoencoder.train.steps=2"], capsys)
+            assert got == 1, err
+            last = err.replace("\r", "\n").strip().splitlines()[-1]
+            assert last.startswith("dpldm pretrain-ae: error: bad-000000.tar: sample ") and \
+                "cannot decode .png (cannot identify image file" in last and "Traceback" not in err, err
 
 
 def test_help_is_plain_text_and_version_and_print_config(capsys, tmp_path, monkeypatch):

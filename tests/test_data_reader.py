@@ -229,3 +229,22 @@ def test_one_random_caption_per_sample_varies_across_epochs(tmp_path: Path):
         ds.set_epoch(epoch)
         picks.add(next(iter(ds))["caption"][0])
     assert picks == {"a 0", "b 0", "c 0"}
+
+
+def test_a_broken_sample_is_a_data_error_naming_the_shard_and_sample_not_its_content():
+    """Exit 1 at the CLI (``DataError``), one line; the caption or label bytes are not echoed."""
+    from trainer.data.reader import decode_sample
+    from trainer.errors import DataError, user_message
+    good = png(np.zeros((8, 8), np.uint8))
+    for sample, words in (({"png": b"secret bytes"}, "cannot decode .png"),
+                          ({"jpg": good, "txt": b"\xffsecret"}, ".txt captions are not UTF-8"),
+                          ({"png": good, "cls": b"secret"}, ".cls is not an integer class label"),
+                          ({"txt": b"secret"}, "no image")):
+        with pytest.raises(DataError) as caught:
+            decode_sample({"__key__": "k7", "__url__": "s.tar", **sample}, 8, channels=1)
+        assert str(caught.value).startswith("s.tar: sample k7: ") and words in str(caught.value)
+        assert "secret" not in str(caught.value)
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"x.py\", line 1\ntrainer.errors.DataError: s.tar: sample k7: no image")
+    assert user_message(wrapped) == "s.tar: sample k7: no image"
+    assert user_message(DataError("a: b")) == "a: b"

@@ -549,7 +549,7 @@ def test_private_set_identity_names_the_set_not_the_plumbing():
 
 
 @pytest.mark.slow
-def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir, monkeypatch):
+def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir, monkeypatch, capsys):
     """Private shards are counted for the plan, then encoded once into a latent cache kept apart from the
     run folders (results only) and shared by the experiment's fine-tunes; a refused plan writes nothing,
     and a shard listed twice is refused (its examples would count twice in N)."""
@@ -610,3 +610,17 @@ def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir, monke
         finetune.run(load_config("demo", overrides + [f"data.private.path={others}/shard-{{000000..000002}}.tar"]))
     assert {name: (run_dir / name).read_bytes() for name in recorded} == recorded
     assert not (experiment / "private").exists()
+    # a private image that does not decode: found while encoding, before any step; one line naming the
+    # shard and the sample (exit 1), nothing charged
+    from trainer.data.shards import write_shard
+    monkeypatch.undo()  # encoding again
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(shards / "shard-000000.tar", broken / "shard-000000.tar")
+    write_shard(broken / "shard-000001.tar", [{"__key__": "bad", "png": b"not an image", "cls": b"3"}])
+    capsys.readouterr()
+    assert cli.main(["finetune", *overrides, f"data.private.path={broken}", "finetune.name=broken"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+        f"dpldm finetune: error: {broken / 'shard-000001.tar'}: sample bad: cannot decode .png"), err
+    assert not (experiment / "broken" / "ledger.json").exists()

@@ -13,7 +13,7 @@ import re
 import sys
 
 from trainer.config import QUICK_DEMO, ConfigError, dump_config, load_config
-from trainer.errors import RunError, UsageError
+from trainer.errors import DataError, RunError, UsageError, user_message
 
 STAGE_MODULES = [
     "trainer.stages.prepare",
@@ -133,10 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         kind = "config error" if isinstance(err, ConfigError) else "error"
         print(f"{prefix}: {kind}: {err}", file=sys.stderr)
         return 2
-    except (RunError, OSError, CheckpointError, ImageSetError) as err:  # OSError: a file where a folder must be, ...
+    # OSError: a file where a folder must be, ...; DataError: a shard's sample that cannot be read
+    except (RunError, DataError, OSError, CheckpointError, ImageSetError) as err:
         if os.environ.get("DPLDM_DEBUG"):
             raise
-        print(f"{prefix}: error: {err}", file=sys.stderr)
+        print(f"{prefix}: error: {user_message(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted; run the same command again to resume", file=sys.stderr)

@@ -9,10 +9,29 @@ class RunError(RuntimeError):
     """
 
 
+class DataError(ValueError):
+    """A data file's content cannot be used where a stage reads it (a shard that is not a tar, a sample
+    without an image, an image that does not decode, a label that is not a number): exit status 1.
+    Its message names the file and the sample, never the sample's content."""
+
+
 class UsageError(ValueError):
     """A bad command-line argument (exit status 2); the message names the flag."""
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of ``err``'s message, or its type's name when it has none (for one-line errors)."""
-    return (str(err).splitlines() or [type(err).__name__])[0].rstrip(":")
+    """The first line of ``err``'s message, or its type's name when it has none (for one-line errors).
+    An error raised with several arguments (webdataset adds the stream and the URL to tarfile's) gives
+    its first, when that is text."""
+    message = err.args[0] if len(err.args) > 1 and isinstance(err.args[0], str) else str(err)
+    return (message.splitlines() or [type(err).__name__])[0].rstrip(":")
+
+
+def user_message(err: BaseException) -> str:
+    """``err``'s message for the one-line report: an error raised in a DataLoader worker process
+    arrives with the worker's traceback in its message; its last line is what the user needs."""
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text

@@ -35,7 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from trainer.data.sources import split_caption_lines
-from trainer.errors import first_line
+from trainer.errors import DataError, first_line
 
 # image members of a sample (and image files of a folder), in order of preference
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
@@ -166,7 +166,7 @@ def raw_samples(urls: Sequence[str]) -> Iterator[dict]:
         try:
             yield from wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception)
         except (tarfile.TarError, EOFError) as err:
-            raise ValueError(f"{url}: not a readable tar shard ({first_line(err)})") from None
+            raise DataError(f"{url}: not a readable tar shard ({first_line(err)})") from None
 
 
 def image_member(sample: dict) -> bytes | None:
@@ -254,13 +254,19 @@ def decode_sample(sample: dict, resolution: int, channels: int = 3, pad_small: b
     where = f"{sample.get('__url__', '?')}: sample {key}"
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
-        raise ValueError(f"{where}: no image (expected one of .{', .'.join(IMAGE_KEYS)})")
+        raise DataError(f"{where}: no image (expected one of .{', .'.join(IMAGE_KEYS)})")
     try:
         image = decode_image(sample[image_key], resolution, channels, pad_small, fast_jpeg)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ValueError(f"{where}: cannot decode .{image_key} ({exc})") from exc
-    captions = split_caption_lines(sample["txt"].decode("utf-8")) if "txt" in sample else []
-    label = int(sample["cls"].decode("ascii")) if "cls" in sample else -1
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{where}: cannot decode .{image_key} ({first_line(exc)})") from None
+    try:
+        captions = split_caption_lines(sample["txt"].decode("utf-8")) if "txt" in sample else []
+    except UnicodeDecodeError:
+        raise DataError(f"{where}: its .txt captions are not UTF-8 text") from None
+    try:
+        label = int(sample["cls"].decode("ascii")) if "cls" in sample else -1
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"{where}: its .cls is not an integer class label") from None
     return {"image": image, "captions": captions, "label": label, "key": key}
 
 

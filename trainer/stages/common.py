@@ -279,13 +279,19 @@ def start_public_stage(cfg: Config, run_dir: Path, batch_size: int, key: str,
     ``config.yaml`` and the fingerprints of its public shard images. A run that has trained resumes
     only under the same ``sections`` (see :func:`refuse_changed_settings`). The caller closes the
     runtime (``with rt:``)."""
-    from trainer.data.provenance import record_public_images
+    from trainer.data.provenance import record_public_images, unreadable
+    problem = unreadable(cfg.data.public)
+    if problem:
+        raise ConfigError(f"data.public.path: {problem}")
     refuse_changed_settings(cfg, run_dir, sections)
     rt = Runtime.start(cfg)
     try:
         per_rank = rt.per_rank(batch_size, key)
         if rt.is_main:
-            record_public_images(cfg.data.public, run_dir)  # what a later private set is checked against
+            try:  # what a later private set is checked against; every public shard read once before training
+                record_public_images(cfg.data.public, run_dir)
+            except ValueError as err:  # a file there that is not a tar shard
+                raise ConfigError(f"data.public.path: {err}") from None
             save_run_config(cfg, run_dir)
         rt.barrier()
     except BaseException:

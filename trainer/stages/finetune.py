@@ -608,48 +608,47 @@ def _train(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: P
             rt.save_checkpoint(run_dir, step, mlrun_id, state)
 
         ldm.train()
-        bar = tqdm(total=ft.steps, initial=step, desc="finetune (DP)", dynamic_ncols=True, disable=not rt.is_main)
         batches = iter(state.sampler)
         nonfinite = 0  # examples left out of their steps for a non-finite gradient (this session)
-        while step < ft.steps:
-            try:
-                ledger.record_step()  # raises before a step past the plan or the budget
-            except Exception as err:  # noqa: BLE001 - the ledger says why
+        with tqdm(total=ft.steps, initial=step, desc="finetune (DP)", dynamic_ncols=True,
+                  disable=not rt.is_main) as bar:  # closed on any exit, before an error is printed
+            while step < ft.steps:
+                try:
+                    ledger.record_step()  # raises before a step past the plan or the budget
+                except Exception as err:  # noqa: BLE001 - the ledger says why
+                    if rt.is_main:
+                        print(f"stopping at step {step}: {err}")
+                    break
                 if rt.is_main:
-                    print(f"stopping at step {step}: {err}")
-                break
-            if rt.is_main:
-                write_json(ledger.state_dict(), run_dir / LEDGER_FILE)
-            set_learning_rate(state.optimizer, learning_rate(ft, step))
-            metrics = rt.train_step(engine, state.optimizer, next(batches), session.example_losses,
-                                    session.loss_gen)
-            if metrics["nonfinite"] and not nonfinite and rt.is_main:
-                print(f"dpldm finetune: warning (non-private diagnostic): at step {step + 1} some examples' "
-                      "gradients were not finite and were left out of the step (the model may be diverging: "
-                      "lower finetune.lr); their count is logged as nonprivate/nonfinite_examples",
-                      file=sys.stderr)
-            nonfinite += int(metrics["nonfinite"])
-            if state.ema is not None:
-                state.ema.update(state.trainable)
-            step += 1
-            bar.update(1)
-            if step % ft.log_every == 0 or step == ft.steps:
-                # the accountant takes ~0.1-0.3 s per call on a CPU: at log steps only, not every step
-                spent = ledger.spent_epsilon()
-                bar.set_postfix(eps=f"{spent:.2f}")  # the drawn batch's size: nonprivate/, never unlabelled
-                mlrun.log_metrics({"privacy.epsilon_spent": spent,
-                                   "nonprivate/loss": metrics["loss"],
-                                   "nonprivate/batch_size": metrics["batch_size"],
-                                   "nonprivate/clip_fraction": metrics["clip_fraction"],
-                                   "nonprivate/nonfinite_examples": nonfinite},
-                                  step=step)
-            stopping = rt.any_rank(stop.requested)
-            if stopping or step % ft.checkpoint_every == 0 or step == ft.steps:
-                checkpoint_now(mlrun.run_id)
-            if stopping:
-                bar.close()
-                raise KeyboardInterrupt
-        bar.close()
+                    write_json(ledger.state_dict(), run_dir / LEDGER_FILE)
+                set_learning_rate(state.optimizer, learning_rate(ft, step))
+                metrics = rt.train_step(engine, state.optimizer, next(batches), session.example_losses,
+                                        session.loss_gen)
+                if metrics["nonfinite"] and not nonfinite and rt.is_main:
+                    print(f"dpldm finetune: warning (non-private diagnostic): at step {step + 1} some examples' "
+                          "gradients were not finite and were left out of the step (the model may be diverging: "
+                          "lower finetune.lr); their count is logged as nonprivate/nonfinite_examples",
+                          file=sys.stderr)
+                nonfinite += int(metrics["nonfinite"])
+                if state.ema is not None:
+                    state.ema.update(state.trainable)
+                step += 1
+                bar.update(1)
+                if step % ft.log_every == 0 or step == ft.steps:
+                    # the accountant takes ~0.1-0.3 s per call on a CPU: at log steps only, not every step
+                    spent = ledger.spent_epsilon()
+                    bar.set_postfix(eps=f"{spent:.2f}")  # the drawn batch's size: nonprivate/, never unlabelled
+                    mlrun.log_metrics({"privacy.epsilon_spent": spent,
+                                       "nonprivate/loss": metrics["loss"],
+                                       "nonprivate/batch_size": metrics["batch_size"],
+                                       "nonprivate/clip_fraction": metrics["clip_fraction"],
+                                       "nonprivate/nonfinite_examples": nonfinite},
+                                      step=step)
+                stopping = rt.any_rank(stop.requested)
+                if stopping or step % ft.checkpoint_every == 0 or step == ft.steps:
+                    checkpoint_now(mlrun.run_id)
+                if stopping:
+                    raise KeyboardInterrupt
         checkpoint_now(mlrun.run_id)
         engine.detach()
         ldm.eval()

@@ -77,11 +77,10 @@ class Trainer:
     def fit(self, step_fn: Callable[[int], dict[str, float]], run: Run) -> None:
         """Train to ``train.steps``; on Ctrl-C / SIGTERM finish the step, checkpoint, raise KeyboardInterrupt."""
         t0, first = time.time(), self.step
-        bar = tqdm(total=self.train.steps, initial=self.step, desc=self.desc, dynamic_ncols=True,
-                   disable=not self.runtime.is_main)
         for module in self.modules.values():
             module.train()
-        with StopRequest() as stop:
+        with StopRequest() as stop, tqdm(total=self.train.steps, initial=self.step, desc=self.desc,
+                                         dynamic_ncols=True, disable=not self.runtime.is_main) as bar:
             while self.step < self.train.steps:
                 metrics = step_fn(self.step)
                 self.step += 1
@@ -95,9 +94,7 @@ class Trainer:
                 if stopping or self.step % self.train.checkpoint_every == 0 or self.step == self.train.steps:
                     self.save(run)
                 if stopping:
-                    bar.close()
                     raise KeyboardInterrupt
-        bar.close()
         if self.step > first:  # a rerun of a finished stage keeps the wall time of the run that trained
             run.log_metrics({"wall_time_s": time.time() - t0})
         for module in self.modules.values():
