@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from typing import Callable
 
+from trainer.data.letters import font_files
 from trainer.data.mnist import SPLIT_NAMES
 from trainer.data.shards import ON_ERROR, PrepareError, WriteOptions, check_caption_template, write_shards
 from trainer.data.sources import (FASHION_MNIST_DIR, TORCHVISION_NAMES, SampleError, Source, SourceError,
@@ -24,13 +26,15 @@ def _quality(text: str) -> int:
     return number_in_range(text, int, 1, "an integer", high=100)
 
 
-def _caption_template(text: str) -> str:
-    """argparse type of ``--caption-template``: a format string of ``{label}`` only."""
-    try:
-        check_caption_template(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+def _checked_by(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type: the text, once ``check(text)`` has not raised ValueError (its message is argparse's)."""
+    def argument(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+    return argument
 
 
 def _shard_options() -> argparse.ArgumentParser:
@@ -47,7 +51,7 @@ def _shard_options() -> argparse.ArgumentParser:
     g.add_argument("--max-size", type=positive_int, help="downscale so the short side is at most this (default: keep)")
     g.add_argument("--require-captions", action=argparse.BooleanOptionalAction, default=None,
                    help="an image without a caption is a bad item (default: on for mm-celeba-hq, else off)")
-    g.add_argument("--caption-template", type=_caption_template, help='caption for labelled items without one, e.g. "a photo of a {label}"')
+    g.add_argument("--caption-template", type=_checked_by(check_caption_template), help='caption for labelled items without one, e.g. "a photo of a {label}"')
     g.add_argument("--on-error", choices=list(ON_ERROR), default="error",
                    help="bad item: stop with an error naming it (default), or skip it and list it in meta.json")
     g.add_argument("--limit", type=positive_int, help="read at most this many items of the source")
@@ -56,16 +60,6 @@ def _shard_options() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true", help="delete the shards already in OUT and start again")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-def _font_set(text: str) -> str:
-    """argparse type of ``--fonts``: a font set name or a font folder that exists."""
-    from trainer.data.letters import font_files
-    try:
-        font_files(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
 
 
 def _build_source(args: argparse.Namespace) -> Source:
@@ -171,7 +165,7 @@ def register(subparsers) -> None:
     p.add_argument("--count", type=positive_int, default=26000, help="number of images (default 26000)")
     p.add_argument("--size", type=positive_int, default=28, help="image side in pixels (default 28, as EMNIST)")
     p.add_argument("--seed", type=int, default=0, help="seed of the letters, fonts and distortions drawn (default 0)")
-    p.add_argument("--fonts", default="default", type=_font_set,
+    p.add_argument("--fonts", default="default", type=_checked_by(font_files),  # a set's name or a font folder
                    help="default (PIL's font), matplotlib (the text faces shipped with matplotlib) or a folder "
                         "of .ttf/.otf fonts; one drawn per letter")
     p.add_argument("--elastic", type=non_negative_float, default=0.0,
