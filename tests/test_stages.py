@@ -397,8 +397,8 @@ def test_a_public_stage_that_has_trained_resumes_only_under_its_settings(workdir
     assert (ae.parent / "ldm" / "config.yaml").read_bytes() == ldm_record
     capsys.readouterr()
     nowhere = ["experiment=nowhere", "data.public.source=shards", f"data.public.path={workdir / 'no-shards'}"]
-    assert cli.main(["pretrain-ae", "--config", "demo", *overrides, *nowhere]) == 1
-    assert "no-shards" in capsys.readouterr().err and not (workdir / "runs" / "nowhere").exists()
+    assert cli.main(["pretrain-ae", "--config", "demo", *overrides, *nowhere]) == 2  # the config names them
+    assert "data.public.path: " in capsys.readouterr().err and not (workdir / "runs" / "nowhere").exists()
 
 
 def test_a_pretraining_resumes_over_its_public_shards_moved_but_not_over_other_images(tmp_path):
