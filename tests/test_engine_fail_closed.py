@@ -254,6 +254,35 @@ def test_secure_gaussian_is_standard_normal_and_never_repeats():
     assert not torch.equal(secure_standard_normal((8,)), secure_standard_normal((8,)))
 
 
+def test_the_default_generators_state_is_not_reachable_from_a_32_bit_seed():
+    """mt19937's seeding fills its 624 words from the first by a fixed recurrence, and torch keeps 32 bits
+    of a seed: a generator seeded so has one of 2^32 noise streams (searchable in hours). The engine's,
+    the sampler's and the loss draws' generator takes all 624 words from OS entropy instead; its normals
+    are standard and differ between generators."""
+    import numpy as np
+
+    from trainer.privacy import entropy_generator
+    from trainer.privacy.engine import DPGradientEngine as Engine
+    from trainer.privacy.sampling import PoissonBatchSampler
+
+    def seeded_from_32_bits(generator: torch.Generator) -> bool:
+        words = generator.get_state().numpy()[24:24 + 8 * 624].view(np.uint64)
+        expected = int(words[0])
+        for i in range(1, 624):
+            expected = (1812433253 * (expected ^ (expected >> 30)) + i) & 0xFFFFFFFF
+            if int(words[i]) != expected:
+                return False
+        return True
+    assert seeded_from_32_bits(torch.Generator().manual_seed(2**62 + 12345))  # the check sees a seeded one
+    fresh = [entropy_generator(), Engine(nn.Linear(2, 2), 1.0, 1.0, 4.0).generator,
+             PoissonBatchSampler(100, 0.1, 3, 50).generator]
+    assert not any(seeded_from_32_bits(g) for g in fresh)
+    a, b = (torch.randn(200_000, generator=g).double() for g in fresh[:2])
+    n = a.numel()
+    assert abs(float(a.mean())) < 5 / n**0.5 and abs(float(a.var()) - 1) < 5 * (2 / n) ** 0.5
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 5 / n**0.5
+
+
 def test_secure_noise_in_the_engine_has_the_calibrated_std():
     torch.manual_seed(0)
     model = nn.Linear(60, 50)
