@@ -1,5 +1,6 @@
 """Text-conditioned DP fine-tuning: what trains (the encoder stays frozen), and exact clipping on it."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -182,6 +183,19 @@ def test_the_shipped_celebahq_text_config_fine_tunes_at_tiny_size(store, tmp_pat
         finetune.run(leaky)
     run_dir = finetune.stage_dir(cfg, "finetune")
     assert not run_dir.exists(), "refused before the run folder is written"
+    # private images without captions for a text-conditioned base: refused before any step is charged
+    from trainer.data.shards import write_shard
+    (tmp_path / "uncaptioned").mkdir()
+    write_shard(tmp_path / "uncaptioned" / "shard-000000.tar",
+                [{"__key__": f"{i:03d}", "png": (tmp_path / "private-images" / f"{i:03d}.png").read_bytes()}
+                 for i in range(40)])
+    for private, words in (({"source": "mnist", "split": "val", "path": None}, "'mnist' holds no captions"),
+                           ({"path": str(tmp_path / "uncaptioned")}, "the shards hold no .txt captions")):
+        captionless = copy.deepcopy(cfg)
+        captionless.data.private = dataclasses.replace(cfg.data.private, **private)
+        with pytest.raises(ConfigError, match=rf"data.private.(source|path): .*{words}.*text-conditioned"):
+            finetune.run(captionless)
+        assert not run_dir.exists(), "refused before the run folder (and its journal) is written"
     assert finetune.run(cfg) == run_dir
     report = json.loads((run_dir / "privacy-report.json").read_text())
     assert report["steps"] == 2 and report["N"] == 40 and report["epsilon"] <= 10

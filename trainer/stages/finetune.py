@@ -408,6 +408,9 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
             said.append(f"note: the config's `{key}` section differs from the base's ({base_dir}/config.yaml); "
                         "the base's is used")
         setattr(cfg, key, getattr(base_cfg, key))
+    if cfg.ldm.conditioner.type == "text" and not isinstance(source, PrivateShards):
+        raise ConfigError(f"data.private.source: {cfg.data.private.source!r} holds no captions, and the base "
+                          f"({base_dir}) is text-conditioned: give shards with .txt captions (source=shards)")
     names, names_source = label_names(cfg, declared)
     q, sigma = plan_privacy(cfg, n)
     if ft.new_class_embedder:
@@ -449,6 +452,9 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         from trainer.data.latent_cache import shard_caption_template
         template = shard_caption_template(source.urls)
         source = encode_private_shards(cfg, autoencoder, meta["autoencoder_sha256"], source, rt)
+        if cfg.ldm.conditioner.type == "text" and not any(source.captions):  # before any step is charged
+            raise ConfigError(f"data.private.path: the shards hold no .txt captions, and the base ({base_dir}) "
+                              "is text-conditioned")
         refuse_private_prompts(cfg.sample.prompts, source.captions, template, names)
     rt.place(ldm, autoencoder)
 
