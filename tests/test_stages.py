@@ -531,6 +531,20 @@ def test_pretraining_streams_shards_with_labels_or_captions(tmp_path, workdir, c
     assert context.shape[0] == 1 and context.shape[-1] == 64
 
 
+def test_grey_in_memory_sets_feed_an_rgb_autoencoder(tmp_path):
+    """Letters (public) and MNIST (private) are grey: an autoencoder of 3 input channels takes them with
+    the grey repeated, in every stage that loads them (it crashed at the first encoding)."""
+    from trainer.stages import pretrain_ae, pretrain_ldm
+    cfg = load_config("demo", TINY + [f"output_dir={tmp_path / 'runs'}", "experiment=rgb",
+                                      "autoencoder.ddconfig.in_channels=3", "autoencoder.ddconfig.out_ch=3",
+                                      "finetune.steps=2", "finetune.expected_batch_size=16",
+                                      "finetune.physical_batch_size=8"])
+    pretrain_ae.run(cfg)
+    pretrain_ldm.run(cfg)
+    report = json.loads((finetune.run(cfg) / "privacy-report.json").read_text())
+    assert report["steps"] == 2 and report["N"] == 1000
+
+
 def test_private_set_identity_names_the_set_not_the_plumbing():
     """The identity a DP run's ledger records: another split, other shard files or another size differ,
     the same set read another way (workers, resolution) does not; it survives JSON."""

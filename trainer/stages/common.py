@@ -143,8 +143,9 @@ def _to_resolution(x: np.ndarray, resolution: int) -> torch.Tensor:
     return F.interpolate(t, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
 
 
-def load_image_source(src: DataSource, key: str = "data") -> ImageSet:
-    """Load an offline image source (rendered letters or MNIST) into memory."""
+def load_image_source(src: DataSource, key: str = "data", channels: int = 1) -> ImageSet:
+    """Load an offline image source (rendered letters or MNIST: grey) into memory, as ``channels``
+    channels (3: the grey repeated, as the shard reader converts a grey image for an RGB autoencoder)."""
     if src.source == "letters":
         from trainer.data.letters import render_letters
         if not src.num_examples:
@@ -160,7 +161,8 @@ def load_image_source(src: DataSource, key: str = "data") -> ImageSet:
     else:
         raise ConfigError(f"{key}.source: {src.source!r} is not an in-memory source; "
                          "use `dpldm encode` for shard sets")
-    return ImageSet(_to_resolution(x, src.resolution), torch.from_numpy(y).long(), list(names))
+    images = _to_resolution(x, src.resolution)
+    return ImageSet(images.expand(-1, channels, -1, -1), torch.from_numpy(y).long(), list(names))
 
 
 def conditions(cond_type: str, labels: torch.Tensor, captions: Optional[list[str]]):
@@ -188,7 +190,7 @@ def public_batches(cfg: Config, batch_size: int, generator: torch.Generator, ran
     """
     src, cond_type = cfg.data.public, cfg.ldm.conditioner.type
     if src.source != "shards":
-        data = load_image_source(src, "data.public")
+        data = load_image_source(src, "data.public", image_channels(cfg))
         while True:
             idx = torch.randint(0, len(data.images), (batch_size,), generator=generator)
             yield data.images[idx], conditions(cond_type, data.labels[idx], None)

@@ -398,7 +398,7 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         source = private_shards(cfg)
         n, declared = source.count, source.names
     else:
-        source = load_image_source(cfg.data.private, "data.private")
+        source = load_image_source(cfg.data.private, "data.private", image_channels(base_cfg))
         n, declared = len(source.images), source.names
     public_check = refuse_public_overlap(cfg, base_dir, base_cfg, meta,
                                          source.images if isinstance(source, PrivateShards) else None)
