@@ -377,7 +377,8 @@ def test_zero3_finetune_interrupted_and_resumed_on_another_world_size(pretrained
     from safetensors.torch import load_file
 
     from trainer.privacy import PrivacyLedger
-    from trainer.stages.finetune import plan_privacy, private_set_identity
+    from trainer.stages.finetune import plan_privacy
+    from trainer.stages.private_set import private_set_identity
     tmp = pretrained
     overrides = TINY + [f"output_dir={tmp / 'runs'}", "finetune.deepspeed_config=zero3", "finetune.ema_decay=0.5"]
     run_dir = tmp / "runs" / "dist" / "finetune"

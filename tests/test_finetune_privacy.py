@@ -10,7 +10,7 @@ from conftest import mlflow_store
 from trainer import cli
 from trainer.config import ConfigError, dump_config, load_config
 from trainer.errors import RunError
-from trainer.stages import finetune
+from trainer.stages import finetune, private_set
 from trainer.stages.demo import QUICK
 
 TINY = QUICK + ["data.public.num_examples=520", "data.private.num_examples=1000", "autoencoder.train.batch_size=8",
@@ -510,10 +510,10 @@ def test_signal_to_noise_bound():
 
 def test_label_names_never_come_from_private_labels():
     cfg = load_config("demo")
-    assert finetune.label_names(cfg, ["zero", "one"]) == (["zero", "one"], "the data source's declared classes")
-    names, source = finetune.label_names(cfg, [])
+    assert private_set.label_names(cfg, ["zero", "one"]) == (["zero", "one"], "the data source's declared classes")
+    names, source = private_set.label_names(cfg, [])
     assert names == [str(i) for i in range(10)] and "new_class_embedder" in source
-    names, source = finetune.label_names(
+    names, source = private_set.label_names(
         load_config("demo", ["finetune.new_class_embedder=null", "finetune.new_class_from=null"]), [])
     assert len(names) == 26 and "n_classes" in source
 

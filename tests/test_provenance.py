@@ -8,7 +8,7 @@ import pytest
 from trainer.config import ConfigError, dump_config, load_config
 from trainer.data.provenance import shared_examples
 from trainer.data.shards import write_shard
-from trainer.stages.finetune import refuse_public_overlap
+from trainer.stages.private_set import refuse_public_overlap
 
 
 def source(**kw):

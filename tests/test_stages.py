@@ -10,7 +10,7 @@ from conftest import load_bench, mlflow_store
 from trainer import cli
 from trainer.config import ConfigError, dump_config, load_config
 from trainer.data.mnist import load_mnist
-from trainer.stages import finetune
+from trainer.stages import finetune, private_set
 from trainer.stages.demo import QUICK
 
 TINY = QUICK + ["data.public.num_examples=520", "data.private.num_examples=1000", "autoencoder.train.batch_size=8",
@@ -551,7 +551,7 @@ def test_private_set_identity_names_the_set_not_the_plumbing():
     from dataclasses import replace
 
     from trainer.config import DataSource
-    identity = finetune.private_set_identity
+    identity = private_set.private_set_identity
     train = DataSource(source="mnist", split="train", num_examples=1000)
     assert identity(train, 1000) != identity(replace(train, split="val"), 1000)
     assert identity(train, 1000) != identity(train, 999)
@@ -601,7 +601,7 @@ def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir, monke
         "checked: no example in common with the public data the base's LDM and autoencoder recorded"
     assert manifest["complete"] and manifest["latent_shape"] == [4, 4, 4]
     assert not list(run_dir.rglob("*.npy")), "private latents in the run folder"
-    digest = finetune.private_shards(cfg).digest  # a hash of every private example: never in a released file
+    digest = private_set.private_shards(cfg).digest  # a hash of every private example: never in a released file
     assert not [f for f in run_dir.rglob("*") if f.is_file() and (digest.encode() in f.read_bytes()
                                                                    or cache.name.encode() in f.read_bytes())]
 

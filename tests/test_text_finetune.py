@@ -84,7 +84,7 @@ def test_text_fine_tuning_is_exact_against_the_reference_and_a_brute_force_loop(
 # --- the whole text path -------------------------------------------------------------------------
 
 def test_a_prompt_that_is_a_private_caption_is_refused_unless_the_prepare_template_made_it():
-    from trainer.stages.finetune import refuse_private_prompts
+    from trainer.stages.private_set import refuse_private_prompts
     captions = [["a handwritten digit 7"], ["my cat Tom, three years old", "Tom"]]
     template, names = "a handwritten digit {label}", ["6", "7"]
     refuse_private_prompts(["a handwritten digit 7", "a cat", ""], captions, template, names)  # public strings

@@ -1,6 +1,7 @@
 """Stage ``finetune``: DP-SGD fine-tuning of the selected parameters on private data.
 
-Private data enters here only. The frozen autoencoder encodes the private set once (posterior
+Private data enters here only (its counting, checks and encoding: :mod:`trainer.stages.private_set`).
+The frozen autoencoder encodes the private set once (posterior
 mean and std kept in memory; each step draws a fresh posterior sample); Poisson sampling picks
 each example with probability q at every step; the DP engine clips every example's gradient
 over all trainable parameters and adds Gaussian noise once per logical step; the ledger
@@ -12,8 +13,6 @@ over the batch and labelled ``nonprivate/``; per-example values never leave the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -26,16 +25,18 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Union
 import torch
 from tqdm import tqdm
 
-from trainer.config import MAX_EPSILON, Config, ConfigError, DataSource, FinetuneConfig, load_config
+from trainer.config import MAX_EPSILON, Config, ConfigError, FinetuneConfig
 from trainer.distributed import EMA_FILE, WEIGHTS_FILE, Checkpoint, SingleProcess, TrainState
 from trainer.errors import RunError
 from trainer.io import write_json
-from trainer.pipeline import autoencoder_encode_fn
 from trainer.runtime import Placement
 from trainer.selection import select_trainable
 from trainer.stages.common import (PRIVACY_REPORT, check_finished, conditions, earlier_stage, image_channels,
-                                   load_image_source, recorded_path, resolve_recorded, save_run_config, stage_dir)
+                                   load_image_source, recorded_path, save_run_config, stage_dir)
 from trainer.stages.journal import check_journal_covers, load_journal, over_total, session_lock, spend_or_warn
+from trainer.stages.private_set import (EncodedPrivateSet, PrivateShards, encode_private_shards, label_names,
+                                        private_set_identity, private_shards, refuse_private_prompts,
+                                        refuse_public_overlap)
 from trainer.stages.spend import AUDIT_REPORT, DP_TRACES, LEDGER_FILE
 from trainer.tracking import start_run
 
@@ -102,97 +103,6 @@ def _pick(options: list[str], generator: torch.Generator) -> str:
     example: a step replayed with another row in its place keeps every other row's draws."""
     k = int(torch.randint(max(1, len(options)), (1,), generator=generator))
     return options[k] if options else ""
-
-
-@dataclass
-class PrivateShards:
-    """A private shard set, counted (``count`` samples) but not encoded yet; ``digest``: sha256 over
-    the shards' contents; ``images``: their images' fingerprints (private: compared, never written);
-    ``names``: the class names ``dpldm prepare`` recorded beside the shards (public: the source's
-    schema), or []."""
-    urls: list[str]
-    count: int
-    digest: str
-    images: frozenset[bytes]
-    names: list[str]
-
-
-@dataclass
-class EncodedPrivateSet:
-    """A private set already encoded: posterior mean/std [N, c, h, w], labels [N], captions."""
-    mean: torch.Tensor
-    std: torch.Tensor
-    labels: torch.Tensor
-    captions: list[list[str]]
-
-
-def label_names(cfg: Config, declared: list[str]) -> tuple[list[str], str]:
-    """The private label names and where they come from, never from the private labels themselves.
-
-    ``declared`` are the names the data source declares (its schema: MNIST's digits, the class
-    folders ``dpldm prepare`` recorded); else ``finetune.new_class_embedder`` (a count), else the
-    public conditioner's ``label_names`` or ``n_classes``.
-    """
-    if declared:
-        return list(declared), "the data source's declared classes"
-    ft, cond = cfg.finetune, cfg.ldm.conditioner
-    if ft.new_class_embedder:
-        return [str(i) for i in range(ft.new_class_embedder)], "finetune.new_class_embedder (a count)"
-    if cond.label_names:
-        return [str(x) for x in cond.label_names], "ldm.conditioner.label_names"
-    return [str(i) for i in range(cond.n_classes or 0)], "ldm.conditioner.n_classes (a count)"
-
-
-def private_shards(cfg: Config) -> PrivateShards:
-    """Count ``data.private``'s shards without encoding them (N for the plan, before anything is written)."""
-    from trainer.data.latent_cache import shard_label_names
-    from trainer.data.reader import count_distinct_samples, expand_urls
-    if not cfg.data.private.path:
-        raise ConfigError("data.private.path: a shard pattern is needed for source=shards")
-    try:
-        urls = expand_urls(cfg.data.private.path)
-        count, digest, images = count_distinct_samples(urls)
-        return PrivateShards(urls, count, digest, images, list(shard_label_names(urls) or []))
-    except (ValueError, OSError) as err:
-        raise ConfigError(f"data.private.path: {err}") from None
-
-
-def private_set_identity(private: DataSource, n: int) -> dict:
-    """Whose budget a DP run spends, as its ledger records it (a resume on another set is refused):
-    the source's settings (shards by their absolute paths) and the number of examples. Never a hash
-    of the contents: the ledger is released with the run, and a hash of the whole set would let
-    anyone who knows all but one example test candidates for the last."""
-    spec = {k: v for k, v in dataclasses.asdict(private).items() if k not in ("num_workers", "resolution")}
-    return {**spec, "examples": n}
-
-
-def private_cache_dir(cfg: Config, encoder_hash: str, shards: PrivateShards) -> Path:
-    """``<output_dir>/<experiment>/private/latents-<key>``: private data, kept apart from the run folders
-    (which hold results only) and shared by the experiment's fine-tunes of the same encoder and shards
-    (by their contents: two sets never share a cache)."""
-    from trainer.data.latent_cache import VERSION
-    key = hashlib.sha256(f"{encoder_hash}\0{shards.digest}\0{cfg.data.private.resolution}\0{image_channels(cfg)}"
-                         f"\0{VERSION}".encode()).hexdigest()[:16]
-    return Path(cfg.output_dir) / cfg.experiment / "private" / f"latents-{key}"
-
-
-def encode_private_shards(cfg: Config, autoencoder, encoder_hash: str, shards: PrivateShards,
-                          rt) -> EncodedPrivateSet:
-    """Encode the private shards once into their latent cache and load it. Every rank encodes its share
-    of the shards with the whole (not yet partitioned) encoder; resumable. Refused (RunError) when the
-    cache does not hold the ``shards.count`` examples the plan was made for."""
-    from trainer.data.latent_cache import LatentCache, build_latent_cache
-    out = private_cache_dir(cfg, encoder_hash, shards)
-    build_latent_cache(autoencoder_encode_fn(autoencoder, rt.device), shards.urls, out, encoder_hash,
-                       cfg.data.private.resolution, batch_size=64, rank=rt.rank, world_size=rt.world_size,
-                       channels=image_channels(cfg), pad_small=True, progress_bar=rt.is_main,
-                       source_digest=shards.digest)
-    cache = LatentCache(out, expected_encoder_hash=encoder_hash, in_memory=True)
-    if len(cache.labels) != shards.count:
-        raise RunError(f"{out}: holds {len(cache.labels)} examples, but the shards held {shards.count} when the "
-                       "privacy plan was made (did they change?); refused before this session's first step")
-    return EncodedPrivateSet(torch.from_numpy(cache.mean).float(), torch.from_numpy(cache.std).float(),
-                             cache.labels, cache.captions)
 
 
 def run(cfg: Config, encodings: "EncodingMemo | None" = None) -> Path:
@@ -477,66 +387,6 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     return DPSession(cfg, base_dir, ldm, autoencoder, selection, n, names, names_source, q, sigma, snr, engine,
                      state, tuple(meta["latent_shape"]), generator(2), rt.autocast, source,
                      meta["autoencoder_sha256"], public_check)
-
-
-def refuse_private_prompts(prompts: list | None, captions: list[list[str]], template: str | None,
-                           names: list[str]) -> None:
-    """Refuse (ConfigError naming ``sample.prompts``) a prompt that is the caption of a private example
-    (``provenance.private_prompts``): the run's grids and evaluation are drawn from its prompts, which its
-    config, MLflow params and grids release as DP results."""
-    from trainer.data.provenance import private_prompts
-    hits = private_prompts(prompts or [], (caption for row in captions for caption in row), template, names)
-    if hits:
-        raise ConfigError(f"sample.prompts: entry {hits[0]} is the caption of a private example: the run's grids, "
-                          "config and MLflow params would release it as a DP result; prompts are public "
-                          "inputs, write your own")
-
-
-def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: dict,
-                          private_images: frozenset[bytes] | None = None) -> str:
-    """Refuse a private set that shares examples with the public data the base's LDM (``base_cfg``) or
-    its autoencoder (the ``config.yaml`` it recorded) was pretrained on: those examples are in the
-    released model without DP. Refuses too when those public shards cannot be read from here
-    (moved, deleted, or a relative path recorded by an older version): the check would prove nothing.
-    ``private_images``: the private shards' image fingerprints when the caller has read them (else
-    they are read here if needed).
-
-    Returns what the privacy report says of it. A base imported from a CompVis checkpoint (``meta``'s
-    ``imported_from``) was pretrained on data this project never saw: nothing can be checked, and the
-    answer says so (the run goes on: fine-tuning a public checkpoint is the method)."""
-    from trainer.data.provenance import PUBLIC_IMAGES, public_images, shard_images, shared_examples, unreadable
-    imported = meta.get("imported_from")
-    if imported:
-        return (f"not checked: the base {base_dir} was imported from the checkpoint {imported['checkpoint']} "
-                f"(sha256 {imported['checkpoint_sha256']}), whose pretraining data are not known here; a private "
-                "example that was in them is in the released model without DP")
-    sources = [("LDM", base_dir / "config.yaml", base_cfg.data.public)]
-    if meta.get("autoencoder"):  # an imported base records none: its autoencoder is not ours to check
-        ae_config = resolve_recorded(meta["autoencoder"], base_dir) / "config.yaml"
-        if not ae_config.is_file():
-            raise ConfigError(f"finetune.base: {ae_config}: missing, so the private set cannot be checked against "
-                              "the public data the base's autoencoder was pretrained on: restore it")
-        sources.append(("autoencoder", ae_config, load_config(str(ae_config)).data.public))
-    for what, path, public in sources:
-        problem = unreadable(public)
-        if problem:
-            raise ConfigError(f"finetune.base: the public shards the base's {what} was pretrained on ({path}: "
-                              f"data.public.path {public.path}) cannot be read ({problem}), so the private set "
-                              "cannot be checked against them: restore them there")
-        shared = shared_examples(public, cfg.data.private)
-        recorded = public_images(path.parent)
-        if recorded:
-            private_images = frozenset(shard_images(cfg.data.private)) if private_images is None else private_images
-            seen = len(private_images & recorded)
-            if seen:
-                shared.append(f"{seen} of its images are byte for byte images fingerprinted in "
-                              f"{path.parent / PUBLIC_IMAGES}")
-        if shared:
-            raise ConfigError(f"data.private: shares examples with the public data the base's {what} was pretrained "
-                              f"on without DP ({path}: {'; '.join(shared)}): the private set must be disjoint "
-                              "from it")
-    return f"checked: no example in common with the public data the base's {' and '.join(w for w, _, _ in sources)} " \
-           "recorded"
 
 
 def _base_dir(cfg: Config) -> Path:
