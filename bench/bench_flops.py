@@ -185,7 +185,7 @@ def load_demo(p: argparse.ArgumentParser, args: argparse.Namespace, verb: str) -
         p.error(f"--threads must be >= 1, got {args.threads}")
     private = args.private_examples
     if private is None:
-        private = len(load_image_source(cfg.data.private, "data.private").labels)
+        private = len(load_image_source(cfg.data.private, "data.private", 1).labels)
     return cfg, private, sweep_configs(cfg, args.config, args.overrides, None)
 
 

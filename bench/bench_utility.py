@@ -106,7 +106,7 @@ def nonprivate_finetune(run: str | Path, seed: int = 0):
                      ft.context_grad)
     params = [p for p in ldm.parameters() if p.requires_grad]
     optimizer = adamw(params, ft.lr, ft.weight_decay)
-    private = load_image_source(cfg.data.private, "data.private")
+    private = load_image_source(cfg.data.private, "data.private", autoencoder.ddconfig["in_channels"])
     mean, std = encode_images(autoencoder, private.images, desc="encode private set")
     g = torch.Generator().manual_seed(seed)
     batch = round(ft.expected_batch_size)
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     test = load_mnist("test")
     rows: list[dict] = []
     # FID reference: the test split at the config's resolution, as the rows' images
-    reference = images_from_array(to_uint8(load_image_source(cfg.data.test, "data.test").images)) if args.fid else None
+    reference = images_from_array(to_uint8(load_image_source(cfg.data.test, "data.test", 1).images)) if args.fid else None
 
     def add(name: str, images: np.ndarray, labels: np.ndarray, note: str, seconds: float = 0.0) -> None:
         acc, per_class = scores(images, labels, test, cfg, args.seeds)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{'' if value is None else f', FID {value:.1f}'} {note}", flush=True)
 
     if not args.no_ceilings:
-        private = load_image_source(cfg.data.private, "data.private")
+        private = load_image_source(cfg.data.private, "data.private", 1)  # grey digits for the classifier
         try:
             idx = torch.from_numpy(balanced(private.labels.numpy(), args.per_class, seed=0))
         except ValueError as err:  # the real rows need --per-class real digits of every class

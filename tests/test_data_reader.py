@@ -126,8 +126,8 @@ def test_count_distinct_samples_counts_what_the_reader_reads_and_refuses_a_shard
     path, by a copy elsewhere, or streamed by a pipe command) would count its examples twice."""
     write_set(tmp_path / "set", 3, 4)
     urls = expand_urls(str(tmp_path / "set"))
-    count, digest, images = count_distinct_samples(urls)
-    assert count == len(keys_of(make_dataset(urls, 8, 5, shuffle_buffer=0))) == 12
+    count, digest, images, captioned = count_distinct_samples(urls)
+    assert count == len(keys_of(make_dataset(urls, 8, 5, shuffle_buffer=0))) == 12 == captioned
     assert images == {row.tobytes() for row in image_fingerprints(urls)} and len(images) == 12
     assert count_distinct_samples([f"pipe:cat {u}" for u in urls])[0] == 12
     other = tmp_path / "other"  # the same file names and sizes, other images: another digest
@@ -156,7 +156,8 @@ def test_count_distinct_samples_refuses_one_image_in_two_samples(tmp_path: Path)
     write_shard(tmp_path / "reordered.tar", samples[::-1])
     write_shard(tmp_path / "superset.tar", samples + [{"__key__": "extra", "png": png(np.ones((8, 8), np.uint8))}])
     write_shard(tmp_path / "inside.tar", samples + [{"__key__": "again", "png": samples[2]["png"]}])
-    assert count_distinct_samples([str(tmp_path / "a.tar")])[0] == 5
+    counted = count_distinct_samples([str(tmp_path / "a.tar")])
+    assert (counted.count, counted.captioned) == (5, 0)
     for urls, again, at in (([tmp_path / "a.tar", tmp_path / "reordered.tar"], 0, 4),
                             ([tmp_path / "a.tar", tmp_path / "superset.tar"], 0, 0),
                             ([tmp_path / "inside.tar"], 5, 2)):
@@ -237,13 +238,14 @@ def test_a_broken_sample_is_a_data_error_naming_the_shard_and_sample_not_its_con
     from trainer.errors import DataError, user_message
     good = png(np.zeros((8, 8), np.uint8))
     for sample, words in (({"png": b"secret bytes"}, "cannot decode .png"),
+                          ({"pgm": b"P2\n2 2\n255\n7310 0 0 0\n"}, "cannot decode .pgm (ValueError)"),  # PIL: "...: 7310"
                           ({"jpg": good, "txt": b"\xffsecret"}, ".txt captions are not UTF-8"),
                           ({"png": good, "cls": b"secret"}, ".cls is not an integer class label"),
                           ({"txt": b"secret"}, "no image")):
         with pytest.raises(DataError) as caught:
             decode_sample({"__key__": "k7", "__url__": "s.tar", **sample}, 8, channels=1)
         assert str(caught.value).startswith("s.tar: sample k7: ") and words in str(caught.value)
-        assert "secret" not in str(caught.value)
+        assert "secret" not in str(caught.value) and "7310" not in str(caught.value)
     wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
                         "last):\n  File \"x.py\", line 1\ntrainer.errors.DataError: s.tar: sample k7: no image")
     assert user_message(wrapped) == "s.tar: sample k7: no image"

@@ -108,3 +108,18 @@ def test_class_grid_has_one_row_per_class():
     assert grid.shape == (3 * 6 + 2, 2 * 6 + 2, 1)
     assert grid[2, 2, 0] == 10 and grid[2, 8, 0] == 30  # class 0: images 0 and 2
     assert grid[14, 2, 0] == 50 and grid[14, 8, 0] == 0  # class 2 has one image
+
+
+def test_a_broken_label_or_image_in_a_shard_is_named_not_quoted(tmp_path):
+    """The reference set may be private: a label that is not a number and an image that does not decode
+    are refused naming the shard and the sample, never their content (PIL's messages can quote pixels)."""
+    from trainer.data.shards import write_shard
+    from trainer.eval.images import ImageSetError
+    write_shard(tmp_path / "label.tar", [{"__key__": "k1", "png": b"x", "cls": b"secret7"}])
+    with pytest.raises(ImageSetError, match=r"label.tar: k1.cls is not an integer label") as refused:
+        open_images(str(tmp_path / "label.tar"))
+    assert "secret" not in str(refused.value)
+    write_shard(tmp_path / "pixels.tar", [{"__key__": "k2", "pgm": b"P2\n2 2\n255\n7310 0 0 0\n"}])
+    with pytest.raises(ImageSetError, match=r"cannot decode image \(ValueError\)") as refused:
+        open_images(str(tmp_path / "pixels.tar"))[0]
+    assert "7310" not in str(refused.value)

@@ -249,3 +249,24 @@ def test_shards_are_compared_with_the_private_set_by_their_images(tmp_path):
         "shard images whose pixels are digits of MNIST's train + val split"]
     assert shards_shared_examples(digits, source(source="mnist", split="test")) == []
     assert shards_shared_examples(source(source="shards", path=str(tmp_path / "none")), private) == []
+
+
+def test_sample_checks_prompts_against_private_shards_that_are_here_or_refuses(tmp_path):
+    """`dpldm sample --prompts` on a DP run compares the prompts with the private captions when the shards
+    are here; shards here that cannot be read stop it (DataError, one line) rather than skip the check.
+    Shards that are not here (a released model) cannot be checked: nothing to compare."""
+    from trainer.errors import DataError
+    from trainer.stages.common import PRIVACY_REPORT
+    from trainer.stages.sample import _private_prompts
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / PRIVACY_REPORT).write_text("{}")
+    write_shard(tmp_path / "good.tar", [{"__key__": "a", "png": b"x", "txt": b"a secret caption"}])
+    write_shard(tmp_path / "bad.tar", [{"__key__": "b", "png": b"y", "txt": b"\xff\xfe not text"}])
+
+    def private(path: str):
+        return load_config("demo", ["data.private.source=shards", f"data.private.path={path}"])
+    assert _private_prompts(run_dir, private(f"{tmp_path}/good.tar"), ["a  secret caption", "mine"], []) == [0]
+    with pytest.raises(DataError, match=r"bad.tar: sample b: its .txt captions are not UTF-8 text"):
+        _private_prompts(run_dir, private(f"{tmp_path}/bad.tar"), ["mine"], [])
+    assert _private_prompts(run_dir, private(f"{tmp_path}/elsewhere.tar"), ["mine"], []) == []

@@ -637,4 +637,4 @@ def test_finetune_on_private_shards_uses_a_latent_cache(tmp_path, workdir, monke
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
         f"dpldm finetune: error: {broken / 'shard-000001.tar'}: sample bad: cannot decode .png"), err
-    assert not (experiment / "broken" / "ledger.json").exists()
+    assert not (experiment / "finetune-broken").exists()

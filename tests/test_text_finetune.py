@@ -193,10 +193,12 @@ def test_the_shipped_celebahq_text_config_fine_tunes_at_tiny_size(store, tmp_pat
                            ({"path": str(tmp_path / "uncaptioned")}, "the shards hold no .txt captions")):
         captionless = copy.deepcopy(cfg)
         captionless.data.private = dataclasses.replace(cfg.data.private, **private)
-        captionless.finetune.delta = 1e-5  # below 1/N for MNIST's 10,000 too: the plan is accepted
+        captionless.finetune.delta = 1e-5  # below 1/N for MNIST's 10,000 too: only the captions can refuse it
+        caches = sorted((run_dir.parent / "private").iterdir())
         with pytest.raises(ConfigError, match=rf"data.private.(source|path): .*{words}.*text-conditioned"):
             finetune.run(captionless)
         assert not run_dir.exists(), "refused before the run folder (and its journal) is written"
+        assert sorted((run_dir.parent / "private").iterdir()) == caches, "refused before encoding"
     assert finetune.run(cfg) == run_dir
     report = json.loads((run_dir / "privacy-report.json").read_text())
     assert report["steps"] == 2 and report["N"] == 40 and report["epsilon"] <= 10

@@ -11,7 +11,8 @@ class RunError(RuntimeError):
 
 class DataError(ValueError):
     """A data file's content cannot be used where a stage reads it (a shard that is not a tar, a sample
-    without an image, an image that does not decode, a label that is not a number): exit status 1.
+    without an image, an image that does not decode, a label that is not a number): exit status 1 when
+    found while a stage runs (2 where a stage checks the files a config key names before it starts).
     Its message names the file and the sample, never the sample's content."""
 
 
@@ -20,11 +21,8 @@ class UsageError(ValueError):
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of ``err``'s message, or its type's name when it has none (for one-line errors).
-    An error raised with several arguments (webdataset adds the stream and the URL to tarfile's) gives
-    its first, when that is text."""
-    message = err.args[0] if len(err.args) > 1 and isinstance(err.args[0], str) else str(err)
-    return (message.splitlines() or [type(err).__name__])[0].rstrip(":")
+    """The first line of ``err``'s message, or its type's name when it has none (for one-line errors)."""
+    return (str(err).splitlines() or [type(err).__name__])[0].rstrip(":")
 
 
 def user_message(err: BaseException) -> str:

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.data.reader import count_distinct_samples, expand_urls, make_dataset
+from trainer.errors import DataError, first_line
 from trainer.io import write_json
 
 FORMAT = "dpldm-latent-cache"
@@ -66,7 +67,13 @@ def _shard_meta(urls: Sequence[str]) -> dict:
     meta = Path(urls[0]).parent / "meta.json"
     if urls[0].startswith("pipe:") or not meta.is_file():
         return {}
-    return json.loads(meta.read_text())
+    try:
+        found = json.loads(meta.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{meta}: not a readable JSON record ({first_line(err)})") from None
+    if not isinstance(found, dict):
+        raise DataError(f"{meta}: not the JSON object dpldm prepare writes")
+    return found
 
 
 def shard_label_names(urls: Sequence[str]) -> Optional[list]:

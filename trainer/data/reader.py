@@ -81,10 +81,12 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
 
 class ShardCount(NamedTuple):
     """What :func:`count_distinct_samples` read: ``count`` samples, ``digest`` (a sha256 over their
-    contents in order) and ``images`` (the :func:`fingerprint` of every image member)."""
+    contents in order), ``images`` (the :func:`fingerprint` of every image member) and ``captioned``
+    (how many samples have a ``txt`` member)."""
     count: int
     digest: str
     images: frozenset[bytes]
+    captioned: int
 
 
 def count_distinct_samples(urls: Sequence[str]) -> ShardCount:
@@ -102,7 +104,7 @@ def count_distinct_samples(urls: Sequence[str]) -> ShardCount:
     """
     seen: dict[str, str] = {}
     images: dict[bytes, tuple[str, int]] = {}  # image fingerprint -> (shard, position in it) of its first sample
-    total, digest = 0, hashlib.sha256()
+    total, captioned, digest = 0, 0, hashlib.sha256()
     for url in urls:
         content, count, twice = hashlib.sha256(), 0, None
         for sample in raw_samples([url]):
@@ -112,6 +114,7 @@ def count_distinct_samples(urls: Sequence[str]) -> ShardCount:
                 if first != (url, count):
                     twice = (*first, count)
             count += 1
+            captioned += "txt" in sample
             for name in sorted(k for k in sample if not k.startswith("__")):
                 content.update(f"{name}\0{len(sample[name])}\0".encode())
                 content.update(sample[name])
@@ -127,7 +130,7 @@ def count_distinct_samples(urls: Sequence[str]) -> ShardCount:
         seen[identity] = url
         digest.update(f"{identity}\n".encode())
         total += count
-    return ShardCount(total, digest.hexdigest(), frozenset(images))
+    return ShardCount(total, digest.hexdigest(), frozenset(images), captioned)
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -137,8 +140,33 @@ def image_files(folder: Path) -> list[Path]:
 
 def shard_captions(urls: Sequence[str]) -> set[str]:
     """Every caption of the shards ``urls`` (their ``txt`` members, one caption per line)."""
-    return {caption for sample in raw_samples(urls)
-            if "txt" in sample for caption in split_caption_lines(sample["txt"].decode("utf-8"))}
+    return {caption for sample in raw_samples(urls) for caption in sample_captions(sample)}
+
+
+def _where(sample: dict) -> str:
+    return f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
+
+
+def sample_captions(sample: dict) -> list[str]:
+    """A raw sample's captions (its ``txt`` member, one per line; [] without one); DataError when they
+    are not UTF-8 text (the message names the sample, not the bytes)."""
+    if "txt" not in sample:
+        return []
+    try:
+        return split_caption_lines(sample["txt"].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{_where(sample)}: its .txt captions are not UTF-8 text") from None
+
+
+def sample_label(sample: dict) -> int:
+    """A raw sample's class label (its ``cls`` member; -1 without one); DataError when it is not an
+    integer (the message names the sample, not the label)."""
+    if "cls" not in sample:
+        return -1
+    try:
+        return int(sample["cls"].decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"{_where(sample)}: its .cls is not an integer class label") from None
 
 
 def shard_image_bytes(urls: Sequence[str]) -> Iterator[bytes]:
@@ -159,14 +187,16 @@ def image_fingerprints(urls: Sequence[str]) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, 16), dtype=np.uint8)
 
 
-def raw_samples(urls: Sequence[str]) -> Iterator[dict]:
+def raw_samples(urls: Sequence[str], handler: Callable[[Exception], bool] = wds.reraise_exception) -> Iterator[dict]:
     """The samples of the shards ``urls`` undecoded (``__key__`` and member suffix -> bytes), in order; a
-    shard that is not a readable tar raises ValueError naming it."""
+    shard that is not a readable tar raises DataError naming it (unless webdataset's ``handler`` skips it)."""
     for url in urls:
         try:
-            yield from wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception)
+            yield from wds.tarfile_samples([{"url": url}], handler=handler)
         except (tarfile.TarError, EOFError) as err:
-            raise DataError(f"{url}: not a readable tar shard ({first_line(err)})") from None
+            # webdataset adds the stream and the URL to tarfile's message: its first argument says why
+            why = err.args[0] if err.args and isinstance(err.args[0], str) else first_line(err)
+            raise DataError(f"{url}: not a readable tar shard ({why})") from None
 
 
 def image_member(sample: dict) -> bytes | None:
@@ -250,24 +280,15 @@ def pick_caption(captions: list[str], seed: int, epoch: int, key: str) -> str:
 def decode_sample(sample: dict, resolution: int, channels: int = 3, pad_small: bool = False,
                   fast_jpeg: bool = True) -> dict:
     """A raw webdataset sample (bytes per extension) -> dict(image, captions, label, key)."""
-    key = sample["__key__"]
-    where = f"{sample.get('__url__', '?')}: sample {key}"
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
-        raise DataError(f"{where}: no image (expected one of .{', .'.join(IMAGE_KEYS)})")
+        raise DataError(f"{_where(sample)}: no image (expected one of .{', .'.join(IMAGE_KEYS)})")
     try:
         image = decode_image(sample[image_key], resolution, channels, pad_small, fast_jpeg)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{where}: cannot decode .{image_key} ({first_line(exc)})") from None
-    try:
-        captions = split_caption_lines(sample["txt"].decode("utf-8")) if "txt" in sample else []
-    except UnicodeDecodeError:
-        raise DataError(f"{where}: its .txt captions are not UTF-8 text") from None
-    try:
-        label = int(sample["cls"].decode("ascii")) if "cls" in sample else -1
-    except (UnicodeDecodeError, ValueError):
-        raise DataError(f"{where}: its .cls is not an integer class label") from None
-    return {"image": image, "captions": captions, "label": label, "key": key}
+    except Exception as exc:  # PIL raises several types; its messages can quote pixel values: the type only
+        raise DataError(f"{_where(sample)}: cannot decode .{image_key} ({type(exc).__name__})") from None
+    return {"image": image, "captions": sample_captions(sample), "label": sample_label(sample),
+            "key": sample["__key__"]}
 
 
 # --- the stream -------------------------------------------------------------------------------
@@ -348,9 +369,9 @@ class ShardImageDataset(IterableDataset):
         """Decoded samples (not batched) of this (rank, worker)."""
         rank, world_size, worker, _ = self._position()
         if world_size > len(self.urls):  # a rank without data would stall the others at their first all-reduce
-            raise ValueError(f"{len(self.urls)} shard(s) cannot feed {world_size} ranks (each needs at least one); "
-                             "write smaller shards: dpldm prepare --samples-per-shard")
-        raw = wds.tarfile_samples([{"url": u} for u in self.shards_for_this_process()], handler=self.handler)
+            raise DataError(f"{len(self.urls)} shard(s) cannot feed {world_size} ranks (each needs at least one); "
+                            "write smaller shards: dpldm prepare --samples-per-shard")
+        raw = raw_samples(self.shards_for_this_process(), self.handler)
         if self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}:{self.epoch}:{rank}:{worker}")
             raw = buffered_shuffle(raw, self.shuffle_buffer, rng)

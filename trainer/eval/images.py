@@ -155,8 +155,8 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except Exception as err:  # PIL raises several types; name the file either way
-        raise ImageSetError(f"{name}: cannot decode image ({err})") from err
+    except Exception as err:  # PIL raises several types, and its messages can quote pixel values: the type only
+        raise ImageSetError(f"{name}: cannot decode image ({type(err).__name__})") from None
     if img.mode == "P":
         img = img.convert("RGBA")
     bands = img.getbands()
@@ -225,11 +225,10 @@ def _open_shards(pattern: str) -> ImageCollection:
                 if cls is None:
                     labels.append(None)
                 else:
-                    text = tar.extractfile(cls).read().decode().strip()
-                    try:
-                        labels.append(int(text))
-                    except ValueError:
-                        raise ImageSetError(f"{shard}: {key}.cls holds {text!r}, not an integer label") from None
+                    try:  # the label itself stays unsaid: the set may be private
+                        labels.append(int(tar.extractfile(cls).read().decode("ascii").strip()))
+                    except (UnicodeDecodeError, ValueError):
+                        raise ImageSetError(f"{shard}: {key}.cls is not an integer label") from None
     if not entries:
         raise FileNotFoundError(f"shard set {pattern!r} holds no image ({', '.join(IMAGE_KEYS)})")
     has_label = [y is not None for y in labels]

@@ -341,7 +341,7 @@ class DPGradientEngine:
                 self._recording = True
             exact = torch.sqrt(sum(g.double().pow(2).sum() for g in alone if g is not None))
             if _differs(norms[i:i + 1], exact.reshape(1), 1e-6 * float(exact), rtol):
-                # no values in the message: on a private micro-batch they would be an example's own
+                # no values in the message: check() is meant for public probes, but its caller decides
                 self._refuse(f"example {i} of {batch_size} has another gradient norm alone than in the batch "
                              f"(beyond a relative {rtol:g}): a trainable module mixes examples (e.g. a "
                              "sequence-first [T, B, D] input, or an input broadcast over the batch whose output "

@@ -28,15 +28,17 @@ from torch import Tensor
 # next u64, state[624] u64 (32-bit words), normal_x/y/rho f64, normal_is_valid i32 (+4), then a cached
 # float normal f32 and its valid flag (+3)
 _MT_WORDS, _MT_STATE_BYTES = 624, 5056
-_LEFT, _NEXT, _WORDS = slice(8, 12), slice(16, 24), slice(24, 24 + 8 * 624)
+_INITIAL_SEED, _LEFT, _SEEDED, _NEXT = slice(0, 8), slice(8, 12), slice(12, 16), slice(16, 24)
+_WORDS = slice(24, 24 + 8 * _MT_WORDS)
 _NORMAL_VALID, _FLOAT_NORMAL_VALID = slice(5040, 5044), 5052
 
 
 def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch generator on ``device`` whose state comes from the OS entropy pool: on a CPU all 19,968
-    bits of mt19937's state (``manual_seed`` would keep 32 bits of any seed), on CUDA a 64-bit Philox
-    seed (what that generator has). Raises RuntimeError when this torch's CPU generator state does not
-    have the layout written here (never falls back to a weaker seed)."""
+    """A torch generator on ``device`` whose state comes from the OS entropy pool: on a CPU all of
+    mt19937's state (19,937 bits; ``manual_seed`` would keep 32 bits of any seed), on CUDA a 64-bit
+    Philox seed (what that generator has). ``initial_seed()`` is random too and says nothing of the
+    state: nothing can be derived from it. Raises RuntimeError when this torch's CPU generator state
+    does not have the layout written here (never falls back to a weaker seed)."""
     device = torch.device(device)
     generator = torch.Generator(device=device)
     if device.type != "cpu":
@@ -47,7 +49,9 @@ def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
                            f"{_MT_STATE_BYTES}: cannot fill it from OS entropy")
     words = np.frombuffer(os.urandom(4 * _MT_WORDS), dtype=np.uint32).astype(np.uint64)
     state[_WORDS] = words.view(np.uint8)
+    state[_INITIAL_SEED] = np.frombuffer(os.urandom(8), dtype=np.uint8)
     state[_LEFT] = np.array([1], dtype=np.int32).view(np.uint8)  # twist the new words before the first draw
+    state[_SEEDED] = np.array([1], dtype=np.int32).view(np.uint8)
     state[_NEXT] = 0
     state[_NORMAL_VALID] = 0  # no normal cached from the old state
     state[_FLOAT_NORMAL_VALID] = 0

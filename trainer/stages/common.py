@@ -143,7 +143,7 @@ def _to_resolution(x: np.ndarray, resolution: int) -> torch.Tensor:
     return F.interpolate(t, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
 
 
-def load_image_source(src: DataSource, key: str = "data", channels: int = 1) -> ImageSet:
+def load_image_source(src: DataSource, key: str, channels: int) -> ImageSet:
     """Load an offline image source (rendered letters or MNIST: grey) into memory, as ``channels``
     channels (3: the grey repeated, as the shard reader converts a grey image for an RGB autoencoder)."""
     if src.source == "letters":
@@ -289,12 +289,15 @@ def start_public_stage(cfg: Config, run_dir: Path, batch_size: int, key: str,
     rt = Runtime.start(cfg)
     try:
         per_rank = rt.per_rank(batch_size, key)
+        problem = None
         if rt.is_main:
             try:  # what a later private set is checked against; every public shard read once before training
                 record_public_images(cfg.data.public, run_dir)
+                save_run_config(cfg, run_dir)
             except ValueError as err:  # a file there that is not a tar shard
-                raise ConfigError(f"data.public.path: {err}") from None
-            save_run_config(cfg, run_dir)
+                problem = f"data.public.path: {first_line(err)}"
+        if rt.any_rank(problem is not None):  # every rank stops, not only the one that read the shards
+            raise ConfigError(problem or "data.public.path: unreadable on rank 0 (its message says why)")
         rt.barrier()
     except BaseException:
         rt.close()

@@ -1,11 +1,11 @@
 """Stage ``finetune``: DP-SGD fine-tuning of the selected parameters on private data.
 
-Private data enters here only (its counting, checks and encoding: :mod:`trainer.stages.private_set`).
-The frozen autoencoder encodes the private set once (posterior
-mean and std kept in memory; each step draws a fresh posterior sample); Poisson sampling picks
-each example with probability q at every step; the DP engine clips every example's gradient
-over all trainable parameters and adds Gaussian noise once per logical step; the ledger
-records every step before it is taken and refuses any step past the budget.
+Private data enters here only (counted, checked and encoded by :mod:`trainer.stages.private_set`).
+The frozen autoencoder encodes the private set once (posterior mean and std kept in memory; each
+step draws a fresh posterior sample); Poisson sampling picks each example with probability q at
+every step; the DP engine clips every example's gradient over all trainable parameters and adds
+Gaussian noise once per logical step; the ledger records every step before it is taken and refuses
+any step past the budget.
 
 What is logged from private data (loss, clip fraction) is a non-private diagnostic, aggregated
 over the batch and labelled ``nonprivate/``; per-example values never leave the process.
@@ -31,12 +31,12 @@ from trainer.errors import RunError
 from trainer.io import write_json
 from trainer.runtime import Placement
 from trainer.selection import select_trainable
-from trainer.stages.common import (PRIVACY_REPORT, check_finished, conditions, earlier_stage, image_channels,
-                                   load_image_source, recorded_path, save_run_config, stage_dir)
+from trainer.stages.common import (PRIVACY_REPORT, check_finished, conditions, earlier_stage, load_image_source,
+                                   recorded_path, save_run_config, stage_dir)
 from trainer.stages.journal import check_journal_covers, load_journal, over_total, session_lock, spend_or_warn
 from trainer.stages.private_set import (EncodedPrivateSet, PrivateShards, encode_private_shards, label_names,
-                                        private_set_identity, private_shards, refuse_private_prompts,
-                                        refuse_public_overlap)
+                                        private_set_identity, private_shards, refuse_captionless,
+                                        refuse_private_prompts, refuse_public_overlap)
 from trainer.stages.spend import AUDIT_REPORT, DP_TRACES, LEDGER_FILE
 from trainer.tracking import start_run
 
@@ -308,7 +308,7 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         source = private_shards(cfg)
         n, declared = source.count, source.names
     else:
-        source = load_image_source(cfg.data.private, "data.private", image_channels(base_cfg))
+        source = load_image_source(cfg.data.private, "data.private", autoencoder.ddconfig["in_channels"])
         n, declared = len(source.images), source.names
     public_check = refuse_public_overlap(cfg, base_dir, base_cfg, meta,
                                          source.images if isinstance(source, PrivateShards) else None)
@@ -318,9 +318,7 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
             said.append(f"note: the config's `{key}` section differs from the base's ({base_dir}/config.yaml); "
                         "the base's is used")
         setattr(cfg, key, getattr(base_cfg, key))
-    if cfg.ldm.conditioner.type == "text" and not isinstance(source, PrivateShards):
-        raise ConfigError(f"data.private.source: {cfg.data.private.source!r} holds no captions, and the base "
-                          f"({base_dir}) is text-conditioned: give shards with .txt captions (source=shards)")
+    refuse_captionless(cfg, source, base_dir)
     names, names_source = label_names(cfg, declared)
     q, sigma = plan_privacy(cfg, n)
     if ft.new_class_embedder:
@@ -330,9 +328,10 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         if not isinstance(ldm.cond_stage_model, ClassEmbedder):
             raise ConfigError(f"finetune.new_class_embedder: the base ({base_dir}) is conditioned by "
                               f"{type(ldm.cond_stage_model).__name__}, not by class labels")
-        torch.manual_seed(cfg.seed)  # public initialisation of the fresh embedder (the same on every rank)
-        ldm.cond_stage_model = new_class_embedder(ldm.cond_stage_model, ft.new_class_embedder,
-                                                  base_rows(ft.new_class_from, meta, base_dir))
+        with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
+            torch.manual_seed(cfg.seed)  # public initialisation of the fresh embedder (the same on every rank)
+            ldm.cond_stage_model = new_class_embedder(ldm.cond_stage_model, ft.new_class_embedder,
+                                                      base_rows(ft.new_class_from, meta, base_dir))
     try:
         selection = select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers, ft.lora_rank,
                                      ft.lora_alpha, ft.context_grad)
@@ -362,9 +361,6 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         from trainer.data.latent_cache import shard_caption_template
         template = shard_caption_template(source.urls)
         source = encode_private_shards(cfg, autoencoder, meta["autoencoder_sha256"], source, rt)
-        if cfg.ldm.conditioner.type == "text" and not any(source.captions):  # before any step is charged
-            raise ConfigError(f"data.private.path: the shards hold no .txt captions, and the base ({base_dir}) "
-                              "is text-conditioned")
         refuse_private_prompts(cfg.sample.prompts, source.captions, template, names)
     rt.place(ldm, autoencoder)
 
@@ -582,25 +578,27 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
                                  entropy_generator() if seed is None else torch.Generator().manual_seed(seed))
         session.ldm.train()
         batches = iter(session.state.sampler)
-        for step in tqdm(range(ft.steps), desc="audit (DP + canaries)", dynamic_ncols=True):
-            ledger.record_step()
-            write_json(ledger.state_dict(), run_dir / LEDGER_FILE)  # the experiment's record of the private set's use
-            set_learning_rate(optimizer, learning_rate(ft, step))
-            for idx in next(batches):
-                engine.accumulate(session.example_losses(idx))
-            for rows in marks.sample(session.q).split(8):  # chunks: each canary gradient is dense [dim]
-                engine.accumulate_per_example_gradients(marks.gradients(rows))
-            try:
-                nonfinite = bool(engine.nonfinite_examples())
-            except RuntimeError:
-                nonfinite = True
-            if nonfinite:
-                raise RunError(f"step {step + 1}: an example's gradient is not finite; the audit measures the "
-                               "step as it is and stops here (fine-tuning leaves such examples out)")
-            engine.finalize()
-            marks.observe(torch.cat([p.grad.detach().flatten() for p in params]))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        with tqdm(total=ft.steps, desc="audit (DP + canaries)", dynamic_ncols=True) as bar:  # closed on any exit
+            for step in range(ft.steps):
+                ledger.record_step()
+                write_json(ledger.state_dict(), run_dir / LEDGER_FILE)  # the record of the private set's use
+                set_learning_rate(optimizer, learning_rate(ft, step))
+                for idx in next(batches):
+                    engine.accumulate(session.example_losses(idx))
+                for rows in marks.sample(session.q).split(8):  # chunks: each canary gradient is dense [dim]
+                    engine.accumulate_per_example_gradients(marks.gradients(rows))
+                try:
+                    nonfinite = bool(engine.nonfinite_examples())
+                except RuntimeError:
+                    nonfinite = True
+                if nonfinite:
+                    raise RunError(f"step {step + 1}: an example's gradient is not finite; the audit measures the "
+                                   "step as it is and stops here (fine-tuning leaves such examples out)")
+                engine.finalize()
+                marks.observe(torch.cat([p.grad.detach().flatten() for p in params]))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                bar.update(1)
         engine.detach()
     result = audit(scores(torch.stack(marks.observed), session.sigma, session.q, ft.max_grad_norm,
                           session.q * session.n), marks.included, ft.delta, ledger.spent_epsilon(), confidence)

@@ -14,9 +14,9 @@ from trainer.pipeline import encode_images
 from trainer.runs import class_grid, read_run_json
 from trainer.runtime import Runtime, adamw
 from trainer.errors import RunError
-from trainer.stages.common import (STATE_FILE, build_ldm, conditions, earlier_stage, file_sha256, image_channels,
-                                   load_autoencoder, load_image_source, public_batches, public_label_names,
-                                   recorded_path, seed_everything, stage_dir, start_public_stage, to_device)
+from trainer.stages.common import (STATE_FILE, build_ldm, conditions, earlier_stage, file_sha256, load_autoencoder,
+                                   load_image_source, public_batches, public_label_names, recorded_path,
+                                   seed_everything, stage_dir, start_public_stage, to_device)
 from trainer.stages.loop import Trainer
 from trainer.stages.spend import refuse_private_as_public
 from trainer.tracking import start_run
@@ -30,7 +30,7 @@ def latent_batches(cfg: Config, autoencoder, batch_size: int, gen: torch.Generat
     """
     device = next(autoencoder.parameters()).device
     if cfg.data.public.source != "shards":
-        data = load_image_source(cfg.data.public, "data.public", image_channels(cfg))
+        data = load_image_source(cfg.data.public, "data.public", autoencoder.ddconfig["in_channels"])
         mean, std = encode_images(autoencoder, data.images, desc="encode public set")
         cond_type = cfg.ldm.conditioner.type
         while True:

@@ -2,9 +2,10 @@
 example of the base's public pretraining data, no caption among the public prompts) and encoded into
 a latent cache kept apart from the run folders.
 
-Everything here reads private data and writes none of it into a released file: the counts and
-names it returns are public by design (N is treated as public; names come from the source's schema),
-and its refusals name keys and files, never an example.
+What it returns from private data is either public by design (N, treated as public; class names from
+the source's schema) or private and kept out of every released file (the shards' digest and image
+fingerprints, compared only; the latents and captions, trained on and written only to the latent cache
+outside the run folders). Its refusals name keys and files, never an example.
 """
 from __future__ import annotations
 
@@ -16,19 +17,20 @@ from pathlib import Path
 import torch
 
 from trainer.config import Config, ConfigError, DataSource, load_config
-from trainer.errors import RunError
+from trainer.errors import RunError, first_line
 from trainer.pipeline import autoencoder_encode_fn
 from trainer.stages.common import image_channels, resolve_recorded
 
 
 @dataclass
 class PrivateShards:
-    """A private shard set, counted (``count`` samples) but not encoded yet; ``digest``: sha256 over
-    the shards' contents; ``images``: their images' fingerprints (private: compared, never written);
-    ``names``: the class names ``dpldm prepare`` recorded beside the shards (public: the source's
-    schema), or []."""
+    """A private shard set, counted (``count`` samples, ``captioned`` of them with captions) but not
+    encoded yet; ``digest``: sha256 over the shards' contents; ``images``: their images' fingerprints
+    (private: compared, never written); ``names``: the class names ``dpldm prepare`` recorded beside
+    the shards (public: the source's schema), or []."""
     urls: list[str]
     count: int
+    captioned: int
     digest: str
     images: frozenset[bytes]
     names: list[str]
@@ -68,10 +70,23 @@ def private_shards(cfg: Config) -> PrivateShards:
         raise ConfigError("data.private.path: a shard pattern is needed for source=shards")
     try:
         urls = expand_urls(cfg.data.private.path)
-        count, digest, images = count_distinct_samples(urls)
-        return PrivateShards(urls, count, digest, images, list(shard_label_names(urls) or []))
+        count, digest, images, captioned = count_distinct_samples(urls)
+        return PrivateShards(urls, count, captioned, digest, images, list(shard_label_names(urls) or []))
     except (ValueError, OSError) as err:
-        raise ConfigError(f"data.private.path: {err}") from None
+        raise ConfigError(f"data.private.path: {first_line(err)}") from None
+
+
+def refuse_captionless(cfg: Config, source: object, base_dir: Path) -> None:
+    """Refuse (ConfigError) a private set without a single caption under a text-conditioned base
+    (``cfg.ldm`` is the base's): in-memory sources have none; shards were counted with theirs."""
+    if cfg.ldm.conditioner.type != "text":
+        return
+    if not isinstance(source, PrivateShards):
+        raise ConfigError(f"data.private.source: {cfg.data.private.source!r} holds no captions, and the base "
+                          f"({base_dir}) is text-conditioned: give shards with .txt captions (source=shards)")
+    if not source.captioned:
+        raise ConfigError(f"data.private.path: the shards hold no .txt captions, and the base ({base_dir}) is "
+                          "text-conditioned")
 
 
 def private_set_identity(private: DataSource, n: int) -> dict:

@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _private_prompts(run_dir: Path, cfg, prompts: list[str], names: list[str]) -> list[int]:
     """The indices of ``prompts`` that are captions of the private shards of the DP run in ``run_dir``,
-    when they can be read here ([]: a public run, or a released model sampled without its private set)."""
+    when they are here ([]: a public run, or a released model sampled without its private set). Shards
+    that are here but cannot be read raise (DataError, OSError): the check is not skipped."""
     private = cfg.data.private
     if not (run_dir / PRIVACY_REPORT).is_file() or private is None or private.source != "shards" or not private.path:
         return []
@@ -100,10 +101,9 @@ def _private_prompts(run_dir: Path, cfg, prompts: list[str], names: list[str]) -
     from trainer.data.reader import expand_urls, shard_captions
     try:
         urls = expand_urls(private.path)
-        captions, template = shard_captions(urls), shard_caption_template(urls)
-    except (ValueError, OSError):
+    except (ValueError, OSError):  # not here
         return []
-    return private_prompts(prompts, captions, template, names)
+    return private_prompts(prompts, shard_captions(urls), shard_caption_template(urls), names)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
