@@ -136,7 +136,7 @@ def test_a_shard_image_that_does_not_decode_is_one_line_also_from_a_loader_worke
             assert got == 1, err
             last = err.replace("\r", "\n").strip().splitlines()[-1]
             assert last.startswith("dpldm pretrain-ae: error: bad-000000.tar: sample ") and \
-                "cannot decode .png (cannot identify image file" in last and "Traceback" not in err, err
+                "cannot decode .png (UnidentifiedImageError)" in last and "Traceback" not in err, err
 
 
 def test_help_is_plain_text_and_version_and_print_config(capsys, tmp_path, monkeypatch):

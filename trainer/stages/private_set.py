@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -25,14 +26,15 @@ from trainer.stages.common import image_channels, resolve_recorded
 @dataclass
 class PrivateShards:
     """A private shard set, counted (``count`` samples, ``captioned`` of them with captions) but not
-    encoded yet; ``digest``: sha256 over the shards' contents; ``images``: their images' fingerprints
-    (private: compared, never written); ``names``: the class names ``dpldm prepare`` recorded beside
-    the shards (public: the source's schema), or []."""
+    encoded yet; ``digest``: sha256 over the shards' contents; ``images`` and ``captions``: their images'
+    fingerprints and their caption lines (private: compared, never written); ``names``: the class names
+    ``dpldm prepare`` recorded beside the shards (public: the source's schema), or []."""
     urls: list[str]
     count: int
     captioned: int
     digest: str
     images: frozenset[bytes]
+    captions: frozenset[str]
     names: list[str]
 
 
@@ -70,8 +72,8 @@ def private_shards(cfg: Config) -> PrivateShards:
         raise ConfigError("data.private.path: a shard pattern is needed for source=shards")
     try:
         urls = expand_urls(cfg.data.private.path)
-        count, digest, images, captioned = count_distinct_samples(urls)
-        return PrivateShards(urls, count, captioned, digest, images, list(shard_label_names(urls) or []))
+        count, digest, images, captioned, captions = count_distinct_samples(urls)
+        return PrivateShards(urls, count, captioned, digest, images, captions, list(shard_label_names(urls) or []))
     except (ValueError, OSError) as err:
         raise ConfigError(f"data.private.path: {first_line(err)}") from None
 
@@ -127,13 +129,13 @@ def encode_private_shards(cfg: Config, autoencoder, encoder_hash: str, shards: P
                              cache.labels, cache.captions)
 
 
-def refuse_private_prompts(prompts: list | None, captions: list[list[str]], template: str | None,
+def refuse_private_prompts(prompts: list | None, captions: Iterable[str], template: str | None,
                            names: list[str]) -> None:
     """Refuse (ConfigError naming ``sample.prompts``) a prompt that is the caption of a private example
     (``provenance.private_prompts``): the run's grids and evaluation are drawn from its prompts, which its
     config, MLflow params and grids release as DP results."""
     from trainer.data.provenance import private_prompts
-    hits = private_prompts(prompts or [], (caption for row in captions for caption in row), template, names)
+    hits = private_prompts(prompts or [], captions, template, names)
     if hits:
         raise ConfigError(f"sample.prompts: entry {hits[0]} is the caption of a private example: the run's grids, "
                           "config and MLflow params would release it as a DP result; prompts are public "
