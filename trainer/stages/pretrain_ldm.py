@@ -9,11 +9,11 @@ from typing import Iterator
 import torch
 
 from trainer.config import Config
+from trainer.errors import RunError
 from trainer.io import write_json
 from trainer.pipeline import encode_images
 from trainer.runs import class_grid, read_run_json
 from trainer.runtime import Runtime, adamw
-from trainer.errors import RunError
 from trainer.stages.common import (STATE_FILE, build_ldm, conditions, earlier_stage, file_sha256, load_autoencoder,
                                    load_image_source, public_batches, public_label_names, recorded_path,
                                    seed_everything, stage_dir, start_public_stage, to_device)

@@ -20,7 +20,7 @@ import torch
 from trainer.config import Config, ConfigError, DataSource, load_config
 from trainer.errors import RunError, first_line
 from trainer.pipeline import autoencoder_encode_fn
-from trainer.stages.common import image_channels, resolve_recorded
+from trainer.stages.common import ImageSet, image_channels, resolve_recorded
 
 
 @dataclass
@@ -78,7 +78,7 @@ def private_shards(cfg: Config) -> PrivateShards:
         raise ConfigError(f"data.private.path: {first_line(err)}") from None
 
 
-def refuse_captionless(cfg: Config, source: object, base_dir: Path) -> None:
+def refuse_captionless(cfg: Config, source: "PrivateShards | ImageSet", base_dir: Path) -> None:
     """Refuse (ConfigError) a private set without a single caption under a text-conditioned base
     (``cfg.ldm`` is the base's): in-memory sources have none; shards were counted with theirs."""
     if cfg.ldm.conditioner.type != "text":
