@@ -214,3 +214,19 @@ def test_the_shipped_celebahq_text_config_fine_tunes_at_tiny_size(store, tmp_pat
     assert "prompts [0]" in (out / "NONPRIVATE.txt").read_text() and (out / "grid.png").is_file()
     assert cli.main(sample[:-1] + [str(tmp_path / "public-samples"), "--prompts", "a smiling face"]) == 0
     assert not (tmp_path / "public-samples" / "NONPRIVATE.txt").exists()
+
+
+def test_a_text_conditioned_base_refuses_a_captionless_private_set_and_notes_a_partly_captioned_one(tmp_path):
+    from trainer.stages.private_set import PrivateShards, check_captions
+    text = load_config("demo-text")
+
+    def shards(count, captioned):
+        return PrivateShards(["s.tar"], count, captioned, "0" * 64, frozenset(), frozenset(), [])
+    assert check_captions(text, shards(40, 40), tmp_path) is None
+    note = check_captions(text, shards(40, 30), tmp_path)
+    assert note is not None and "10 of the 40 private samples have no .txt caption" in note
+    with pytest.raises(ConfigError, match=r"data.private.path: the shards hold no .txt captions"):
+        check_captions(text, shards(40, 0), tmp_path)
+    with pytest.raises(ConfigError, match=r"data.private.source: 'mnist' holds no captions"):
+        check_captions(load_config("demo-text", ["data.private={source: mnist, split: val}"]), None, tmp_path)
+    assert check_captions(load_config("demo"), shards(40, 0), tmp_path) is None  # class labels: no captions needed

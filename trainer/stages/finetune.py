@@ -34,9 +34,9 @@ from trainer.selection import select_trainable
 from trainer.stages.common import (PRIVACY_REPORT, check_finished, conditions, earlier_stage, load_image_source,
                                    recorded_path, save_run_config, stage_dir)
 from trainer.stages.journal import check_journal_covers, load_journal, over_total, session_lock, spend_or_warn
-from trainer.stages.private_set import (EncodedPrivateSet, PrivateShards, encode_private_shards, label_names,
-                                        private_set_identity, private_shards, refuse_captionless,
-                                        refuse_private_prompts, refuse_public_overlap)
+from trainer.stages.private_set import (EncodedPrivateSet, PrivateShards, check_captions, encode_private_shards,
+                                        label_names, private_set_identity, private_shards, refuse_private_prompts,
+                                        refuse_public_overlap)
 from trainer.stages.spend import AUDIT_REPORT, DP_TRACES, LEDGER_FILE
 from trainer.tracking import start_run
 
@@ -318,7 +318,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
             said.append(f"note: the config's `{key}` section differs from the base's ({base_dir}/config.yaml); "
                         "the base's is used")
         setattr(cfg, key, getattr(base_cfg, key))
-    refuse_captionless(cfg, source, base_dir)
+    caption_note = check_captions(cfg, source, base_dir)
+    said += [caption_note] if caption_note else []
     names, names_source = label_names(cfg, declared)
     q, sigma = plan_privacy(cfg, n)
     if ft.new_class_embedder:

@@ -78,17 +78,23 @@ def private_shards(cfg: Config) -> PrivateShards:
         raise ConfigError(f"data.private.path: {first_line(err)}") from None
 
 
-def refuse_captionless(cfg: Config, source: "PrivateShards | ImageSet", base_dir: Path) -> None:
-    """Refuse (ConfigError) a private set without a single caption under a text-conditioned base
-    (``cfg.ldm`` is the base's): in-memory sources have none; shards were counted with theirs."""
+def check_captions(cfg: Config, source: "PrivateShards | ImageSet", base_dir: Path) -> str | None:
+    """Under a text-conditioned base (``cfg.ldm`` is the base's), refuse (ConfigError) a private set
+    without a single caption (in-memory sources have none; shards were counted with theirs), and return
+    a note for the operator's terminal (never a released file: the share is a statistic of the private
+    set) when only some samples have one: the others train on the empty prompt."""
     if cfg.ldm.conditioner.type != "text":
-        return
+        return None
     if not isinstance(source, PrivateShards):
         raise ConfigError(f"data.private.source: {cfg.data.private.source!r} holds no captions, and the base "
                           f"({base_dir}) is text-conditioned: give shards with .txt captions (source=shards)")
     if not source.captioned:
         raise ConfigError(f"data.private.path: the shards hold no .txt captions, and the base ({base_dir}) is "
                           "text-conditioned")
+    if source.captioned < source.count:
+        return (f"note: {source.count - source.captioned} of the {source.count} private samples have no .txt "
+                "caption: they train on the empty prompt (the unconditional branch of the guidance)")
+    return None
 
 
 def private_set_identity(private: DataSource, n: int) -> dict:
