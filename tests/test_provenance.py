@@ -270,3 +270,28 @@ def test_sample_checks_prompts_against_private_shards_that_are_here_or_refuses(t
     with pytest.raises(DataError, match=r"bad.tar: sample b: its .txt captions are not UTF-8 text"):
         _private_prompts(run_dir, private(f"{tmp_path}/bad.tar"), ["mine"], [])
     assert _private_prompts(run_dir, private(f"{tmp_path}/elsewhere.tar"), ["mine"], []) == []
+
+
+def test_a_base_pretrained_on_private_digits_prepared_again_is_refused_by_their_pixels(tmp_path):
+    """The base's public shards hold MNIST training digits, and no meta.json says so: a fine-tune on
+    MNIST's training digits in memory is refused (they are in the base without DP); one on the test
+    split is not. Private shards of those digits against a base pretrained on MNIST in memory: refused."""
+    from trainer.data.shards import WriteOptions, write_shards
+    from trainer.data.sources import mnist_source
+    from trainer.stages.common import save_run_config
+    write_shards(mnist_source("train"), tmp_path / "digits", WriteOptions(limit=4), progress_bar=False)
+    (tmp_path / "digits" / "meta.json").unlink()
+    ldm = tmp_path / "ldm"
+    save_run_config(load_config("demo", ["data.private=null", "data.public.source=shards",
+                                         f"data.public.path={tmp_path}/digits"]), ldm)
+    base_cfg = load_config(str(ldm / "config.yaml"))
+    with pytest.raises(ConfigError, match=r"base's LDM was pretrained on without DP .*shard images whose pixels are "
+                                          r"digits of MNIST's train \+ val split"):
+        refuse_public_overlap(load_config("demo"), ldm, base_cfg, {})
+    refuse_public_overlap(load_config("demo", ["data.private.split=test", "data.test=null"]), ldm, base_cfg, {})
+    mnist_base = tmp_path / "mnist-ldm"
+    save_run_config(load_config("demo", ["data.private=null", "data.public.source=mnist",
+                                         "data.public.split=train"]), mnist_base)
+    private = load_config("demo", ["data.private.source=shards", f"data.private.path={tmp_path}/digits"])
+    with pytest.raises(ConfigError, match=r"shard images whose pixels are digits of MNIST's train split"):
+        refuse_public_overlap(private, mnist_base, load_config(str(mnist_base / "config.yaml")), {})

@@ -183,3 +183,43 @@ def test_pretraining_on_an_earlier_dp_runs_private_set_is_refused_and_writes_not
     (tmp_path / "runs" / "exp" / "finetune" / "config.yaml").write_text("data: [")
     with pytest.raises(ConfigError, match=r"cannot be read .*config.yaml"):
         refuse_private_as_public(DataSource(source="mnist", split="test"), tmp_path / "runs" / "exp")
+
+
+def test_pretraining_on_a_copy_of_a_dp_runs_private_images_is_refused_whatever_names_them(tmp_path):
+    """No path or meta.json links the public shards to a DP run's private set: a byte copy of its private
+    shards, or MNIST digits prepared into shards again without their meta.json, are still refused, by the
+    images' content; private shards that can no longer be read refuse too (nothing could be compared)."""
+    import shutil
+
+    from trainer.config import ConfigError
+    from trainer.data.shards import WriteOptions, write_shards
+    from trainer.data.sources import mnist_source
+    from trainer.stages.spend import refuse_private_as_public
+    exp = tmp_path / "runs" / "exp"
+    (tmp_path / "private").mkdir()
+    write_shard(tmp_path / "private" / "shard-000000.tar", [{"__key__": f"{i}", "png": bytes([i]) * 40}
+                                                            for i in range(3)])
+    run_dir = fake_run(exp, "finetune", "trainval")
+    recorded = load_config(str(run_dir / "config.yaml"))
+    recorded.data.private = DataSource(source="shards", path=str(tmp_path / "private"))
+    dump_config(recorded, run_dir / "config.yaml")
+    (tmp_path / "public").mkdir()
+    shutil.copy(tmp_path / "private" / "shard-000000.tar", tmp_path / "public" / "shard-000007.tar")
+    copy = DataSource(source="shards", path=str(tmp_path / "public"))
+    with pytest.raises(ConfigError, match=r"data.public: .*shard images byte for byte the same as the private shards' "
+                                          r"images \(the private set of the DP run .*finetune\)"):
+        refuse_private_as_public(copy, exp)
+    other = prepared(tmp_path / "other", None)
+    refuse_private_as_public(other, exp)  # other images: nothing shared
+    shutil.rmtree(tmp_path / "private")
+    with pytest.raises(ConfigError, match=r"images that cannot be compared \(.*\) \(the private set of the DP "
+                                          r"run .*finetune\)"):
+        refuse_private_as_public(other, exp)
+
+    digits_exp = tmp_path / "runs" / "digits"
+    fake_run(digits_exp, "finetune", "trainval")  # MNIST's 60,000 training digits, in memory
+    write_shards(mnist_source("train"), tmp_path / "digits", WriteOptions(limit=4), progress_bar=False)
+    (tmp_path / "digits" / "meta.json").unlink()  # what they were prepared from is forgotten
+    with pytest.raises(ConfigError, match=r"shard images whose pixels are digits of MNIST's train \+ val split"):
+        refuse_private_as_public(DataSource(source="shards", path=str(tmp_path / "digits")), digits_exp)
+    refuse_private_as_public(other, digits_exp)

@@ -210,6 +210,8 @@ def _digit_pixels(encoded: bytes) -> bytes | None:
     from PIL import Image
     try:
         with Image.open(io.BytesIO(encoded)) as image:
+            if image.size not in ((28, 28), (32, 32)):  # decided from the header: no decoding of other images
+                return None
             pixels = np.asarray(image.convert("L"))
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
@@ -257,6 +259,27 @@ def shards_shared_examples(src: Any, private: Any) -> list[str]:
     if pattern is None or unreadable(src) is not None:
         return []
     return images_shared_examples(shard_image_bytes(expand_urls(pattern)), private, "shard images")
+
+
+def images_in_common(a: Any, b: Any) -> list[str]:
+    """What ``DataSource`` ``a`` and ``b`` share by their images' content, in words (empty: nothing
+    provable): a shard image of either byte for byte one of the other's shard images, or one whose
+    pixels are a digit of the MNIST split the other holds (:func:`shards_shared_examples`, both ways).
+    Catches copies that no path or ``meta.json`` names. Shards that cannot be read count as shared
+    (nothing could be compared), in words that say why."""
+    from trainer.data.reader import expand_urls
+    from trainer.errors import first_line
+    try:
+        for src in (a, b):
+            pattern = _shard_pattern(src)
+            if pattern is not None:
+                expand_urls(pattern)  # raises for shards that are not there
+        words = shards_shared_examples(a, b)
+        if not words and any(kind == "mnist" for kind, _, _ in holdings(a)):  # bytes were compared both ways
+            words = shards_shared_examples(b, a)
+        return words
+    except (ValueError, OSError) as err:  # DataError too: a shard that is not a tar (named, never its content)
+        return [f"images that cannot be compared ({first_line(err)})"]
 
 
 def folder_shared_examples(folder: Path, private: Any) -> list[str]:

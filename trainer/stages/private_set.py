@@ -160,7 +160,8 @@ def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: d
     Returns what the privacy report says of it. A base imported from a CompVis checkpoint (``meta``'s
     ``imported_from``) was pretrained on data this project never saw: nothing can be checked, and the
     answer says so (the run goes on: fine-tuning a public checkpoint is the method)."""
-    from trainer.data.provenance import PUBLIC_IMAGES, public_images, shard_images, shared_examples, unreadable
+    from trainer.data.provenance import (PUBLIC_IMAGES, images_in_common, public_images, shard_images,
+                                         shared_examples, unreadable)
     imported = meta.get("imported_from")
     if imported:
         return (f"not checked: the base {base_dir} was imported from the checkpoint {imported['checkpoint']} "
@@ -179,7 +180,9 @@ def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: d
             raise ConfigError(f"finetune.base: the public shards the base's {what} was pretrained on ({path}: "
                               f"data.public.path {public.path}) cannot be read ({problem}), so the private set "
                               "cannot be checked against them: restore them there")
-        shared = shared_examples(public, cfg.data.private)
+        # by settings and meta.json, else by the images' content (a copy no path names: the public shards as
+        # they are now, and, below, the fingerprints of those the stage trained on)
+        shared = shared_examples(public, cfg.data.private) or images_in_common(public, cfg.data.private)
         recorded = public_images(path.parent)
         if recorded:
             private_images = frozenset(shard_images(cfg.data.private)) if private_images is None else private_images

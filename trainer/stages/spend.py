@@ -130,16 +130,19 @@ def dp_runs(experiment_dir: Path) -> list[Path]:
 
 def shared_with_dp_runs(images: Any, experiment_dir: Path) -> list[str]:
     """What the image set ``images`` (a ``DataSource``) shares with the private set of each DP run of
-    ``experiment_dir``, in words naming the run ([] for nothing provable). A run whose private set
-    cannot be read counts too: nothing could be compared."""
-    from trainer.data.provenance import shared_examples
+    ``experiment_dir``, in words naming the run ([] for nothing provable): by their settings and
+    ``meta.json``, else by their images' content (a copy of the private shards under another name, MNIST
+    digits prepared into shards again). A run whose config or private shards cannot be read counts too:
+    nothing could be compared."""
+    from trainer.data.provenance import images_in_common, shared_examples
     out = []
     for run_dir in dp_runs(experiment_dir):
         theirs, unreadable = _recorded_private(run_dir)
         if theirs is None:
             out.append(f"the private set of the DP run {run_dir} cannot be read ({unreadable})")
-        else:
-            out += [f"{words} (the private set of the DP run {run_dir})" for words in shared_examples(images, theirs)]
+            continue
+        shared = shared_examples(images, theirs) or images_in_common(images, theirs)
+        out += [f"{words} (the private set of the DP run {run_dir})" for words in shared]
     return out
 
 
@@ -153,7 +156,7 @@ def refuse_private_as_public(public: Any, experiment_dir: Path) -> None:
         raise ConfigError(f"data.public: shares examples with, or cannot be checked against, the private set of a DP "
                           f"run of the experiment ({'; '.join(shared)}): pretraining on them without DP would release "
                           "what that run protects. Pretrain on other data, or in another experiment if they are "
-                          "public; restore a run's config.yaml that cannot be read")
+                          "public; restore a run's config.yaml or private shards that cannot be read")
 
 
 def charges(experiment_dir: Path, private: Any) -> list[Charge]:
