@@ -116,6 +116,10 @@ def test_finished_run_keeps_its_ledger_and_refuses_a_bigger_plan_or_an_older_jou
     [run] = [r for r in mlflow.search_runs(experiment_names=["ledger"], output_format="list")
              if r.info.run_name == "finetune-done"]
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "wall_time_s")) == 1
+    # the run that shares the model holds DP results only: no non-DP diagnostic of the private batches by default
+    assert "privacy.epsilon_spent" in run.data.metrics
+    assert not [k for k in run.data.metrics if k.startswith("nonprivate/")] and "nonprivate_diagnostics" not in \
+        run.data.tags
 
     config_before = (folder / "config.yaml").read_text()
     with pytest.raises(ConfigError, match="plan of a run and its private set"):
@@ -179,7 +183,13 @@ def test_lora_policy_fine_tunes_and_its_run_samples(base):
     rebuild them; `load_pipeline` puts them back on the frozen base and samples."""
     from trainer.runs import generate, load_pipeline
     folder = finetune.run(tiny(base, "lora", "finetune.policy=lora", "finetune.lora_rank=2",
-                               "finetune.attention_from=2", "finetune.ema_decay=null"))  # the last weights are sampled
+                               "finetune.attention_from=2", "finetune.ema_decay=null",  # the last weights are sampled
+                               "finetune.log_nonprivate=true"))
+    import mlflow
+    [run] = [r for r in mlflow.search_runs(experiment_names=["ledger"], output_format="list")
+             if r.info.run_name == "finetune-lora"]
+    assert {"nonprivate/loss", "nonprivate/clip_fraction", "nonprivate/batch_size"} <= set(run.data.metrics)
+    assert run.data.tags["nonprivate_diagnostics"] == "logged"  # asked for, and labelled as such
     meta = json.loads((folder / "finetune.json").read_text())
     assert meta["lora"] == {"rank": 2, "alpha": None, "attention_from": 2}
     assert all("lora_" in n or n.startswith("cond_stage_model.") for n in meta["trainable"])

@@ -224,7 +224,7 @@ def test_a_text_conditioned_base_refuses_a_captionless_private_set_and_notes_a_p
         return PrivateShards(["s.tar"], count, captioned, "0" * 64, frozenset(), frozenset(), [])
     assert check_captions(text, shards(40, 40), tmp_path) is None
     note = check_captions(text, shards(40, 30), tmp_path)
-    assert note is not None and "10 of the 40 private samples have no .txt caption" in note
+    assert note is not None and "some private samples have no .txt caption" in note and "10" not in note
     with pytest.raises(ConfigError, match=r"data.private.path: the shards hold no .txt captions"):
         check_captions(text, shards(40, 0), tmp_path)
     with pytest.raises(ConfigError, match=r"data.private.source: 'mnist' holds no captions"):

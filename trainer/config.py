@@ -147,6 +147,9 @@ class FinetuneConfig:
     ema_decay: Optional[float] = None    # EMA of the trained weights, sampled instead of the last step; None = off
     engine_mode: str = "auto"            # auto | fast | reference
     secure_noise: bool = False           # CSPRNG, floating-point-attack-resistant Gaussian (slower)
+    # also log the DP steps' non-DP diagnostics of the private batches (loss, drawn batch size, clip fraction,
+    # examples left out) to the MLflow run under nonprivate/: not DP, and the run is where the model is shared
+    log_nonprivate: bool = False
     log_every: int = 10
     checkpoint_every: int = 50
     deepspeed_config: Optional[str] = None  # DeepSpeed JSON (a path, or a name in configs/deepspeed/): several processes

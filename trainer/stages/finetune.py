@@ -7,8 +7,9 @@ every step; the DP engine clips every example's gradient over all trainable para
 Gaussian noise once per logical step; the ledger records every step before it is taken and refuses
 any step past the budget.
 
-What is logged from private data (loss, clip fraction) is a non-private diagnostic, aggregated
-over the batch and labelled ``nonprivate/``; per-example values never leave the process.
+What the DP steps measure on private data (loss, clip fraction) is a non-private diagnostic,
+aggregated over the batch, labelled ``nonprivate/`` and logged only with ``finetune.log_nonprivate``;
+per-example values never leave the process.
 """
 from __future__ import annotations
 
@@ -444,7 +445,8 @@ def _train(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: P
     n, q, sigma = session.n, session.q, session.sigma
 
     t0 = time.time()
-    tags = {"stage": "finetune", "privacy": "dp-sgd", "precision": rt.placement.precision}
+    tags = {"stage": "finetune", "privacy": "dp-sgd", "precision": rt.placement.precision,
+            **({"nonprivate_diagnostics": "logged"} if ft.log_nonprivate else {})}
     with start_run(cfg.experiment, run_dir.name, cfg.to_dict(), tags, run_id=checkpoint.mlflow_run_id) as mlrun, \
             StopRequest() as stop:
         mlrun.log_params({"privacy": {"sigma": sigma, "q": q, "N": n, "planned_epsilon": ledger.planned_epsilon},
@@ -479,7 +481,8 @@ def _train(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: P
                 if metrics["nonfinite"] and not nonfinite and rt.is_main:
                     print(f"dpldm finetune: warning (non-private diagnostic): at step {step + 1} some examples' "
                           "gradients were not finite and were left out of the step (the model may be diverging: "
-                          "lower finetune.lr); their count is logged as nonprivate/nonfinite_examples",
+                          "lower finetune.lr); finetune.log_nonprivate=true logs their count as "
+                          "nonprivate/nonfinite_examples",
                           file=sys.stderr)
                 nonfinite += int(metrics["nonfinite"])
                 if state.ema is not None:
@@ -489,13 +492,11 @@ def _train(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: P
                 if step % ft.log_every == 0 or step == ft.steps:
                     # the accountant takes ~0.1-0.3 s per call on a CPU: at log steps only, not every step
                     spent = ledger.spent_epsilon()
-                    bar.set_postfix(eps=f"{spent:.2f}")  # the drawn batch's size: nonprivate/, never unlabelled
-                    mlrun.log_metrics({"privacy.epsilon_spent": spent,
-                                       "nonprivate/loss": metrics["loss"],
-                                       "nonprivate/batch_size": metrics["batch_size"],
-                                       "nonprivate/clip_fraction": metrics["clip_fraction"],
-                                       "nonprivate/nonfinite_examples": nonfinite},
-                                      step=step)
+                    bar.set_postfix(eps=f"{spent:.2f}")
+                    diagnostics = {"nonprivate/loss": metrics["loss"], "nonprivate/batch_size": metrics["batch_size"],
+                                   "nonprivate/clip_fraction": metrics["clip_fraction"],
+                                   "nonprivate/nonfinite_examples": nonfinite} if ft.log_nonprivate else {}
+                    mlrun.log_metrics({"privacy.epsilon_spent": spent, **diagnostics}, step=step)
                 stopping = rt.any_rank(stop.requested)
                 if stopping or step % ft.checkpoint_every == 0 or step == ft.steps:
                     checkpoint_now(mlrun.run_id)

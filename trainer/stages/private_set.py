@@ -81,8 +81,7 @@ def private_shards(cfg: Config) -> PrivateShards:
 def check_captions(cfg: Config, source: "PrivateShards | ImageSet", base_dir: Path) -> str | None:
     """Under a text-conditioned base (``cfg.ldm`` is the base's), refuse (ConfigError) a private set
     without a single caption (in-memory sources have none; shards were counted with theirs), and return
-    a note for the operator's terminal (never a released file: the share is a statistic of the private
-    set) when only some samples have one: the others train on the empty prompt."""
+    a note for the terminal when only some samples have one (the others train on the empty prompt)."""
     if cfg.ldm.conditioner.type != "text":
         return None
     if not isinstance(source, PrivateShards):
@@ -91,9 +90,9 @@ def check_captions(cfg: Config, source: "PrivateShards | ImageSet", base_dir: Pa
     if not source.captioned:
         raise ConfigError(f"data.private.path: the shards hold no .txt captions, and the base ({base_dir}) is "
                           "text-conditioned")
-    if source.captioned < source.count:
-        return (f"note: {source.count - source.captioned} of the {source.count} private samples have no .txt "
-                "caption: they train on the empty prompt (the unconditional branch of the guidance)")
+    if source.captioned < source.count:  # how many is not said: terminal output ends up in kept logs
+        return ("note: some private samples have no .txt caption: they train on the empty prompt (the "
+                "unconditional branch of the guidance)")
     return None
 
 
