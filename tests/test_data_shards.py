@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 import tarfile
 import types
@@ -267,9 +268,13 @@ def test_error_keeps_complete_shards_and_resume_matches_a_clean_run(tmp_path: Pa
     clean = tmp_path / "clean"
     write_shards(imagefolder_source(root), clean, opts, progress_bar=False)
     assert _tar_bytes(out) == _tar_bytes(clean)
-    # resuming a finished job does nothing; --overwrite starts again
+    # each preparation has its own random id, kept across a resume (the same preparation, finished)
+    first = json.loads((clean / "meta.json").read_text())["preparation"]
+    assert re.fullmatch(r"[0-9a-f]{16}", meta["preparation"]) and meta["preparation"] != first
+    # resuming a finished job does nothing; --overwrite starts again, a new preparation
     assert write_shards(imagefolder_source(root), out, opts, resume=True, progress_bar=False)["count"] == 9
-    assert write_shards(imagefolder_source(root), out, opts, overwrite=True, progress_bar=False)["count"] == 9
+    again = write_shards(imagefolder_source(root), out, opts, overwrite=True, progress_bar=False)
+    assert again["count"] == 9 and again["preparation"] != meta["preparation"]
 
 
 def test_an_image_twice_is_written_once_and_listed_as_skipped_also_across_a_resume(tmp_path: Path):

@@ -223,3 +223,40 @@ def test_pretraining_on_a_copy_of_a_dp_runs_private_images_is_refused_whatever_n
     with pytest.raises(ConfigError, match=r"shard images whose pixels are digits of MNIST's train \+ val split"):
         refuse_private_as_public(DataSource(source="shards", path=str(tmp_path / "digits")), digits_exp)
     refuse_private_as_public(other, digits_exp)
+
+
+def test_a_folder_prepared_again_since_a_run_no_longer_proves_its_shard_ranges_disjoint(tmp_path):
+    """Two shard ranges of one prepared folder are disjoint only while the folder holds what the runs
+    trained on: prepared again (another --samples-per-shard, images added), the same shard names hold
+    other images. A run records its folders' preparation ids; one that no longer matches counts, and
+    pretraining on a shard of that folder is refused."""
+    from trainer.config import ConfigError
+    from trainer.stages.private_set import private_set_identity
+    from trainer.stages.spend import refuse_private_as_public
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for k in range(2):
+        write_shard(folder / f"shard-00000{k}.tar", [{"__key__": f"{k}", "png": bytes([k]) * 40}])
+    meta = {"source": {"type": "imagefolder", "root": "/data/faces"}, "preparation": "a" * 16}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    first, second = (DataSource(source="shards", path=str(folder / f"shard-00000{k}.tar")) for k in range(2))
+    exp = tmp_path / "exp"
+    run_dir = fake_run(exp, "finetune-first", "train")
+    recorded = load_config(str(run_dir / "config.yaml"))
+    recorded.data.private = first
+    dump_config(recorded, run_dir / "config.yaml")
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    ledger["private_set"] = private_set_identity(first, 1)
+    assert ledger["private_set"]["preparations"] == {str(folder.resolve()): "a" * 16}
+    (run_dir / "ledger.json").write_text(json.dumps(ledger))
+    assert charges(exp, second) == [], "the other shard of the same preparation: disjoint"
+    refuse_private_as_public(second, exp)
+
+    (folder / "meta.json").write_text(json.dumps({**meta, "preparation": "b" * 16}))  # prepared again
+    [charge] = charges(exp, second)
+    assert charge.run == "finetune-first" and "prepared again since it ran" in charge.why
+    with pytest.raises(ConfigError, match=r"shards in .*faces, prepared again since the DP run trained on that folder"):
+        refuse_private_as_public(second, exp)
+    del ledger["private_set"]["preparations"]  # a run that recorded no id: any id now is another preparation
+    (run_dir / "ledger.json").write_text(json.dumps(ledger))
+    assert [c.run for c in charges(exp, second)] == ["finetune-first"]

@@ -81,6 +81,29 @@ def holdings(src: Any) -> set[Token]:
     return tokens
 
 
+def preparations(src: Any) -> dict[str, str]:
+    """{folder: id} for the folders of ``DataSource`` ``src``'s local shards whose ``meta.json`` holds a
+    preparation id (``dpldm prepare`` draws a new one each time it writes a folder from scratch): random,
+    so public; a run records them, so that a folder prepared again since is known to hold other images
+    behind the same shard names. Empty for a source without such shards, or shards that cannot be listed."""
+    from trainer.data.reader import expand_urls
+    pattern = _shard_pattern(src)
+    try:
+        urls = expand_urls(pattern) if pattern is not None else []
+    except (ValueError, OSError):
+        return {}
+    out = {}
+    local = [url for url in urls if not url.startswith("pipe:") and "://" not in url]
+    for folder in sorted({os.path.realpath(Path(url).parent) for url in local}):
+        try:
+            preparation = json.loads((Path(folder) / "meta.json").read_text()).get("preparation")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(preparation, str):
+            out[folder] = preparation
+    return out
+
+
 def _shard_pattern(src: Any) -> str | None:
     """The shard pattern of ``DataSource`` ``src`` (None: it holds no shards)."""
     return src.path if src is not None and src.source == "shards" and src.path else None

@@ -39,6 +39,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,6 +178,10 @@ class Progress:
     label_counts: dict = field(default_factory=dict)   # str(label) -> count
     conversions: dict = field(default_factory=dict)    # "RGBA->RGB" -> count
     short_side: list = field(default_factory=list)     # [min, max] of the stored images
+    # random, new for each preparation (kept by --resume, not by --overwrite): a DP run records its folders'
+    # ids, so that a folder prepared again since (other images behind the same shard names) is not judged
+    # by its new contents
+    preparation: str = field(default_factory=lambda: secrets.token_hex(8))
 
     @property
     def count(self) -> int:

@@ -98,11 +98,15 @@ def check_captions(cfg: Config, source: "PrivateShards | ImageSet", base_dir: Pa
 
 def private_set_identity(private: DataSource, n: int) -> dict:
     """Whose budget a DP run spends, as its ledger records it (a resume on another set is refused):
-    the source's settings (shards by their absolute paths) and the number of examples. Never a hash
-    of the contents: the ledger is released with the run, and a hash of the whole set would let
-    anyone who knows all but one example test candidates for the last."""
+    the source's settings (shards by their absolute paths), the number of examples and the random
+    preparation ids of the shards' folders (``provenance.preparations``: a folder prepared again holds
+    other images under the same names). Never a hash of the contents: the ledger is released with the
+    run, and a hash of the whole set would let anyone who knows all but one example test candidates
+    for the last."""
+    from trainer.data.provenance import preparations
     spec = {k: v for k, v in dataclasses.asdict(private).items() if k not in ("num_workers", "resolution")}
-    return {**spec, "examples": n}
+    prepared = preparations(private)
+    return {**spec, "examples": n, **({"preparations": prepared} if prepared else {})}
 
 
 def private_cache_dir(cfg: Config, encoder_hash: str, shards: PrivateShards) -> Path:

@@ -5,7 +5,8 @@ Each fine-tune or audit on private data journals its plan and its steps in its f
 ``config.yaml``. Someone in the private sets of several runs is in all of their releases, so
 their guarantees compose. The runs that count for a private set are the experiment's runs whose
 sets are not provably disjoint from it (``trainer.data.provenance``: MNIST parts that do not
-meet, or other shard files of one prepared folder with no image in common; anything else counts),
+meet, or other shard files of one prepared folder with no image in common, the folder not prepared
+again since the run; anything else counts),
 and every folder with a DP run's traces (a lost record refuses), each for its steps
 taken once it has ended (a report is written) and for its planned steps while it may still
 resume.
@@ -81,6 +82,19 @@ def _recorded_private(run_dir: Path) -> tuple[Any, str]:
     return (theirs, "") if theirs is not None else (None, f"{path} names none")
 
 
+def _prepared_again(run_dir: Path, theirs: Any) -> list[str]:
+    """The folders of the private shards ``theirs`` of the run in ``run_dir`` that were prepared again
+    since the run recorded them (their preparation ids now against those its ledger recorded; a run
+    that recorded none, against any): the shard names there now hold other images than it trained on."""
+    from trainer.data.provenance import preparations
+    try:
+        recorded = json.loads((run_dir / LEDGER_FILE).read_text())["private_set"]["preparations"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = {}
+    recorded = recorded if isinstance(recorded, dict) else {}
+    return [folder for folder, now in preparations(theirs).items() if recorded.get(folder) != now]
+
+
 def _shares(private: Any, run_dir: Path) -> str:
     """Why the run in ``run_dir`` counts for ``private`` ('' only when its set provably shares nothing)."""
     from trainer.data.provenance import provably_disjoint, shared_examples
@@ -91,7 +105,9 @@ def _shares(private: Any, run_dir: Path) -> str:
     if shared:
         return "; ".join(shared)
     if provably_disjoint(private, theirs):
-        return ""
+        again = _prepared_again(run_dir, theirs)
+        return "" if not again else f"its private shards' folder {again[0]} was prepared again since it ran: " \
+                                    "what it trained on cannot be shown disjoint from this set"
     return f"its private set ({theirs.source} {theirs.path or theirs.split}) cannot be shown disjoint from this one"
 
 
@@ -134,7 +150,7 @@ def shared_with_dp_runs(images: Any, experiment_dir: Path) -> list[str]:
     ``meta.json``, else by their images' content (a copy of the private shards under another name, MNIST
     digits prepared into shards again). A run whose config or private shards cannot be read counts too:
     nothing could be compared."""
-    from trainer.data.provenance import images_in_common, shared_examples
+    from trainer.data.provenance import images_in_common, preparations, shared_examples
     out = []
     for run_dir in dp_runs(experiment_dir):
         theirs, unreadable = _recorded_private(run_dir)
@@ -142,6 +158,8 @@ def shared_with_dp_runs(images: Any, experiment_dir: Path) -> list[str]:
             out.append(f"the private set of the DP run {run_dir} cannot be read ({unreadable})")
             continue
         shared = shared_examples(images, theirs) or images_in_common(images, theirs)
+        shared += [f"shards in {folder}, prepared again since the DP run trained on that folder"
+                   for folder in _prepared_again(run_dir, theirs) if folder in preparations(images)]
         out += [f"{words} (the private set of the DP run {run_dir})" for words in shared]
     return out
 
