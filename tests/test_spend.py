@@ -260,3 +260,48 @@ def test_a_folder_prepared_again_since_a_run_no_longer_proves_its_shard_ranges_d
     del ledger["private_set"]["preparations"]  # a run that recorded no id: any id now is another preparation
     (run_dir / "ledger.json").write_text(json.dumps(ledger))
     assert [c.run for c in charges(exp, second)] == ["finetune-first"]
+
+
+def test_a_dp_run_whose_folder_is_gone_still_counts_from_its_mlflow_run(tmp_path):
+    """The MLflow run shares the model: a DP fine-tune whose folder was deleted or moved counts from its
+    logged plan (steps taken once ended, else planned), once: not beside the folder that holds it."""
+    import mlflow
+    from conftest import mlflow_store
+
+    from trainer.config import flatten
+    exp = tmp_path / "runs" / "exp"
+
+    def logged(name, steps=None, **private):
+        cfg = load_config("demo", ["finetune.steps=300", "data.test=null",
+                                   *(f"data.private.{k}={v}" for k, v in private.items())])
+        mlflow.set_experiment("exp")
+        with mlflow.start_run(run_name=name) as run:
+            mlflow.set_tags({"stage": "finetune", "privacy": "dp-sgd"})
+            mlflow.log_params({k: str(v) for k, v in flatten(cfg.to_dict()).items()})
+            mlflow.log_params({"privacy.sigma": "1.5", "privacy.q": "0.02"})
+            if steps is not None:
+                mlflow.log_metric("privacy.steps", steps)
+        return run.info.run_id
+
+    with mlflow_store(tmp_path):
+        assert charges(exp, DataSource(source="mnist", split="trainval")) == []  # no store yet: none created
+        assert not (tmp_path / "mlflow.db").exists()
+        gone = logged("finetune-gone", steps=120)
+        logged("finetune-test", split="test")  # MNIST's test digits: disjoint from the training digits
+        unfinished = logged("finetune-open")
+        kept = logged("finetune-kept", steps=50)
+        run_dir = fake_run(exp, "finetune-kept", "trainval")
+        ledger = json.loads((run_dir / "ledger.json").read_text())
+        (run_dir / "ledger.json").write_text(json.dumps({**ledger, "mlflow_run_id": kept}))
+        found = {c.run: c for c in charges(exp, DataSource(source="mnist", split="trainval"))}
+        assert sorted(found) == ["finetune-gone (MLflow run %s, no folder here)" % gone, "finetune-kept",
+                                 "finetune-open (MLflow run %s, no folder here)" % unfinished]
+        assert [(c.noise_multiplier, c.sample_rate, c.steps, c.ended) for c in found.values() if "gone" in c.run] == \
+            [(1.5, 0.02, 120, True)]
+        assert [(c.steps, c.ended) for c in found.values() if "open" in c.run] == [(300, False)], "planned steps"
+        assert found["finetune-kept"].steps == 100, "counted once, from its folder's journal"
+        legacy = json.loads((run_dir / "ledger.json").read_text())
+        del legacy["mlflow_run_id"]  # a journal that names no run: its folder holds the run of its name
+        (run_dir / "ledger.json").write_text(json.dumps(legacy))
+        assert "finetune-kept" in {c.run for c in charges(exp, DataSource(source="mnist", split="trainval"))}
+        assert len(charges(exp, DataSource(source="mnist", split="trainval"))) == 3

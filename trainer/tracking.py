@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -153,3 +154,38 @@ def find_run_by_checkpoint(experiment: str, run_dir: Path) -> Optional[str]:
     runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string=f"tags.checkpoint = '{path}'",
                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     return runs[0].info.run_id if runs else None
+
+
+@dataclass(frozen=True)
+class LoggedDPRun:
+    """A DP fine-tune as its MLflow run records it: ``params`` (the config and the privacy plan, as
+    strings), ``checkpoint`` (its folder, tagged when it ended) and ``steps`` (its steps taken, logged
+    when it ended; None before)."""
+    run_id: str
+    name: str
+    checkpoint: Optional[str]
+    params: dict
+    steps: Optional[int]
+
+
+def logged_dp_runs(experiment: str) -> list[LoggedDPRun]:
+    """Every DP fine-tune (tag ``privacy: dp-sgd``) of the MLflow experiment ``experiment`` in the
+    tracking store, all pages; [] when the store or the experiment does not exist (nothing is created)."""
+    if missing_store() is not None:
+        return []
+    import mlflow
+    from mlflow import MlflowClient
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    client, out, token = MlflowClient(), [], None
+    while True:  # every page: a run left out would leave its steps uncounted
+        page = client.search_runs([found.experiment_id], "tags.privacy = 'dp-sgd'", max_results=1000,
+                                  page_token=token)
+        for run in page:
+            steps = run.data.metrics.get("privacy.steps")
+            out.append(LoggedDPRun(run.info.run_id, run.info.run_name or "", run.data.tags.get("checkpoint"),
+                                   dict(run.data.params), None if steps is None else int(steps)))
+        token = page.token
+        if not token:
+            return out

@@ -474,7 +474,8 @@ def _train(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: P
                         print(f"stopping at step {step}: {err}")
                     break
                 if rt.is_main:
-                    write_json(ledger.state_dict(), run_dir / LEDGER_FILE)
+                    # with its MLflow run's id: the spend then knows which logged run this folder holds
+                    write_json({**ledger.state_dict(), "mlflow_run_id": mlrun.run_id}, run_dir / LEDGER_FILE)
                 set_learning_rate(state.optimizer, learning_rate(ft, step))
                 metrics = rt.train_step(engine, state.optimizer, next(batches), session.example_losses,
                                         session.loss_gen)

@@ -11,8 +11,9 @@ and every folder with a DP run's traces (a lost record refuses), each for its st
 taken once it has ended (a report is written) and for its planned steps while it may still
 resume.
 
-Only the experiment's folder is searched: runs on the same people under another experiment or
-output folder, and runs started at the same moment, are not seen.
+The experiment's folder is searched, and the MLflow experiment of its name: a DP fine-tune whose
+folder is gone counts from its logged plan. Runs on the same people under another experiment name or
+tracking store, and runs started at the same moment, are not seen.
 """
 from __future__ import annotations
 
@@ -82,33 +83,46 @@ def _recorded_private(run_dir: Path) -> tuple[Any, str]:
     return (theirs, "") if theirs is not None else (None, f"{path} names none")
 
 
-def _prepared_again(run_dir: Path, theirs: Any) -> list[str]:
-    """The folders of the private shards ``theirs`` of the run in ``run_dir`` that were prepared again
-    since the run recorded them (their preparation ids now against those its ledger recorded; a run
-    that recorded none, against any): the shard names there now hold other images than it trained on."""
-    from trainer.data.provenance import preparations
+def _ledger_field(run_dir: Path, *keys: str) -> Any:
+    """``ledger.json[keys[0]][keys[1]]...`` of the run in ``run_dir``, or None."""
     try:
-        recorded = json.loads((run_dir / LEDGER_FILE).read_text())["private_set"]["preparations"]
+        value = json.loads((run_dir / LEDGER_FILE).read_text())
+        for key in keys:
+            value = value[key]
+        return value
     except (OSError, ValueError, KeyError, TypeError):
-        recorded = {}
+        return None
+
+
+def _prepared_again(recorded: Any, theirs: Any) -> list[str]:
+    """The folders of a run's private shards ``theirs`` prepared again since the run recorded their
+    preparation ids (``recorded``, from its ledger; None or {} when it recorded none: then any id now
+    is another preparation): the shard names there now hold other images than it trained on."""
+    from trainer.data.provenance import preparations
     recorded = recorded if isinstance(recorded, dict) else {}
     return [folder for folder, now in preparations(theirs).items() if recorded.get(folder) != now]
 
 
-def _shares(private: Any, run_dir: Path) -> str:
-    """Why the run in ``run_dir`` counts for ``private`` ('' only when its set provably shares nothing)."""
+def _why(private: Any, theirs: Any, recorded_preparations: Any) -> str:
+    """Why a run on the private set ``theirs`` counts for ``private`` ('' only when the two provably
+    share nothing)."""
     from trainer.data.provenance import provably_disjoint, shared_examples
-    theirs, unreadable = _recorded_private(run_dir)
-    if theirs is None:
-        return f"its private set cannot be read ({unreadable})"
     shared = shared_examples(private, theirs)
     if shared:
         return "; ".join(shared)
     if provably_disjoint(private, theirs):
-        again = _prepared_again(run_dir, theirs)
+        again = _prepared_again(recorded_preparations, theirs)
         return "" if not again else f"its private shards' folder {again[0]} was prepared again since it ran: " \
                                     "what it trained on cannot be shown disjoint from this set"
     return f"its private set ({theirs.source} {theirs.path or theirs.split}) cannot be shown disjoint from this one"
+
+
+def _shares(private: Any, run_dir: Path) -> str:
+    """Why the run in ``run_dir`` counts for ``private`` ('' only when its set provably shares nothing)."""
+    theirs, unreadable = _recorded_private(run_dir)
+    if theirs is None:
+        return f"its private set cannot be read ({unreadable})"
+    return _why(private, theirs, _ledger_field(run_dir, "private_set", "preparations"))
 
 
 def _journal(run_dir: Path) -> tuple[Path, dict]:
@@ -158,8 +172,9 @@ def shared_with_dp_runs(images: Any, experiment_dir: Path) -> list[str]:
             out.append(f"the private set of the DP run {run_dir} cannot be read ({unreadable})")
             continue
         shared = shared_examples(images, theirs) or images_in_common(images, theirs)
+        recorded = _ledger_field(run_dir, "private_set", "preparations")
         shared += [f"shards in {folder}, prepared again since the DP run trained on that folder"
-                   for folder in _prepared_again(run_dir, theirs) if folder in preparations(images)]
+                   for folder in _prepared_again(recorded, theirs) if folder in preparations(images)]
         out += [f"{words} (the private set of the DP run {run_dir})" for words in shared]
     return out
 
@@ -179,12 +194,15 @@ def refuse_private_as_public(public: Any, experiment_dir: Path) -> None:
 
 def charges(experiment_dir: Path, private: Any) -> list[Charge]:
     """The runs of ``experiment_dir`` that count for the private set ``private`` (a ``DataSource``):
-    every folder with a ledger journal or a privacy or audit report.
+    every folder with a ledger journal or a privacy or audit report, and every DP fine-tune the MLflow
+    experiment of that name holds whose folder is not among them (deleted or moved: its MLflow run,
+    where its model is shared, is then the record).
 
     Raises RunError for a record that cannot be read (its steps would go uncounted).
     """
     out = []
-    for run_dir in dp_runs(experiment_dir):
+    folders = dp_runs(experiment_dir)
+    for run_dir in folders:
         path, state = _journal(run_dir)
         why = _shares(private, run_dir)
         if why:
@@ -192,6 +210,42 @@ def charges(experiment_dir: Path, private: Any) -> list[Charge]:
             steps = state["taken"] if ended else max(state["taken"], state["planned"])
             out.append(Charge(run_dir.name, state["noise_multiplier"], state["sample_rate"], steps, state["delta"],
                               ended, why))
+    return out + _logged_charges(Path(experiment_dir).name, private, folders)
+
+
+def _logged_charges(experiment: str, private: Any, folders: list[Path]) -> list[Charge]:
+    """The DP fine-tunes of MLflow experiment ``experiment`` that no folder of ``folders`` holds and
+    that count for ``private``, from their logged plan: steps taken once ended, else planned. A folder
+    holds the run whose id its ledger records (a folder whose ledger records none: the run tagged with
+    its path, or of its name)."""
+    from trainer.config import DataSource
+    from trainer.tracking import PARAM_CHARS, logged_dp_runs
+    ids, names = set(), set()
+    for run_dir in folders:
+        run_id = _ledger_field(run_dir, "mlflow_run_id")
+        if run_id:
+            ids.add(run_id)
+        else:
+            names |= {str(run_dir.resolve()), run_dir.name}
+    out = []
+    for run in logged_dp_runs(experiment):
+        if run.run_id in ids or (run.checkpoint or run.name) in names:
+            continue
+        p = run.params
+        label = f"{run.name} (MLflow run {run.run_id}, no folder here)"
+        try:
+            private_params = {key: None if p.get(f"data.private.{key}") in (None, "None") else p[f"data.private.{key}"]
+                              for key in ("source", "split", "path")}
+            theirs = DataSource(**{k: v for k, v in private_params.items() if v is not None})
+            sigma, q, delta = float(p["privacy.sigma"]), float(p["privacy.q"]), float(p["finetune.delta"])
+            steps = run.steps if run.steps is not None else _whole(float(p["finetune.steps"]))
+        except (KeyError, ValueError, TypeError) as err:
+            raise RunError(f"MLflow run {run.run_id} ({run.name}): its privacy plan cannot be read from its params "
+                           f"({err}): what it spent on the experiment's private data cannot be counted") from None
+        cut = len(p.get("data.private.path", "")) >= PARAM_CHARS
+        why = "its data.private.path was cut in its params: not comparable" if cut else _why(private, theirs, None)
+        if why:
+            out.append(Charge(label, sigma, q, steps, delta, run.steps is not None, why))
     return out
 
 
