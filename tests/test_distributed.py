@@ -174,6 +174,17 @@ class Interrupted(Exception):
     """Raised by the finetune worker right after a chosen checkpoint."""
 
 
+def unlike_plans_worker(overrides: list[str]) -> None:
+    """``dpldm finetune`` where rank 1 alone clips at another norm: every rank must refuse."""
+    from trainer.errors import RunError
+    from trainer.stages import finetune
+    own = ["finetune.max_grad_norm=2.0"] if os.environ["RANK"] == "1" else []
+    try:
+        finetune.run(load_config("demo", overrides + own))
+    except RunError as refused:
+        print(f"rank {os.environ['RANK']} refused: {refused}")
+
+
 def finetune_worker(stop_after: int, overrides: list[str]) -> None:
     """``dpldm finetune`` with these overrides; with ``stop_after > 0``, stop right after that step's checkpoint."""
     from trainer.distributed import DistributedRun
@@ -212,19 +223,24 @@ def _run(cmd: list[str], tmp: Path, timeout: int = 240) -> str:
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
-def _run_update(world: int, out: Path, tmp: Path) -> None:
-    """The update worker (a pure function of the fixed problem, writing one file), launched once
-    more if a rank aborted in C++ with TEARDOWN_ABORT: a rare crash (once in some hundred launches), where
-    rank 1 died about when the work ends (the ranks now meet at a barrier before leaving the group,
-    see ``Runtime.close``). Any other failure, or the same crash twice, fails the test."""
+def _run_again_on_teardown_abort(cmd: list[str], tmp: Path) -> str:
+    """``_run`` of a worker that does the same whenever it runs, launched once more if a rank aborted in
+    C++ with TEARDOWN_ABORT: a rare crash (once in some hundred launches), where a rank died about when
+    the work ends (after normal work the ranks meet at a barrier before leaving the group, see
+    ``Runtime.close``; after an error they cannot). Any other failure, or the same crash twice, fails."""
     for attempt in (1, 2):
         try:
-            _run(_torchrun(world, "update", str(out), "zero3"), tmp)
-            return
+            return _run(cmd, tmp)
         except AssertionError as failure:
             if attempt == 2 or TEARDOWN_ABORT not in str(failure):
                 raise
-            warnings.warn(f"the {world}-process update worker aborted ({TEARDOWN_ABORT}); launched again")
+            warnings.warn(f"{' '.join(cmd[-3:])}: a rank aborted ({TEARDOWN_ABORT}); launched again")
+    raise AssertionError("unreachable")
+
+
+def _run_update(world: int, out: Path, tmp: Path) -> None:
+    """The update worker (a pure function of the fixed problem, writing one file)."""
+    _run_again_on_teardown_abort(_torchrun(world, "update", str(out), "zero3"), tmp)
 
 
 def _free_port() -> str:
@@ -424,6 +440,19 @@ def test_zero3_finetune_interrupted_and_resumed_on_another_world_size(pretrained
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+def test_ranks_that_plan_differently_all_refuse_before_writing(pretrained):
+    """Rank 1 alone clips at another norm: the ranks compare their privacy plans and every one refuses
+    (a rank that clipped, noised or accounted otherwise would void the guarantee), writing nothing."""
+    tmp = pretrained
+    overrides = TINY + [f"output_dir={tmp / 'runs'}", "finetune.name=unlike"]
+    out = _run_again_on_teardown_abort(_torchrun(2, "unlike-plans", *overrides), tmp)
+    for rank in (0, 1):
+        assert f"rank {rank} refused: the processes hold different privacy plans" in out
+    assert not (tmp / "runs" / "dist" / "finetune-unlike").exists()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_zero3_finetune_on_private_shards_encodes_them_before_partitioning(pretrained):
     """Two ranks under ZeRO-3 on private shards: they encode the cache with the whole encoder (after
     partitioning it would fail), complete it (no parts left) outside the run folder, and train on its N."""
@@ -452,5 +481,7 @@ if __name__ == "__main__":  # worker entry: python tests/test_distributed.py <sc
         update_worker(Path(rest[0]), rest[1])
     elif scenario == "finetune":
         finetune_worker(int(rest[0]), rest[1:])
+    elif scenario == "unlike-plans":
+        unlike_plans_worker(rest)
     else:
-        raise SystemExit(f"unknown scenario {scenario!r} (update | finetune)")
+        raise SystemExit(f"unknown scenario {scenario!r} (update | finetune | unlike-plans)")

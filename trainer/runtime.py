@@ -259,6 +259,13 @@ class Runtime:
             return int(value)
         return int(self._all_reduce([value], torch.int64, "MAX").item())
 
+    def same_on_every_rank(self, values: list[float]) -> bool:
+        """Whether every rank holds these ``values`` (compared exactly, as float64)."""
+        if self.world_size == 1:
+            return True
+        high, low = (self._all_reduce(values, torch.float64, op) for op in ("MAX", "MIN"))
+        return torch.equal(high, low)
+
     def any_rank(self, flag: bool) -> bool:
         """True when ``flag`` is set on some rank (e.g. a stop request: every rank stops at the same step)."""
         return bool(self.max_over_ranks(int(flag)))

@@ -323,6 +323,10 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     said += [caption_note] if caption_note else []
     names, names_source = label_names(cfg, declared)
     q, sigma = plan_privacy(cfg, n)
+    # each rank plans from its own config and count: one that differs would clip, noise or account otherwise
+    if not rt.same_on_every_rank([n, q, sigma, ft.max_grad_norm, ft.steps, ft.noise_multiplicity, ft.delta]):
+        raise RunError("the processes hold different privacy plans (N, q, sigma, clipping norm, steps, K or delta): "
+                       "launch every rank with the same config and private set; nothing was written")
     if ft.new_class_embedder:
         if ft.new_class_embedder != len(names):
             raise ConfigError(f"finetune.new_class_embedder: {ft.new_class_embedder} classes, "
