@@ -305,3 +305,11 @@ def test_a_dp_run_whose_folder_is_gone_still_counts_from_its_mlflow_run(tmp_path
         (run_dir / "ledger.json").write_text(json.dumps(legacy))
         assert "finetune-kept" in {c.run for c in charges(exp, DataSource(source="mnist", split="trainval"))}
         assert len(charges(exp, DataSource(source="mnist", split="trainval"))) == 3
+        # pretraining on what such a run kept private is refused too; MNIST's test split only the test run kept
+        from trainer.config import ConfigError
+        from trainer.stages.spend import refuse_private_as_public
+        with pytest.raises(ConfigError, match=r"MNIST's train split \(the private set of the DP run finetune-gone, "
+                                              rf"MLflow run {gone}\)"):
+            refuse_private_as_public(DataSource(source="mnist", split="train"), exp)
+        with pytest.raises(ConfigError, match=r"MNIST's test split \(the private set of the DP run finetune-test"):
+            refuse_private_as_public(DataSource(source="mnist", split="test"), exp)

@@ -162,11 +162,12 @@ def shared_with_dp_runs(images: Any, experiment_dir: Path) -> list[str]:
     """What the image set ``images`` (a ``DataSource``) shares with the private set of each DP run of
     ``experiment_dir``, in words naming the run ([] for nothing provable): by their settings and
     ``meta.json``, else by their images' content (a copy of the private shards under another name, MNIST
-    digits prepared into shards again). A run whose config or private shards cannot be read counts too:
-    nothing could be compared."""
+    digits prepared into shards again); the runs whose folder is gone, from their MLflow params. A run
+    whose config or private shards cannot be read counts too: nothing could be compared."""
     from trainer.data.provenance import images_in_common, preparations, shared_examples
     out = []
-    for run_dir in dp_runs(experiment_dir):
+    folders = dp_runs(experiment_dir)
+    for run_dir in folders:
         theirs, unreadable = _recorded_private(run_dir)
         if theirs is None:
             out.append(f"the private set of the DP run {run_dir} cannot be read ({unreadable})")
@@ -176,6 +177,11 @@ def shared_with_dp_runs(images: Any, experiment_dir: Path) -> list[str]:
         shared += [f"shards in {folder}, prepared again since the DP run trained on that folder"
                    for folder in _prepared_again(recorded, theirs) if folder in preparations(images)]
         out += [f"{words} (the private set of the DP run {run_dir})" for words in shared]
+    for run in _unclaimed_logged_runs(Path(experiment_dir).name, folders):  # their folders are gone
+        theirs = _logged_private(run)
+        shared = ["its data.private.path was cut in its params: not comparable"] if theirs is None else \
+            shared_examples(images, theirs) or images_in_common(images, theirs)
+        out += [f"{words} (the private set of the DP run {run.name}, MLflow run {run.run_id})" for words in shared]
     return out
 
 
@@ -213,13 +219,11 @@ def charges(experiment_dir: Path, private: Any) -> list[Charge]:
     return out + _logged_charges(Path(experiment_dir).name, private, folders)
 
 
-def _logged_charges(experiment: str, private: Any, folders: list[Path]) -> list[Charge]:
-    """The DP fine-tunes of MLflow experiment ``experiment`` that no folder of ``folders`` holds and
-    that count for ``private``, from their logged plan: steps taken once ended, else planned. A folder
-    holds the run whose id its ledger records (a folder whose ledger records none: the run tagged with
-    its path, or of its name)."""
-    from trainer.config import DataSource
-    from trainer.tracking import PARAM_CHARS, logged_dp_runs
+def _unclaimed_logged_runs(experiment: str, folders: list[Path]) -> list[Any]:
+    """The DP fine-tunes of MLflow experiment ``experiment`` (``tracking.LoggedDPRun``) that no folder of
+    ``folders`` holds (deleted or moved). A folder holds the run whose id its ledger records (a folder
+    whose ledger records none: the run tagged with its path, or of its name)."""
+    from trainer.tracking import logged_dp_runs
     ids, names = set(), set()
     for run_dir in folders:
         run_id = _ledger_field(run_dir, "mlflow_run_id")
@@ -227,25 +231,44 @@ def _logged_charges(experiment: str, private: Any, folders: list[Path]) -> list[
             ids.add(run_id)
         else:
             names |= {str(run_dir.resolve()), run_dir.name}
+    return [run for run in logged_dp_runs(experiment)
+            if run.run_id not in ids and (run.checkpoint or run.name) not in names]
+
+
+def _logged_private(run: Any) -> Any:
+    """The private set (a ``DataSource``) a logged DP run's params name, or None when its path was cut
+    (not comparable); RunError when they cannot be read."""
+    from trainer.config import DataSource
+    from trainer.tracking import PARAM_CHARS
+    p = run.params
+    if len(p.get("data.private.path", "")) >= PARAM_CHARS:
+        return None
+    try:
+        given = {key: p.get(f"data.private.{key}", "None") for key in ("split", "path")}
+        return DataSource(source=p["data.private.source"], **{k: v for k, v in given.items() if v != "None"})
+    except (KeyError, TypeError) as err:
+        raise RunError(f"MLflow run {run.run_id} ({run.name}): its private set cannot be read from its params "
+                       f"({err})") from None
+
+
+def _logged_charges(experiment: str, private: Any, folders: list[Path]) -> list[Charge]:
+    """The DP fine-tunes of MLflow experiment ``experiment`` that no folder of ``folders`` holds and
+    that count for ``private``, from their logged plan: steps taken once ended, else planned."""
     out = []
-    for run in logged_dp_runs(experiment):
-        if run.run_id in ids or (run.checkpoint or run.name) in names:
-            continue
+    for run in _unclaimed_logged_runs(experiment, folders):
         p = run.params
-        label = f"{run.name} (MLflow run {run.run_id}, no folder here)"
         try:
-            private_params = {key: None if p.get(f"data.private.{key}") in (None, "None") else p[f"data.private.{key}"]
-                              for key in ("source", "split", "path")}
-            theirs = DataSource(**{k: v for k, v in private_params.items() if v is not None})
             sigma, q, delta = float(p["privacy.sigma"]), float(p["privacy.q"]), float(p["finetune.delta"])
             steps = run.steps if run.steps is not None else _whole(float(p["finetune.steps"]))
         except (KeyError, ValueError, TypeError) as err:
             raise RunError(f"MLflow run {run.run_id} ({run.name}): its privacy plan cannot be read from its params "
                            f"({err}): what it spent on the experiment's private data cannot be counted") from None
-        cut = len(p.get("data.private.path", "")) >= PARAM_CHARS
-        why = "its data.private.path was cut in its params: not comparable" if cut else _why(private, theirs, None)
+        theirs = _logged_private(run)
+        why = "its data.private.path was cut in its params: not comparable" if theirs is None else \
+            _why(private, theirs, None)
         if why:
-            out.append(Charge(label, sigma, q, steps, delta, run.steps is not None, why))
+            out.append(Charge(f"{run.name} (MLflow run {run.run_id}, no folder here)", sigma, q, steps, delta,
+                              run.steps is not None, why))
     return out
 
 
