@@ -25,34 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dp_step import build_workload, device_name  # noqa: E402
 from bench_flops import demo_parser, emit, load_demo  # noqa: E402
-from bench_precision import autocast  # noqa: E402
+from bench_precision import dp_step  # noqa: E402
 from trainer.config import Config  # noqa: E402
-from trainer.privacy import DPGradientEngine  # noqa: E402
-from trainer.privacy.engine import SELF_CHECK_RTOL, SELF_CHECK_RTOL_BF16  # noqa: E402
 
 
-def dp_step(cfg: Config, size: int, precision: str) -> Callable[[], None]:
+def dp_step_of(cfg: Config, size: int, precision: str) -> Callable[[], None]:
     """One DP step over a fresh micro-batch of ``size`` examples of the config's workload."""
     workload, _ = build_workload(cfg, size, torch.device("cpu"))
-    model = workload.fresh_model()
-    optimizer = workload.optimizer(model)
-    engine = DPGradientEngine(model, max_grad_norm=cfg.finetune.max_grad_norm, noise_multiplier=1.0,
-                              expected_batch_size=size, mode="fast", generator=torch.Generator().manual_seed(7),
-                              self_check_rtol=SELF_CHECK_RTOL_BF16 if precision == "bf16" else SELF_CHECK_RTOL)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(precision):
-            losses = model(workload.z0, workload.labels)
-        engine.accumulate(losses.float())
-        engine.finalize()
-        optimizer.step()
-    return step
+    return dp_step(workload, cfg.finetune.max_grad_norm, size, precision)
 
 
 def measure(cfg: Config, sizes: list[int], precision: str, rounds: int) -> dict[int, list[float]]:
     """ms per example of each size, one value per round (after one warm-up step each)."""
-    steps = {size: dp_step(cfg, size, precision) for size in sizes}
+    steps = {size: dp_step_of(cfg, size, precision) for size in sizes}
     for step in steps.values():
         step()
     times: dict[int, list[float]] = {size: [] for size in sizes}

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dp_step import build_workload, device_name  # noqa: E402
+from bench_dp_step import Workload, build_workload, device_name  # noqa: E402
 from bench_flops import demo_parser, emit, load_demo, unet_forwards_per_step  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.privacy import DPGradientEngine  # noqa: E402
@@ -104,6 +104,29 @@ def training_work(stage: str, size: str, model: nn.Module, loss_fn: Callable[[nn
     return Work(stage, size, make, demo_steps)
 
 
+def dp_engine(model: nn.Module, max_grad_norm: float, sigma: float, batch: int, precision: str) -> DPGradientEngine:
+    """The DP engine (mode fast, a fixed noise seed) over ``model`` for one micro-batch of ``batch``."""
+    return DPGradientEngine(model, max_grad_norm=max_grad_norm, noise_multiplier=sigma, expected_batch_size=batch,
+                            mode="fast", generator=torch.Generator().manual_seed(7),
+                            self_check_rtol=SELF_CHECK_RTOL_BF16 if precision == "bf16" else SELF_CHECK_RTOL)
+
+
+def dp_step(workload: Workload, max_grad_norm: float, batch: int, precision: str) -> Callable[[], None]:
+    """One DP step (losses in ``precision``, the engine's clipping and noise, AdamW) over the workload's
+    micro-batch of ``batch`` examples (``bench_dp_step.build_workload``), on a model of its own."""
+    model = workload.fresh_model()
+    optimizer, engine = workload.optimizer(model), dp_engine(model, max_grad_norm, 1.0, batch, precision)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(precision):
+            losses = model(workload.z0, workload.labels)
+        engine.accumulate(losses.float())
+        engine.finalize()
+        optimizer.step()
+    return step
+
+
 def build_works(cfg: Config, sweep: list[Config], private_examples: int) -> list[Work]:
     from trainer.models.autoencoder import kl_divergence
     gen = torch.Generator().manual_seed(0)
@@ -141,26 +164,9 @@ def build_works(cfg: Config, sweep: list[Config], private_examples: int) -> list
     dp_steps = sum(run.finetune.steps * run.finetune.expected_batch_size / physical for run in [cfg, *sweep])
 
     def make_dp(precision: str):
-        def engine_for(model: nn.Module, sigma: float) -> DPGradientEngine:
-            return DPGradientEngine(model, max_grad_norm=ft.max_grad_norm, noise_multiplier=sigma,
-                                    expected_batch_size=physical, mode="fast",
-                                    self_check_rtol=SELF_CHECK_RTOL_BF16 if precision == "bf16" else SELF_CHECK_RTOL,
-                                    generator=torch.Generator().manual_seed(7))
-
-        own = workload.fresh_model()
-        opt, engine = workload.optimizer(own), engine_for(own, 1.0)
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            with autocast(precision):
-                losses = own(workload.z0, workload.labels)
-            engine.accumulate(losses.float())
-            engine.finalize()
-            opt.step()
-
         def result() -> Tensor:
             fresh = workload.fresh_model()
-            checker = engine_for(fresh, 0.0)
+            checker = dp_engine(fresh, ft.max_grad_norm, 0.0, physical, precision)
             with autocast(precision):
                 losses = fresh(workload.z0, workload.labels)
             checker.accumulate(losses.float())
@@ -168,7 +174,7 @@ def build_works(cfg: Config, sweep: list[Config], private_examples: int) -> list
             checker.detach()
             return flat_grad(fresh)
 
-        return step, result
+        return dp_step(workload, ft.max_grad_norm, physical, precision), result
 
     works.append(Work("finetune (DP step)", f"{physical} examples", make_dp, dp_steps))
 
