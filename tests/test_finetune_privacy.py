@@ -118,10 +118,10 @@ def test_finished_run_keeps_its_ledger_and_refuses_a_bigger_plan_or_an_older_jou
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "wall_time_s")) == 1
     # the run that shares the model holds DP results only: no non-DP diagnostic of the private batches by default
     assert "privacy.epsilon_spent" in run.data.metrics
-    # the journal names the MLflow run: the spend counts this run once, from its folder
-    assert json.loads((folder / "ledger.json").read_text())["mlflow_run_id"] == run.info.run_id
     assert not [k for k in run.data.metrics if k.startswith("nonprivate/")] and "nonprivate_diagnostics" not in \
         run.data.tags
+    # the journal names the MLflow run: the spend counts this run once, from its folder
+    assert json.loads((folder / "ledger.json").read_text())["mlflow_run_id"] == run.info.run_id
 
     config_before = (folder / "config.yaml").read_text()
     with pytest.raises(ConfigError, match="plan of a run and its private set"):
