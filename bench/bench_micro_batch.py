@@ -8,7 +8,8 @@ the sizes interleaved within every round in one process, so a host's drift hits 
 the median and the minimum over the rounds, in ms per example.
 
 Usage: ``python bench/bench_micro_batch.py [--sizes 256,512,1024] [--precision bf16] [--rounds 12]
-[--threads 2] [--config demo] [--out FILE] [KEY=VALUE ...]``
+[--threads 2] [--config demo] [--private-examples N] [--out FILE] [KEY=VALUE ...]`` (``--private-examples``:
+skips counting the private set, which the timing does not use)
 """
 from __future__ import annotations
 

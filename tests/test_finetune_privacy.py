@@ -99,6 +99,27 @@ def test_lost_ledger_after_a_crash_is_refused_and_nothing_is_recounted(base, mon
 
 
 @pytest.mark.slow
+def test_a_session_stopped_before_its_first_checkpoint_resumes_its_mlflow_run(base, monkeypatch):
+    """A crash in step 1 (charged, never checkpointed): the resumed session logs to the MLflow run the
+    journal names, not to a second one that the spend would count beside the folder."""
+    import mlflow
+
+    from trainer.stages.spend import charges
+    cfg = tiny(base, "early")
+    restore = crash_in_step(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg)
+    restore()
+    finetune.run(cfg)
+    runs = [r for r in mlflow.search_runs(experiment_names=["ledger"], output_format="list")
+            if r.info.run_name == "finetune-early"]
+    assert len(runs) == 1
+    assert json.loads((run_dir(base, "early") / "ledger.json").read_text())["mlflow_run_id"] == runs[0].info.run_id
+    assert [c.run for c in charges(base / "runs" / "ledger", cfg.data.private) if "early" in c.run] == \
+        ["finetune-early"]
+
+
+@pytest.mark.slow
 def test_finished_run_keeps_its_ledger_and_refuses_a_bigger_plan_or_an_older_journal(base, monkeypatch, capsys):
     cfg = tiny(base, "done")
     folder = finetune.run(cfg)

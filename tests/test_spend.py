@@ -215,6 +215,7 @@ def test_pretraining_on_a_copy_of_a_dp_runs_private_images_is_refused_whatever_n
     with pytest.raises(ConfigError, match=r"images that cannot be compared \(.*\) \(the private set of the DP "
                                           r"run .*finetune\)"):
         refuse_private_as_public(other, exp)
+    refuse_private_as_public(DataSource(source="letters"), exp)  # rendered letters: nothing to compare or read
 
     digits_exp = tmp_path / "runs" / "digits"
     fake_run(digits_exp, "finetune", "trainval")  # MNIST's 60,000 training digits, in memory
@@ -261,6 +262,25 @@ def test_a_folder_prepared_again_since_a_run_no_longer_proves_its_shard_ranges_d
     (run_dir / "ledger.json").write_text(json.dumps(ledger))
     assert [c.run for c in charges(exp, second)] == ["finetune-first"]
 
+    # the same run with its folder gone: judged from the ids its MLflow run logged
+    import shutil
+
+    import mlflow
+    from conftest import mlflow_store
+    shutil.rmtree(run_dir)
+    with mlflow_store(tmp_path):
+        mlflow.set_experiment("exp")
+        for recorded in ("b" * 16, "a" * 16):  # this preparation, then an earlier one
+            with mlflow.start_run(run_name=f"finetune-{recorded[0]}"):
+                mlflow.set_tags({"privacy": "dp-sgd"})
+                mlflow.log_params({"data.private.source": "shards", "data.private.path": first.path,
+                                   "privacy.sigma": "1.0", "privacy.q": "0.01", "finetune.delta": "1e-5",
+                                   "finetune.steps": "10",
+                                   "privacy.preparations": json.dumps({str(folder.resolve()): recorded})})
+        assert [c.run.split()[0] for c in charges(exp, second)] == ["finetune-a"]
+        with pytest.raises(ConfigError, match=r"prepared again since the DP run .*finetune-a"):
+            refuse_private_as_public(second, exp)
+
 
 def test_a_dp_run_whose_folder_is_gone_still_counts_from_its_mlflow_run(tmp_path):
     """The MLflow run shares the model: a DP fine-tune whose folder was deleted or moved counts from its
@@ -299,6 +319,8 @@ def test_a_dp_run_whose_folder_is_gone_still_counts_from_its_mlflow_run(tmp_path
         assert [(c.noise_multiplier, c.sample_rate, c.steps, c.ended) for c in found.values() if "gone" in c.run] == \
             [(1.5, 0.02, 120, True)]
         assert [(c.steps, c.ended) for c in found.values() if "open" in c.run] == [(300, False)], "planned steps"
+        mlflow.MlflowClient().delete_run(gone)  # in the trash, its model kept until garbage collection: it counts
+        assert any(gone in c.run for c in charges(exp, DataSource(source="mnist", split="trainval")))
         assert found["finetune-kept"].steps == 100, "counted once, from its folder's journal"
         legacy = json.loads((run_dir / "ledger.json").read_text())
         del legacy["mlflow_run_id"]  # a journal that names no run: its folder holds the run of its name

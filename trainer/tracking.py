@@ -175,13 +175,15 @@ def logged_dp_runs(experiment: str) -> list[LoggedDPRun]:
         return []
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.entities import ViewType
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         return []
     client, out, token = MlflowClient(), [], None
     while True:  # every page: a run left out would leave its steps uncounted
-        page = client.search_runs([found.experiment_id], "tags.privacy = 'dp-sgd'", max_results=1000,
-                                  page_token=token)
+        # deleted runs too: a run in the trash keeps its model until the store's garbage collection
+        page = client.search_runs([found.experiment_id], "tags.privacy = 'dp-sgd'", run_view_type=ViewType.ALL,
+                                  max_results=1000, page_token=token)
         for run in page:
             steps = run.data.metrics.get("privacy.steps")
             out.append(LoggedDPRun(run.info.run_id, run.info.run_name or "", run.data.tags.get("checkpoint"),

@@ -292,15 +292,20 @@ def images_in_common(a: Any, b: Any) -> list[str]:
     (nothing could be compared), in words that say why."""
     from trainer.data.reader import expand_urls
     from trainer.errors import first_line
+
+    def mnist(src: Any) -> bool:
+        return any(kind == "mnist" for kind, _, _ in holdings(src))
+    a_shards, b_shards = _shard_pattern(a) is not None, _shard_pattern(b) is not None
+    forward = a_shards and (b_shards or mnist(b))  # a's shard images against b's images or digits
+    backward = b_shards and mnist(a)  # b's shard images against a's digits (bytes were compared already)
+    if not (forward or backward):  # e.g. rendered letters: nothing to compare, nothing to read
+        return []
     try:
         for src in (a, b):
-            pattern = _shard_pattern(src)
-            if pattern is not None:
-                expand_urls(pattern)  # raises for shards that are not there
-        words = shards_shared_examples(a, b)
-        if not words and any(kind == "mnist" for kind, _, _ in holdings(a)):  # bytes were compared both ways
-            words = shards_shared_examples(b, a)
-        return words
+            if _shard_pattern(src) is not None:
+                expand_urls(_shard_pattern(src))  # raises for shards that are not there
+        words = shards_shared_examples(a, b) if forward else []
+        return words or (shards_shared_examples(b, a) if backward else [])
     except (ValueError, OSError) as err:  # DataError too: a shard that is not a tar (named, never its content)
         return [f"images that cannot be compared ({first_line(err)})"]
 

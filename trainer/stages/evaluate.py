@@ -262,13 +262,14 @@ def shares_private_examples(run_id: str, images: str) -> list[str]:
 
 def _shared_with(images: str, private: DataSource) -> list[str]:
     """What ``images`` (``mnist-test``, shards or a folder) shares with ``private``, in words."""
-    from trainer.data.provenance import (folder_shared_examples, images_in_common, shards_shared_examples,
-                                         shared_examples)
+    from trainer.data.provenance import folder_shared_examples, images_in_common, shared_examples, unreadable
     if images == MNIST_TEST:
         test = DataSource(source="mnist", split="test")
         return shared_examples(test, private) or images_in_common(test, private)
     shards = DataSource(source="shards", path=str(images))
-    shared = shared_examples(shards, private) or shards_shared_examples(shards, private)  # their paths, else images
+    shared = shared_examples(shards, private)  # their paths, else (shards, not a folder of files) their images
+    if not shared and unreadable(shards) is None:
+        shared = images_in_common(shards, private)
     if Path(images).is_dir():  # image files under it too (a folder is read as a folder of images)
         shared += folder_shared_examples(Path(images), private)
     return shared

@@ -34,11 +34,12 @@ from trainer.runtime import Placement
 from trainer.selection import select_trainable
 from trainer.stages.common import (PRIVACY_REPORT, check_finished, conditions, earlier_stage, load_image_source,
                                    recorded_path, save_run_config, stage_dir)
-from trainer.stages.journal import check_journal_covers, load_journal, over_total, session_lock, spend_or_warn
+from trainer.stages.journal import (check_journal_covers, load_journal, over_total, session_lock, spend_or_warn,
+                                    write_journal)
 from trainer.stages.private_set import (EncodedPrivateSet, PrivateShards, check_captions, encode_private_shards,
                                         label_names, private_set_identity, private_shards, refuse_private_prompts,
                                         refuse_public_overlap)
-from trainer.stages.spend import AUDIT_REPORT, DP_TRACES, LEDGER_FILE
+from trainer.stages.spend import AUDIT_REPORT, DP_TRACES, LEDGER_FILE, ledger_field
 from trainer.tracking import start_run
 
 if TYPE_CHECKING:
@@ -324,9 +325,13 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
     names, names_source = label_names(cfg, declared)
     q, sigma = plan_privacy(cfg, n)
     # each rank plans from its own config and count: one that differs would clip, noise or account otherwise
-    if not rt.same_on_every_rank([n, q, sigma, ft.max_grad_norm, ft.steps, ft.noise_multiplicity, ft.delta]):
-        raise RunError("the processes hold different privacy plans (N, q, sigma, clipping norm, steps, K or delta): "
-                       "launch every rank with the same config and private set; nothing was written")
+    # (52 bits of the shards' digest stand for their contents: the collective carries only the comparison's inputs)
+    contents = int(source.digest[:13], 16) if isinstance(source, PrivateShards) else 0
+    if not rt.same_on_every_rank([n, q, sigma, ft.max_grad_norm, ft.steps, ft.noise_multiplicity, ft.delta,
+                                  contents]):
+        raise RunError("the processes hold different privacy plans (N, q, sigma, clipping norm, steps, K, delta or "
+                       "the private shards' contents): launch every rank with the same config and private set; "
+                       "nothing was written")
     if ft.new_class_embedder:
         if ft.new_class_embedder != len(names):
             raise ConfigError(f"finetune.new_class_embedder: {ft.new_class_embedder} classes, "
@@ -451,9 +456,14 @@ def _train(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: P
     t0 = time.time()
     tags = {"stage": "finetune", "privacy": "dp-sgd", "precision": rt.placement.precision,
             **({"nonprivate_diagnostics": "logged"} if ft.log_nonprivate else {})}
-    with start_run(cfg.experiment, run_dir.name, cfg.to_dict(), tags, run_id=checkpoint.mlflow_run_id) as mlrun, \
+    # the MLflow run of the checkpoint, else the one the journal names (a session that stopped before its first
+    # checkpoint): a second run for the same steps would count twice in the spend
+    run_id = checkpoint.mlflow_run_id or ledger_field(run_dir, "mlflow_run_id")
+    with start_run(cfg.experiment, run_dir.name, cfg.to_dict(), tags, run_id=run_id) as mlrun, \
             StopRequest() as stop:
-        mlrun.log_params({"privacy": {"sigma": sigma, "q": q, "N": n, "planned_epsilon": ledger.planned_epsilon},
+        preparations = json.dumps((ledger.private_set or {}).get("preparations", {}), sort_keys=True)
+        mlrun.log_params({"privacy": {"sigma": sigma, "q": q, "N": n, "planned_epsilon": ledger.planned_epsilon,
+                                      "preparations": preparations},  # judged like a folder's if the folder goes
                           "params": {"trainable": session.selection.trainable_count,
                                      "total": session.selection.total_count}})
         layout = rt.layout()  # None in one process
@@ -478,8 +488,7 @@ def _train(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: P
                         print(f"stopping at step {step}: {err}")
                     break
                 if rt.is_main:
-                    # with its MLflow run's id: the spend then knows which logged run this folder holds
-                    write_json({**ledger.state_dict(), "mlflow_run_id": mlrun.run_id}, run_dir / LEDGER_FILE)
+                    write_journal(run_dir, ledger, mlrun.run_id)
                 set_learning_rate(state.optimizer, learning_rate(ft, step))
                 metrics = rt.train_step(engine, state.optimizer, next(batches), session.example_losses,
                                         session.loss_gen)
@@ -587,7 +596,7 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
         with tqdm(total=ft.steps, desc="audit (DP + canaries)", dynamic_ncols=True) as bar:  # closed on any exit
             for step in range(ft.steps):
                 ledger.record_step()
-                write_json(ledger.state_dict(), run_dir / LEDGER_FILE)  # the record of the private set's use
+                write_journal(run_dir, ledger)  # the record of the private set's use
                 set_learning_rate(optimizer, learning_rate(ft, step))
                 for idx in next(batches):
                     engine.accumulate(session.example_losses(idx))

@@ -18,10 +18,18 @@ from trainer.config import Config, ConfigError
 from trainer.distributed import Checkpoint
 from trainer.errors import RunError
 from trainer.io import try_lock, write_json
-from trainer.stages.spend import DP_TRACES, EXPERIMENT_LOCK_FILE, LEDGER_FILE, LOCK_FILE, Spend, experiment_spend
+from trainer.stages.spend import (DP_TRACES, EXPERIMENT_LOCK_FILE, LEDGER_FILE, LOCK_FILE, Spend, experiment_spend,
+                                  ledger_field)
 
 if TYPE_CHECKING:
     from trainer.distributed import DistributedRun, SingleProcess
+
+
+def write_journal(run_dir: Path, ledger, mlflow_run_id: str | None = None) -> None:
+    """``ledger.json``: the ledger's state and the id of the run's MLflow run (``mlflow_run_id``, else
+    the one the journal already names), so that the spend knows which logged run this folder holds."""
+    run_id = mlflow_run_id or ledger_field(run_dir, "mlflow_run_id")
+    write_json({**ledger.state_dict(), **({"mlflow_run_id": run_id} if run_id else {})}, run_dir / LEDGER_FILE)
 
 
 def load_journal(run_dir: Path, ledger) -> None:
@@ -98,7 +106,7 @@ def _admit(cfg: Config, run_dir: Path, ledger) -> str | None:
         problem = over_total(cfg, run_dir, ledger) if cfg.finetune.total_epsilon is not None else None
         if problem:
             return problem
-        write_json(ledger.state_dict(), journal)  # visible to the experiment's other runs from now on
+        write_journal(run_dir, ledger)  # visible to the experiment's other runs from now on
     finally:
         experiment.close()
     return None

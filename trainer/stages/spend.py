@@ -83,7 +83,7 @@ def _recorded_private(run_dir: Path) -> tuple[Any, str]:
     return (theirs, "") if theirs is not None else (None, f"{path} names none")
 
 
-def _ledger_field(run_dir: Path, *keys: str) -> Any:
+def ledger_field(run_dir: Path, *keys: str) -> Any:
     """``ledger.json[keys[0]][keys[1]]...`` of the run in ``run_dir``, or None."""
     try:
         value = json.loads((run_dir / LEDGER_FILE).read_text())
@@ -122,7 +122,7 @@ def _shares(private: Any, run_dir: Path) -> str:
     theirs, unreadable = _recorded_private(run_dir)
     if theirs is None:
         return f"its private set cannot be read ({unreadable})"
-    return _why(private, theirs, _ledger_field(run_dir, "private_set", "preparations"))
+    return _why(private, theirs, ledger_field(run_dir, "private_set", "preparations"))
 
 
 def _journal(run_dir: Path) -> tuple[Path, dict]:
@@ -173,14 +173,19 @@ def shared_with_dp_runs(images: Any, experiment_dir: Path) -> list[str]:
             out.append(f"the private set of the DP run {run_dir} cannot be read ({unreadable})")
             continue
         shared = shared_examples(images, theirs) or images_in_common(images, theirs)
-        recorded = _ledger_field(run_dir, "private_set", "preparations")
+        recorded = ledger_field(run_dir, "private_set", "preparations")
         shared += [f"shards in {folder}, prepared again since the DP run trained on that folder"
                    for folder in _prepared_again(recorded, theirs) if folder in preparations(images)]
         out += [f"{words} (the private set of the DP run {run_dir})" for words in shared]
     for run in _unclaimed_logged_runs(Path(experiment_dir).name, folders):  # their folders are gone
         theirs = _logged_private(run)
-        shared = ["its data.private.path was cut in its params: not comparable"] if theirs is None else \
-            shared_examples(images, theirs) or images_in_common(images, theirs)
+        if theirs is None:
+            shared = ["its data.private.path was cut in its params: not comparable"]
+        else:
+            shared = shared_examples(images, theirs) or images_in_common(images, theirs)
+            again = _prepared_again(_logged_preparations(run), theirs)
+            shared += [f"shards in {folder}, prepared again since the DP run trained on that folder"
+                       for folder in again if folder in preparations(images)]
         out += [f"{words} (the private set of the DP run {run.name}, MLflow run {run.run_id})" for words in shared]
     return out
 
@@ -226,7 +231,7 @@ def _unclaimed_logged_runs(experiment: str, folders: list[Path]) -> list[Any]:
     from trainer.tracking import logged_dp_runs
     ids, names = set(), set()
     for run_dir in folders:
-        run_id = _ledger_field(run_dir, "mlflow_run_id")
+        run_id = ledger_field(run_dir, "mlflow_run_id")
         if run_id:
             ids.add(run_id)
         else:
@@ -251,11 +256,25 @@ def _logged_private(run: Any) -> Any:
                        f"({err})") from None
 
 
+def _logged_preparations(run: Any) -> dict:
+    """The preparation ids a logged DP run recorded for its private shards' folders ({}: none)."""
+    try:
+        recorded = json.loads(run.params.get("privacy.preparations", "{}"))
+    except ValueError:
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def _logged_charges(experiment: str, private: Any, folders: list[Path]) -> list[Charge]:
     """The DP fine-tunes of MLflow experiment ``experiment`` that no folder of ``folders`` holds and
     that count for ``private``, from their logged plan: steps taken once ended, else planned."""
     out = []
     for run in _unclaimed_logged_runs(experiment, folders):
+        theirs = _logged_private(run)
+        why = "its data.private.path was cut in its params: not comparable" if theirs is None else \
+            _why(private, theirs, _logged_preparations(run))
+        if not why:
+            continue
         p = run.params
         try:
             sigma, q, delta = float(p["privacy.sigma"]), float(p["privacy.q"]), float(p["finetune.delta"])
@@ -263,12 +282,8 @@ def _logged_charges(experiment: str, private: Any, folders: list[Path]) -> list[
         except (KeyError, ValueError, TypeError) as err:
             raise RunError(f"MLflow run {run.run_id} ({run.name}): its privacy plan cannot be read from its params "
                            f"({err}): what it spent on the experiment's private data cannot be counted") from None
-        theirs = _logged_private(run)
-        why = "its data.private.path was cut in its params: not comparable" if theirs is None else \
-            _why(private, theirs, None)
-        if why:
-            out.append(Charge(f"{run.name} (MLflow run {run.run_id}, no folder here)", sigma, q, steps, delta,
-                              run.steps is not None, why))
+        out.append(Charge(f"{run.name} (MLflow run {run.run_id}, no folder here)", sigma, q, steps, delta,
+                          run.steps is not None, why))
     return out
 
 
