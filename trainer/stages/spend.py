@@ -164,7 +164,6 @@ def shared_with_dp_runs(images: Any, experiment_dir: Path) -> list[str]:
     ``meta.json``, else by their images' content (a copy of the private shards under another name, MNIST
     digits prepared into shards again); the runs whose folder is gone, from their MLflow params. A run
     whose config or private shards cannot be read counts too: nothing could be compared."""
-    from trainer.data.provenance import images_in_common, preparations, shared_examples
     out = []
     folders = dp_runs(experiment_dir)
     for run_dir in folders:
@@ -172,22 +171,23 @@ def shared_with_dp_runs(images: Any, experiment_dir: Path) -> list[str]:
         if theirs is None:
             out.append(f"the private set of the DP run {run_dir} cannot be read ({unreadable})")
             continue
-        shared = shared_examples(images, theirs) or images_in_common(images, theirs)
-        recorded = ledger_field(run_dir, "private_set", "preparations")
-        shared += [f"shards in {folder}, prepared again since the DP run trained on that folder"
-                   for folder in _prepared_again(recorded, theirs) if folder in preparations(images)]
+        shared = _shared_with_run(images, theirs, ledger_field(run_dir, "private_set", "preparations"))
         out += [f"{words} (the private set of the DP run {run_dir})" for words in shared]
     for run in _unclaimed_logged_runs(Path(experiment_dir).name, folders):  # their folders are gone
         theirs = _logged_private(run)
-        if theirs is None:
-            shared = ["its data.private.path was cut in its params: not comparable"]
-        else:
-            shared = shared_examples(images, theirs) or images_in_common(images, theirs)
-            again = _prepared_again(_logged_preparations(run), theirs)
-            shared += [f"shards in {folder}, prepared again since the DP run trained on that folder"
-                       for folder in again if folder in preparations(images)]
+        shared = ["its data.private.path was cut in its params: not comparable"] if theirs is None else \
+            _shared_with_run(images, theirs, _logged_preparations(run))
         out += [f"{words} (the private set of the DP run {run.name}, MLflow run {run.run_id})" for words in shared]
     return out
+
+
+def _shared_with_run(images: Any, theirs: Any, recorded_preparations: Any) -> list[str]:
+    """What ``images`` shares with a run's private set ``theirs``: by settings and ``meta.json``, else by the
+    images' content, and any shard of ``images`` in a folder of ``theirs`` prepared again since the run."""
+    from trainer.data.provenance import images_in_common, preparations, shared_examples
+    shared = shared_examples(images, theirs) or images_in_common(images, theirs)
+    return shared + [f"shards in {folder}, prepared again since the DP run trained on that folder"
+                     for folder in _prepared_again(recorded_preparations, theirs) if folder in preparations(images)]
 
 
 def refuse_private_as_public(public: Any, experiment_dir: Path) -> None:
