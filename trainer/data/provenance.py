@@ -244,15 +244,17 @@ def _digit_pixels(encoded: bytes) -> bytes | None:
     return np.ascontiguousarray(pixels).tobytes() if pixels.shape == (28, 28) else None
 
 
-def images_shared_examples(images: Iterable[bytes], private: Any, what: str) -> list[str]:
+def images_shared_examples(images: Iterable[bytes], private: Any, what: str,
+                           private_images: frozenset[bytes] | None = None) -> list[str]:
     """What the encoded images ``images`` (``what`` they are, in words) share with ``DataSource``
     ``private``, in words (empty: nothing provable): an image byte for byte a private shard's image, or,
     for a private set holding MNIST digits, an image whose pixels are one of those digits (MNIST
-    exported as image files, or prepared into shards again)."""
+    exported as image files, or prepared into shards again). ``private_images``: the private shards'
+    fingerprints when the caller holds them (else they are read; an empty set compares no bytes)."""
     import numpy as np
 
     from trainer.data.reader import fingerprint
-    theirs = shard_images(private)
+    theirs = shard_images(private) if private_images is None else private_images
     parts = sorted({part for kind, part, _ in holdings(private) if kind == "mnist"})
     digits: set[bytes] | None = None
     same_bytes = same_digit = False
@@ -273,7 +275,7 @@ def images_shared_examples(images: Iterable[bytes], private: Any, what: str) -> 
     return words
 
 
-def shards_shared_examples(src: Any, private: Any) -> list[str]:
+def shards_shared_examples(src: Any, private: Any, private_images: frozenset[bytes] | None = None) -> list[str]:
     """What the images in the shards of ``DataSource`` ``src`` share with ``private`` (a copy of the
     private shards under another name or folder, or its digits prepared again): see
     :func:`images_shared_examples`. Empty when ``src`` names no readable shards."""
@@ -281,15 +283,16 @@ def shards_shared_examples(src: Any, private: Any) -> list[str]:
     pattern = _shard_pattern(src)
     if pattern is None or unreadable(src) is not None:
         return []
-    return images_shared_examples(shard_image_bytes(expand_urls(pattern)), private, "shard images")
+    return images_shared_examples(shard_image_bytes(expand_urls(pattern)), private, "shard images", private_images)
 
 
-def images_in_common(a: Any, b: Any) -> list[str]:
+def images_in_common(a: Any, b: Any, b_images: frozenset[bytes] | None = None) -> list[str]:
     """What ``DataSource`` ``a`` and ``b`` share by their images' content, in words (empty: nothing
     provable): a shard image of either byte for byte one of the other's shard images, or one whose
     pixels are a digit of the MNIST split the other holds (:func:`shards_shared_examples`, both ways).
     Catches copies that no path or ``meta.json`` names. Shards that cannot be read count as shared
-    (nothing could be compared), in words that say why."""
+    (nothing could be compared), in words that say why. ``b_images``: ``b``'s shard image fingerprints
+    when the caller holds them (an empty set: compare no bytes, the caller has)."""
     from trainer.data.reader import expand_urls
     from trainer.errors import first_line
 
@@ -304,7 +307,7 @@ def images_in_common(a: Any, b: Any) -> list[str]:
         for src in (a, b):
             if _shard_pattern(src) is not None:
                 expand_urls(_shard_pattern(src))  # raises for shards that are not there
-        words = shards_shared_examples(a, b) if forward else []
+        words = shards_shared_examples(a, b, b_images) if forward else []
         return words or (shards_shared_examples(b, a) if backward else [])
     except (ValueError, OSError) as err:  # DataError too: a shard that is not a tar (named, never its content)
         return [f"images that cannot be compared ({first_line(err)})"]

@@ -183,10 +183,12 @@ def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: d
             raise ConfigError(f"finetune.base: the public shards the base's {what} was pretrained on ({path}: "
                               f"data.public.path {public.path}) cannot be read ({problem}), so the private set "
                               "cannot be checked against them: restore them there")
-        # by settings and meta.json, else by the images' content (a copy no path names: the public shards as
-        # they are now, and, below, the fingerprints of those the stage trained on)
-        shared = shared_examples(public, cfg.data.private) or images_in_common(public, cfg.data.private)
+        # by settings and meta.json, else by the images' content (a copy no path names): the bytes of the
+        # public images the stage recorded it trained on (below), else of its public shards as they are now;
+        # digits by their pixels
         recorded = public_images(path.parent)
+        shared = shared_examples(public, cfg.data.private) or \
+            images_in_common(public, cfg.data.private, frozenset() if recorded else private_images)
         if recorded:
             private_images = frozenset(shard_images(cfg.data.private)) if private_images is None else private_images
             seen = len(private_images & recorded)
