@@ -71,7 +71,7 @@ def holdings(src: Any) -> set[Token]:
         return {("pattern", str(src.path), "")}
     tokens = {("shard", url if url.startswith("pipe:") or "://" in url else os.path.realpath(url), "")
               for url in urls}
-    for folder in {os.path.realpath(Path(u).parent) for u in urls if not u.startswith("pipe:") and "://" not in u}:
+    for folder in _local_folders(urls):
         meta = Path(folder) / "meta.json"
         if meta.is_file():
             try:
@@ -93,8 +93,7 @@ def preparations(src: Any) -> dict[str, str]:
     except (ValueError, OSError):
         return {}
     out = {}
-    local = [url for url in urls if not url.startswith("pipe:") and "://" not in url]
-    for folder in sorted({os.path.realpath(Path(url).parent) for url in local}):
+    for folder in sorted(_local_folders(urls)):
         try:
             preparation = json.loads((Path(folder) / "meta.json").read_text()).get("preparation")
         except (OSError, ValueError, AttributeError):
@@ -102,6 +101,11 @@ def preparations(src: Any) -> dict[str, str]:
         if isinstance(preparation, str):
             out[folder] = preparation
     return out
+
+
+def _local_folders(urls: list[str]) -> set[str]:
+    """The real paths of the folders holding the local shards among ``urls`` (not ``pipe:`` or remote)."""
+    return {os.path.realpath(Path(url).parent) for url in urls if not url.startswith("pipe:") and "://" not in url}
 
 
 def _shard_pattern(src: Any) -> str | None:
@@ -293,7 +297,6 @@ def images_in_common(a: Any, b: Any, b_images: frozenset[bytes] | None = None) -
     Catches copies that no path or ``meta.json`` names. Shards that cannot be read count as shared
     (nothing could be compared), in words that say why. ``b_images``: ``b``'s shard image fingerprints
     when the caller holds them (an empty set: compare no bytes, the caller has)."""
-    from trainer.data.reader import expand_urls
     from trainer.errors import first_line
 
     def mnist(src: Any) -> bool:
@@ -303,10 +306,10 @@ def images_in_common(a: Any, b: Any, b_images: frozenset[bytes] | None = None) -
     backward = b_shards and mnist(a)  # b's shard images against a's digits (bytes were compared already)
     if not (forward or backward):  # e.g. rendered letters: nothing to compare, nothing to read
         return []
+    missing = unreadable(a) or unreadable(b)  # shards that are not there
+    if missing:
+        return [f"images that cannot be compared ({missing.splitlines()[0]})"]
     try:
-        for src in (a, b):
-            if _shard_pattern(src) is not None:
-                expand_urls(_shard_pattern(src))  # raises for shards that are not there
         words = shards_shared_examples(a, b, b_images) if forward else []
         return words or (shards_shared_examples(b, a) if backward else [])
     except (ValueError, OSError) as err:  # DataError too: a shard that is not a tar (named, never its content)
