@@ -174,14 +174,14 @@ class Interrupted(Exception):
     """Raised by the finetune worker right after a chosen checkpoint."""
 
 
-def unlike_plans_worker(overrides: list[str]) -> None:
-    """``dpldm finetune`` where rank 1 alone clips at another norm: every rank must refuse."""
+def unlike_plans_worker(rank1_override: str, overrides: list[str]) -> None:
+    """``dpldm finetune`` where rank 1 alone adds ``rank1_override``: every rank must refuse."""
+    from trainer.config import ConfigError
     from trainer.errors import RunError
     from trainer.stages import finetune
-    own = ["finetune.max_grad_norm=2.0"] if os.environ["RANK"] == "1" else []
     try:
-        finetune.run(load_config("demo", overrides + own))
-    except RunError as refused:
+        finetune.run(load_config("demo", overrides + ([rank1_override] if os.environ["RANK"] == "1" else [])))
+    except (RunError, ConfigError) as refused:
         print(f"rank {os.environ['RANK']} refused: {refused}")
 
 
@@ -440,15 +440,41 @@ def test_zero3_finetune_interrupted_and_resumed_on_another_world_size(pretrained
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_ranks_that_plan_differently_all_refuse_before_writing(pretrained):
-    """Rank 1 alone clips at another norm: the ranks compare their privacy plans and every one refuses
-    (a rank that clipped, noised or accounted otherwise would void the guarantee), writing nothing."""
+@pytest.mark.parametrize("difference", ["clipping norm", "private images"])
+def test_ranks_that_plan_differently_all_refuse_before_writing(pretrained, difference):
+    """Rank 1 alone clips at another norm, or reads other private images (as many, other contents): the
+    ranks compare their privacy plans and every one refuses (a rank that clipped, noised or accounted
+    otherwise, or trained on other people, would void the guarantee), writing nothing."""
+    from trainer.data.shards import WriteOptions, write_shards
+    from trainer.data.sources import mnist_source
     tmp = pretrained
-    overrides = TINY + [f"output_dir={tmp / 'runs'}", "finetune.name=unlike"]
-    out = _run_again_on_teardown_abort(_torchrun(2, "unlike-plans", *overrides), tmp)
+    name = "unlike-" + difference.replace(" ", "-")
+    overrides = TINY + [f"output_dir={tmp / 'runs'}", f"finetune.name={name}"]
+    if difference == "clipping norm":
+        rank1 = "finetune.max_grad_norm=2.0"
+    else:
+        for split in ("train", "val"):
+            write_shards(mnist_source(split), tmp / f"digits-{split}", WriteOptions(samples_per_shard=50, limit=150),
+                         progress_bar=False)
+        overrides += ["data.private.source=shards", f"data.private.path={tmp / 'digits-train'}"]
+        rank1 = f"data.private.path={tmp / 'digits-val'}"
+    out = _run_again_on_teardown_abort(_torchrun(2, "unlike-plans", rank1, *overrides), tmp)
     for rank in (0, 1):
         assert f"rank {rank} refused: the processes hold different privacy plans" in out
-    assert not (tmp / "runs" / "dist" / "finetune-unlike").exists()
+    assert not (tmp / "runs" / "dist" / f"finetune-{name}").exists()
+
+
+@pytest.mark.multiprocess
+def test_a_rank_whose_own_check_refuses_takes_the_others_with_it(pretrained):
+    """Rank 1 alone names a class the base lacks: it refuses with that reason and rank 0 refuses too
+    (instead of waiting in its next collective until the launcher stops it), writing nothing."""
+    tmp = pretrained
+    overrides = TINY + [f"output_dir={tmp / 'runs'}", "finetune.name=unlike-classes"]
+    out = _run_again_on_teardown_abort(_torchrun(2, "unlike-plans", "finetune.new_class_from=[o,l,z,e,y,s,b,t,g,nine]",
+                                                *overrides), tmp)
+    assert "rank 1 refused: finetune.new_class_from: 'nine' not among the classes of the base" in out
+    assert "rank 0 refused: another process refused the run" in out
+    assert not (tmp / "runs" / "dist" / "finetune-unlike-classes").exists()
 
 
 @pytest.mark.multiprocess
@@ -482,6 +508,6 @@ if __name__ == "__main__":  # worker entry: python tests/test_distributed.py <sc
     elif scenario == "finetune":
         finetune_worker(int(rest[0]), rest[1:])
     elif scenario == "unlike-plans":
-        unlike_plans_worker(rest)
+        unlike_plans_worker(rest[0], rest[1:])
     else:
         raise SystemExit(f"unknown scenario {scenario!r} (update | finetune | unlike-plans)")

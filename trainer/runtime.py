@@ -266,6 +266,22 @@ class Runtime:
         high, low = (self._all_reduce(values, torch.float64, op) for op in ("MAX", "MIN"))
         return torch.equal(high, low)
 
+    @contextlib.contextmanager
+    def refusing_together(self):
+        """A block of checks each rank runs on its own (no collective inside): when one rank refuses
+        (raises), every rank does, each with the reason it can know, instead of the others waiting in
+        their next collective until the launcher stops them."""
+        if self.world_size == 1:
+            yield
+            return
+        try:
+            yield
+        except Exception:
+            self.any_rank(True)
+            raise
+        if self.any_rank(False):
+            raise RunError("another process refused the run (its message says why); nothing was written")
+
     def any_rank(self, flag: bool) -> bool:
         """True when ``flag`` is set on some rank (e.g. a stop request: every rank stops at the same step)."""
         return bool(self.max_over_ranks(int(flag)))

@@ -300,56 +300,58 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
         # every rank would draw its slice of the Poisson batch and its noise from the same stream:
         # inclusions correlated across ranks, noise repeated, the accounting void
         raise ValueError(f"seed: a fixed seed is for one process only, got {rt.world_size} processes")
-    if cfg.data.private is None:
-        raise ConfigError("data.private: the fine-tuning stage needs a private data source")
-    cfg.data.private = absolute_source(cfg.data.private)  # the run's records name it from any folder
-    base_dir = _base_dir(cfg)
-    ldm, autoencoder, meta, base_cfg = load_pipeline(base_dir)
-    source: Union[PrivateShards, EncodedPrivateSet, "ImageSet"]
-    if cfg.data.private.source == "shards":  # counted now (read once), encoded below once the plan is accepted
-        source = private_shards(cfg)
-        n, declared = source.count, source.names
-    else:
-        source = load_image_source(cfg.data.private, "data.private", autoencoder.ddconfig["in_channels"])
-        n, declared = len(source.images), source.names
-    public_check = refuse_public_overlap(cfg, base_dir, base_cfg, meta,
-                                         source.images if isinstance(source, PrivateShards) else None)
-    said = [f"note: {public_check}"] if meta.get("imported_from") else []
-    for key in ("ldm", "autoencoder"):  # the architecture is the base's
-        if getattr(cfg, key) != getattr(base_cfg, key):
-            said.append(f"note: the config's `{key}` section differs from the base's ({base_dir}/config.yaml); "
-                        "the base's is used")
-        setattr(cfg, key, getattr(base_cfg, key))
-    caption_note = check_captions(cfg, source, base_dir)
-    said += [caption_note] if caption_note else []
-    names, names_source = label_names(cfg, declared)
-    q, sigma = plan_privacy(cfg, n)
+    # the checks each rank makes alone: a rank that refuses takes the others with it (no collective in here)
+    with rt.refusing_together():
+        if cfg.data.private is None:
+            raise ConfigError("data.private: the fine-tuning stage needs a private data source")
+        cfg.data.private = absolute_source(cfg.data.private)  # the run's records name it from any folder
+        base_dir = _base_dir(cfg)
+        ldm, autoencoder, meta, base_cfg = load_pipeline(base_dir)
+        source: Union[PrivateShards, EncodedPrivateSet, "ImageSet"]
+        if cfg.data.private.source == "shards":  # counted now (read once), encoded below once the plan is accepted
+            source = private_shards(cfg)
+            n, declared = source.count, source.names
+        else:
+            source = load_image_source(cfg.data.private, "data.private", autoencoder.ddconfig["in_channels"])
+            n, declared = len(source.images), source.names
+        public_check = refuse_public_overlap(cfg, base_dir, base_cfg, meta,
+                                             source.images if isinstance(source, PrivateShards) else None)
+        said = [f"note: {public_check}"] if meta.get("imported_from") else []
+        for key in ("ldm", "autoencoder"):  # the architecture is the base's
+            if getattr(cfg, key) != getattr(base_cfg, key):
+                said.append(f"note: the config's `{key}` section differs from the base's ({base_dir}/config.yaml); "
+                            "the base's is used")
+            setattr(cfg, key, getattr(base_cfg, key))
+        caption_note = check_captions(cfg, source, base_dir)
+        said += [caption_note] if caption_note else []
+        names, names_source = label_names(cfg, declared)
+        q, sigma = plan_privacy(cfg, n)
+        if ft.new_class_embedder:
+            if ft.new_class_embedder != len(names):
+                raise ConfigError(f"finetune.new_class_embedder: {ft.new_class_embedder} classes, "
+                                  f"but the private set declares {len(names)} ({names_source})")
+            if not isinstance(ldm.cond_stage_model, ClassEmbedder):
+                raise ConfigError(f"finetune.new_class_embedder: the base ({base_dir}) is conditioned by "
+                                  f"{type(ldm.cond_stage_model).__name__}, not by class labels")
+            with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
+                torch.manual_seed(cfg.seed)  # public initialisation of the fresh embedder (the same on every rank)
+                ldm.cond_stage_model = new_class_embedder(ldm.cond_stage_model, ft.new_class_embedder,
+                                                          base_rows(ft.new_class_from, meta, base_dir))
+        try:
+            selection = select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers, ft.lora_rank,
+                                         ft.lora_alpha, ft.context_grad)
+        except ValueError as err:  # the messages name the finetune.* key
+            raise ConfigError(str(err)) from None
+        if accept is not None:
+            accept(selection)
+        contents = int(source.digest[:13], 16) if isinstance(source, PrivateShards) else 0
     # each rank plans from its own config and count: one that differs would clip, noise or account otherwise
     # (52 bits of the shards' digest stand for their contents: the collective carries only the comparison's inputs)
-    contents = int(source.digest[:13], 16) if isinstance(source, PrivateShards) else 0
     if not rt.same_on_every_rank([n, q, sigma, ft.max_grad_norm, ft.steps, ft.noise_multiplicity, ft.delta,
                                   contents]):
         raise RunError("the processes hold different privacy plans (N, q, sigma, clipping norm, steps, K, delta or "
                        "the private shards' contents): launch every rank with the same config and private set; "
                        "nothing was written")
-    if ft.new_class_embedder:
-        if ft.new_class_embedder != len(names):
-            raise ConfigError(f"finetune.new_class_embedder: {ft.new_class_embedder} classes, "
-                              f"but the private set declares {len(names)} ({names_source})")
-        if not isinstance(ldm.cond_stage_model, ClassEmbedder):
-            raise ConfigError(f"finetune.new_class_embedder: the base ({base_dir}) is conditioned by "
-                              f"{type(ldm.cond_stage_model).__name__}, not by class labels")
-        with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
-            torch.manual_seed(cfg.seed)  # public initialisation of the fresh embedder (the same on every rank)
-            ldm.cond_stage_model = new_class_embedder(ldm.cond_stage_model, ft.new_class_embedder,
-                                                      base_rows(ft.new_class_from, meta, base_dir))
-    try:
-        selection = select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers, ft.lora_rank,
-                                     ft.lora_alpha, ft.context_grad)
-    except ValueError as err:  # the messages name the finetune.* key
-        raise ConfigError(str(err)) from None
-    if accept is not None:
-        accept(selection)
     trainable = {name: p for name, p in ldm.named_parameters() if p.requires_grad}
     snr, warning = noise_warning(sigma, ft.expected_batch_size, ft.steps, selection.trainable_count)
     said += [warning] if warning else []
