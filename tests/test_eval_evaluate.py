@@ -193,3 +193,21 @@ def test_scores_against_the_runs_private_set_are_logged_as_nonprivate(tmp_path, 
     assert evaluate.shares_private_examples(run.info.run_id, "mnist-test") == [
         "MNIST's test split (the private set of the experiment's run on-test)"]
     mlflow.set_tracking_uri(None)
+
+
+def test_samples_prepared_from_mnist_against_private_shards_of_its_digits_are_compared_by_pixels(tmp_path):
+    """Shards prepared from MNIST's val split (JPEG: no byte in common) evaluated against private shards of
+    val digits (PNG, their meta.json gone): the private shards' pixels are compared with the split the
+    samples' meta.json names, so the scores are refused; against test digits nothing is shared."""
+    from trainer.config import DataSource
+    from trainer.data.shards import WriteOptions, write_shards
+    from trainer.data.sources import mnist_source
+    write_shards(mnist_source("val"), tmp_path / "samples", WriteOptions(limit=8, image_format="jpg"),
+                 progress_bar=False)
+    for split in ("val", "test"):
+        write_shards(mnist_source(split), tmp_path / split, WriteOptions(limit=8), progress_bar=False)
+        (tmp_path / split / "meta.json").unlink()  # what they were prepared from is forgotten
+    shared = evaluate._shared_with(str(tmp_path / "samples"), DataSource(source="shards", path=str(tmp_path / "val")))
+    assert shared and "shard images whose pixels are digits of MNIST's val split" in shared[0]
+    assert evaluate._shared_with(str(tmp_path / "samples"),
+                                 DataSource(source="shards", path=str(tmp_path / "test"))) == []
