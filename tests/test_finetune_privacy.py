@@ -434,6 +434,27 @@ def test_a_model_refused_by_the_self_check_is_never_charged(base, monkeypatch):
 
 
 @pytest.mark.slow
+def test_examples_left_out_for_a_non_finite_gradient_are_reported_once_the_steps_end(base, monkeypatch, capsys):
+    """One private example's loss is NaN whenever it is drawn: it is left out of its steps, and the
+    warning comes after the progress bar has closed, naming no step (which steps drew it is private)."""
+    real, poisoned = finetune.DPSession.example_losses, []
+
+    def example_losses(self, rows):
+        losses = real(self, rows)
+        poisoned[:] = poisoned or [int(rows[0])]
+        return losses * torch.where(rows.to(losses.device) == poisoned[0], float("nan"), 1.0)  # NaN gradient too
+    monkeypatch.setattr(finetune.DPSession, "example_losses", example_losses)
+    folder = finetune.run(tiny(base, "nan", "finetune.log_nonprivate=true"))
+    err = capsys.readouterr().err
+    warning = err.index("warning (non-private diagnostic): in this session some examples' gradients were not finite")
+    assert err.rindex("finetune (DP)") < warning and not re.search(r"step \d", err[warning:].splitlines()[0])
+    import mlflow
+    run = mlflow.get_run(json.loads((folder / "ledger.json").read_text())["mlflow_run_id"])
+    assert run.data.metrics["nonprivate/nonfinite_examples"] >= 1
+    finetune.run(tiny(base, "finite"))
+    assert "were not finite" not in capsys.readouterr().err
+
+
 def test_secure_noise_and_a_drowning_plan_warns(base, capsys):
     folder = finetune.run(tiny(base, "secure", "finetune.secure_noise=true", "finetune.epsilon=0.05"))
     report = json.loads((folder / "privacy-report.json").read_text())

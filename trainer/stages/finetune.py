@@ -14,6 +14,7 @@ per-example values never leave the process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -480,8 +481,9 @@ def _train(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: P
         ldm.train()
         batches = iter(state.sampler)
         nonfinite = 0  # examples left out of their steps for a non-finite gradient (this session)
-        with tqdm(total=ft.steps, initial=step, desc="finetune (DP)", dynamic_ncols=True,
-                  disable=not rt.is_main) as bar:  # closed on any exit, before an error is printed
+        with _warn_nonfinite_on_exit(lambda: nonfinite and rt.is_main), \
+                tqdm(total=ft.steps, initial=step, desc="finetune (DP)", dynamic_ncols=True,
+                     disable=not rt.is_main) as bar:  # closed on any exit, before a warning or an error is printed
             while step < ft.steps:
                 try:
                     ledger.record_step()  # raises before a step past the plan or the budget
@@ -494,12 +496,6 @@ def _train(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: P
                 set_learning_rate(state.optimizer, learning_rate(ft, step))
                 metrics = rt.train_step(engine, state.optimizer, next(batches), session.example_losses,
                                         session.loss_gen)
-                if metrics["nonfinite"] and not nonfinite and rt.is_main:
-                    print(f"dpldm finetune: warning (non-private diagnostic): at step {step + 1} some examples' "
-                          "gradients were not finite and were left out of the step (the model may be diverging: "
-                          "lower finetune.lr); finetune.log_nonprivate=true logs their count as "
-                          "nonprivate/nonfinite_examples",
-                          file=sys.stderr)
                 nonfinite += int(metrics["nonfinite"])
                 if state.ema is not None:
                     state.ema.update(state.trainable)
@@ -553,6 +549,20 @@ def _train(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir: P
         if "private_set_spend" in report:
             print(f"Released with the others: {spend.line()}")
     return run_dir
+
+
+@contextlib.contextmanager
+def _warn_nonfinite_on_exit(happened: Callable[[], bool]):
+    """Warn once the DP steps end (on any exit) if ``happened()``: examples were left out for a non-finite
+    gradient. Not as it happens: the step it names, or the progress bar beside it, would tell which steps
+    drew such an example (a fact about private examples that no noise covers)."""
+    try:
+        yield
+    finally:
+        if happened():
+            print("dpldm finetune: warning (non-private diagnostic): in this session some examples' gradients were "
+                  "not finite and were left out of their steps (the model may be diverging: lower finetune.lr); "
+                  "finetune.log_nonprivate=true logs their count as nonprivate/nonfinite_examples", file=sys.stderr)
 
 
 def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed: int | None = None):
@@ -609,8 +619,8 @@ def run_audit(cfg: Config, canaries: int = 1000, confidence: float = 0.95, seed:
                 except RuntimeError:
                     nonfinite = True
                 if nonfinite:
-                    raise RunError(f"step {step + 1}: an example's gradient is not finite; the audit measures the "
-                                   "step as it is and stops here (fine-tuning leaves such examples out)")
+                    raise RunError("an example's gradient is not finite; the audit measures each step as it is and "
+                                   "stops (fine-tuning leaves such examples out)")
                 engine.finalize()
                 marks.observe(torch.cat([p.grad.detach().flatten() for p in params]))
                 optimizer.step()
