@@ -185,6 +185,34 @@ def test_pretraining_on_an_earlier_dp_runs_private_set_is_refused_and_writes_not
         refuse_private_as_public(DataSource(source="mnist", split="test"), tmp_path / "runs" / "exp")
 
 
+def test_the_content_check_reads_each_private_set_once_however_many_runs_trained_on_it(tmp_path, monkeypatch):
+    """Two DP runs on one private set and a byte copy of it as public data: both runs are named, and the
+    images are compared once (each comparison reads every image of both sets)."""
+    import shutil
+
+    from trainer.config import ConfigError
+    from trainer.data import provenance
+    from trainer.stages.spend import refuse_private_as_public
+    exp = tmp_path / "runs" / "exp"
+    (tmp_path / "private").mkdir()
+    write_shard(tmp_path / "private" / "shard-000000.tar", [{"__key__": f"{i}", "png": bytes([i]) * 40}
+                                                            for i in range(3)])
+    for name in ("finetune", "finetune-again"):
+        run_dir = fake_run(exp, name, "trainval")
+        recorded = load_config(str(run_dir / "config.yaml"))
+        recorded.data.private = DataSource(source="shards", path=str(tmp_path / "private"))
+        dump_config(recorded, run_dir / "config.yaml")
+    (tmp_path / "public").mkdir()
+    shutil.copy(tmp_path / "private" / "shard-000000.tar", tmp_path / "public" / "shard-000007.tar")
+    real, calls = provenance.images_in_common, []
+    monkeypatch.setattr(provenance, "images_in_common", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    with pytest.raises(ConfigError) as refused:
+        refuse_private_as_public(DataSource(source="shards", path=str(tmp_path / "public")), exp)
+    assert "DP run " + str(exp / "finetune") + ")" in str(refused.value)
+    assert "DP run " + str(exp / "finetune-again") + ")" in str(refused.value)
+    assert len(calls) == 1
+
+
 def test_pretraining_on_a_copy_of_a_dp_runs_private_images_is_refused_whatever_names_them(tmp_path):
     """No path or meta.json links the public shards to a DP run's private set: a byte copy of its private
     shards, or MNIST digits prepared into shards again without their meta.json, are still refused, by the

@@ -164,28 +164,36 @@ def shared_with_dp_runs(images: Any, experiment_dir: Path) -> list[str]:
     ``meta.json``, else by their images' content (a copy of the private shards under another name, MNIST
     digits prepared into shards again); the runs whose folder is gone, from their MLflow params. A run
     whose config or private shards cannot be read counts too: nothing could be compared."""
-    out = []
+    out, compared = [], {}
     folders = dp_runs(experiment_dir)
     for run_dir in folders:
         theirs, unreadable = _recorded_private(run_dir)
         if theirs is None:
             out.append(f"the private set of the DP run {run_dir} cannot be read ({unreadable})")
             continue
-        shared = _shared_with_run(images, theirs, ledger_field(run_dir, "private_set", "preparations"))
+        shared = _shared_with_run(images, theirs, ledger_field(run_dir, "private_set", "preparations"), compared)
         out += [f"{words} (the private set of the DP run {run_dir})" for words in shared]
     for run in _unclaimed_logged_runs(Path(experiment_dir).name, folders):  # their folders are gone
         theirs = _logged_private(run)
         shared = ["its data.private.path was cut in its params: not comparable"] if theirs is None else \
-            _shared_with_run(images, theirs, _logged_preparations(run))
+            _shared_with_run(images, theirs, _logged_preparations(run), compared)
         out += [f"{words} (the private set of the DP run {run.name}, MLflow run {run.run_id})" for words in shared]
     return out
 
 
-def _shared_with_run(images: Any, theirs: Any, recorded_preparations: Any) -> list[str]:
+def _shared_with_run(images: Any, theirs: Any, recorded_preparations: Any,
+                     compared: dict[str, list[str]]) -> list[str]:
     """What ``images`` shares with a run's private set ``theirs``: by settings and ``meta.json``, else by the
-    images' content, and any shard of ``images`` in a folder of ``theirs`` prepared again since the run."""
+    images' content, and any shard of ``images`` in a folder of ``theirs`` prepared again since the run.
+    ``compared``: the content comparisons made so far for other runs, by private set (each reads every image
+    of both sets: once per private set, however many runs trained on it)."""
     from trainer.data.provenance import images_in_common, preparations, shared_examples
-    shared = shared_examples(images, theirs) or images_in_common(images, theirs)
+    shared = shared_examples(images, theirs)
+    if not shared:
+        key = repr(theirs)
+        if key not in compared:
+            compared[key] = images_in_common(images, theirs)
+        shared = compared[key]
     return shared + [f"shards in {folder}, prepared again since the DP run trained on that folder"
                      for folder in _prepared_again(recorded_preparations, theirs) if folder in preparations(images)]
 
