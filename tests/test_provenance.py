@@ -257,7 +257,7 @@ def test_sample_checks_prompts_against_private_shards_that_are_here_or_refuses(t
     Shards that are not here (a released model) cannot be checked: nothing to compare."""
     from trainer.errors import DataError
     from trainer.stages.common import PRIVACY_REPORT
-    from trainer.stages.sample import _private_prompts
+    from trainer.stages.private_set import caption_prompts
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / PRIVACY_REPORT).write_text("{}")
@@ -266,10 +266,10 @@ def test_sample_checks_prompts_against_private_shards_that_are_here_or_refuses(t
 
     def private(path: str):
         return load_config("demo", ["data.private.source=shards", f"data.private.path={path}"])
-    assert _private_prompts(run_dir, private(f"{tmp_path}/good.tar"), ["a  secret caption", "mine"], []) == [0]
+    assert caption_prompts(run_dir, private(f"{tmp_path}/good.tar"), ["a  secret caption", "mine"], []) == [0]
     with pytest.raises(DataError, match=r"bad.tar: sample b: its .txt captions are not UTF-8 text"):
-        _private_prompts(run_dir, private(f"{tmp_path}/bad.tar"), ["mine"], [])
-    assert _private_prompts(run_dir, private(f"{tmp_path}/elsewhere.tar"), ["mine"], []) == []
+        caption_prompts(run_dir, private(f"{tmp_path}/bad.tar"), ["mine"], [])
+    assert caption_prompts(run_dir, private(f"{tmp_path}/elsewhere.tar"), ["mine"], []) == []
 
 
 def test_a_base_pretrained_on_private_digits_prepared_again_is_refused_by_their_pixels(tmp_path):

@@ -1,12 +1,13 @@
 """Text-conditioned DP fine-tuning: what trains (the encoder stays frozen), and exact clipping on it."""
 import copy
 import dataclasses
+import shutil
 
 import pytest
 import torch
 from conftest import assert_engine_matches_brute_force, mlflow_store
 
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, dump_config, load_config
 from trainer.models import SpatialTransformer, TextEmbedder
 from trainer.selection import select_trainable
 from trainer.stages.common import build_ldm
@@ -93,6 +94,23 @@ def test_a_prompt_that_is_a_private_caption_is_refused_unless_the_prepare_templa
         refuse_private_prompts(["a cat", "Tom"], captions, template, names)
     with pytest.raises(ConfigError, match="entry 0"):  # no template recorded: the same words are a private caption
         refuse_private_prompts(["a handwritten digit 7"], captions, None, names)
+    with pytest.raises(ConfigError, match="entry 1"):  # other capitals, spaces and punctuation: the same caption
+        refuse_private_prompts(["a cat", "My cat  TOM three years old."], captions, template, names)
+
+
+def test_a_private_caption_is_recognised_as_the_text_encoder_reads_it():
+    """With the text encoder's word pieces: a prompt that differs from a private caption only in capitals,
+    punctuation or words past the encoder's cut is that caption (it gives the same conditioning); another
+    word within the cut is another prompt."""
+    from trainer.stages.private_set import refuse_private_prompts
+    reader = TextEmbedder(max_length=12)  # 10 word pieces beside [CLS] and [SEP]
+    captions = {"patient zq0007 has a fracture of the left wrist"}  # patient z ##q ##00 ##0 ##7 has a fracture of | ..
+    refuse_private_prompts(["patient zq0007 has a fracture"], captions, None, [], reader)  # 9 pieces: another
+    for variant in ("Patient ZQ0007 has a fracture of the right knee", "patient, zq0007 - has a FRACTURE of..."):
+        with pytest.raises(ConfigError, match="entry 0"):
+            refuse_private_prompts([variant], captions, None, [], reader)
+    refuse_private_prompts(["Patient ZQ0007 has a fracture of the right knee"], captions, None, [],
+                           TextEmbedder(max_length=16))  # within a longer cut: another prompt
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +161,7 @@ def test_demo_text_quick_then_sampling_from_public_prompts(store, capsys):
 
 
 @pytest.mark.slow
-def test_the_shipped_celebahq_text_config_fine_tunes_at_tiny_size(store, tmp_path):
+def test_the_shipped_celebahq_text_config_fine_tunes_at_tiny_size(store, tmp_path, capsys):
     """configs/celebahq256-text.yaml through the full code path: captioned folder -> shards -> AE, LDM, DP."""
     import json
 
@@ -178,7 +196,7 @@ def test_the_shipped_celebahq_text_config_fine_tunes_at_tiny_size(store, tmp_pat
     pretrain_ldm.run(cfg)
     # a private example's caption as a prompt: the grids, config and params would release it as a DP result
     leaky = copy.deepcopy(cfg)
-    leaky.sample.prompts = ["a smiling face", "a face 1 with blond hair"]
+    leaky.sample.prompts = ["a smiling face", "A face 1 with BLOND hair."]  # as the text encoder reads it
     with pytest.raises(ConfigError, match=r"sample.prompts: entry 1 is the caption of a private example"):
         finetune.run(leaky)
     run_dir = finetune.stage_dir(cfg, "finetune")
@@ -208,12 +226,31 @@ def test_the_shipped_celebahq_text_config_fine_tunes_at_tiny_size(store, tmp_pat
     from trainer import cli
     out = tmp_path / "samples"
     sample = ["sample", "--checkpoint", str(run_dir), "--num", "1", "--ddim-steps", "2", "--out", str(out)]
-    assert cli.main(sample + ["--prompts", "a smiling face", "a face 2 with blond hair"]) == 2
+    assert cli.main(sample + ["--prompts", "a smiling face", "A face 2 with blond hair!"]) == 2
     assert not out.exists()
     assert cli.main(sample + ["--prompts", "a face 2 with blond hair", "--nonprivate-diagnostic"]) == 0
     assert "prompts [0]" in (out / "NONPRIVATE.txt").read_text() and (out / "grid.png").is_file()
     assert cli.main(sample[:-1] + [str(tmp_path / "public-samples"), "--prompts", "a smiling face"]) == 0
     assert not (tmp_path / "public-samples" / "NONPRIVATE.txt").exists()
+    # the diagnostic's scores are never logged to the DP run as its own, nor a private caption's in its config
+    import mlflow
+
+    from trainer.tracking import find_run_by_checkpoint
+    run_id = find_run_by_checkpoint(cfg.experiment, run_dir)
+    before = mlflow.get_run(run_id).data.metrics
+    assert cli.main(["evaluate", "--samples", str(out / "all"), "--run", run_id]) == 2
+    assert "--samples: " + str(out / "NONPRIVATE.txt") in capsys.readouterr().err
+    copy_dir = run_dir.parent / "finetune-copied"  # beside it: the base is recorded relative to the folder
+    shutil.copytree(run_dir, copy_dir)
+    try:
+        recorded = load_config(str(copy_dir / "config.yaml"))
+        recorded.sample.prompts = ["A FACE 0 with dark hair", "a smiling face", "a sad face"]
+        dump_config(recorded, copy_dir / "config.yaml")
+        assert cli.main(["evaluate", "--checkpoint", str(copy_dir), "--run", run_id]) == 2
+        assert "config.yaml: sample.prompts: entry 0 is the caption of an example" in capsys.readouterr().err
+    finally:
+        shutil.rmtree(copy_dir)
+    assert mlflow.get_run(run_id).data.metrics == before
 
 
 def test_a_text_conditioned_base_refuses_a_captionless_private_set_and_notes_a_partly_captioned_one(tmp_path):

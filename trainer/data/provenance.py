@@ -338,16 +338,28 @@ def folder_shared_examples(folder: Path, private: Any) -> list[str]:
 
 
 def private_prompts(prompts: Sequence[str], captions: Iterable[str], template: str | None,
-                    names: Sequence[str]) -> list[int]:
+                    names: Sequence[str], reader: Any = None) -> list[int]:
     """The indices of ``prompts`` that are captions of a private set (``captions``): private data, not
     the public inputs prompts must be. A caption ``dpldm prepare``'s ``template`` made from a class
     name in ``names`` is public (the template and the names are), so prompts built the same way pass.
-    Compared with their white space collapsed (a trailing space does not make a caption public)."""
-    def words(text: str) -> str:
-        return " ".join(str(text).split())
+
+    Compared as the text encoder ``reader`` (a ``TextEmbedder``) reads them: its word pieces (lower-cased),
+    cut where it cuts a prompt, so a caption with other capitals or anything after that cut is the same
+    caption; punctuation left out (a full stop does not make a caption public). Without ``reader``: the
+    words, case-folded, without punctuation."""
+    def key(text: str) -> tuple[str, ...]:
+        if reader is None:
+            return tuple("".join(c for c in str(text).casefold() if not _punctuation(c)).split())
+        pieces = [p for p in reader.word_pieces(str(text)) if not all(map(_punctuation, p.removeprefix("##")))]
+        return tuple(pieces[:reader.max_word_pieces])
     try:
-        public = {words(template.format(label=name)) for name in names} if template else set()
+        public = {key(template.format(label=name)) for name in names} if template else set()
     except (KeyError, IndexError, ValueError):  # not a template prepare wrote: no caption is exempt
         public = set()
-    private = {words(caption) for caption in captions} - public
-    return [k for k, prompt in enumerate(prompts) if words(prompt) in private]
+    private = {key(caption) for caption in captions} - public
+    return [k for k, prompt in enumerate(prompts) if key(prompt) in private]
+
+
+def _punctuation(char: str) -> bool:
+    import unicodedata
+    return unicodedata.category(char).startswith("P")

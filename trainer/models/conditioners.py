@@ -158,6 +158,16 @@ class TextEmbedder(nn.Module):
     def null_condition(self, batch_size: int) -> Tensor:
         return self.forward([""] * batch_size)
 
+    def word_pieces(self, prompt: str) -> list[str]:
+        """The tokenizer's word pieces of ``prompt`` (lower-cased for this uncased tokenizer), without the
+        special ones and uncut: the encoder reads the first :attr:`max_word_pieces` of them."""
+        return self.tokenizer.tokenize(prompt)
+
+    @property
+    def max_word_pieces(self) -> int:
+        """How many word pieces of a prompt fit in ``max_length`` beside the special tokens."""
+        return self.max_length - self.tokenizer.num_special_tokens_to_add()
+
 
 class Unconditional(nn.Module):
     """No conditioning: every context is None (the UNet then has no cross-attention input)."""

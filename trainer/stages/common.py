@@ -41,6 +41,7 @@ def stage_dir(cfg: Config, stage: str) -> Path:
 
 
 PRIVACY_REPORT = "privacy-report.json"  # written by a fine-tune when it ends
+NONPRIVATE = "NONPRIVATE.txt"  # beside images `dpldm sample` drew from private captions (a non-private diagnostic)
 STAGE_RESULTS = {"pretrain-ae": "autoencoder.safetensors", "pretrain-ldm": "ldm.json"}
 
 

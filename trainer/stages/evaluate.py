@@ -170,6 +170,13 @@ def evaluate_checkpoint(run_dir: str | Path, metrics: Optional[Sequence[str]] = 
     ldm, autoencoder, meta, cfg = load_pipeline(run_dir, resolve_device(device))
     ev = cfg.eval
     names = meta["label_names"]
+    if cfg.ldm.conditioner.type == "text":
+        from trainer.stages.private_set import caption_prompts
+        hits = caption_prompts(Path(run_dir), cfg, cfg.sample.prompts or [], names, ldm.cond_stage_model)
+        if hits:
+            raise ConfigError(f"{run_dir}/config.yaml: sample.prompts: entry {hits[0]} is the caption of an example "
+                              "of the run's private set: samples drawn from it are not a DP release, and their scores "
+                              "would be logged as the run's; prompts are public inputs, write your own")
     test = cfg.data.test
     if test is None or test.source != "mnist" or test.split != "test":
         raise ConfigError(f"{run_dir}/config.yaml: data.test: checkpoint evaluation supports the MNIST test split; "
@@ -282,7 +289,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     unknown = sorted(set(metrics or []) - set(METRICS))
     if unknown or metrics == []:
         raise UsageError(f"--metrics: {unknown or 'none given'}; choose from {', '.join(METRICS)}")
+    diagnostic = _nonprivate_marker(args.samples) if args.samples else None
     if args.run:  # checked before sampling or scoring, which can take minutes
+        if diagnostic:
+            raise UsageError(f"--samples: {diagnostic} says these images were drawn from private captions: a "
+                             "non-private diagnostic, whose scores and grid would be logged to the run as a DP "
+                             "result; evaluate them without --run")
         _check_run_exists(args.run)
         shared = shares_private_examples(args.run, args.samples) if args.samples else []
         if shared:
@@ -293,6 +305,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print_results(evaluate_checkpoint(args.checkpoint, metrics, args.num, device=args.device, run_id=args.run))
         return 0
     samples = open_images(args.samples)
+    if diagnostic:
+        print(f"dpldm evaluate: note: {diagnostic}: these samples are a non-private diagnostic, and so are their "
+              "scores", file=sys.stderr)
     private = shares_private_examples(args.run, args.real) if args.run else []
     if private:
         print(f"dpldm evaluate: note: --real shares examples with the private set of run {args.run} or of its "
@@ -308,6 +323,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         log_evaluation(args.run, logged, samples.sample(args.num, args.seed))
         print(f"logged to MLflow run {args.run}")
     return 0
+
+
+def _nonprivate_marker(samples: str) -> Path | None:
+    """The ``NONPRIVATE`` file `dpldm sample` left in the folder ``samples`` or a folder above it (images
+    drawn from private captions), or None."""
+    from trainer.stages.common import NONPRIVATE
+    folder = Path(samples).resolve()
+    if not folder.is_dir():
+        return None
+    return next((d / NONPRIVATE for d in (folder, *folder.parents) if (d / NONPRIVATE).is_file()), None)
 
 
 def _run_fid(args: argparse.Namespace) -> int:

@@ -373,7 +373,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
                 raise ConfigError(problem or "finetune.total_epsilon: refused on rank 0 (its message says why)")
     if isinstance(source, PrivateShards) and not finished:  # before place: ZeRO-3 partitions the encoder
         from trainer.data.latent_cache import shard_caption_template
-        refuse_private_prompts(cfg.sample.prompts, source.captions, shard_caption_template(source.urls), names)
+        refuse_private_prompts(cfg.sample.prompts, source.captions, shard_caption_template(source.urls), names,
+                               ldm.cond_stage_model)
         source = encode_private_shards(cfg, autoencoder, meta["autoencoder_sha256"], source, rt)
     rt.place(ldm, autoencoder)
 

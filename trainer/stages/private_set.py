@@ -20,7 +20,7 @@ import torch
 from trainer.config import Config, ConfigError, DataSource, load_config
 from trainer.errors import RunError, first_line
 from trainer.pipeline import autoencoder_encode_fn
-from trainer.stages.common import ImageSet, image_channels, resolve_recorded
+from trainer.stages.common import PRIVACY_REPORT, ImageSet, image_channels, resolve_recorded
 
 
 @dataclass
@@ -91,8 +91,8 @@ def check_captions(cfg: Config, source: "PrivateShards | ImageSet", base_dir: Pa
         raise ConfigError(f"data.private.path: the shards hold no .txt captions, and the base ({base_dir}) is "
                           "text-conditioned")
     if source.captioned < source.count:  # how many is not said: terminal output ends up in kept logs
-        return ("note: some private samples have no .txt caption: they train on the empty prompt (the "
-                "unconditional branch of the guidance)")
+        return ("note (non-private diagnostic): some private samples have no .txt caption: they train on the empty "
+                "prompt (the unconditional branch of the guidance)")
     return None
 
 
@@ -139,16 +139,41 @@ def encode_private_shards(cfg: Config, autoencoder, encoder_hash: str, shards: P
 
 
 def refuse_private_prompts(prompts: list | None, captions: Iterable[str], template: str | None,
-                           names: list[str]) -> None:
+                           names: list[str], reader: object = None) -> None:
     """Refuse (ConfigError naming ``sample.prompts``) a prompt that is the caption of a private example
-    (``provenance.private_prompts``): the run's grids and evaluation are drawn from its prompts, which its
-    config, MLflow params and grids release as DP results."""
+    as the text encoder ``reader`` reads them (``provenance.private_prompts``): the run's grids and evaluation
+    are drawn from its prompts, which its config, MLflow params and grids release as DP results."""
     from trainer.data.provenance import private_prompts
-    hits = private_prompts(prompts or [], captions, template, names)
+    hits = private_prompts(prompts or [], captions, template, names, text_reader(reader))
     if hits:
         raise ConfigError(f"sample.prompts: entry {hits[0]} is the caption of a private example: the run's grids, "
                           "config and MLflow params would release it as a DP result; prompts are public "
                           "inputs, write your own")
+
+
+def caption_prompts(run_dir: Path, cfg: Config, prompts: list[str], names: list[str],
+                    conditioner: object = None) -> list[int]:
+    """The indices of ``prompts`` that are captions of the private shards of the DP run in ``run_dir``
+    (``cfg``: its config; ``conditioner``: its model's), when they are here ([]: a public run, or a
+    released model sampled without its private set). Shards that are here but cannot be read raise
+    (DataError, OSError): the check is not skipped."""
+    private = cfg.data.private
+    if not (run_dir / PRIVACY_REPORT).is_file() or private is None or private.source != "shards" or not private.path:
+        return []
+    from trainer.data.latent_cache import shard_caption_template
+    from trainer.data.provenance import private_prompts
+    from trainer.data.reader import expand_urls, shard_captions
+    try:
+        urls = expand_urls(private.path)
+    except (ValueError, OSError):  # not here
+        return []
+    return private_prompts(prompts, shard_captions(urls), shard_caption_template(urls), names,
+                           text_reader(conditioner))
+
+
+def text_reader(conditioner: object) -> object:
+    """``conditioner`` when it reads prompts as word pieces (a ``TextEmbedder``), else None."""
+    return conditioner if hasattr(conditioner, "word_pieces") else None
 
 
 def refuse_public_overlap(cfg: Config, base_dir: Path, base_cfg: Config, meta: dict,

@@ -19,9 +19,8 @@ from trainer.config import SAMPLER_KEYS, SAMPLERS, max_sampler_steps
 from trainer.errors import UsageError
 from trainer.runs import generate, load_pipeline, override_sampler
 from trainer.runtime import resolve_device
-from trainer.stages.common import PRIVACY_REPORT, check_model_finished, save_grid, seed_everything, to_uint8
-
-NONPRIVATE = "NONPRIVATE.txt"  # beside images sampled from private captions
+from trainer.stages.common import NONPRIVATE, check_model_finished, save_grid, seed_everything, to_uint8
+from trainer.stages.private_set import caption_prompts
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         if cfg.ldm.conditioner.type != "text":
             raise UsageError(f"--prompts: needs a text-conditioned model (this one is "
                              f"{cfg.ldm.conditioner.type}); use --classes")
-        private = _private_prompts(Path(args.checkpoint), cfg, args.prompts, names)
+        private = caption_prompts(Path(args.checkpoint), cfg, args.prompts, names, ldm.cond_stage_model)
         if private and not args.nonprivate_diagnostic:
             raise UsageError(f"--prompts: entry {private[0]} is the caption of an example of this run's private set: "
                              "images sampled from private captions are a non-private diagnostic, not a DP release; "
@@ -87,23 +86,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"dpldm sample: note: a non-private diagnostic (prompts {private} are private captions): "
               f"{out / NONPRIVATE}", file=sys.stderr)
     return 0
-
-
-def _private_prompts(run_dir: Path, cfg, prompts: list[str], names: list[str]) -> list[int]:
-    """The indices of ``prompts`` that are captions of the private shards of the DP run in ``run_dir``,
-    when they are here ([]: a public run, or a released model sampled without its private set). Shards
-    that are here but cannot be read raise (DataError, OSError): the check is not skipped."""
-    private = cfg.data.private
-    if not (run_dir / PRIVACY_REPORT).is_file() or private is None or private.source != "shards" or not private.path:
-        return []
-    from trainer.data.latent_cache import shard_caption_template
-    from trainer.data.provenance import private_prompts
-    from trainer.data.reader import expand_urls, shard_captions
-    try:
-        urls = expand_urls(private.path)
-    except (ValueError, OSError):  # not here
-        return []
-    return private_prompts(prompts, shard_captions(urls), shard_caption_template(urls), names)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
