@@ -6,6 +6,10 @@ models), a ``prompt`` column (text models) or a ``count`` (unconditional), and o
 and ``guidance_scale`` parameters (default: the run's ``sample.guidance_scale``, drawn for grids;
 a synthetic training set may want the run's ``eval.guidance_scale``); it returns the images as
 uint8 arrays [n, H, W, C].
+
+Prompts are the caller's inputs: the bundle holds no private captions to check them against (it is
+shared with the model). Images drawn from a private example's caption are not a DP release (`dpldm
+sample` refuses such prompts where the private shards are at hand).
 """
 from __future__ import annotations
 
