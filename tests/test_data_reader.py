@@ -126,9 +126,9 @@ def test_count_distinct_samples_counts_what_the_reader_reads_and_refuses_a_shard
     path, by a copy elsewhere, or streamed by a pipe command) would count its examples twice."""
     write_set(tmp_path / "set", 3, 4)
     urls = expand_urls(str(tmp_path / "set"))
-    count, digest, images, captioned, captions = count_distinct_samples(urls)
+    count, digest, images, captioned, captions, labels = count_distinct_samples(urls)
     assert count == len(keys_of(make_dataset(urls, 8, 5, shuffle_buffer=0))) == 12 == captioned
-    assert captions == {f"{c} {i}" for c in "abc" for i in range(12)}
+    assert captions == {f"{c} {i}" for c in "abc" for i in range(12)} and labels == set(range(5))
     assert images == {row.tobytes() for row in image_fingerprints(urls)} and len(images) == 12
     assert count_distinct_samples([f"pipe:cat {u}" for u in urls])[0] == 12
     other = tmp_path / "other"  # the same file names and sizes, other images: another digest

@@ -455,6 +455,42 @@ def test_examples_left_out_for_a_non_finite_gradient_are_reported_once_the_steps
     assert "were not finite" not in capsys.readouterr().err
 
 
+def test_private_shards_without_class_labels_are_refused_before_anything_is_charged(base):
+    """Shards whose samples carry no .cls label, or one past the model's classes, under a class-conditioned
+    model: refused when counted, before a run folder, a latent cache or an MLflow run exists (the first
+    DP step would fail after being charged, at every try)."""
+    import io
+
+    import mlflow
+    from PIL import Image
+
+    from trainer.data.mnist import DIGIT_NAMES, load_mnist
+    from trainer.data.shards import WriteOptions, write_shard, write_shards
+    from trainer.data.sources import array_source
+
+    def png_bytes(image):
+        out = io.BytesIO()
+        Image.fromarray(image).save(out, format="png")
+        return out.getvalue()
+    images = load_mnist("val")[0][:300]
+    private = base / "runs" / "ledger" / "private"
+    cached = sorted(private.iterdir()) if private.is_dir() else []
+    logged = len(mlflow.search_runs(experiment_names=["ledger"], output_format="list"))
+    write_shards(array_source("digits", {"type": "test"}, images, None, list(DIGIT_NAMES)), base / "unlabelled",
+                 WriteOptions(), progress_bar=False)
+    (base / "label-past-the-classes").mkdir()  # a shard no `dpldm prepare` wrote (it checks labels against names)
+    write_shard(base / "label-past-the-classes" / "shard-000000.tar",
+                [{"__key__": f"{i:04d}", "png": png_bytes(image), "cls": b"12" if i == 7 else b"3"}
+                 for i, image in enumerate(images)])
+    for name in ("unlabelled", "label-past-the-classes"):
+        with pytest.raises(ConfigError, match=r"data.private.path: some samples carry no class label .* outside 0..9"):
+            finetune.run(tiny(base, name, "data.private.source=shards", f"data.private.path={base / name}",
+                              "finetune.expected_batch_size=32"))
+        assert not run_dir(base, name).exists()
+    assert (sorted(private.iterdir()) if private.is_dir() else []) == cached
+    assert len(mlflow.search_runs(experiment_names=["ledger"], output_format="list")) == logged
+
+
 def test_secure_noise_and_a_drowning_plan_warns(base, capsys):
     folder = finetune.run(tiny(base, "secure", "finetune.secure_noise=true", "finetune.epsilon=0.05"))
     report = json.loads((folder / "privacy-report.json").read_text())

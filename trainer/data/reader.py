@@ -82,18 +82,20 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
 class ShardCount(NamedTuple):
     """What :func:`count_distinct_samples` read: ``count`` samples, ``digest`` (a sha256 over their
     contents in order), ``images`` (the :func:`fingerprint` of every image member), ``captioned`` (how
-    many samples have a ``txt`` member) and ``captions`` (every caption line)."""
+    many samples have a ``txt`` member), ``captions`` (every caption line) and ``labels`` (the class labels
+    they carry, -1 for a sample without one)."""
     count: int
     digest: str
     images: frozenset[bytes]
     captioned: int
     captions: frozenset[str]
+    labels: frozenset[int]
 
 
 def count_distinct_samples(urls: Sequence[str]) -> ShardCount:
     """The samples in the shards ``urls`` (as the reader groups a tar's members), read once without
-    decoding: their number, a sha256 over their contents, their images' fingerprints and their
-    captions (DataError for captions that are not UTF-8). Refuses
+    decoding: their number, a sha256 over their contents, their images' fingerprints, their
+    captions and labels (DataError for captions that are not UTF-8, a label that is not a number). Refuses
     (ValueError) a shard whose samples are those of another (the same file twice, a copy, a
     ``pipe:cat`` of it), and an image file held by two samples (in one shard or two, under any key).
 
@@ -106,7 +108,7 @@ def count_distinct_samples(urls: Sequence[str]) -> ShardCount:
     """
     seen: dict[str, str] = {}
     images: dict[bytes, tuple[str, int]] = {}  # image fingerprint -> (shard, position in it) of its first sample
-    total, captioned, captions, digest = 0, 0, set(), hashlib.sha256()
+    total, captioned, captions, labels, digest = 0, 0, set(), set(), hashlib.sha256()
     for url in urls:
         content, count, twice = hashlib.sha256(), 0, None
         for sample in raw_samples([url]):
@@ -118,6 +120,7 @@ def count_distinct_samples(urls: Sequence[str]) -> ShardCount:
             count += 1
             captioned += "txt" in sample
             captions.update(sample_captions(sample))
+            labels.add(sample_label(sample))
             for name in sorted(k for k in sample if not k.startswith("__")):
                 content.update(f"{name}\0{len(sample[name])}\0".encode())
                 content.update(sample[name])
@@ -133,7 +136,7 @@ def count_distinct_samples(urls: Sequence[str]) -> ShardCount:
         seen[identity] = url
         digest.update(f"{identity}\n".encode())
         total += count
-    return ShardCount(total, digest.hexdigest(), frozenset(images), captioned, frozenset(captions))
+    return ShardCount(total, digest.hexdigest(), frozenset(images), captioned, frozenset(captions), frozenset(labels))
 
 
 def image_files(folder: Path) -> list[Path]:

@@ -37,9 +37,9 @@ from trainer.stages.common import (PRIVACY_REPORT, check_finished, conditions, e
                                    recorded_path, save_run_config, stage_dir)
 from trainer.stages.journal import (check_journal_covers, load_journal, over_total, session_lock, spend_or_warn,
                                     write_journal)
-from trainer.stages.private_set import (EncodedPrivateSet, PrivateShards, check_captions, encode_private_shards,
-                                        label_names, private_set_identity, private_shards, refuse_private_prompts,
-                                        refuse_public_overlap)
+from trainer.stages.private_set import (EncodedPrivateSet, PrivateShards, check_captions, check_labels,
+                                        encode_private_shards, label_names, private_set_identity, private_shards,
+                                        refuse_private_prompts, refuse_public_overlap)
 from trainer.stages.spend import AUDIT_REPORT, DP_TRACES, LEDGER_FILE, ledger_field
 from trainer.tracking import start_run
 
@@ -338,6 +338,8 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
                 torch.manual_seed(cfg.seed)  # public initialisation of the fresh embedder (the same on every rank)
                 ldm.cond_stage_model = new_class_embedder(ldm.cond_stage_model, ft.new_class_embedder,
                                                           base_rows(ft.new_class_from, meta, base_dir))
+        if isinstance(ldm.cond_stage_model, ClassEmbedder):
+            check_labels(source, ldm.cond_stage_model.n_classes)
         try:
             selection = select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers, ft.lora_rank,
                                          ft.lora_alpha, ft.context_grad)

@@ -28,7 +28,8 @@ class PrivateShards:
     """A private shard set, counted (``count`` samples, ``captioned`` of them with captions) but not
     encoded yet; ``digest``: sha256 over the shards' contents; ``images`` and ``captions``: their images'
     fingerprints and their caption lines (private: compared, never written); ``names``: the class names
-    ``dpldm prepare`` recorded beside the shards (public: the source's schema), or []."""
+    ``dpldm prepare`` recorded beside the shards (public: the source's schema), or []; ``labels``: the
+    class labels the samples carry (-1: none; private: checked, never written)."""
     urls: list[str]
     count: int
     captioned: int
@@ -36,6 +37,7 @@ class PrivateShards:
     images: frozenset[bytes]
     captions: frozenset[str]
     names: list[str]
+    labels: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -72,8 +74,9 @@ def private_shards(cfg: Config) -> PrivateShards:
         raise ConfigError("data.private.path: a shard pattern is needed for source=shards")
     try:
         urls = expand_urls(cfg.data.private.path)
-        count, digest, images, captioned, captions = count_distinct_samples(urls)
-        return PrivateShards(urls, count, captioned, digest, images, captions, list(shard_label_names(urls) or []))
+        count, digest, images, captioned, captions, labels = count_distinct_samples(urls)
+        return PrivateShards(urls, count, captioned, digest, images, captions, list(shard_label_names(urls) or []),
+                             labels)
     except (ValueError, OSError) as err:
         raise ConfigError(f"data.private.path: {first_line(err)}") from None
 
@@ -94,6 +97,16 @@ def check_captions(cfg: Config, source: "PrivateShards | ImageSet", base_dir: Pa
         return ("note (non-private diagnostic): some private samples have no .txt caption: they train on the empty "
                 "prompt (the unconditional branch of the guidance)")
     return None
+
+
+def check_labels(source: "PrivateShards | ImageSet", n_classes: int) -> None:
+    """Refuse (ConfigError) private shards with a sample whose class label is missing or not one of the
+    ``n_classes`` classes of a class-conditioned model: its first DP step would fail after being charged.
+    (How many is not said: the message ends up in kept logs.)"""
+    if isinstance(source, PrivateShards) and any(not 0 <= label < n_classes for label in source.labels):
+        raise ConfigError(f"data.private.path: some samples carry no class label (a .cls member) or one outside "
+                          f"0..{n_classes - 1}, and the model is class-conditioned ({n_classes} classes): prepare "
+                          "them from class folders (`dpldm prepare imagefolder` reads one folder per class)")
 
 
 def private_set_identity(private: DataSource, n: int) -> dict:
