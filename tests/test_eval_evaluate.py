@@ -52,6 +52,9 @@ def test_unlabelled_samples_and_bad_metrics_are_refused_in_one_line_before_any_f
     assert err.startswith("dpldm evaluate: error: accuracy needs labelled samples") and err.count("\n") == 1
     assert main(["evaluate", "--samples", str(tmp_path), "--metrics", "ssim"]) == 2
     assert capsys.readouterr().err.startswith("dpldm evaluate: error: --metrics: ['ssim']; choose from")
+    for empty in ("", " , "):  # not the defaults (a scoring that can take long)
+        assert main(["evaluate", "--samples", str(tmp_path), "--metrics", empty]) == 2
+        assert capsys.readouterr().err.startswith("dpldm evaluate: error: --metrics: none given; choose from")
 
 
 def test_samples_of_other_classes_than_the_test_sets_are_refused(tmp_path):

@@ -283,7 +283,7 @@ def _shared_with(images: str, private: DataSource) -> list[str]:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics is not None else None
     if bool(args.samples) == bool(args.checkpoint):
         raise UsageError("give either --samples DIR or --checkpoint RUN_DIR")
     unknown = sorted(set(metrics or []) - set(METRICS))
