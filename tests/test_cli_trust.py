@@ -95,6 +95,7 @@ def test_broken_files_and_bad_flags_are_one_line_errors_that_write_nothing(tmp_p
         (["sample", "--checkpoint", "fakerun", "--out", "s"], 1, "ldm.json: unreadable"),
         (["sample", "--checkpoint", "fakerun", "--guidance-scale", "nan", "--out", "s"], 2, "finite"),
         (["sample", "--checkpoint", "fakerun", "--out", "notes.txt"], 2, "--out: notes.txt is a file"),
+        (["sample", "--checkpoint", "fakerun", "--out", "ae"], 2, "--out: ae is not empty"),
         (["sample", "--checkpoint", "fakerun", "--classes", "", "--out", "s"], 2, "--classes: empty"),
         (["encode", "--autoencoder", "broken-ae", "shard-000000.tar", "c"], 1, "not a readable safetensors"),
         (["encode", "--autoencoder", "ae", "--resolution", "7", "shard-000000.tar", "c"], 2, "multiple of"),

@@ -26,6 +26,9 @@ from trainer.stages.private_set import caption_prompts
 def run(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out: {args.out} is a file, not a folder")
+    if Path(args.out).is_dir() and any(Path(args.out).iterdir()):
+        raise UsageError(f"--out: {args.out} is not empty: these images would mix with what it holds (an "
+                         "evaluation of the folder would score both); give a new or empty folder")
     if args.classes is not None and not args.classes.strip():
         raise UsageError("--classes: empty; give class indices (e.g. 0,3), or leave the flag out for every class")
     if args.classes:
@@ -101,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="allow --prompts that are captions of the run's private set; the images are then a "
                         "non-private diagnostic, labelled by OUT/NONPRIVATE.txt")
     p.add_argument("--num", type=positive_int, default=8, help="images per class or prompt (default 8)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise and of eta's fresh noise (default 0)")
     p.add_argument("--sampler", choices=SAMPLERS,
                    help="override sample.sampler: ddim, or dpmpp_2m (DPM-Solver++(2M): deterministic, eta 0, "
