@@ -224,3 +224,32 @@ def test_positive_int_flag_type():
     for bad in ("0", "-1", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
             cli.positive_int(bad)
+
+
+def test_a_tracking_store_mlflow_cannot_use_is_one_line_naming_the_setting(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
+    code, err = run_cli(["compare"], capsys)
+    assert code == 1 and "MLflow tracking store (MLFLOW_TRACKING_URI=bogus://x): " in err
+    assert_one_line(err, "compare")
+
+
+def test_an_interrupt_says_how_to_go_on_only_where_a_command_can(tmp_path, capsys, monkeypatch):
+    """Ctrl-C: the stages resume when run again, `prepare` with --resume, the others just stop; an
+    interrupt before the command starts is one line too."""
+    from trainer.stages import evaluate, prepare
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare, "run", interrupted)
+    monkeypatch.setattr(evaluate, "_run_evaluate", interrupted)
+    monkeypatch.setattr(cli, "_config_of", interrupted)
+    for argv, words in ((["pretrain-ae"], "dpldm pretrain-ae: interrupted; run the same command again to resume"),
+                        (["prepare", "letters", "o"], "dpldm prepare: interrupted; run it again with --resume to go on"),
+                        (["evaluate", "--samples", "o"], "dpldm evaluate: interrupted\n")):
+        code, err = run_cli(argv, capsys)
+        assert code == 130 and err.endswith(words if words.endswith("\n") else words + "\n"), err
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    code, err = run_cli(["sample"], capsys)
+    assert code == 130 and err == "dpldm: interrupted\n"

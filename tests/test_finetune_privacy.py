@@ -491,6 +491,27 @@ def test_private_shards_without_class_labels_are_refused_before_anything_is_char
     assert len(mlflow.search_runs(experiment_names=["ledger"], output_format="list")) == logged
 
 
+def test_an_ldm_whose_autoencoder_was_trained_further_or_replaced_is_refused(base, tmp_path):
+    """The autoencoder's weights changed since the LDM was pretrained on its latents (a longer pretrain-ae
+    over the finished one): loading the pipeline (fine-tune, sample, evaluate) is refused, naming the file."""
+    import shutil
+
+    from trainer.io import load_safetensors, save_safetensors
+    from trainer.runs import load_pipeline
+    for stage in ("ae", "ldm"):
+        shutil.copytree(base / "runs" / "ledger" / stage, tmp_path / stage)
+    load_pipeline(tmp_path / "ldm")
+    weights = tmp_path / "ae" / "autoencoder.safetensors"
+    tensors = dict(load_safetensors(weights).state_dict)
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1e-3
+    save_safetensors(tensors, weights)
+    with pytest.raises(RunError, match=r"ae: its autoencoder.safetensors is not the one .*ldm was trained on"):
+        load_pipeline(tmp_path / "ldm")
+    assert cli.main(["sample", "--checkpoint", str(tmp_path / "ldm"), "--out", str(tmp_path / "s")]) == 1
+    assert not (tmp_path / "s").exists()
+
+
 def test_secure_noise_and_a_drowning_plan_warns(base, capsys):
     folder = finetune.run(tiny(base, "secure", "finetune.secure_noise=true", "finetune.epsilon=0.05"))
     report = json.loads((folder / "privacy-report.json").read_text())

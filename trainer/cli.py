@@ -13,7 +13,7 @@ import re
 import sys
 
 from trainer.config import QUICK_DEMO, ConfigError, dump_config, load_config
-from trainer.errors import DataError, RunError, UsageError, user_message
+from trainer.errors import DataError, RunError, UsageError, first_line, user_message
 
 STAGE_MODULES = [
     "trainer.stages.prepare",
@@ -113,7 +113,19 @@ def _config_of(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
+# what an interrupted command leaves, and how to go on (the stages resume from their checkpoints)
+RESUMES = {"pretrain-ae", "pretrain-ldm", "finetune", "demo", "encode"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the command started (imports, parsing)
+        print("dpldm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from trainer.eval.images import ImageSetError
     from trainer.models.checkpoint import CheckpointError
 
@@ -140,8 +152,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: error: {user_message(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{prefix}: interrupted; run the same command again to resume", file=sys.stderr)
+        again = ("; run the same command again to resume" if args.command in RESUMES else
+                 "; run it again with --resume to go on" if args.command == "prepare" else "")
+        print(f"{prefix}: interrupted{again}", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - the tracking store's errors: one line, the setting named
+        if os.environ.get("DPLDM_DEBUG") or not type(err).__module__.startswith("mlflow"):
+            raise
+        store = os.environ.get("MLFLOW_TRACKING_URI") or "unset: ./mlflow.db"
+        print(f"{prefix}: error: MLflow tracking store (MLFLOW_TRACKING_URI={store}): {first_line(err).strip()}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

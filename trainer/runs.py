@@ -73,7 +73,12 @@ def load_pipeline(run_dir: str | Path, device: torch.device | str = "cpu"
                            f"(unknown parameters: {unknown[:5]})")
         ldm.load_state_dict(tuned, strict=False)
         meta = {**meta, "label_names": ft_meta.get("label_names") or meta.get("label_names"), "finetune": ft_meta}
-    autoencoder, _ = load_autoencoder(resolve_recorded(meta["autoencoder"], base_dir))
+    ae_dir = resolve_recorded(meta["autoencoder"], base_dir)
+    autoencoder, ae_hash = load_autoencoder(ae_dir)
+    if meta.get("autoencoder_sha256") not in (None, ae_hash):
+        raise RunError(f"{ae_dir}: its autoencoder.safetensors is not the one {base_dir} was trained on (its sha256 "
+                       "differs from ldm.json's autoencoder_sha256: trained further or replaced since); the LDM's "
+                       "latents decode only with that one: restore it, or pretrain the LDM again on this one")
     ldm.eval().requires_grad_(False).to(device)
     autoencoder.to(device)
     return ldm, autoencoder, meta, cfg
