@@ -72,6 +72,7 @@ def test_broken_files_and_bad_flags_are_one_line_errors_that_write_nothing(tmp_p
     (tmp_path / "notes.txt").write_text("not a store, a tar, weights or a checkpoint\n")
     (tmp_path / "shard-000000.tar").write_text("not a tar\n")
     (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))
+    (tmp_path / "no-models.yaml").write_text("autoencoder: {embed_dim: 4}\nldm: {conditioner: {n_classes: 10}}\n")
     (tmp_path / "cv.yaml").write_text("model: {target: ldm.models.diffusion.ddpm.LatentDiffusion, params: [1, 2]}\n")
     fake = tmp_path / "fakerun"  # an LDM folder whose records were damaged
     fake.mkdir()
@@ -105,6 +106,8 @@ def test_broken_files_and_bad_flags_are_one_line_errors_that_write_nothing(tmp_p
         (["import-compvis", "cv.yaml", "notes.txt", "imported"], 2, "cv.yaml"),
         (["finetune", f"finetune.deepspeed_config={tmp_path / 'nope.json'}"], 2, "nope.json: file not found"),
         (["pretrain-ae", "--config", "binary.yaml"], 2, "binary.yaml: not a readable YAML text file"),
+        (["pretrain-ae", "--config", "no-models.yaml"], 2, "no-models.yaml: autoencoder.ddconfig: empty"),
+        (["pretrain-ldm", "--config", "no-models.yaml"], 2, "no-models.yaml: ldm.unet: empty"),
         (["pretrain-ae", "data.public.source=shards", "data.public.path=shard-000000.tar"], 2,
          "data.public.path: shard-000000.tar: not a readable tar shard (truncated header)"),
         (["pretrain-ae", "data.public.source=shards", "data.public.path=ae"], 2,

@@ -45,6 +45,16 @@ NONPRIVATE = "NONPRIVATE.txt"  # beside images `dpldm sample` drew from private 
 STAGE_RESULTS = {"pretrain-ae": "autoencoder.safetensors", "pretrain-ldm": "ldm.json"}
 
 
+def require_model(cfg: Config, key: str) -> None:
+    """Refuse (ConfigError) a config whose model section ``key`` (``ldm.unet``, ``autoencoder.ddconfig``)
+    is empty: a config for other stages may leave it out, the stage that builds the model cannot."""
+    section = cfg.ldm.unet if key == "ldm.unet" else cfg.autoencoder.ddconfig
+    if not section:
+        where = cfg.source_file or "the config"
+        raise ConfigError(f"{where}: {key}: empty, and this stage builds its model from it (the CompVis "
+                          "hyper-parameters: see configs/demo.yaml)")
+
+
 def earlier_stage(cfg: Config, stage: str) -> Path:
     """The run folder of an earlier stage (``pretrain-ae``, ``pretrain-ldm``) this one builds on.
 

@@ -8,8 +8,8 @@ import torch
 
 from trainer.config import Config
 from trainer.runtime import Runtime, adamw
-from trainer.stages.common import (build_autoencoder, public_batches, save_grid, seed_everything, stage_dir,
-                                   start_public_stage)
+from trainer.stages.common import (build_autoencoder, public_batches, require_model, save_grid, seed_everything,
+                                   stage_dir, start_public_stage)
 from trainer.stages.loop import Trainer
 from trainer.stages.spend import refuse_private_as_public
 from trainer.tracking import start_run
@@ -23,6 +23,7 @@ def reconstruction_loss(x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
 
 def run(cfg: Config) -> Path:
     """Train (or resume) the autoencoder; returns the run folder with ``autoencoder.safetensors``."""
+    require_model(cfg, "autoencoder.ddconfig")
     run_dir = stage_dir(cfg, "pretrain-ae")
     tc = cfg.autoencoder.train
     refuse_private_as_public(cfg.data.public, run_dir.parent)  # before anything is written

@@ -16,7 +16,7 @@ from trainer.runs import class_grid, read_run_json
 from trainer.runtime import Runtime, adamw
 from trainer.stages.common import (STATE_FILE, build_ldm, conditions, earlier_stage, file_sha256, load_autoencoder,
                                    load_image_source, public_batches, public_label_names, recorded_path,
-                                   seed_everything, stage_dir, start_public_stage, to_device)
+                                   require_model, seed_everything, stage_dir, start_public_stage, to_device)
 from trainer.stages.loop import Trainer
 from trainer.stages.spend import refuse_private_as_public
 from trainer.tracking import start_run
@@ -45,6 +45,7 @@ def latent_batches(cfg: Config, autoencoder, batch_size: int, gen: torch.Generat
 
 def run(cfg: Config) -> Path:
     """Train (or resume) the LDM; returns the run folder (``unet``/``cond_stage_model`` weights, ``ldm.json``)."""
+    require_model(cfg, "ldm.unet")
     run_dir = stage_dir(cfg, "pretrain-ldm")
     refuse_private_as_public(cfg.data.public, run_dir.parent)  # before anything is written
     ae_dir = earlier_stage(cfg, "pretrain-ae")
