@@ -138,8 +138,18 @@ def test_the_evaluation_takes_its_own_sampler_or_the_samples():
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yaml"):
+    with pytest.raises(ConfigError, match=r"nope.yaml: config file not found$"):
         load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match=r"^dmeo: config file not found, nor a shipped config \(.*demo, demo-text"):
+        load_config("dmeo")
+    with pytest.raises(ConfigError, match=r": a folder, not a config file"):
+        load_config(str(tmp_path))
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=r"empty.yaml: empty"):
+        load_config(str(tmp_path / "empty.yaml"))
+    for bad in ("=3", "finetune..epsilon=3", ".x=1"):
+        with pytest.raises(ConfigError, match=r"override .*: expected key=value with a dotted key"):
+            load_config("demo", [bad])
 
 
 def test_round_trip_through_dict():

@@ -575,6 +575,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. finetune.epsilon=5)")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: expected key=value with a dotted key (e.g. finetune.epsilon=5)")
         node = raw
         for part in parts[:-1]:
             node = node.setdefault(part, {})
@@ -589,10 +591,15 @@ def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"{name_or_path}: a folder, not a config file")
     shipped = REPO_CONFIGS / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
-    raise ConfigError(f"{name_or_path}: config file not found (nor configs/{name_or_path}.yaml)")
+    if len(path.parts) > 1 or path.suffix in (".yaml", ".yml"):  # a path, not a shipped config's name
+        raise ConfigError(f"{name_or_path}: config file not found")
+    shipped_names = ", ".join(sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"{name_or_path}: config file not found, nor a shipped config ({shipped_names})")
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
@@ -601,7 +608,9 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
         text = path.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as err:
         raise ConfigError(f"{path}: not a readable YAML text file ({type(err).__name__}: {err})") from None
-    raw = parse_yaml(text, str(path)) or {}
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raise ConfigError(f"{path}: empty: give a config (e.g. a copy of configs/demo.yaml)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return config_from_dict(apply_overrides(raw, overrides or []), source=str(path))
