@@ -400,9 +400,9 @@ def write_shards(source: Source, out_dir: str | Path, options: Optional[WriteOpt
                 pending.skipped.append({"source": exc.origin, "reason": exc.reason})
             except SampleError as exc:
                 if options.on_error == "error":
-                    raise PrepareError(
-                        f"{exc}\n(stopped: {len(progress.shards)} complete shard(s) kept in {out}; fix the "
-                        "input and rerun with --resume, or pass --on-error skip)") from exc
+                    kept = (f"{len(progress.shards)} complete shard(s) kept in {out}; fix the input and rerun with "
+                            "--resume" if progress.shards else "no shard complete; fix the input and rerun")
+                    raise PrepareError(f"{exc} (stopped: {kept}, or pass --on-error skip)") from exc
                 pending.skipped.append({"source": exc.origin, "reason": exc.reason})
             if len(pending.samples) == options.samples_per_shard:
                 _commit(progress, pending, consumed, out)

@@ -8,13 +8,16 @@ offline ``mnist``, ``fashion-mnist`` and ``letters``. The shard options (``--sam
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
+from pathlib import Path
 from typing import Callable
 
 from trainer.data.letters import font_files
 from trainer.data.mnist import SPLIT_NAMES
 from trainer.data.shards import ON_ERROR, PrepareError, WriteOptions, check_caption_template, write_shards
+from trainer.errors import UsageError
 from trainer.data.sources import (FASHION_MNIST_DIR, TORCHVISION_NAMES, SampleError, Source, SourceError,
                                   fashion_mnist_source, hf_source, imagefolder_source, letters_source,
                                   mm_celeba_hq_source, mnist_source, torchvision_source)
@@ -104,16 +107,29 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"OUT: {out} is a file, not a folder")
+    if getattr(args, "captions_file", None) and not Path(args.captions_file).is_file():
+        raise UsageError(f"--captions-file: {args.captions_file}: no such file")
+    options = WriteOptions(
+        samples_per_shard=args.samples_per_shard, image_format=args.image_format,
+        jpeg_quality=args.jpeg_quality, color=args.color, min_size=args.min_size, max_size=args.max_size,
+        require_captions=args.require_captions, caption_template=args.caption_template,
+        on_error=args.on_error, limit=args.limit)
+    try:
+        options.validate()
+    except ValueError as err:  # the options' names as the flags spell them
+        raise UsageError(re.sub(r"\b(samples_per_shard|image_format|jpeg_quality|color|min_size|max_size|on_error)\b",
+                                lambda m: "--" + m.group(1).replace("_", "-"), str(err))) from None
+    existed = out.exists()
     try:
         source = _build_source(args)
-        options = WriteOptions(
-            samples_per_shard=args.samples_per_shard, image_format=args.image_format,
-            jpeg_quality=args.jpeg_quality, color=args.color, min_size=args.min_size, max_size=args.max_size,
-            require_captions=args.require_captions, caption_template=args.caption_template,
-            on_error=args.on_error, limit=args.limit)
         meta = write_shards(source, args.out, options, resume=args.resume, overwrite=args.overwrite,
                             command=command_line(args), progress_bar=not args.no_progress)
     except (PrepareError, SourceError, SampleError, ValueError) as err:
+        if not existed and out.is_dir() and not any(out.iterdir()):  # a refusal leaves no empty OUT behind
+            out.rmdir()
         print(f"dpldm prepare: error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {meta['count']} samples in {meta['num_shards']} shard(s) to {args.out} "
