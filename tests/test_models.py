@@ -212,8 +212,9 @@ def test_autoencoder_matches_compvis():
 
 
 def test_autoencoder_ddconfig_errors_name_the_key():
-    with pytest.raises(ValueError, match="attn_type"):
+    with pytest.raises(ValueError, match="attn_type 'linear'"):
         AutoencoderKL({**TINY_DDCONFIG, "attn_type": "linear"}, embed_dim=4)
+    AutoencoderKL({**TINY_DDCONFIG, "attn_type": "vanilla"}, embed_dim=4)  # CompVis' default, spelled out
     with pytest.raises(ValueError, match="z_channels"):
         AutoencoderKL({k: v for k, v in TINY_DDCONFIG.items() if k != "z_channels"}, embed_dim=4)
     with pytest.raises(ValueError, match="double_z"):

@@ -19,7 +19,7 @@ from .attention import dot_product_attention
 
 _DDCONFIG_REQUIRED = ("z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks",
                       "attn_resolutions")
-_DDCONFIG_OPTIONAL = {"double_z": True, "dropout": 0.0}
+_DDCONFIG_OPTIONAL = {"double_z": True, "dropout": 0.0, "attn_type": "vanilla"}  # CompVis' names and defaults
 
 
 def _normalize(channels: int) -> nn.GroupNorm:
@@ -200,6 +200,9 @@ def parse_ddconfig(ddconfig: Mapping[str, Any]) -> dict[str, Any]:
     if missing:
         raise ValueError(f"ddconfig: missing key(s) {missing}")
     cfg = {**_DDCONFIG_OPTIONAL, **ddconfig}
+    if cfg["attn_type"] != "vanilla":
+        raise ValueError(f"ddconfig: attn_type {cfg['attn_type']!r}: this autoencoder's attention is CompVis' "
+                         "'vanilla' (the only one it builds)")
     cfg["ch_mult"] = tuple(cfg["ch_mult"])
     cfg["attn_resolutions"] = tuple(cfg["attn_resolutions"])
     return cfg
