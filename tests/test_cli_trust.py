@@ -49,7 +49,8 @@ def test_user_mistakes_are_one_line_errors_with_exit_codes(tmp_path, capsys, mon
         (["pretrain-ae", "--output-dir", "runs", "device=cuda:99"], 2, "device: 'cuda:99'"),
         (["pretrain-ae", "--output-dir", "runs", "device=tpu"], 2, "device: must be auto, cpu, cuda or cuda:N"),
         (["pretrain-ae", "--output-dir", "runs", "precision=fp16"], 2, "precision"),
-        (["sample", "--checkpoint", "empty", "--device", "cuda:99", "--out", "s"], 2, "cuda:99"),
+        (["sample", "--checkpoint", "empty", "--device", "cuda:99", "--out", "s"], 2, "--device: 'cuda:99'"),
+        (["evaluate", "--checkpoint", "empty", "--device", "cuda:99"], 2, "--device: 'cuda:99'"),
     ]
     for argv, code, words in cases:
         got, err = run_cli(argv, capsys)

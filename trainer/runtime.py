@@ -17,7 +17,7 @@ from typing import ContextManager
 import torch
 
 from trainer.config import ConfigError
-from trainer.errors import RunError
+from trainer.errors import RunError, UsageError
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -121,8 +121,13 @@ class LeftOut:
         return True
 
 
-def resolve_device(spec: str) -> torch.device:
-    """The config's ``device`` -> a torch device; a CUDA request without CUDA is a ConfigError."""
+def resolve_device(spec: str, flag: str | None = None) -> torch.device:
+    """The config's ``device`` (or the command-line ``flag``, e.g. ``--device``) -> a torch device; a
+    CUDA request without CUDA is a ConfigError (UsageError naming the flag)."""
+    def refuse(words: str) -> None:
+        if flag:
+            raise UsageError(f"{flag}: {words}")
+        raise ConfigError(f"device: {words}")
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
@@ -131,13 +136,12 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"device: {spec!r} asked for, but torch sees no CUDA device here; use device=cpu "
-                              "or device=auto")
+            refuse(f"{spec!r} asked for, but torch sees no CUDA device here; use cpu or auto")
         device = torch.device(spec)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device: {spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            refuse(f"{spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
         return device
-    raise ConfigError(f"device: must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    refuse(f"must be auto, cpu, cuda or cuda:N, got {spec!r}")
 
 
 def native_bf16(device: torch.device) -> bool:

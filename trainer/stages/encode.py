@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
                          f"got {resolution}")
     if args.rank >= args.world_size:
         raise UsageError(f"--rank: must be below --world-size ({args.world_size}), got {args.rank}")
-    device = resolve_device(args.device)  # a device this machine lacks: a config error, as for every stage
+    device = resolve_device(args.device, "--device")  # a device this machine lacks: refused naming the flag
     channels = int(ddconfig["in_channels"])
     if channels not in (1, 3):
         print(f"dpldm encode: error: the autoencoder takes {channels} channels; shards give 1 or 3", file=sys.stderr)

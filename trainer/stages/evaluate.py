@@ -302,6 +302,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                              f"experiment ({'; '.join(shared)}): these are not a model's samples, and a grid of them "
                              "would be logged to the run")
     if args.checkpoint:
+        from trainer.runtime import resolve_device
+        resolve_device(args.device, "--device")  # a device this machine lacks: refused naming the flag
         print_results(evaluate_checkpoint(args.checkpoint, metrics, args.num, device=args.device, run_id=args.run))
         return 0
     samples = open_images(args.samples)

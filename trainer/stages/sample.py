@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise UsageError(f"--classes: {args.classes!r} is not a comma-separated list of class indices") from None
     check_model_finished(args.checkpoint)
-    ldm, autoencoder, meta, cfg = load_pipeline(args.checkpoint, resolve_device(args.device))
+    ldm, autoencoder, meta, cfg = load_pipeline(args.checkpoint, resolve_device(args.device, "--device"))
     try:
         settings = override_sampler({k: getattr(cfg.sample, k) for k in SAMPLER_KEYS}, sampler=args.sampler,
                                     guidance_scale=args.guidance_scale, ddim_steps=args.ddim_steps, eta=args.eta)
