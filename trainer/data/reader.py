@@ -58,7 +58,7 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
         if not item.startswith("pipe:") and Path(item).is_dir():
             found = sorted(str(p) for p in Path(item).glob("shard-*.tar"))
             if not found:
-                raise ValueError(f"urls: folder {item} holds no shard-*.tar files")
+                raise ValueError(f"folder {item} holds no shard-*.tar files")
             out.extend(found)
         else:
             for url in wds.shardlists.expand_urls(item):  # braces and "::"
@@ -66,16 +66,16 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
                 if local and any(ch in url for ch in "*?["):
                     matched = sorted(glob.glob(url))
                     if not matched:
-                        raise FileNotFoundError(f"urls: pattern {url} matches no file")
+                        raise FileNotFoundError(f"pattern {url} matches no file")
                     out.extend(matched)
                 else:
                     out.append(url)
     missing = [u for u in out if not u.startswith("pipe:") and "://" not in u and not Path(u).is_file()]
     if missing:
-        raise FileNotFoundError(f"urls: no such shard file(s): {', '.join(missing[:3])}"
+        raise FileNotFoundError(f"no such shard file(s): {', '.join(missing[:3])}"
                                 + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     if not out:
-        raise ValueError(f"urls: {urls!r} names no shards")
+        raise ValueError(f"{urls!r} names no shards")
     return out
 
 

@@ -283,6 +283,8 @@ def _shared_with(images: str, private: DataSource) -> list[str]:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise UsageError(f"--cache-dir: {args.cache_dir} is a file, not a folder")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics is not None else None
     if bool(args.samples) == bool(args.checkpoint):
         raise UsageError("give either --samples DIR or --checkpoint RUN_DIR")
@@ -338,6 +340,8 @@ def _nonprivate_marker(samples: str) -> Path | None:
 
 
 def _run_fid(args: argparse.Namespace) -> int:
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise UsageError(f"--cache-dir: {args.cache_dir} is a file, not a folder")
     a = open_images(args.path_a, args.max_images, args.seed)
     b = open_images(args.path_b, args.max_images, args.seed)
     value = fid(a, b, inception=args.inception, cache_dir=args.cache_dir, batch_size=args.batch_size,
@@ -479,6 +483,8 @@ def compare_runs(experiment: Optional[str] = None, metric: str = "accuracy", out
 
 def _run_compare(args: argparse.Namespace) -> int:
     from trainer.tracking import missing_store
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out: {args.out} is a file, not a folder")
     store = missing_store()
     if store is not None:
         raise RunError(f"no MLflow store at {store}: run a stage here first, or point MLFLOW_TRACKING_URI at "
