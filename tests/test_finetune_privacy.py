@@ -512,6 +512,25 @@ def test_an_ldm_whose_autoencoder_was_trained_further_or_replaced_is_refused(bas
     assert not (tmp_path / "s").exists()
 
 
+def test_an_autoencoder_an_ldm_was_pretrained_on_is_not_trained_further(base, tmp_path):
+    """`pretrain-ae` with more steps over the finished autoencoder of an experiment whose LDM learned on
+    its latents: refused before anything changes (the LDM and its fine-tunes would no longer decode)."""
+    import shutil
+
+    from trainer.stages import pretrain_ae
+    for stage in ("ae", "ldm"):
+        shutil.copytree(base / "runs" / "ledger" / stage, tmp_path / "runs" / "ledger" / stage)
+    weights = tmp_path / "runs" / "ledger" / "ae" / "autoencoder.safetensors"
+    before = weights.read_bytes()
+    longer = load_config("demo", TINY + [f"output_dir={tmp_path / 'runs'}", "autoencoder.train.steps=6"])
+    with pytest.raises(ConfigError, match=r"autoencoder.train.steps: 6 would train the autoencoder .* further \(it "
+                                          r"took 4\), but the LDM in .*ldm was pretrained on its latents"):
+        pretrain_ae.run(longer)
+    assert weights.read_bytes() == before
+    (tmp_path / "runs" / "ledger" / "ldm" / "ldm.json").unlink()  # no LDM on it: it may train further
+    pretrain_ae._refuse_training_under_an_ldm(weights.parent, 6)
+
+
 def test_secure_noise_and_a_drowning_plan_warns(base, capsys):
     folder = finetune.run(tiny(base, "secure", "finetune.secure_noise=true", "finetune.epsilon=0.05"))
     report = json.loads((folder / "privacy-report.json").read_text())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.runtime import Runtime, adamw
 from trainer.stages.common import (build_autoencoder, public_batches, require_model, save_grid, seed_everything,
                                    stage_dir, start_public_stage)
@@ -27,10 +27,36 @@ def run(cfg: Config) -> Path:
     run_dir = stage_dir(cfg, "pretrain-ae")
     tc = cfg.autoencoder.train
     refuse_private_as_public(cfg.data.public, run_dir.parent)  # before anything is written
+    _refuse_training_under_an_ldm(run_dir, tc.steps)
     rt, batch_size = start_public_stage(cfg, run_dir, tc.batch_size, "autoencoder.train.batch_size",
                                         ("seed", "data.public", "autoencoder"))
     with rt:
         return _train(cfg, rt, run_dir, batch_size)
+
+
+def _refuse_training_under_an_ldm(run_dir: Path, steps: int) -> None:
+    """Refuse (ConfigError) to train the autoencoder in ``run_dir`` further (``steps`` past those it has
+    taken) when an LDM of the experiment was pretrained on its latents as they are: that LDM, and every
+    fine-tune on it, would decode with other weights than it learned on."""
+    import json
+
+    from trainer.io import load_state
+    from trainer.stages.common import STATE_FILE, file_sha256, resolve_recorded
+    weights, state = run_dir / "autoencoder.safetensors", load_state(run_dir / STATE_FILE)
+    if not weights.is_file() or state is None or int(state.get("step", 0)) >= steps:
+        return
+    current = file_sha256(weights)
+    for meta in sorted(run_dir.parent.glob("*/ldm.json")):
+        try:
+            record = json.loads(meta.read_text())
+            on_it = resolve_recorded(record["autoencoder"], meta.parent).resolve() == run_dir.resolve()
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a record of this autoencoder (the LDM's own stages refuse a broken one)
+        if on_it and record.get("autoencoder_sha256") == current:
+            raise ConfigError(f"autoencoder.train.steps: {steps} would train the autoencoder in {run_dir} further "
+                              f"(it took {int(state['step'])}), but the LDM in {meta.parent} was pretrained on its "
+                              "latents: it and its fine-tunes would no longer decode. Train another autoencoder "
+                              "under another experiment=NAME")
 
 
 def _train(cfg: Config, rt: Runtime, run_dir: Path, batch_size: int) -> Path:
