@@ -122,6 +122,7 @@ def test_broken_files_and_bad_flags_are_one_line_errors_that_write_nothing(tmp_p
         (["pretrain-ae", "--config", "binary.yaml"], 2, "binary.yaml: not a readable YAML text file"),
         (["pretrain-ae", "--config", "no-models.yaml"], 2, "no-models.yaml: autoencoder.ddconfig: empty"),
         (["pretrain-ldm", "--config", "no-models.yaml"], 2, "no-models.yaml: ldm.unet: empty"),
+        (["pretrain-ldm", "ldm.conditioner.type=text"], 2, "ldm.conditioner.type: text needs captions"),
         (["pretrain-ae", "data.public.source=shards", "data.public.path=shard-000000.tar"], 2,
          "data.public.path: shard-000000.tar: not a readable tar shard (truncated header)"),
         (["pretrain-ae", "data.public.source=shards", "data.public.path=ae"], 2,

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.errors import RunError
 from trainer.io import write_json
 from trainer.pipeline import encode_images
@@ -46,6 +46,9 @@ def latent_batches(cfg: Config, autoencoder, batch_size: int, gen: torch.Generat
 def run(cfg: Config) -> Path:
     """Train (or resume) the LDM; returns the run folder (``unet``/``cond_stage_model`` weights, ``ldm.json``)."""
     require_model(cfg, "ldm.unet")
+    if cfg.ldm.conditioner.type == "text" and cfg.data.public.source != "shards":
+        raise ConfigError(f"ldm.conditioner.type: text needs captions, and data.public.source "
+                          f"{cfg.data.public.source!r} holds none: use shards with .txt captions")
     run_dir = stage_dir(cfg, "pretrain-ldm")
     refuse_private_as_public(cfg.data.public, run_dir.parent)  # before anything is written
     ae_dir = earlier_stage(cfg, "pretrain-ae")
