@@ -147,6 +147,11 @@ def test_missing_file_is_named(tmp_path):
     (tmp_path / "empty.yaml").write_text("# nothing yet\n")
     with pytest.raises(ConfigError, match=r"empty.yaml: empty"):
         load_config(str(tmp_path / "empty.yaml"))
+    with pytest.raises(ConfigError, match=r"^override 'autoencoder.train.stpes=3' \(over .*demo.yaml\): "
+                                          r"autoencoder.train.stpes: unknown key"):
+        load_config("demo", ["autoencoder.train.steps=9", "autoencoder.train.stpes=3"])
+    with pytest.raises(ConfigError, match=r"^override 'finetune=\{epsilon: -1\}' \(over .*\): finetune.epsilon: must be"):
+        load_config("demo", ["finetune={epsilon: -1}"])
     for bad in ("=3", "finetune..epsilon=3", ".x=1"):
         with pytest.raises(ConfigError, match=r"override .*: expected key=value with a dotted key"):
             load_config("demo", [bad])

@@ -613,7 +613,22 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
         raise ConfigError(f"{path}: empty: give a config (e.g. a copy of configs/demo.yaml)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    return config_from_dict(apply_overrides(raw, overrides or []), source=str(path))
+    try:
+        return config_from_dict(apply_overrides(raw, overrides or []), source=str(path))
+    except ConfigError as err:
+        raise ConfigError(_named_by_override(str(err), str(path), overrides or [])) from None
+
+
+def _named_by_override(message: str, source: str, overrides: list[str]) -> str:
+    """``message`` (``SOURCE: KEY: ...``) said of the command-line override that set KEY (or a section
+    above it), the last one, rather than of the file ``source``."""
+    inner = message.removeprefix(f"{source}: ")
+    key = inner.split(":", 1)[0]
+    for item in reversed(overrides):
+        given = item.split("=", 1)[0].strip()
+        if key == given or key.startswith(given + "."):
+            return f"override {item!r} (over {source}): {inner}"
+    return message
 
 
 def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
