@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import ContextManager, NoReturn
 
 import torch
 
@@ -124,7 +124,7 @@ class LeftOut:
 def resolve_device(spec: str, flag: str | None = None) -> torch.device:
     """The config's ``device`` (or the command-line ``flag``, e.g. ``--device``) -> a torch device; a
     CUDA request without CUDA is a ConfigError (UsageError naming the flag)."""
-    def refuse(words: str) -> None:
+    def refuse(words: str) -> NoReturn:
         if flag:
             raise UsageError(f"{flag}: {words}")
         raise ConfigError(f"device: {words}")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from trainer.config import Config, ConfigError, DataSource, dump_config
-from trainer.errors import RunError, first_line
+from trainer.errors import RunError, UsageError, first_line
 from trainer.io import load_safetensors
 from trainer.runtime import Runtime
 
@@ -43,6 +43,12 @@ def stage_dir(cfg: Config, stage: str) -> Path:
 PRIVACY_REPORT = "privacy-report.json"  # written by a fine-tune when it ends
 NONPRIVATE = "NONPRIVATE.txt"  # beside images `dpldm sample` drew from private captions (a non-private diagnostic)
 STAGE_RESULTS = {"pretrain-ae": "autoencoder.safetensors", "pretrain-ldm": "ldm.json"}
+
+
+def refuse_file_as_folder(argument: str, path: str | Path | None) -> None:
+    """Refuse (UsageError naming ``argument``, e.g. ``--out``) a folder argument that names a file."""
+    if path and Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"{argument}: {path} is a file, not a folder")
 
 
 def require_model(cfg: Config, key: str) -> None:

@@ -21,13 +21,12 @@ from trainer.pipeline import autoencoder_encode_fn
 
 def run(args: argparse.Namespace) -> int:
     from trainer.data.reader import expand_urls
-    from trainer.stages.common import load_autoencoder
+    from trainer.stages.common import load_autoencoder, refuse_file_as_folder
     try:
         expand_urls(args.shards)
     except (ValueError, OSError) as err:
         raise UsageError(f"SHARDS: {err}") from None
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"OUT: {args.out} is a file, not a folder")
+    refuse_file_as_folder("OUT", args.out)
     if not (Path(args.autoencoder) / "config.yaml").is_file():
         raise UsageError(f"--autoencoder: {args.autoencoder} is not a pretrain-ae run folder (no config.yaml)")
     try:

@@ -18,6 +18,7 @@ from trainer.eval.downstream import CLASSIFIERS, downstream_accuracy
 from trainer.eval.fid import InceptionFeatures, cached_features, fid, fid_from_features
 from trainer.eval.images import ImageCollection, ImageSetError, class_grid, images_from_array, open_images
 from trainer.eval.precision_recall import precision_recall
+from trainer.stages.common import refuse_file_as_folder
 
 METRICS = ("fid", "accuracy", "pr")
 PER_CLASS = "eval.accuracy_class_"  # + class index: the share of the real test images of that class recognised
@@ -283,8 +284,7 @@ def _shared_with(images: str, private: DataSource) -> list[str]:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
-        raise UsageError(f"--cache-dir: {args.cache_dir} is a file, not a folder")
+    refuse_file_as_folder("--cache-dir", args.cache_dir)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics is not None else None
     if bool(args.samples) == bool(args.checkpoint):
         raise UsageError("give either --samples DIR or --checkpoint RUN_DIR")
@@ -340,8 +340,7 @@ def _nonprivate_marker(samples: str) -> Path | None:
 
 
 def _run_fid(args: argparse.Namespace) -> int:
-    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
-        raise UsageError(f"--cache-dir: {args.cache_dir} is a file, not a folder")
+    refuse_file_as_folder("--cache-dir", args.cache_dir)
     a = open_images(args.path_a, args.max_images, args.seed)
     b = open_images(args.path_b, args.max_images, args.seed)
     value = fid(a, b, inception=args.inception, cache_dir=args.cache_dir, batch_size=args.batch_size,
@@ -483,8 +482,7 @@ def compare_runs(experiment: Optional[str] = None, metric: str = "accuracy", out
 
 def _run_compare(args: argparse.Namespace) -> int:
     from trainer.tracking import missing_store
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out: {args.out} is a file, not a folder")
+    refuse_file_as_folder("--out", args.out)
     store = missing_store()
     if store is not None:
         raise RunError(f"no MLflow store at {store}: run a stage here first, or point MLFLOW_TRACKING_URI at "

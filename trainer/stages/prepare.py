@@ -17,10 +17,11 @@ from typing import Callable
 from trainer.data.letters import font_files
 from trainer.data.mnist import SPLIT_NAMES
 from trainer.data.shards import ON_ERROR, PrepareError, WriteOptions, check_caption_template, write_shards
-from trainer.errors import UsageError
 from trainer.data.sources import (FASHION_MNIST_DIR, TORCHVISION_NAMES, SampleError, Source, SourceError,
                                   fashion_mnist_source, hf_source, imagefolder_source, letters_source,
                                   mm_celeba_hq_source, mnist_source, torchvision_source)
+from trainer.errors import UsageError
+from trainer.stages.common import refuse_file_as_folder
 
 
 def _quality(text: str) -> int:
@@ -108,8 +109,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"OUT: {out} is a file, not a folder")
+    refuse_file_as_folder("OUT", out)
     if getattr(args, "captions_file", None) and not Path(args.captions_file).is_file():
         raise UsageError(f"--captions-file: {args.captions_file}: no such file")
     options = WriteOptions(

@@ -19,13 +19,13 @@ from trainer.config import SAMPLER_KEYS, SAMPLERS, max_sampler_steps
 from trainer.errors import UsageError
 from trainer.runs import generate, load_pipeline, override_sampler
 from trainer.runtime import resolve_device
-from trainer.stages.common import NONPRIVATE, check_model_finished, save_grid, seed_everything, to_uint8
+from trainer.stages.common import (NONPRIVATE, check_model_finished, refuse_file_as_folder, save_grid, seed_everything,
+                                   to_uint8)
 from trainer.stages.private_set import caption_prompts
 
 
 def run(args: argparse.Namespace) -> int:
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out: {args.out} is a file, not a folder")
+    refuse_file_as_folder("--out", args.out)
     if Path(args.out).is_dir() and any(Path(args.out).iterdir()):
         raise UsageError(f"--out: {args.out} is not empty: these images would mix with what it holds (an "
                          "evaluation of the folder would score both); give a new or empty folder")
