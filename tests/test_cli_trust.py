@@ -244,12 +244,23 @@ def test_positive_int_flag_type():
             cli.positive_int(bad)
 
 
-def test_a_tracking_store_mlflow_cannot_use_is_one_line_naming_the_setting(tmp_path, capsys, monkeypatch):
+def test_a_tracking_store_mlflow_cannot_use_or_reach_is_one_line_naming_the_setting(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
     code, err = run_cli(["compare"], capsys)
     assert code == 1 and "MLflow tracking store (MLFLOW_TRACKING_URI=bogus://x): " in err
     assert_one_line(err, "compare")
+    import socket
+    with socket.socket() as closed:  # a port nothing listens on: refused at once (MLflow would retry for minutes)
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    for argv in (["compare"], ["pretrain-ae", "--output-dir", "runs"]):
+        code, err = run_cli(argv, capsys)
+        assert code == 1 and f"MLflow tracking server (MLFLOW_TRACKING_URI): http://127.0.0.1:{port} cannot be " \
+                             "reached" in err
+        assert_one_line(err, argv[0])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_interrupt_says_how_to_go_on_only_where_a_command_can(tmp_path, capsys, monkeypatch):

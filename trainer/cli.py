@@ -115,6 +115,7 @@ def _config_of(args: argparse.Namespace):
 
 # what an interrupted command leaves, and how to go on (the stages resume from their checkpoints)
 RESUMES = {"pretrain-ae", "pretrain-ldm", "finetune", "demo", "encode"}
+TRACKED = {"pretrain-ae", "pretrain-ldm", "finetune", "demo", "audit", "evaluate", "compare"}  # use the store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +139,11 @@ def _main(argv: list[str] | None) -> int:
             if args.print_config:
                 dump_config(args.config_obj, sys.stdout)
                 return 0
+        if args.command in TRACKED:
+            from trainer.tracking import unreachable_server
+            server = unreachable_server()
+            if server:  # before any work: MLflow would retry for minutes, silently
+                raise RunError(f"MLflow tracking server (MLFLOW_TRACKING_URI): {server}")
         return int(args.func(args) or 0)
     except (ConfigError, UsageError) as err:
         if os.environ.get("DPLDM_DEBUG"):

@@ -123,6 +123,20 @@ def tracking_hint() -> str:
     return f"mlflow ui --backend-store-uri sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def unreachable_server(timeout_s: float = 10.0) -> Optional[str]:
+    """Why the tracking server ``MLFLOW_TRACKING_URI`` names (http or https) cannot be reached, else None
+    (a server that answers at all, or a local store). MLflow itself retries for minutes, silently."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import requests
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException as err:
+        return f"{uri} cannot be reached ({type(err).__name__})"
+    return None
+
+
 def missing_store() -> Optional[str]:
     """The sqlite file of the tracking store when it does not exist yet (or is no SQLite database), else None.
 
