@@ -282,3 +282,11 @@ def test_an_interrupt_says_how_to_go_on_only_where_a_command_can(tmp_path, capsy
     monkeypatch.setattr(cli, "build_parser", interrupted)
     code, err = run_cli(["sample"], capsys)
     assert code == 130 and err == "dpldm: interrupted\n"
+
+
+def test_demo_prints_its_resolved_config_like_every_stage(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--quick", "--seed", "7", "--print-config", "finetune.steps=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "seed: 7" in printed and "steps: 3" in printed and "experiment: demo-quick" in printed
+    assert list(tmp_path.iterdir()) == []

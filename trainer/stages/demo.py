@@ -14,12 +14,13 @@ the quality-vs-epsilon table and plot (``dpldm compare``).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 from trainer.config import QUICK_DEMO as QUICK
-from trainer.config import MAX_EPSILON, SWEEP_KEYS, Config, load_config
+from trainer.config import MAX_EPSILON, SWEEP_KEYS, Config, dump_config, load_config
 from trainer.stages.spend import charges, compose
 from trainer.tracking import tracking_hint
 
@@ -118,11 +119,17 @@ def epsilon_list(text: str) -> list[float]:
 def main(args: argparse.Namespace) -> int:
     quick = QUICK if not args.text else [o.replace("=demo-quick", "=demo-text-quick") for o in QUICK]
     overrides = (quick if args.quick else []) + list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
     name = args.config or ("demo-text" if args.text else "demo")
     cfg = load_config(name, overrides)
-    out = run_demo(cfg, sweep_configs(cfg, name, overrides, args.also_epsilon))
+    sweep = sweep_configs(cfg, name, overrides, args.also_epsilon)  # validated before anything runs
+    if args.print_config:
+        dump_config(cfg, sys.stdout)
+        return 0
+    out = run_demo(cfg, sweep)
     what = "prompted digits" if args.text else "digits"
     print("\n== DP-LDM demo finished in {:.1f} min ==".format(out["minutes"]))
     print(f"public letters, pretrained LDM samples: {out['ldm'] / 'samples.png'}")
@@ -159,7 +166,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the text-conditioned demo (configs/demo-text.yaml): captioned letters and digits as "
                         "webdataset shards, the MiniLM text encoder, sampling from public prompts")
     p.add_argument("--config", help="experiment YAML (default: the embedded demo, or demo-text with --text)")
+    p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--output-dir", help="override output_dir")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config of the main fine-tune (after overrides) as YAML and exit")
     p.add_argument("--also-epsilon", type=epsilon_list, metavar="EPS[,EPS...]",
                    help="after the main fine-tune, DP fine-tune the same pretrained base at each EPS too "
                         "(folder finetune-eps<EPS>), evaluate it and print the accuracy-vs-epsilon table "
