@@ -386,12 +386,16 @@ def test_a_public_stage_that_has_trained_resumes_only_under_its_settings(workdir
     assert "has trained 5 steps already, more than 3" in capsys.readouterr().err
     assert cli.main(["pretrain-ae", "--config", "demo", *overrides, "autoencoder.train.steps=5", "precision=bf16",
                      "data.public.num_workers=0"]) == 0  # the device, precision and readers are not the model's
-    # an LDM trained over this autoencoder does not resume over its weights trained further
+    # an autoencoder an LDM was pretrained on is not trained further, and the LDM does not resume over other weights
     assert cli.main(["pretrain-ldm", "--config", "demo", *overrides, "autoencoder.train.steps=5"]) == 0
     ldm_record = (ae.parent / "ldm" / "config.yaml").read_bytes()
-    assert cli.main(["pretrain-ae", "--config", "demo", *overrides, "autoencoder.train.steps=6"]) == 0
     capsys.readouterr()
-    assert cli.main(["pretrain-ldm", "--config", "demo", *overrides, "autoencoder.train.steps=6",
+    assert cli.main(["pretrain-ae", "--config", "demo", *overrides, "autoencoder.train.steps=6"]) == 2
+    assert "would train the autoencoder" in capsys.readouterr().err
+    from trainer.io import load_safetensors, save_safetensors
+    tensors = dict(load_safetensors(ae / "autoencoder.safetensors").state_dict)  # replaced by other weights
+    save_safetensors({k: v + 1e-3 for k, v in tensors.items()}, ae / "autoencoder.safetensors")
+    assert cli.main(["pretrain-ldm", "--config", "demo", *overrides, "autoencoder.train.steps=5",
                      "ldm.train.steps=6"]) == 1
     assert "has trained on the latents of other autoencoder weights" in capsys.readouterr().err
     assert (ae.parent / "ldm" / "config.yaml").read_bytes() == ldm_record
