@@ -111,6 +111,24 @@ def test_a_private_caption_is_recognised_as_the_text_encoder_reads_it():
             refuse_private_prompts([variant], captions, None, [], reader)
     refuse_private_prompts(["Patient ZQ0007 has a fracture of the right knee"], captions, None, [],
                            TextEmbedder(max_length=16))  # within a longer cut: another prompt
+    # punctuation inside the cut: what the encoder reads of the caption, typed as a prompt
+    commas = {"patient, zq0007, has, a fracture of the left wrist"}
+    prompt = "patient, zq0007, has,"
+    assert torch.equal(reader([prompt]), reader(list(commas)))  # the same conditioning
+    with pytest.raises(ConfigError, match="entry 0"):
+        refuse_private_prompts([prompt], commas, None, [], reader)
+
+
+def test_only_a_caption_the_prepare_template_made_exactly_is_public():
+    """A private caption written by a person that looks like the template's output (other capitals,
+    punctuation, or a tail past the encoder's cut) is still private."""
+    from trainer.stages.private_set import refuse_private_prompts
+    template, names = "a handwritten digit {label}", ["7"]
+    reader = TextEmbedder(max_length=8)  # 6 word pieces: "a handwritten digit 7" fits in 5
+    refuse_private_prompts(["a handwritten digit 7"], {"a handwritten digit 7"}, template, names, reader)
+    for caption in ("A handwritten digit 7!", "a handwritten digit 7 of my daughter Ann"):
+        with pytest.raises(ConfigError, match="entry 0"):
+            refuse_private_prompts([caption], {caption}, template, names, reader)
 
 
 @pytest.fixture(scope="module")

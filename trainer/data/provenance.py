@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -340,26 +341,37 @@ def folder_shared_examples(folder: Path, private: Any) -> list[str]:
 def private_prompts(prompts: Sequence[str], captions: Iterable[str], template: str | None,
                     names: Sequence[str], reader: Any = None) -> list[int]:
     """The indices of ``prompts`` that are captions of a private set (``captions``): private data, not
-    the public inputs prompts must be. A caption ``dpldm prepare``'s ``template`` made from a class
-    name in ``names`` is public (the template and the names are), so prompts built the same way pass.
+    the public inputs prompts must be. A caption that is exactly what ``dpldm prepare``'s ``template``
+    made from a class name in ``names`` is public (the template and the names are), so prompts built the
+    same way pass.
 
-    Compared as the text encoder ``reader`` (a ``TextEmbedder``) reads them: its word pieces (lower-cased),
-    cut where it cuts a prompt, so a caption with other capitals or anything after that cut is the same
-    caption; punctuation left out (a full stop does not make a caption public). Without ``reader``: the
-    words, case-folded, without punctuation."""
-    def key(text: str) -> tuple[str, ...]:
+    A prompt is a caption when the text encoder ``reader`` (a ``TextEmbedder``) reads both alike: the
+    same word pieces up to where it cuts a prompt, or the same once punctuation is left out (a comma or
+    a full stop does not make a caption public); capitals do not count (the tokenizer lower-cases).
+    Without ``reader``: the same words, or the same case-folded words without punctuation."""
+    def words(text: str) -> str:
+        return " ".join(str(text).split())
+
+    def keys(text: str) -> tuple[tuple, tuple]:  # (as read, without punctuation)
         if reader is None:
-            return tuple("".join(c for c in str(text).casefold() if not _punctuation(c)).split())
-        pieces = [p for p in reader.word_pieces(str(text)) if not all(map(_punctuation, p.removeprefix("##")))]
-        return tuple(pieces[:reader.max_word_pieces])
+            return (tuple(words(text).split()),
+                    tuple("".join(c for c in str(text).casefold() if not _punctuation(c)).split()))
+        pieces = reader.word_pieces(str(text))
+        kept = [p for p in pieces if not all(map(_punctuation, p.removeprefix("##")))]
+        return tuple(pieces[:reader.max_word_pieces]), tuple(kept[:reader.max_word_pieces])
     try:
-        public = {key(template.format(label=name)) for name in names} if template else set()
+        made = {words(template.format(label=name)) for name in names} if template else set()
     except (KeyError, IndexError, ValueError):  # not a template prepare wrote: no caption is exempt
-        public = set()
-    private = {key(caption) for caption in captions} - public
-    return [k for k, prompt in enumerate(prompts) if key(prompt) in private]
+        made = set()
+    private = [keys(caption) for caption in captions if words(caption) not in made]
+    as_read, loose = {k[0] for k in private}, {k[1] for k in private}
+    hits = []
+    for i, prompt in enumerate(prompts):
+        read, without_punctuation = keys(prompt)
+        if read in as_read or without_punctuation in loose:
+            hits.append(i)
+    return hits
 
 
 def _punctuation(char: str) -> bool:
-    import unicodedata
     return unicodedata.category(char).startswith("P")
