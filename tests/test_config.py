@@ -137,7 +137,10 @@ def test_the_evaluation_takes_its_own_sampler_or_the_samples():
     assert (cfg.sample.sampler, cfg.eval_sampler()["sampler"]) == ("ddim", "dpmpp_2m")
 
 
-def test_missing_file_is_named(tmp_path):
+def test_missing_file_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # e.g. runs written with --output-dir demo: the shipped config is still found
+    assert load_config("demo").experiment == "demo"
     with pytest.raises(ConfigError, match=r"nope.yaml: config file not found$"):
         load_config(str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match=r"^dmeo: config file not found, nor a shipped config \(.*demo, demo-text"):

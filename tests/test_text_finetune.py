@@ -276,7 +276,7 @@ def test_a_text_conditioned_base_refuses_a_captionless_private_set_and_notes_a_p
     text = load_config("demo-text")
 
     def shards(count, captioned):
-        return PrivateShards(["s.tar"], count, captioned, "0" * 64, frozenset(), frozenset(), [])
+        return PrivateShards(["s.tar"], count, captioned, "0" * 64, frozenset(), frozenset(), [], frozenset())
     assert check_captions(text, shards(40, 40), tmp_path) is None
     note = check_captions(text, shards(40, 30), tmp_path)
     assert note is not None and "some private samples have no .txt caption" in note and "10" not in note

@@ -591,11 +591,11 @@ def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    shipped = REPO_CONFIGS / f"{name_or_path}.yaml"
+    if shipped.is_file():  # before a folder of that name here (e.g. runs written to ./demo)
+        return shipped
     if path.is_dir():
         raise ConfigError(f"{name_or_path}: a folder, not a config file")
-    shipped = REPO_CONFIGS / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        return shipped
     if len(path.parts) > 1 or path.suffix in (".yaml", ".yml"):  # a path, not a shipped config's name
         raise ConfigError(f"{name_or_path}: config file not found")
     shipped_names = ", ".join(sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml")))

@@ -281,7 +281,10 @@ class Runtime:
         try:
             yield
         except Exception:
-            self.any_rank(True)
+            try:
+                self.any_rank(True)
+            except Exception:  # noqa: BLE001 - a peer already gone: this rank's own reason is the one to show
+                pass
             raise
         if self.any_rank(False):
             raise RunError("another process refused the run (its message says why); nothing was written")

@@ -339,7 +339,11 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
                 ldm.cond_stage_model = new_class_embedder(ldm.cond_stage_model, ft.new_class_embedder,
                                                           base_rows(ft.new_class_from, meta, base_dir))
         if isinstance(ldm.cond_stage_model, ClassEmbedder):
-            check_labels(source, ldm.cond_stage_model.n_classes)
+            check_labels(source, min(ldm.cond_stage_model.n_classes, len(names)))
+        if isinstance(source, PrivateShards):
+            from trainer.data.latent_cache import shard_caption_template
+            refuse_private_prompts(cfg.sample.prompts, source.captions, shard_caption_template(source.urls), names,
+                                   ldm.cond_stage_model)
         try:
             selection = select_trainable(ldm, ft.policy, ft.attention_from, ft.text_encoder_layers, ft.lora_rank,
                                          ft.lora_alpha, ft.context_grad)
@@ -374,9 +378,6 @@ def _prepare(cfg: Config, rt: Union["SingleProcess", "DistributedRun"], run_dir:
             if rt.any_rank(problem is not None):
                 raise ConfigError(problem or "finetune.total_epsilon: refused on rank 0 (its message says why)")
     if isinstance(source, PrivateShards) and not finished:  # before place: ZeRO-3 partitions the encoder
-        from trainer.data.latent_cache import shard_caption_template
-        refuse_private_prompts(cfg.sample.prompts, source.captions, shard_caption_template(source.urls), names,
-                               ldm.cond_stage_model)
         source = encode_private_shards(cfg, autoencoder, meta["autoencoder_sha256"], source, rt)
     rt.place(ldm, autoencoder)
 

@@ -37,7 +37,7 @@ class PrivateShards:
     images: frozenset[bytes]
     captions: frozenset[str]
     names: list[str]
-    labels: frozenset[int] = frozenset()
+    labels: frozenset[int]
 
 
 @dataclass
@@ -101,7 +101,8 @@ def check_captions(cfg: Config, source: "PrivateShards | ImageSet", base_dir: Pa
 
 def check_labels(source: "PrivateShards | ImageSet", n_classes: int) -> None:
     """Refuse (ConfigError) private shards with a sample whose class label is missing or not one of the
-    ``n_classes`` classes of a class-conditioned model: its first DP step would fail after being charged.
+    ``n_classes`` classes (those of a class-conditioned model and of the set's names, the fewer): its first
+    DP step, or the loading of the set, would fail after being charged.
     (How many is not said: the message ends up in kept logs.)"""
     if isinstance(source, PrivateShards) and any(not 0 <= label < n_classes for label in source.labels):
         raise ConfigError(f"data.private.path: some samples carry no class label (a .cls member) or one outside "
