@@ -270,6 +270,9 @@ def test_sample_checks_prompts_against_private_shards_that_are_here_or_refuses(t
     with pytest.raises(DataError, match=r"bad.tar: sample b: its .txt captions are not UTF-8 text"):
         caption_prompts(run_dir, private(f"{tmp_path}/bad.tar"), ["mine"], [])
     assert caption_prompts(run_dir, private(f"{tmp_path}/elsewhere.tar"), ["mine"], []) == []
+    # only some of the run's shards here: theirs are compared, not none
+    assert caption_prompts(run_dir, private(f"{tmp_path}/good.tar::{tmp_path}/gone.tar"),
+                           ["mine", "a secret caption"], []) == [1]
 
 
 def test_a_base_pretrained_on_private_digits_prepared_again_is_refused_by_their_pixels(tmp_path):

@@ -169,8 +169,8 @@ def caption_prompts(run_dir: Path, cfg: Config, prompts: list[str], names: list[
                     conditioner: object = None) -> list[int]:
     """The indices of ``prompts`` that are captions of the private shards of the DP run in ``run_dir``
     (``cfg``: its config; ``conditioner``: its model's), when they are here ([]: a public run, or a
-    released model sampled without its private set). Shards that are here but cannot be read raise
-    (DataError, OSError): the check is not skipped."""
+    released model sampled without its private set); when only some of them are here, theirs. Shards
+    that are here but cannot be read raise (DataError, OSError): the check is not skipped."""
     private = cfg.data.private
     if not (run_dir / PRIVACY_REPORT).is_file() or private is None or private.source != "shards" or not private.path:
         return []
@@ -179,8 +179,11 @@ def caption_prompts(run_dir: Path, cfg: Config, prompts: list[str], names: list[
     from trainer.data.reader import expand_urls, shard_captions
     try:
         urls = expand_urls(private.path)
-    except (ValueError, OSError):  # not here
-        return []
+    except (ValueError, OSError):  # not here, or only some of them: those here are compared
+        import webdataset as wds
+        urls = [u for u in wds.shardlists.expand_urls(str(private.path)) if Path(u).is_file()]
+        if not urls:
+            return []
     return private_prompts(prompts, shard_captions(urls), shard_caption_template(urls), names,
                            text_reader(conditioner))
 
