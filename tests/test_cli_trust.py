@@ -248,18 +248,20 @@ def test_a_tracking_store_mlflow_cannot_use_or_reach_is_one_line_naming_the_sett
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
     code, err = run_cli(["compare"], capsys)
-    assert code == 1 and "MLflow tracking store (MLFLOW_TRACKING_URI=bogus://x): " in err
+    assert code == 1 and "dpldm compare: error: MLflow: " in err and "(tracking store MLFLOW_TRACKING_URI=bogus://x)" in err
     assert_one_line(err, "compare")
     import socket
     with socket.socket() as closed:  # a port nothing listens on: refused at once (MLflow would retry for minutes)
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://someone:secret@127.0.0.1:{port}")
     for argv in (["compare"], ["pretrain-ae", "--output-dir", "runs"]):
         code, err = run_cli(argv, capsys)
-        assert code == 1 and f"MLflow tracking server (MLFLOW_TRACKING_URI): http://127.0.0.1:{port} cannot be " \
-                             "reached" in err
+        assert code == 1 and f"MLflow tracking server (MLFLOW_TRACKING_URI): http://***@127.0.0.1:{port} cannot " \
+                             "be reached" in err and "secret" not in err
         assert_one_line(err, argv[0])
+    code, err = run_cli(["evaluate", "--samples", "o", "--metrics", "bogus"], capsys)  # logs nowhere: not asked
+    assert code == 2 and "--metrics: ['bogus']" in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -139,7 +139,7 @@ def _main(argv: list[str] | None) -> int:
             if args.print_config:
                 dump_config(args.config_obj, sys.stdout)
                 return 0
-        if args.command in TRACKED:
+        if args.command in TRACKED and not (args.command == "evaluate" and not (args.run or args.checkpoint)):
             from trainer.tracking import unreachable_server
             server = unreachable_server()
             if server:  # before any work: MLflow would retry for minutes, silently
@@ -165,8 +165,9 @@ def _main(argv: list[str] | None) -> int:
     except Exception as err:  # noqa: BLE001 - the tracking store's errors: one line, the setting named
         if os.environ.get("DPLDM_DEBUG") or not type(err).__module__.startswith("mlflow"):
             raise
-        store = os.environ.get("MLFLOW_TRACKING_URI") or "unset: ./mlflow.db"
-        print(f"{prefix}: error: MLflow tracking store (MLFLOW_TRACKING_URI={store}): {first_line(err).strip()}",
+        from trainer.tracking import shown_uri
+        store = shown_uri(os.environ.get("MLFLOW_TRACKING_URI") or "unset: ./mlflow.db")
+        print(f"{prefix}: error: MLflow: {first_line(err).strip()} (tracking store MLFLOW_TRACKING_URI={store})",
               file=sys.stderr)
         return 1
 

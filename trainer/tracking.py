@@ -130,11 +130,22 @@ def unreachable_server(timeout_s: float = 10.0) -> Optional[str]:
     if not uri.startswith(("http://", "https://")):
         return None
     import requests
+    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"  # MLflow's own settings
+    verify = False if insecure else os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
     try:
-        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s, verify=verify)
     except requests.RequestException as err:
-        return f"{uri} cannot be reached ({type(err).__name__})"
+        return f"{shown_uri(uri)} cannot be reached ({type(err).__name__})"
     return None
+
+
+def shown_uri(uri: str) -> str:
+    """``uri`` with any user and password in it replaced by ``***`` (for messages)."""
+    from urllib.parse import urlsplit, urlunsplit
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def missing_store() -> Optional[str]:
