@@ -248,7 +248,8 @@ def test_a_tracking_store_mlflow_cannot_use_or_reach_is_one_line_naming_the_sett
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
     code, err = run_cli(["compare"], capsys)
-    assert code == 1 and "dpldm compare: error: MLflow: " in err and "(tracking store MLFLOW_TRACKING_URI=bogus://x)" in err
+    assert code == 1 and "dpldm compare: error: MLflow: " in err
+    assert "(tracking store MLFLOW_TRACKING_URI=bogus://x)" in err
     assert_one_line(err, "compare")
     import socket
     with socket.socket() as closed:  # a port nothing listens on: refused at once (MLflow would retry for minutes)
@@ -277,7 +278,8 @@ def test_an_interrupt_says_how_to_go_on_only_where_a_command_can(tmp_path, capsy
     monkeypatch.setattr(evaluate, "_run_evaluate", interrupted)
     monkeypatch.setattr(cli, "_config_of", interrupted)
     for argv, words in ((["pretrain-ae"], "dpldm pretrain-ae: interrupted; run the same command again to resume"),
-                        (["prepare", "letters", "o"], "dpldm prepare: interrupted; run it again with --resume to go on"),
+                        (["prepare", "letters", "o"],
+                         "dpldm prepare: interrupted; run it again with --resume to go on"),
                         (["evaluate", "--samples", "o"], "dpldm evaluate: interrupted\n")):
         code, err = run_cli(argv, capsys)
         assert code == 130 and err.endswith(words if words.endswith("\n") else words + "\n"), err

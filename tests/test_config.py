@@ -153,7 +153,8 @@ def test_missing_file_is_named(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^override 'autoencoder.train.stpes=3' \(over .*demo.yaml\): "
                                           r"autoencoder.train.stpes: unknown key"):
         load_config("demo", ["autoencoder.train.steps=9", "autoencoder.train.stpes=3"])
-    with pytest.raises(ConfigError, match=r"^override 'finetune=\{epsilon: -1\}' \(over .*\): finetune.epsilon: must be"):
+    with pytest.raises(ConfigError,
+                       match=r"^override 'finetune=\{epsilon: -1\}' \(over .*\): finetune.epsilon: must be"):
         load_config("demo", ["finetune={epsilon: -1}"])
     for bad in ("=3", "finetune..epsilon=3", ".x=1"):
         with pytest.raises(ConfigError, match=r"override .*: expected key=value with a dotted key"):

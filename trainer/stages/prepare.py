@@ -120,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         options.validate()
     except ValueError as err:  # the options' names as the flags spell them
-        raise UsageError(re.sub(r"\b(samples_per_shard|image_format|jpeg_quality|color|min_size|max_size|on_error|limit)\b",
-                                lambda m: "--" + m.group(1).replace("_", "-"), str(err))) from None
+        options_named = r"\b(samples_per_shard|image_format|jpeg_quality|color|min_size|max_size|on_error|limit)\b"
+        raise UsageError(re.sub(options_named, lambda m: "--" + m.group(1).replace("_", "-"), str(err))) from None
     existed = out.exists()
     try:
         source = _build_source(args)
