@@ -51,10 +51,10 @@ def refuse_file_as_folder(argument: str, path: str | Path | None) -> None:
         raise UsageError(f"{argument}: {path} is a file, not a folder")
 
 
-def require_model(cfg: Config, key: str) -> None:
-    """Refuse (ConfigError) a config whose model section ``key`` (``ldm.unet``, ``autoencoder.ddconfig``)
-    is empty: a config for other stages may leave it out, the stage that builds the model cannot."""
-    section = cfg.ldm.unet if key == "ldm.unet" else cfg.autoencoder.ddconfig
+def require_model(cfg: Config, section: dict, key: str) -> None:
+    """Refuse (ConfigError) a config ``cfg`` whose model ``section`` (at ``key``: ``ldm.unet``,
+    ``autoencoder.ddconfig``) is empty: a config for other stages may leave it out, the stage that builds
+    the model cannot."""
     if not section:
         where = cfg.source_file or "the config"
         raise ConfigError(f"{where}: {key}: empty, and this stage builds its model from it (the CompVis "

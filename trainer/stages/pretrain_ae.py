@@ -23,7 +23,7 @@ def reconstruction_loss(x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
 
 def run(cfg: Config) -> Path:
     """Train (or resume) the autoencoder; returns the run folder with ``autoencoder.safetensors``."""
-    require_model(cfg, "autoencoder.ddconfig")
+    require_model(cfg, cfg.autoencoder.ddconfig, "autoencoder.ddconfig")
     run_dir = stage_dir(cfg, "pretrain-ae")
     tc = cfg.autoencoder.train
     refuse_private_as_public(cfg.data.public, run_dir.parent)  # before anything is written

@@ -45,7 +45,7 @@ def latent_batches(cfg: Config, autoencoder, batch_size: int, gen: torch.Generat
 
 def run(cfg: Config) -> Path:
     """Train (or resume) the LDM; returns the run folder (``unet``/``cond_stage_model`` weights, ``ldm.json``)."""
-    require_model(cfg, "ldm.unet")
+    require_model(cfg, cfg.ldm.unet, "ldm.unet")
     if cfg.ldm.conditioner.type == "text" and cfg.data.public.source != "shards":
         raise ConfigError(f"ldm.conditioner.type: text needs captions, and data.public.source "
                           f"{cfg.data.public.source!r} holds none: use shards with .txt captions")
