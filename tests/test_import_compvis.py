@@ -226,6 +226,11 @@ def test_import_refuses_bad_checkpoints_and_configs_writing_nothing(compvis, tmp
     assert main(["import-compvis", str(tmp_path / "vq.yaml"), str(root / "model.ckpt"), str(out)]) == 2
     assert "first_stage_config.target" in capsys.readouterr().err
     bad = compvis_config()
+    del bad["model"]["params"]["first_stage_config"]
+    (tmp_path / "no-ae.yaml").write_text(yaml.safe_dump(bad))
+    assert main(["import-compvis", str(tmp_path / "no-ae.yaml"), str(root / "model.ckpt"), str(out)]) == 2
+    assert f"{tmp_path / 'no-ae.yaml'}: model.params.first_stage_config: missing" in capsys.readouterr().err
+    bad = compvis_config()
     bad["model"]["params"]["linear_end"] = 0.012  # not the schedule stored in the checkpoint
     (tmp_path / "schedule.yaml").write_text(yaml.safe_dump(bad))
     assert main(["import-compvis", str(tmp_path / "schedule.yaml"), str(root / "model.ckpt"), str(out)]) == 2

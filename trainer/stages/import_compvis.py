@@ -72,8 +72,8 @@ def _config_from_compvis(raw: dict, source: str, experiment: str) -> Config:
     for key, want in (("parameterization", "eps"), ("beta_schedule", "linear")):
         if p.get(key, want) != want:
             raise ConfigError(f"{source}: {where}.{key}: {p[key]!r} is not supported (only {want!r})")
-    unet_cfg = _section(p, "unet_config", where)
-    first = _section(p, "first_stage_config", where)
+    unet_cfg = _section(p, "unet_config", f"{source}: {where}")
+    first = _section(p, "first_stage_config", f"{source}: {where}")
     if first.get("target") != AUTOENCODER_KL:
         raise ConfigError(f"{source}: {where}.first_stage_config.target: {first.get('target')!r} is not supported "
                           f"(only the KL autoencoder {AUTOENCODER_KL})")
