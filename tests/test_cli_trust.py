@@ -112,6 +112,8 @@ def test_broken_files_and_bad_flags_are_one_line_errors_that_write_nothing(tmp_p
         (["encode", "--autoencoder", "ae", "--world-size", "0", "shard-000000.tar", "c"], 2, "--world-size"),
         (["encode", "--autoencoder", "ae", "shard-000000.tar", "c"], 1, "not a readable tar shard"),
         (["encode", "--autoencoder", "ae", "missing.tar", "c"], 2, "SHARDS: no such shard file(s): missing.tar"),
+        (["encode", "--autoencoder", "nowhere", "shard-000000.tar", "c"], 1,
+         "--autoencoder: nowhere is not a pretrain-ae run folder"),  # a folder on disk, as sample's --checkpoint
         (["encode", "--autoencoder", "ae", "shard-000000.tar", "notes.txt"], 2, "OUT: notes.txt is a file"),
         (["compare", "--out", "notes.txt"], 2, "--out: notes.txt is a file"),
         (["fid", "ae", "ae", "--cache-dir", "notes.txt"], 2, "--cache-dir: notes.txt is a file"),

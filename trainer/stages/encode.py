@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from trainer.data.latent_cache import DTYPES, CacheMismatchError, build_latent_cache
-from trainer.errors import UsageError
+from trainer.errors import RunError, UsageError
 from trainer.runtime import resolve_device
 from trainer.pipeline import autoencoder_encode_fn
 
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"SHARDS: {err}") from None
     refuse_file_as_folder("OUT", args.out)
     if not (Path(args.autoencoder) / "config.yaml").is_file():
-        raise UsageError(f"--autoencoder: {args.autoencoder} is not a pretrain-ae run folder (no config.yaml)")
+        raise RunError(f"--autoencoder: {args.autoencoder} is not a pretrain-ae run folder (no config.yaml)")
     try:
         model, encoder_hash = load_autoencoder(args.autoencoder)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
