@@ -44,12 +44,12 @@ T = TypeVar("T")
 
 # --- urls -------------------------------------------------------------------------------------
 
-def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
+def expand_urls(urls: str | Path | Sequence[str | Path], present_only: bool = False) -> list[str]:
     """Shard URLs: a folder (its ``shard-*.tar``), a brace pattern, a glob (``shards/*.tar``),
     ``a::b``, or a list of those. The one shard-list rule of training, caching and evaluation.
 
-    Local files must exist (FileNotFoundError names them); ``pipe:`` and ``scheme://`` URLs are
-    opened by webdataset when read.
+    Local files must exist (FileNotFoundError names them), or with ``present_only`` those that do not
+    are left out; ``pipe:`` and ``scheme://`` URLs are opened by webdataset when read.
     """
     items = [urls] if isinstance(urls, (str, Path)) else list(urls)
     out: list[str] = []
@@ -65,13 +65,15 @@ def expand_urls(urls: str | Path | Sequence[str | Path]) -> list[str]:
                 local = not url.startswith("pipe:") and "://" not in url
                 if local and any(ch in url for ch in "*?["):
                     matched = sorted(glob.glob(url))
-                    if not matched:
+                    if not matched and not present_only:
                         raise FileNotFoundError(f"pattern {url} matches no file")
                     out.extend(matched)
                 else:
                     out.append(url)
     missing = [u for u in out if not u.startswith("pipe:") and "://" not in u and not Path(u).is_file()]
-    if missing:
+    if present_only:
+        out = [u for u in out if u not in missing]
+    elif missing:
         raise FileNotFoundError(f"no such shard file(s): {', '.join(missing[:3])}"
                                 + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     if not out:

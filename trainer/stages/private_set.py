@@ -178,12 +178,9 @@ def caption_prompts(run_dir: Path, cfg: Config, prompts: list[str], names: list[
     from trainer.data.provenance import private_prompts
     from trainer.data.reader import expand_urls, shard_captions
     try:
-        urls = expand_urls(private.path)
-    except (ValueError, OSError):  # not here, or only some of them: those here are compared
-        import webdataset as wds
-        urls = [u for u in wds.shardlists.expand_urls(str(private.path)) if Path(u).is_file()]
-        if not urls:
-            return []
+        urls = expand_urls(private.path, present_only=True)  # only some of them here: those are compared
+    except (ValueError, OSError):  # none here
+        return []
     return private_prompts(prompts, shard_captions(urls), shard_caption_template(urls), names,
                            text_reader(conditioner))
 
